@@ -1,0 +1,256 @@
+"""The one configuration story: Sacred's config dict <-> frozen dataclasses, one per section.
+
+Defaults live here (as dataclass defaults), presets in `configs/presets.py` are dicts of overrides,
+and Sacred merges both with the user's `with key=value` overrides. `Config.from_dict` validates the
+merged dict (unknown keys and wrong types are errors that name the key) and freezes it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Tuple
+
+MUSDB_TARGETS = ("vocals", "drums", "bass", "other")
+DATA_FORMATS = ("default", "musdb", "musdb-hq", "folder")
+
+
+class ConfigError(ValueError):
+    """A user-caused configuration problem; its message names the key and the fix."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the audio comes from and how it is cut into TFRecord segments."""
+
+    format: str = "default"  # one of DATA_FORMATS
+    root: Optional[str] = None  # data set root; `default` generates into artifacts_dir when None
+    targets: Tuple[str, ...] = MUSDB_TARGETS
+    sample_rate: int = 44100
+    nb_channels: int = 2
+    segment_seconds: float = 6.0  # length of one TFRecord example
+    pcm: str = "int16"  # int16 | float16 | float32
+    shard_megabytes: float = 64.0  # approximate uncompressed size of one shard
+    compression: str = ""  # "" | GZIP | ZLIB
+    skip_bad_tracks: bool = False  # skip (and list in the manifest) tracks that fail validation
+    splits: Tuple[str, ...] = ("train", "valid", "test")
+    # The embedded default data set (data.format=default): a deterministic synthesizer.
+    synth_tracks: Tuple[int, int, int] = (12, 2, 3)  # train, valid, test
+    synth_seconds: float = 20.0
+    synth_seed: int = 42
+    # tf.data augmentation (training split only)
+    gain_range: Tuple[float, float] = (0.25, 1.25)
+    channel_swap: bool = True
+    remix_probability: float = 0.0  # chance that a source comes from a different track
+    shuffle_buffer: int = 1024
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """`name` picks the family from the registry; each family keeps its knobs in its own mapping."""
+
+    name: str = "umx"
+    umx: Mapping[str, Any] = field(default_factory=dict)
+    wave_u_net: Mapping[str, Any] = field(default_factory=dict)
+    unet: Mapping[str, Any] = field(default_factory=dict)
+    m_unet: Mapping[str, Any] = field(default_factory=dict)
+    c_unet: Mapping[str, Any] = field(default_factory=dict)
+    tfc_tdf_v3: Mapping[str, Any] = field(default_factory=dict)
+    dttnet: Mapping[str, Any] = field(default_factory=dict)
+
+    def family_params(self) -> Mapping[str, Any]:
+        return dict(getattr(self, self.name, {}) or {})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Defaults follow open-unmix's training script."""
+
+    epochs: int = 1000
+    batch_size: int = 16  # global batch; split over the replicas
+    steps_per_epoch: Optional[int] = None  # None: samples_per_track * nb_train_tracks / batch_size
+    samples_per_track: int = 64
+    seq_seconds: float = 6.0  # length of a training excerpt (<= data.segment_seconds)
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    lr_decay_patience: int = 80
+    lr_decay_gamma: float = 0.3
+    patience: int = 140  # early stopping, in epochs
+    clip_norm: Optional[float] = None
+    workers: int = 4  # tf.data parallel calls
+    seed: int = 42
+    deterministic: bool = False
+    replicas: int = 0  # 0: every visible GPU (or 1 CPU); n > 1 on CPU: n logical CPU devices
+    snapshot_every_steps: int = 0  # quick validation SDR every N steps (0: off)
+    snapshot_tracks: int = 1
+    snapshot_seconds: float = 10.0
+    # optional second phase (Wave-U-Net): fine-tune with lr * factor and batch * factor
+    finetune_epochs: int = 0
+    finetune_lr: Optional[float] = None
+    finetune_batch_size: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    split: str = "test"
+    max_tracks: Optional[int] = None
+    chunk_seconds: float = 30.0  # separation chunk; bounded memory on full tracks
+    overlap: float = 0.25  # fraction of a chunk shared by neighbours (overlap-add)
+    window_seconds: float = 1.0  # BSSEval v4 window and hop
+    workers: int = 2  # museval processes
+    wiener_iterations: int = 1
+    residual: bool = False
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    version: int = 1
+    tflite_chunk_seconds: float = 3.0
+    quantize: str = "float16"  # float16 | dynamic
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    artifacts_dir: str = "artifacts"
+    seed: int = 0  # Sacred's seed; the training seed is train.seed
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> "Config":
+        return _build(cls, raw, prefix="")
+
+    def to_dict(self) -> dict:
+        return to_plain(self)
+
+    def section(self, name: str) -> dict:
+        return to_plain(getattr(self, name))
+
+
+def to_plain(value: Any) -> Any:
+    """Dataclasses, tuples and mappings -> JSON/Sacred-friendly dicts and lists."""
+    if dataclasses.is_dataclass(value):
+        return {f.name: to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {str(k): to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_plain(v) for v in value]
+    return value
+
+
+def defaults() -> dict:
+    return Config().to_dict()
+
+
+def _build(cls, raw: Mapping[str, Any], prefix: str):
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"config key '{prefix.rstrip('.')}' must be a section (mapping), got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(k for k in raw if k not in names and not str(k).startswith("_"))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key '{prefix}{unknown[0]}'; valid keys here: {', '.join(sorted(names))}"
+        )
+    values = {}
+    for name in names:
+        if name not in raw:
+            continue
+        values[name] = _coerce(hints[name], raw[name], prefix + name)
+    obj = cls(**values)
+    _check(obj, prefix)
+    return obj
+
+
+def _coerce(hint, value, key):
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key + ".")
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        inner = [a for a in args if a is not type(None)][0]
+        return _coerce(inner, value, key)
+    if origin in (tuple, Tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, key) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"config key '{key}' must have {len(args)} entries, got {list(value)!r}")
+        return tuple(_coerce(a, v, key) for a, v in zip(args, value))
+    if origin in (Mapping, dict) or hint is Any:
+        if origin in (Mapping, dict) and not isinstance(value, Mapping):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+        return _freeze(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+        return value
+    return value
+
+
+def _freeze(value):
+    if isinstance(value, Mapping):
+        return FrozenDict({str(k): _freeze(v) for k, v in value.items()})
+    if isinstance(value, list):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+class FrozenDict(dict):
+    """A read-only dict: model family parameters cannot be mutated by code downstream."""
+
+    def _readonly(self, *args, **kwargs):
+        raise TypeError("configuration is read-only")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = _readonly
+
+    def __hash__(self):
+        return hash(tuple(sorted(self.items())))
+
+
+def _check(obj, prefix):
+    if isinstance(obj, DataConfig):
+        if obj.format not in DATA_FORMATS:
+            raise ConfigError(f"data.format must be one of {', '.join(DATA_FORMATS)}; got '{obj.format}'")
+        if obj.format in ("musdb", "musdb-hq", "folder") and not obj.root:
+            raise ConfigError(f"data.format={obj.format} needs data.root=/path/to/the/data/set")
+        if obj.pcm not in ("int16", "float16", "float32"):
+            raise ConfigError(f"data.pcm must be int16, float16 or float32; got '{obj.pcm}'")
+        if obj.compression not in ("", "GZIP", "ZLIB"):
+            raise ConfigError(f"data.compression must be '', GZIP or ZLIB; got '{obj.compression}'")
+        if not obj.targets or len(set(obj.targets)) != len(obj.targets):
+            raise ConfigError(f"data.targets must be a non-empty list of distinct names; got {list(obj.targets)}")
+        if obj.sample_rate <= 0 or obj.nb_channels not in (1, 2):
+            raise ConfigError("data.sample_rate must be positive and data.nb_channels 1 or 2")
+        if not 0 <= obj.remix_probability <= 1:
+            raise ConfigError("data.remix_probability must lie in [0, 1]")
+        lo, hi = obj.gain_range
+        if not 0 < lo <= hi:
+            raise ConfigError(f"data.gain_range must be [low, high] with 0 < low <= high; got {list(obj.gain_range)}")
+    if isinstance(obj, ModelConfig):
+        from models import registry  # late: keeps `--help` free of TensorFlow
+
+        if registry.names() and obj.name not in registry.names():
+            raise ConfigError(
+                f"model.name '{obj.name}' is not a registered model; choose one of {', '.join(registry.names())}"
+            )

@@ -1,0 +1,46 @@
+"""The contract between a model family and the stages: what `build()` returns.
+
+Stages never special-case a family: anything a family needs (a training-domain transform of the
+targets, a per-epoch loss weighting, an input-length rule, statistics from the data) goes through
+these fields, with defaults that suit most families.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+
+
+@dataclass
+class SeparationModel:
+    """A built model family.
+
+    targets:       target names, the keys of every output dict
+    sample_rate:   rate the model works at
+    nb_channels:   audio channels in and out
+    train_model:   keras.Model, mixture `(nb_samples, nb_timesteps, nb_channels)` ->
+                   {target: estimate in the training domain}; `fit` runs on it
+    train_targets: stems {target: (nb_samples, nb_timesteps, nb_channels)} -> {target: training-domain
+                   truth}, same shapes as `train_model`'s outputs; run inside tf.data
+    loss:          keras loss (or dict per target) for `train_model`
+    separator:     keras.Model, mixture `(nb_samples, nb_timesteps, nb_channels)` -> {target: waveform of the
+                   same shape}; shares weights with `train_model`; used by evaluate, export and separate
+    input_samples: rule mapping a wanted excerpt length to the length the model accepts
+                   (e.g. Wave-U-Net's valid convolutions), identity by default
+    adapt:         optional, called once before training with an iterable of mixture batches
+                   (e.g. Open-Unmix's per-bin input mean/scale from the training set)
+    callbacks:     extra keras callbacks the family needs in training (e.g. DWA loss weighting)
+    config:        the family's frozen Config, recorded with the artifacts
+    """
+
+    targets: Tuple[str, ...]
+    sample_rate: int
+    nb_channels: int
+    train_model: Any
+    train_targets: Callable[[Dict[str, Any]], Dict[str, Any]]
+    loss: Any
+    separator: Any
+    config: Any
+    input_samples: Callable[[int], int] = lambda n: n
+    adapt: Optional[Callable[[Any], None]] = None
+    callbacks: List[Any] = field(default_factory=list)
+    extra: Mapping[str, Any] = field(default_factory=dict)

@@ -1,0 +1,91 @@
+"""The pipeline definition: which stages exist, their order, and how one stage run is carried out.
+
+`create_pipeline` is pure (names -> ComponentSpecs); `run_component` binds a spec to an
+artifacts directory: fingerprint, skip-if-complete, staging, atomic commit.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+from pathlib import Path
+from typing import Callable, List, Optional
+
+from components import artifacts
+from components.artifacts import Artifact, StageError
+from components.base import ComponentSpec, StageContext
+
+STAGES = ("prepare", "train", "evaluate", "export")
+
+log = logging.getLogger("pipeline")
+
+
+class NotBuiltError(StageError):
+    pass
+
+
+def component(stage: str) -> ComponentSpec:
+    """The ComponentSpec of a stage; each lives in `components/<stage>.py` as `SPEC`."""
+    if stage not in STAGES:
+        raise StageError(f"unknown stage '{stage}'; choose one of {', '.join(STAGES)} or all")
+    try:
+        module = importlib.import_module(f"components.{stage}")
+    except ModuleNotFoundError as error:
+        if error.name == f"components.{stage}":
+            raise NotBuiltError(f"stage '{stage}' is not built yet (no components/{stage}.py)") from None
+        raise
+    return module.SPEC
+
+
+def create_pipeline(stage: str) -> List[str]:
+    """Stage names to run, in order, for `--stage <stage>` (`all` = every stage)."""
+    if stage == "all":
+        return list(STAGES)
+    if stage not in STAGES:
+        raise StageError(f"unknown stage '{stage}'; choose one of {', '.join(STAGES)} or all")
+    return [stage]
+
+
+def stage_fingerprint(spec: ComponentSpec, config, upstream: dict) -> str:
+    payload = {
+        "stage": spec.name,
+        "config": {section: config.section(section) for section in spec.config_sections},
+        "inputs": {name: art.fingerprint for name, art in sorted(upstream.items())},
+    }
+    if spec.input_payload is not None:
+        payload["outside"] = spec.input_payload(config)
+    return artifacts.fingerprint(payload)
+
+
+def run_component(
+    spec: ComponentSpec,
+    config,
+    force: bool = False,
+    log_scalar: Optional[Callable] = None,
+) -> tuple[Artifact, bool]:
+    """Run one stage into `config.artifacts_dir/<stage>/`. Returns (artifact, skipped)."""
+    root = Path(config.artifacts_dir)
+    removed = artifacts.clean_stale(root)
+    if removed:
+        log.warning("removed leftovers of an interrupted run: %s", ", ".join(removed))
+    upstream = {name: artifacts.require(root, name, needed_by=spec.name) for name in spec.inputs}
+    fingerprint = stage_fingerprint(spec, config, upstream)
+    existing = artifacts.load(root, spec.name)
+    if existing is not None and existing.fingerprint == fingerprint and not force:
+        log.info("stage %s: complete artifact with fingerprint %s exists in %s; skipping (use --force to redo)",
+                 spec.name, fingerprint, existing.path)
+        return existing, True
+    started = time.time()
+    with artifacts.staging(root, spec.name) as staging_dir:
+        context = StageContext(config=config, inputs=upstream, output_dir=staging_dir,
+                               log_scalar=log_scalar or (lambda *a, **k: None), logger=log, force=force)
+        meta = dict(spec.executor(context))
+        meta.update(
+            fingerprint=fingerprint,
+            config={section: config.section(section) for section in spec.config_sections},
+            inputs={name: {"fingerprint": art.fingerprint, "path": str(art.path)} for name, art in upstream.items()},
+            seconds=round(time.time() - started, 3),
+        )
+        artifact = artifacts.commit(root, spec.name, staging_dir, meta)
+    log.info("stage %s: wrote %s in %.1f s", spec.name, artifact.path, time.time() - started)
+    return artifact, False

@@ -1,0 +1,33 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="music-separation",
+    version="0.1.0",
+    description="Music source separation pipeline in TensorFlow/Keras: prepare, train, evaluate, export.",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["pipeline", "components", "components.*", "models", "models.*",
+                                    "configs"]),
+    install_requires=[
+        "tensorflow>=2.21,<2.22",
+        "keras>=3.10,<4",
+        "numpy>=1.26",
+        "scipy>=1.11",  # band-limited polyphase resampling
+        "soundfile>=0.12",
+        "musdb>=0.4.2",
+        "museval>=0.4.1",
+        "sacred>=0.8.5",
+        "matplotlib>=3.7",  # evaluation box plots
+        "ai-edge-litert>=1.2",  # runs exported .tflite models
+    ],
+    extras_require={
+        "db": ["SQLAlchemy>=2", "pymongo>=4"],
+        "dev": ["pytest>=8", "SQLAlchemy>=2", "psycopg2-binary>=2.9"],
+    },
+    entry_points={
+        "console_scripts": [
+            "musicsep-pipeline=pipeline.run:main",
+        ]
+    },
+)
