@@ -139,6 +139,13 @@ def run_stages(experiment, args, updates: dict, named: list) -> int:
             pipeline.component(stage)  # fail before any work if a stage is not built yet
     except StageError as error:
         raise UserError(str(error)) from None
+    if config.train.replicas > 1 and "train" in stages:
+        from components.train import configure_devices
+
+        try:
+            configure_devices(config.train.replicas)  # logical CPU devices must exist before TF starts
+        except StageError as error:
+            raise UserError(str(error)) from None
     for stage in stages:
         try:
             run = experiment.run(stage, config_updates=updates, named_configs=named,

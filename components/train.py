@@ -1,0 +1,375 @@
+"""The train stage: a registered model family fitted with Keras under a tf.distribute strategy.
+
+Reads the prepare artifact (TFRecords + manifest); writes `model.weights.h5` (last epoch),
+`best.weights.h5` (lowest validation loss), `history.json` and TensorBoard logs. Work in progress
+(BackupAndRestore state, per-epoch checkpoints) lives in `artifacts_dir/.train-work/<fingerprint>/`
+so a killed run resumes from its last completed epoch when started again with the same config.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Optional
+
+from components import artifacts
+from components.artifacts import StageError
+from components.base import ComponentSpec, StageContext
+
+log = logging.getLogger("pipeline.train")
+
+
+# --------------------------------------------------------------------------------------------
+# Devices and strategy
+# --------------------------------------------------------------------------------------------
+def configure_devices(replicas: int) -> None:
+    """Split the CPU into `replicas` logical devices when there is no GPU (before TF initialises)."""
+    import tensorflow as tf
+
+    if replicas <= 1 or tf.config.list_physical_devices("GPU"):
+        return
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    current = tf.config.get_logical_device_configuration(cpu)
+    if current and len(current) == replicas:
+        return
+    try:
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(replicas)])
+    except RuntimeError:
+        raise StageError(
+            f"train.replicas={replicas} must be set before TensorFlow starts; run the train stage in a fresh "
+            "process (`python pipeline/run.py --stage train ...`)") from None
+
+
+def make_strategy(replicas: int):
+    """MirroredStrategy over the GPUs (or `replicas` logical CPUs); the default strategy for one device."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_logical_devices("GPU")
+    if gpus:
+        devices = [d.name for d in gpus][: replicas or None]
+    elif replicas > 1:
+        configure_devices(replicas)
+        devices = [d.name for d in tf.config.list_logical_devices("CPU")][:replicas]
+        if len(devices) < replicas:
+            raise StageError(f"train.replicas={replicas} but only {len(devices)} CPU devices exist; "
+                             "run the train stage in a fresh process")
+    else:
+        return tf.distribute.get_strategy()
+    if len(devices) == 1:
+        return tf.distribute.OneDeviceStrategy(devices[0])
+    return tf.distribute.MirroredStrategy(devices)
+
+
+# --------------------------------------------------------------------------------------------
+# Model building and loading
+# --------------------------------------------------------------------------------------------
+def build_model(config, stats):
+    from models import registry
+
+    return registry.build(config.model, data=config.data, stats=stats)
+
+
+def make_optimizer(train_config, lr: Optional[float] = None):
+    import keras
+
+    kwargs = dict(learning_rate=lr or train_config.lr)
+    if train_config.weight_decay:
+        kwargs["weight_decay"] = train_config.weight_decay
+    if train_config.clip_norm:
+        kwargs["global_clipnorm"] = train_config.clip_norm
+    return keras.optimizers.Adam(**kwargs)
+
+
+def load_trained(train_artifact, config, weights: str = "best"):
+    """The SeparationModel of a train artifact with its weights (`best` or `last`) loaded."""
+    model = build_model(config, train_artifact.meta.get("stats", {}))
+    path = train_artifact.file("best.weights.h5" if weights == "best" else "model.weights.h5")
+    if not path.is_file():
+        path = train_artifact.file("model.weights.h5")
+    model.train_model.load_weights(str(path))
+    return model
+
+
+def count_params(keras_model) -> int:
+    return int(sum(int(math.prod(w.shape)) for w in keras_model.trainable_weights))
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+def train_datasets(prepare, config, model, batch_size: int, seed: Optional[int]):
+    """(train, valid or None, steps_per_epoch) for `fit`, targets mapped to the training domain."""
+    import tensorflow as tf
+
+    from components import records
+
+    manifest = prepare.meta["manifest"]
+    splits = manifest["splits"]
+    nb_train = len(splits.get("train", {}).get("tracks", []))
+    if nb_train == 0:
+        raise StageError(f"the prepare artifact {prepare.path} has no training tracks; prepare a data set "
+                         "with a train split (data.root=...)")
+    rate = config.data.sample_rate
+    seq = model.input_samples(int(round(config.train.seq_seconds * rate)))
+    segment = int(round(config.data.segment_seconds * rate))
+    if seq > segment:
+        raise StageError(f"train.seq_seconds={config.train.seq_seconds} needs {seq} samples but TFRecord segments "
+                         f"hold {segment} (data.segment_seconds={config.data.segment_seconds}); lower "
+                         "train.seq_seconds or raise data.segment_seconds")
+
+    def to_training_domain(mixture, stems):
+        return mixture, model.train_targets(stems)
+
+    train = records.load_dataset(prepare, "train", seq_samples=seq, batch_size=batch_size, augment=True,
+                                 data_config=config.data, seed=seed, repeat=True)
+    train = train.map(to_training_domain, num_parallel_calls=config.train.workers).prefetch(tf.data.AUTOTUNE)
+    valid = None
+    if len(splits.get("valid", {}).get("tracks", [])):
+        valid = records.load_dataset(prepare, "valid", seq_samples=seq, batch_size=batch_size, augment=False,
+                                     data_config=config.data, seed=seed, repeat=False)
+        valid = valid.map(to_training_domain, num_parallel_calls=config.train.workers).cache()
+    steps = config.train.steps_per_epoch or max(1, config.train.samples_per_track * nb_train // batch_size)
+    return train, valid, steps
+
+
+# --------------------------------------------------------------------------------------------
+# Callbacks
+# --------------------------------------------------------------------------------------------
+def _callbacks_module():
+    import keras
+    import numpy as np
+
+    class SacredLogger(keras.callbacks.Callback):
+        """Every epoch's losses, metrics and learning rate to Sacred (log_scalar)."""
+
+        def __init__(self, log_scalar, history_path: Path):
+            super().__init__()
+            self.log_scalar = log_scalar
+            self.history_path = history_path
+            self.history = json.loads(history_path.read_text()) if history_path.is_file() else []
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs = dict(logs or {})
+            lr = self.model.optimizer.learning_rate
+            logs["learning_rate"] = float(np.asarray(lr.numpy() if hasattr(lr, "numpy") else lr))
+            entry = {"epoch": epoch + 1, **{k: float(v) for k, v in logs.items()}}
+            self.history = [h for h in self.history if h["epoch"] < epoch + 1] + [entry]
+            tmp = self.history_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.history, indent=1))
+            os.replace(tmp, self.history_path)
+            for key, value in logs.items():
+                self.log_scalar(f"train.{key}", float(value), epoch + 1)
+
+    class ValidationSnapshot(keras.callbacks.Callback):
+        """Every N steps: a quick SDR of the separator on a few validation excerpts (seed 000)."""
+
+        def __init__(self, separation_model, tracks, every: int, log_scalar):
+            super().__init__()
+            self.separation_model = separation_model
+            self.tracks = tracks
+            self.every = every
+            self.log_scalar = log_scalar
+            self.step = 0
+            self.snapshots = []
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.step += 1
+            if self.step % self.every == 0:
+                value = self.measure()
+                self.snapshots.append({"step": self.step, "sdr": value})
+                self.log_scalar("train.snapshot_sdr", value, self.step)
+                log.info("step %d: validation snapshot SDR %.2f dB", self.step, value)
+
+        def measure(self) -> float:
+            from components.metrics import global_sdr
+
+            scores = []
+            for mixture, stems in self.tracks:
+                estimates = self.separation_model.separator(mixture[None], training=False)
+                for target, truth in stems.items():
+                    scores.append(global_sdr(truth, np.asarray(estimates[target])[0]))
+            return float(np.mean(scores))
+
+    return SacredLogger, ValidationSnapshot
+
+
+def snapshot_tracks(prepare, config):
+    """The first `snapshot_seconds` of `snapshot_tracks` validation (or training) tracks."""
+    import numpy as np
+
+    from components import records
+
+    splits = prepare.meta["manifest"]["splits"]
+    split = "valid" if splits.get("valid", {}).get("tracks") else "train"
+    length = int(round(config.train.snapshot_seconds * config.data.sample_rate))
+    found = []
+    for name, stems in records.read_tracks(prepare, split):
+        stems = {t: s[:length] for t, s in stems.items()}
+        mixture = np.sum(list(stems.values()), axis=0).astype("float32")
+        found.append((mixture, stems))
+        if len(found) >= config.train.snapshot_tracks:
+            break
+    return found
+
+
+# --------------------------------------------------------------------------------------------
+# The executor
+# --------------------------------------------------------------------------------------------
+def run(context: StageContext) -> dict:
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    config = context.config
+    tc = config.train
+    prepare = context.inputs["prepare"]
+    manifest = prepare.meta["manifest"]
+    stats = manifest.get("stats", {})
+    if tc.deterministic:
+        keras.utils.set_random_seed(tc.seed)
+        tf.config.experimental.enable_op_determinism()
+    else:
+        keras.utils.set_random_seed(tc.seed)
+
+    work = Path(config.artifacts_dir) / ".train-work" / _work_key(context)
+    if context.force and work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+
+    strategy = make_strategy(tc.replicas)
+    replicas = strategy.num_replicas_in_sync
+    if tc.batch_size % replicas:
+        raise StageError(f"train.batch_size={tc.batch_size} must be a multiple of the {replicas} replicas")
+    with strategy.scope():
+        model = build_model(config, stats)
+    train_ds, valid_ds, steps = train_datasets(prepare, config, model, tc.batch_size,
+                                               seed=tc.seed if tc.deterministic else None)
+    if model.adapt is not None and not (work / "backup").exists():
+        model.adapt(mixture for mixture, _ in train_ds.take(max(1, min(steps, 8))))
+    nb_params = count_params(model.train_model)
+    context.logger.info("model %s: %s trainable parameters, %d replica(s), global batch %d, %d steps/epoch",
+                        config.model.name, f"{nb_params:,}", replicas, tc.batch_size, steps)
+
+    history, seconds, examples = _fit_phases(context, model, strategy, train_ds, valid_ds, steps, work)
+
+    out = context.output_dir
+    model.train_model.save_weights(str(out / "model.weights.h5"))
+    best = work / "best.weights.h5"
+    if best.is_file():
+        shutil.copy2(best, out / "best.weights.h5")
+    else:
+        shutil.copy2(out / "model.weights.h5", out / "best.weights.h5")
+    (out / "history.json").write_text(json.dumps(history, indent=1))
+    if (work / "tensorboard").is_dir():
+        shutil.copytree(work / "tensorboard", out / "tensorboard")
+    shutil.rmtree(work, ignore_errors=True)
+
+    monitor = "val_loss" if valid_ds is not None else "loss"
+    losses = [h[monitor] for h in history if monitor in h and np.isfinite(h[monitor])]
+    figures = {
+        "parameters": nb_params,
+        "replicas": replicas,
+        "epochs": len(history),
+        "final_loss": history[-1]["loss"] if history else None,
+        "best_" + monitor: min(losses) if losses else None,
+        "seconds": round(seconds, 2),
+        "examples_per_second": round(examples / seconds, 2) if seconds else None,
+        "seconds_per_step": round(seconds / max(1, examples // tc.batch_size), 4),
+    }
+    return {
+        "figures": figures,
+        "stats": stats,
+        "model": {"name": config.model.name, "family_config": _plain(model.config)},
+        "result": figures["best_" + monitor],
+    }
+
+
+def _fit_phases(context, model, strategy, train_ds, valid_ds, steps, work: Path):
+    """Fit, then (optionally) the fine-tuning phase with a lower lr and a larger batch."""
+    import keras
+
+    config = context.config
+    tc = config.train
+    SacredLogger, ValidationSnapshot = _callbacks_module()
+    monitor = "val_loss" if valid_ds is not None else "loss"
+    history_path = work / "history.json"
+    sacred_logger = SacredLogger(context.log_scalar, history_path)
+    previous_best = min((h[monitor] for h in sacred_logger.history if monitor in h), default=None)
+
+    with strategy.scope():
+        model.train_model.compile(optimizer=make_optimizer(tc), loss=model.loss,
+                                  jit_compile=False)
+    callbacks = [
+        keras.callbacks.BackupAndRestore(str(work / "backup")),
+        keras.callbacks.ModelCheckpoint(str(work / "last.weights.h5"), save_weights_only=True),
+        keras.callbacks.ModelCheckpoint(str(work / "best.weights.h5"), monitor=monitor, save_best_only=True,
+                                        save_weights_only=True, initial_value_threshold=previous_best),
+        keras.callbacks.EarlyStopping(monitor=monitor, patience=tc.patience),
+        keras.callbacks.ReduceLROnPlateau(monitor=monitor, patience=tc.lr_decay_patience,
+                                          factor=tc.lr_decay_gamma, cooldown=10 if tc.lr_decay_patience > 10 else 0),
+        keras.callbacks.TerminateOnNaN(),
+        keras.callbacks.TensorBoard(str(work / "tensorboard"), update_freq="epoch"),
+        sacred_logger,
+        *model.callbacks,
+    ]
+    if tc.snapshot_every_steps:
+        callbacks.append(ValidationSnapshot(model, snapshot_tracks(context.inputs["prepare"], config),
+                                            tc.snapshot_every_steps, context.log_scalar))
+    started = time.time()
+    done_before = len(sacred_logger.history)
+    model.train_model.fit(train_ds, epochs=tc.epochs, steps_per_epoch=steps, validation_data=valid_ds,
+                          callbacks=callbacks, verbose=2 if context.logger.isEnabledFor(logging.INFO) else 0)
+    if model.train_model.stop_training and sacred_logger.history and any(
+            not math.isfinite(v) for v in sacred_logger.history[-1].values()):
+        raise StageError("training diverged (NaN/Inf loss); lower train.lr or set train.clip_norm")
+    examples = (len(sacred_logger.history) - done_before) * steps * tc.batch_size
+    if tc.finetune_epochs:
+        examples += _finetune(context, model, strategy, valid_ds, work, sacred_logger, monitor)
+    return sacred_logger.history, time.time() - started, examples
+
+
+def _finetune(context, model, strategy, valid_ds, work, sacred_logger, monitor) -> int:
+    import keras
+
+    config = context.config
+    tc = config.train
+    batch = tc.finetune_batch_size or 2 * tc.batch_size
+    train_ds, _, steps = train_datasets(context.inputs["prepare"], config, model, batch,
+                                        seed=tc.seed if tc.deterministic else None)
+    best = work / "best.weights.h5"
+    if best.is_file():
+        model.train_model.load_weights(str(best))
+    with strategy.scope():
+        model.train_model.compile(optimizer=make_optimizer(tc, lr=tc.finetune_lr or tc.lr / 10), loss=model.loss)
+    start = len(sacred_logger.history)
+    previous_best = min((h[monitor] for h in sacred_logger.history if monitor in h), default=None)
+    model.train_model.fit(
+        train_ds, initial_epoch=start, epochs=start + tc.finetune_epochs, steps_per_epoch=steps,
+        validation_data=valid_ds, verbose=2,
+        callbacks=[
+            keras.callbacks.ModelCheckpoint(str(best), monitor=monitor, save_best_only=True, save_weights_only=True,
+                                            initial_value_threshold=previous_best),
+            keras.callbacks.EarlyStopping(monitor=monitor, patience=tc.patience),
+            keras.callbacks.TerminateOnNaN(), sacred_logger, *model.callbacks,
+        ])
+    return (len(sacred_logger.history) - start) * steps * batch
+
+
+def _work_key(context: StageContext) -> str:
+    from pipeline.pipeline import stage_fingerprint
+
+    return stage_fingerprint(SPEC, context.config, dict(context.inputs))
+
+
+def _plain(value):
+    from configs.config import to_plain
+
+    return to_plain(value)
+
+
+SPEC = ComponentSpec(name="train", inputs=("prepare",), config_sections=("data", "model", "train"), executor=run)
