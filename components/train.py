@@ -157,13 +157,14 @@ def _callbacks_module():
             logs = dict(logs or {})
             lr = self.model.optimizer.learning_rate
             logs["learning_rate"] = float(np.asarray(lr.numpy() if hasattr(lr, "numpy") else lr))
-            entry = {"epoch": epoch + 1, **{k: float(v) for k, v in logs.items()}}
+            entry = {"epoch": epoch + 1, "pid": os.getpid(), **{k: float(v) for k, v in logs.items()}}
             self.history = [h for h in self.history if h["epoch"] < epoch + 1] + [entry]
             tmp = self.history_path.with_suffix(".tmp")
             tmp.write_text(json.dumps(self.history, indent=1))
             os.replace(tmp, self.history_path)
             for key, value in logs.items():
                 self.log_scalar(f"train.{key}", float(value), epoch + 1)
+            log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k} {v:.5g}" for k, v in logs.items()))
 
     class ValidationSnapshot(keras.callbacks.Callback):
         """Every N steps: a quick SDR of the separator on a few validation excerpts (seed 000)."""

@@ -1,0 +1,168 @@
+"""The train stage: multi-replica parity, resume after a kill, determinism, checkpoints, Sacred metrics."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = [sys.executable, str(ROOT / "pipeline" / "run.py")]
+
+
+def cli(*args, check=True, timeout=600, **kwargs):
+    result = subprocess.run([*RUN, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, **kwargs)
+    if check and result.returncode != 0:
+        raise AssertionError(f"run.py {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """A unittest-preset prepare artifact shared by the tests of this module (copied where mutated)."""
+    root = tmp_path_factory.mktemp("train")
+    cli("--stage", "prepare", "--no-file-observer", "-q", "with", "unittest", f"artifacts_dir={root}")
+    return root
+
+
+def _copy_prepare(src: Path, dst: Path) -> Path:
+    import shutil
+
+    dst.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(src / "prepare", dst / "prepare")
+    if (src / "default-data").exists():
+        shutil.copytree(src / "default-data", dst / "default-data")
+    return dst
+
+
+def _weights(path: Path) -> list:
+    import h5py
+
+    found = []
+    with h5py.File(path, "r") as handle:
+        handle.visititems(lambda name, obj: found.append((name, np.array(obj))) if hasattr(obj, "shape") else None)
+    return sorted(found, key=lambda item: item[0])
+
+
+def test_train_stage_writes_checkpoints_history_and_sacred_metrics(prepared, tmp_path):
+    root = _copy_prepare(prepared, tmp_path / "a")
+    runs = tmp_path / "runs"
+    cli("--stage", "train", "--runs-dir", str(runs), "-q", "with", "unittest", f"artifacts_dir={root}",
+        "train.epochs=3")
+    meta = json.loads((root / "train" / "artifact.json").read_text())
+    assert meta["complete"] and meta["figures"]["epochs"] == 3
+    assert meta["figures"]["parameters"] > 0
+    for name in ("model.weights.h5", "best.weights.h5", "history.json"):
+        assert (root / "train" / name).is_file(), name
+    assert any((root / "train" / "tensorboard").rglob("events.out.tfevents.*"))
+    history = json.loads((root / "train" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert all(np.isfinite(h["loss"]) and np.isfinite(h["val_loss"]) for h in history)
+    assert not (root / ".train-work").exists() or not any((root / ".train-work").iterdir())
+    run_dir = max((p for p in runs.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["train.loss"]["steps"] == [1, 2, 3]
+    assert "train.val_loss" in metrics and "train.learning_rate" in metrics
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "COMPLETED"
+    # same config again: skipped, not retrained
+    again = cli("--stage", "train", "--no-file-observer", "with", "unittest", f"artifacts_dir={root}",
+                "train.epochs=3")
+    assert "skipping" in again.stderr
+
+
+def test_resume_after_kill_continues_from_last_completed_epoch(prepared, tmp_path):
+    root = _copy_prepare(prepared, tmp_path / "k")
+    args = ["--stage", "train", "--no-file-observer", "-q", "with", "unittest", f"artifacts_dir={root}",
+            "train.epochs=40", "train.steps_per_epoch=3"]
+    process = subprocess.Popen([*RUN, *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    deadline = time.time() + 300
+    history_files = []
+    while time.time() < deadline:
+        history_files = list((root / ".train-work").glob("*/history.json")) if (root / ".train-work").exists() else []
+        if history_files and len(json.loads(history_files[0].read_text() or "[]")) >= 2:
+            break
+        if process.poll() is not None:
+            pytest.fail(f"training ended before it could be killed: {process.stderr.read()[-2000:]}")
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (root / "train" / "artifact.json").exists(), "a killed train stage left a complete-looking artifact"
+    done_before = json.loads(history_files[0].read_text())
+    killed_at = len(done_before)
+    assert killed_at < 40
+
+    cli(*args)
+    history = json.loads((root / "train" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == list(range(1, 41))
+    # epochs finished before the kill were not redone: they keep the first process's id
+    first_pid = done_before[0]["pid"]
+    assert [h["pid"] for h in history[: killed_at]] == [first_pid] * killed_at
+    assert all(h["pid"] != first_pid for h in history[killed_at + 1:])
+
+
+def test_deterministic_mode_gives_identical_weights(prepared, tmp_path):
+    weights = []
+    for name in ("d1", "d2"):
+        root = _copy_prepare(prepared, tmp_path / name)
+        cli("--stage", "train", "--no-file-observer", "-q", "with", "unittest", f"artifacts_dir={root}",
+            "train.deterministic=True", "train.epochs=2")
+        weights.append(_weights(root / "train" / "model.weights.h5"))
+    assert [n for n, _ in weights[0]] == [n for n, _ in weights[1]]
+    for (name, a), (_, b) in zip(*weights):
+        np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+MIRRORED_PARITY = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    from components.train import configure_devices, make_strategy, build_model
+    configure_devices(2)
+    import keras, tensorflow as tf
+    from pipeline.experiment import resolve
+    config = resolve({"model": {"umx": {"nb_layers": 1}}}, ["unittest"])
+    rng = np.random.default_rng(0)
+    samples = int(config.data.sample_rate * config.train.seq_seconds)
+    stems = {t: rng.normal(0, 0.1, (8, samples, 2)).astype("float32") for t in config.data.targets}
+    mixture = sum(stems.values())
+    results = []
+    for replicas in (1, 2):
+        keras.utils.set_random_seed(0)
+        strategy = make_strategy(replicas)
+        with strategy.scope():
+            model = build_model(config, {})
+            model.train_model.compile(optimizer=keras.optimizers.SGD(0.1), loss=model.loss)
+        targets = {k: v.numpy() for k, v in model.train_targets(stems).items()}
+        dataset = tf.data.Dataset.from_tensors((mixture, targets))
+        model.train_model.fit(dataset, epochs=1, steps_per_epoch=1, verbose=0)
+        results.append((strategy.num_replicas_in_sync, [w.numpy() for w in model.train_model.trainable_weights]))
+    (n1, w1), (n2, w2) = results
+    diff = max(float(np.max(np.abs(a - b))) for a, b in zip(w1, w2))
+    moved = max(float(np.max(np.abs(a))) for a in w1)
+    print(json.dumps({"replicas": [n1, n2], "max_diff": diff, "moved": moved}))
+""")
+
+
+def test_two_replicas_match_one_replica_on_the_same_global_batch():
+    result = subprocess.run([sys.executable, "-c", MIRRORED_PARITY], cwd=ROOT, capture_output=True, text=True,
+                            timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["replicas"] == [1, 2]
+    assert report["max_diff"] < 1e-5, report
+
+
+def test_batch_size_must_divide_over_replicas_and_excerpt_fit_segments(prepared, tmp_path):
+    root = _copy_prepare(prepared, tmp_path / "e")
+    result = cli("--stage", "train", "--no-file-observer", "with", "unittest", f"artifacts_dir={root}",
+                 "train.seq_seconds=30.0", check=False)
+    assert result.returncode == 2
+    assert "train.seq_seconds" in result.stderr.strip().splitlines()[-1]
+    assert not (root / "train").exists()
