@@ -29,6 +29,11 @@ class SeparationModel:
     adapt:         optional, called once before training with an iterable of mixture batches
                    (e.g. Open-Unmix's per-bin input mean/scale from the training set)
     callbacks:     extra keras callbacks the family needs in training (e.g. DWA loss weighting)
+    mobile:        optional, chunk length in samples -> a static-shape keras.Model with this model's
+                   weights, mixture `(1, chunk, nb_channels)` -> the same outputs as `train_model`, built
+                   from TFLite built-in ops only (e.g. LSTMs unrolled); None when the family cannot
+    postprocess:   optional, (mixture waveform chunk, mobile outputs) -> {target: waveform}; what an app
+                   does after the .tflite model (e.g. Wiener filter + ISTFT). Identity when outputs are waveforms
     config:        the family's frozen Config, recorded with the artifacts
     """
 
@@ -43,4 +48,6 @@ class SeparationModel:
     input_samples: Callable[[int], int] = lambda n: n
     adapt: Optional[Callable[[Any], None]] = None
     callbacks: List[Any] = field(default_factory=list)
+    mobile: Optional[Callable[[int], Any]] = None
+    postprocess: Optional[Callable[[Any, Dict[str, Any]], Dict[str, Any]]] = None
     extra: Mapping[str, Any] = field(default_factory=dict)
