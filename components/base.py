@@ -30,6 +30,7 @@ class ComponentSpec:
     config_sections: config sections whose values change its output (part of the fingerprint)
     executor:        `Do(context) -> meta`; meta holds `figures` (key numbers) and anything else to record
     input_payload:   optional, config -> JSON-able description of outside inputs (e.g. source files)
+    optional_inputs: upstream stages read when their artifact exists (e.g. export records evaluate's metrics)
     """
 
     name: str
@@ -37,3 +38,4 @@ class ComponentSpec:
     config_sections: Tuple[str, ...]
     executor: Callable[[StageContext], Mapping[str, Any]]
     input_payload: Optional[Callable[[Any], Any]] = None
+    optional_inputs: Tuple[str, ...] = ()

@@ -69,6 +69,10 @@ def run_component(
     if removed:
         log.warning("removed leftovers of an interrupted run: %s", ", ".join(removed))
     upstream = {name: artifacts.require(root, name, needed_by=spec.name) for name in spec.inputs}
+    for name in spec.optional_inputs:
+        found = artifacts.load(root, name)
+        if found is not None:
+            upstream[name] = found
     fingerprint = stage_fingerprint(spec, config, upstream)
     existing = artifacts.load(root, spec.name)
     if existing is not None and existing.fingerprint == fingerprint and not force:

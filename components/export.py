@@ -1,0 +1,239 @@
+"""The export stage: a SavedModel for TensorFlow Serving and TFLite models for phones.
+
+Layout written into `artifacts_dir/export/`:
+
+    saved_model/<model_name>/<version>/      SavedModel, `serving_default`: waveform -> {target: waveform}
+    saved_model/models.config                TF Serving model config list (serves every model folder)
+    model.json                               sidecar: rate, targets, STFT parameters, fingerprints, metrics
+    tflite/<model_name>.float32.tflite       fixed-length chunk model, TFLite built-in ops only
+    tflite/<model_name>.<quantize>.tflite    quantized variant (float16 or dynamic-range int8)
+    tflite/<model_name>.json                 what the .tflite takes and returns, chunk length, op lists
+"""
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from components.artifacts import StageError
+from components.base import ComponentSpec, StageContext
+
+log = logging.getLogger("pipeline.export")
+
+SIGNATURE = "serving_default"
+INPUT_NAME = "waveform"
+
+
+# --------------------------------------------------------------------------------------------
+# SavedModel
+# --------------------------------------------------------------------------------------------
+def write_saved_model(separator, path: Path, nb_channels: int) -> None:
+    """`serving_default`: float32 `(batch, samples, channels)` (any batch, any length) -> {target: same}."""
+    import keras
+    import tensorflow as tf
+
+    archive = keras.export.ExportArchive()
+    archive.track(separator)
+    archive.add_endpoint(
+        name=SIGNATURE,
+        fn=lambda waveform: separator(waveform, training=False),
+        input_signature=[tf.TensorSpec([None, None, nb_channels], tf.float32, name=INPUT_NAME)],
+    )
+    archive.write_out(str(path), verbose=False)
+
+
+def serving_config(model_names) -> str:
+    """TF Serving's `--model_config_file` text proto; base paths relative to the container's /models."""
+    entries = "".join(
+        f'  config {{\n    name: "{name}"\n    base_path: "/models/{name}"\n    model_platform: "tensorflow"\n  }}\n'
+        for name in model_names)
+    return "model_config_list {\n" + entries + "}\n"
+
+
+# --------------------------------------------------------------------------------------------
+# TFLite
+# --------------------------------------------------------------------------------------------
+def convert_tflite(keras_model, chunk: int, nb_channels: int, quantize: str = "") -> bytes:
+    """Convert a static-shape model to .tflite with TFLite built-in ops only (no Flex / Select TF ops)."""
+    import keras
+    import tensorflow as tf
+
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = keras.export.ExportArchive()
+        archive.track(keras_model)
+        archive.add_endpoint(
+            name=SIGNATURE,
+            fn=lambda waveform: keras_model(waveform, training=False),
+            input_signature=[tf.TensorSpec([1, chunk, nb_channels], tf.float32, name=INPUT_NAME)],
+        )
+        archive.write_out(tmp, verbose=False)
+        converter = tf.lite.TFLiteConverter.from_saved_model(tmp, signature_keys=[SIGNATURE])
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+        if quantize == "float16":
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+            converter.target_spec.supported_types = [tf.float16]
+        elif quantize == "dynamic":
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        elif quantize:
+            raise StageError(f"export.quantize must be float16 or dynamic; got '{quantize}'")
+        try:
+            return converter.convert()
+        except Exception as error:  # the converter's message lists the ops it could not lower
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise StageError(f"TFLite conversion with built-in ops only failed: {first}") from None
+
+
+def tflite_ops(model_bytes: bytes) -> list:
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=model_bytes)
+    return sorted({op["op_name"] for op in interpreter._get_ops_details()})
+
+
+def run_tflite(model_bytes: bytes, chunk: np.ndarray) -> dict:
+    """Run a .tflite separator on one chunk `(1, chunk, channels)`; returns {output name: array}."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=model_bytes, num_threads=2)
+    runner = interpreter.get_signature_runner(SIGNATURE)
+    return {name: np.asarray(value) for name, value in runner(**{INPUT_NAME: chunk.astype(np.float32)}).items()}
+
+
+def parity_db(reference: dict, estimate: dict) -> float:
+    """Worst (over outputs) SDR of `estimate` against `reference`, in dB: 10 log10(Σ r² / Σ (r − e)²)."""
+    from components.metrics import global_sdr
+
+    return min(global_sdr(np.asarray(reference[k]), np.asarray(estimate[k])) for k in reference)
+
+
+# --------------------------------------------------------------------------------------------
+# The executor
+# --------------------------------------------------------------------------------------------
+def _probe_chunk(context: StageContext, samples: int) -> np.ndarray:
+    """A real mixture chunk for parity checks (the first prepared track), else seeded noise."""
+    from components import records
+
+    prepare = context.inputs["prepare"]
+    splits = prepare.meta["manifest"]["splits"]
+    for split in ("test", "valid", "train"):
+        if splits.get(split, {}).get("tracks"):
+            for _, stems in records.read_tracks(prepare, split):
+                mixture = np.sum(list(stems.values()), axis=0).astype(np.float32)
+                start = max(0, (len(mixture) - samples) // 2)
+                mixture = mixture[start:start + samples]
+                if len(mixture) == samples:
+                    return mixture[None]
+                break
+    rng = np.random.default_rng(0)
+    return rng.normal(0, 0.1, (1, samples, context.config.data.nb_channels)).astype(np.float32)
+
+
+def run(context: StageContext) -> dict:
+    from components.train import count_params, load_trained
+
+    config = context.config
+    name = config.model.name
+    out = context.output_dir
+    model = load_trained(context.inputs["train"], config)
+    rate = config.data.sample_rate
+    channels = config.data.nb_channels
+    figures = {"parameters": count_params(model.train_model)}
+
+    # SavedModel for TF Serving
+    saved = out / "saved_model" / name / str(config.export.version)
+    write_saved_model(model.separator, saved, channels)
+    (out / "saved_model" / "models.config").write_text(serving_config([name]))
+    probe = _probe_chunk(context, int(round(min(5.0, config.data.segment_seconds) * rate)))
+    keras_out = {k: np.asarray(v) for k, v in model.separator(probe, training=False).items()}
+    figures["saved_model_megabytes"] = round(sum(f.stat().st_size for f in saved.rglob("*") if f.is_file()) / 1e6, 3)
+    figures["saved_model_max_abs_diff"] = _saved_model_parity(saved, probe, keras_out)
+    context.logger.info("SavedModel %s: %.1f MB, max |SavedModel - Keras| = %.2e", saved,
+                        figures["saved_model_megabytes"], figures["saved_model_max_abs_diff"])
+
+    # TFLite for phones
+    tflite = {}
+    if model.mobile is None:
+        context.logger.warning("model %s has no TFLite-compatible form; skipping TFLite export", name)
+    else:
+        tflite = _export_tflite(context, model, out / "tflite", figures)
+
+    evaluate = context.inputs.get("evaluate")
+    sidecar = {
+        "model": name,
+        "version": config.export.version,
+        "sample_rate": rate,
+        "nb_channels": channels,
+        "targets": list(model.targets),
+        "signature": {"name": SIGNATURE, "input": {INPUT_NAME: ["batch", "samples", channels]},
+                      "outputs": {t: ["batch", "samples", channels] for t in model.targets}},
+        "family_config": _plain(model.config),
+        "config": {"data": config.section("data"), "model": config.section("model")},
+        "train_fingerprint": context.inputs["train"].fingerprint,
+        "parameters": figures["parameters"],
+        "evaluation": (json.loads(evaluate.file("metrics.json").read_text()).get("mean")
+                       if evaluate is not None and evaluate.file("metrics.json").is_file() else None),
+        "tflite": tflite,
+    }
+    (out / "model.json").write_text(json.dumps(sidecar, indent=1, default=str))
+    return {"figures": figures, "result": figures.get("tflite_float32_parity_db")}
+
+
+def _saved_model_parity(path: Path, probe: np.ndarray, keras_out: dict) -> float:
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(str(path))
+    served = loaded.signatures[SIGNATURE](**{INPUT_NAME: tf.constant(probe)})
+    return float(max(np.max(np.abs(np.asarray(served[k]) - keras_out[k])) for k in keras_out))
+
+
+def _export_tflite(context: StageContext, model, folder: Path, figures: dict) -> dict:
+    config = context.config
+    name = config.model.name
+    rate = config.data.sample_rate
+    chunk = int(round(config.export.tflite_chunk_seconds * rate))
+    chunk = model.input_samples(chunk)
+    mobile = model.mobile(chunk)
+    probe = _probe_chunk(context, chunk)
+    reference = {k: np.asarray(v) for k, v in model.train_model(probe, training=False).items()}
+    folder.mkdir(parents=True)
+    variants = {}
+    for variant in ("float32", config.export.quantize):
+        blob = convert_tflite(mobile, chunk, config.data.nb_channels, "" if variant == "float32" else variant)
+        ops = tflite_ops(blob)
+        flex = [op for op in ops if op.startswith("Flex") or op in ("CUSTOM", "DELEGATE")]
+        if flex:
+            raise StageError(f"TFLite export of {name} needs non-builtin ops {flex}; it would not run on a phone")
+        path = folder / f"{name}.{variant}.tflite"
+        path.write_bytes(blob)
+        outputs = run_tflite(blob, probe)
+        parity = parity_db(reference, outputs)
+        variants[variant] = {"file": path.name, "megabytes": round(len(blob) / 1e6, 3), "ops": ops,
+                             "parity_db": round(parity, 2)}
+        figures[f"tflite_{variant}_megabytes"] = variants[variant]["megabytes"]
+        figures[f"tflite_{variant}_parity_db"] = variants[variant]["parity_db"]
+        context.logger.info("TFLite %s: %.2f MB, SDR vs Keras %.1f dB, ops %s", variant,
+                            variants[variant]["megabytes"], parity, ", ".join(ops))
+    description = {
+        "chunk_samples": chunk,
+        "chunk_seconds": chunk / rate,
+        "latency_seconds": chunk / rate,
+        "input": {INPUT_NAME: [1, chunk, config.data.nb_channels]},
+        "outputs": {k: list(v.shape) for k, v in reference.items()},
+        "outputs_are": "the train-domain outputs of the model (see README: TFLite)",
+        "variants": variants,
+    }
+    (folder / f"{name}.json").write_text(json.dumps(description, indent=1))
+    return description
+
+
+def _plain(value):
+    from configs.config import to_plain
+
+    return to_plain(value)
+
+
+SPEC = ComponentSpec(name="export", inputs=("prepare", "train"), optional_inputs=("evaluate",),
+                     config_sections=("data", "model", "train", "export"), executor=run)
