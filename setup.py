@@ -28,6 +28,8 @@ setup(
     entry_points={
         "console_scripts": [
             "musicsep-pipeline=pipeline.run:main",
+            "separate=pipeline.separate:main",
+            "musicsep-benchmark=pipeline.benchmark:main",
         ]
     },
 )

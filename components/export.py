@@ -178,6 +178,8 @@ def run(context: StageContext) -> dict:
         "tflite": tflite,
     }
     (out / "model.json").write_text(json.dumps(sidecar, indent=1, default=str))
+    (saved / "assets.extra").mkdir(exist_ok=True)  # TF Serving ignores it; makes the version folder self-describing
+    (saved / "assets.extra" / "model.json").write_text(json.dumps(sidecar, indent=1, default=str))
     return {"figures": figures, "result": figures.get("tflite_float32_parity_db")}
 
 

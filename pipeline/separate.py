@@ -1,0 +1,279 @@
+"""Split songs into stems: `separate song.mp3 other.flac [--model DIR|FILE.tflite] [-o stems/]`.
+
+With no `--model`, the SavedModel of the latest export of the default pipeline run
+(`artifacts/export/`). Writes `<out>/<track>/<target>.wav` (or .flac) with the input's sample rate,
+length and channel count. A file that cannot be read is reported on one line and skipped; the exit
+code is non-zero when any file failed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+if str(PROJECT_ROOT) not in sys.path:
+    sys.path.insert(0, str(PROJECT_ROOT))
+
+FFMPEG_SUFFIXES = (".mp4", ".m4a", ".aac", ".webm", ".opus")
+SIDECAR = "model.json"
+
+
+class SeparateError(Exception):
+    """One-line, user-facing problem with one input or with the model."""
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="separate", description=__doc__.splitlines()[0])
+    parser.add_argument("files", nargs="+", help="audio files: wav, flac, ogg, mp3 (soundfile); mp4, m4a, aac (ffmpeg)")
+    parser.add_argument("--model", help="SavedModel directory or .tflite file (default: latest export in "
+                                        "--artifacts-dir)")
+    parser.add_argument("--artifacts-dir", default="artifacts", help="where the pipeline exported (default: artifacts)")
+    parser.add_argument("-o", "--out", default="separated", help="output directory (default: separated)")
+    parser.add_argument("--format", choices=("wav", "flac"), default="wav", help="stem file format")
+    parser.add_argument("--chunk-seconds", type=float, default=30.0, help="SavedModel chunk length (memory bound)")
+    parser.add_argument("--overlap", type=float, default=0.25, help="overlap fraction between chunks")
+    parser.add_argument("--force", action="store_true", help="overwrite existing stems")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+# --------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------
+class SavedModelSeparator:
+    """The exported SavedModel's `serving_default`; any chunk length."""
+
+    def __init__(self, path: Path):
+        import tensorflow as tf
+
+        self.sidecar = _find_sidecar(path)
+        loaded = tf.saved_model.load(str(path))
+        self._loaded = loaded  # keep the trackable alive
+        self.signature = loaded.signatures["serving_default"]
+        self.sample_rate = int(self.sidecar["sample_rate"])
+        self.nb_channels = int(self.sidecar["nb_channels"])
+        self.targets = list(self.sidecar["targets"])
+        self.chunk_seconds = None
+
+    def __call__(self, batch):
+        import tensorflow as tf
+
+        return {k: v.numpy() for k, v in self.signature(waveform=tf.constant(batch)).items()}
+
+
+class TFLiteSeparator:
+    """A .tflite chunk model plus the app-side post-processing of its family (e.g. Wiener + ISTFT)."""
+
+    def __init__(self, path: Path):
+        from ai_edge_litert.interpreter import Interpreter
+
+        description_path = path.parent / (path.name.split(".")[0] + ".json")
+        export_sidecar = path.parent.parent / SIDECAR
+        if not description_path.is_file() or not export_sidecar.is_file():
+            raise SeparateError(f"{path}: missing {description_path.name} / {SIDECAR} beside the export; "
+                                "use a .tflite from an export stage directory")
+        self.description = json.loads(description_path.read_text())
+        self.sidecar = json.loads(export_sidecar.read_text())
+        self.sample_rate = int(self.sidecar["sample_rate"])
+        self.nb_channels = int(self.sidecar["nb_channels"])
+        self.targets = list(self.sidecar["targets"])
+        self.chunk_seconds = self.description["chunk_seconds"]
+        interpreter = Interpreter(model_path=str(path), num_threads=2)
+        self.runner = interpreter.get_signature_runner("serving_default")
+        self.model = _family_model(self.sidecar)
+
+    def __call__(self, batch):
+        import numpy as np
+
+        outputs = self.runner(waveform=batch.astype(np.float32))
+        if self.model.postprocess is None:
+            return outputs
+        return {k: np.asarray(v) for k, v in self.model.postprocess(batch, outputs).items()}
+
+
+def _family_model(sidecar):
+    """An untrained instance of the exported family: only its (weight-free) post-processing is used."""
+    from configs.config import DataConfig, ModelConfig, _build
+    from models import registry
+
+    data = _build(DataConfig, sidecar["config"]["data"], "data.")
+    model_config = _build(ModelConfig, sidecar["config"]["model"], "model.")
+    return registry.build(model_config, data=data, stats={})
+
+
+def _find_sidecar(saved_model: Path) -> dict:
+    for candidate in (saved_model / "assets.extra" / SIDECAR, saved_model.parent.parent.parent / SIDECAR):
+        if candidate.is_file():
+            return json.loads(candidate.read_text())
+    raise SeparateError(f"{saved_model}: no {SIDECAR} sidecar (sample rate, targets); export with the pipeline")
+
+
+def load_separator(model: str | None, artifacts_dir: str):
+    if model is None:
+        export = Path(artifacts_dir) / "export"
+        meta = export / "artifact.json"
+        if not meta.is_file():
+            raise SeparateError(f"no exported model in {export}; run `python pipeline/run.py --stage all` "
+                                "or pass --model")
+        sidecar = json.loads((export / SIDECAR).read_text())
+        model = str(export / "saved_model" / sidecar["model"] / str(sidecar["version"]))
+    path = Path(model)
+    if path.suffix == ".tflite" and path.is_file():
+        return TFLiteSeparator(path)
+    if (path / "saved_model.pb").is_file():
+        return SavedModelSeparator(path)
+    if path.is_dir():  # a TF Serving model folder: take the highest version
+        versions = sorted((p for p in path.iterdir() if p.name.isdigit() and (p / "saved_model.pb").is_file()),
+                          key=lambda p: int(p.name))
+        if versions:
+            return SavedModelSeparator(versions[-1])
+    raise SeparateError(f"{model}: not a SavedModel directory or .tflite file")
+
+
+# --------------------------------------------------------------------------------------------
+# Audio in and out
+# --------------------------------------------------------------------------------------------
+def read_any(path: Path):
+    """(float32 `(nb_timesteps, nb_channels)`, sample rate) from soundfile, or ffmpeg for mp4/aac/m4a."""
+    import numpy as np
+    import soundfile
+
+    if not path.is_file():
+        raise SeparateError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise SeparateError(f"{path}: empty file")
+    if path.suffix.lower() not in FFMPEG_SUFFIXES:
+        try:
+            audio, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+            if audio.shape[0] == 0:
+                raise SeparateError(f"{path}: no audio samples")
+            return audio, rate
+        except SeparateError:
+            raise
+        except Exception:
+            pass  # fall through to ffmpeg, which decodes more formats
+    if shutil.which("ffmpeg") is None or shutil.which("ffprobe") is None:
+        raise SeparateError(f"{path}: cannot decode without ffmpeg/ffprobe; install ffmpeg (apt-get install ffmpeg)")
+    probe = subprocess.run(["ffprobe", "-v", "error", "-select_streams", "a:0", "-show_entries",
+                            "stream=sample_rate,channels", "-of", "json", str(path)], capture_output=True, text=True)
+    streams = json.loads(probe.stdout or "{}").get("streams") if probe.returncode == 0 else None
+    if not streams:
+        raise SeparateError(f"{path}: not a decodable audio file")
+    rate, channels = int(streams[0]["sample_rate"]), int(streams[0]["channels"])
+    decoded = subprocess.run(["ffmpeg", "-v", "error", "-nostdin", "-i", str(path), "-map", "0:a:0", "-f", "f32le",
+                              "-acodec", "pcm_f32le", "-"], capture_output=True)
+    if decoded.returncode != 0 or not decoded.stdout:
+        reason = decoded.stderr.decode(errors="replace").strip().splitlines()
+        raise SeparateError(f"{path}: ffmpeg could not decode it ({reason[-1] if reason else 'no audio'})")
+    audio = np.frombuffer(decoded.stdout, dtype=np.float32).reshape(-1, channels)
+    return audio, rate
+
+
+def safe_name(name: str) -> str:
+    """A track folder name that cannot leave the output directory."""
+    name = re.sub(r"[\\/\x00-\x1f]+", "_", name).strip(" .")
+    return name or "track"
+
+
+def separate_file(separator, path: Path, out: Path, *, fmt: str, chunk_seconds: float, overlap: float,
+                  force: bool, progress: bool) -> Path:
+    import numpy as np
+    import soundfile
+
+    from components.audio import conform, resample
+    from components.artifacts import StageError
+    from components.separation import separate_array
+
+    destination = out / safe_name(path.stem.removesuffix(".stem"))
+    if destination.resolve().parent != out.resolve():
+        raise SeparateError(f"{path}: track name would write outside {out}")
+    files = {t: destination / f"{t}.{fmt}" for t in separator.targets}
+    existing = [f for f in files.values() if f.exists()]
+    if existing and not force:
+        raise SeparateError(f"{path}: {existing[0]} exists; use --force to overwrite")
+    audio, rate = read_any(path)
+    nb_timesteps, nb_channels = audio.shape
+    try:
+        mixture = conform(audio, rate, path, sample_rate=separator.sample_rate, nb_channels=separator.nb_channels)
+    except StageError as error:
+        raise SeparateError(str(error)) from None
+    counter = _Progress(path.name, enabled=progress)
+
+    def separate_fn(batch):
+        result = separator(batch)
+        counter.step()
+        return result
+
+    counter.total = _count_chunks(mixture.shape[0], separator, chunk_seconds, overlap)
+    stems = separate_array(separate_fn, mixture, sample_rate=separator.sample_rate,
+                           chunk_seconds=separator.chunk_seconds or chunk_seconds, overlap=overlap)
+    counter.done()
+    destination.mkdir(parents=True, exist_ok=True)
+    for target, stem in stems.items():
+        if rate != separator.sample_rate:
+            stem = resample(stem, separator.sample_rate, rate)
+        stem = stem[:nb_timesteps]
+        if len(stem) < nb_timesteps:
+            stem = np.pad(stem, ((0, nb_timesteps - len(stem)), (0, 0)))
+        if nb_channels != stem.shape[1]:
+            stem = stem.mean(axis=1, keepdims=True) if nb_channels == 1 else np.repeat(stem, nb_channels, axis=1)
+        subtype = "FLOAT" if fmt == "wav" else "PCM_24"
+        tmp = files[target].with_suffix(f".part.{fmt}")
+        soundfile.write(str(tmp), np.clip(stem, -1, 1) if fmt == "flac" else stem, rate, subtype=subtype)
+        tmp.replace(files[target])
+    return destination
+
+
+def _count_chunks(nb_timesteps, separator, chunk_seconds, overlap) -> int:
+    from components.separation import chunk_layout
+
+    chunk = int(round((separator.chunk_seconds or chunk_seconds) * separator.sample_rate))
+    return chunk_layout(nb_timesteps, chunk, overlap)[2]
+
+
+class _Progress:
+    def __init__(self, name: str, enabled: bool):
+        self.name, self.enabled, self.count, self.total, self.started = name, enabled, 0, 0, time.time()
+
+    def step(self):
+        self.count += 1
+        if self.enabled:
+            width = 30
+            filled = int(width * self.count / max(1, self.total))
+            print(f"\r{self.name[:40]:40s} [{'#' * filled}{'.' * (width - filled)}] {self.count}/{self.total} "
+                  f"{time.time() - self.started:5.1f}s", end="", file=sys.stderr, flush=True)
+
+    def done(self):
+        if self.enabled:
+            print(file=sys.stderr)
+
+
+def main(argv=None) -> int:
+    args = get_parser().parse_args(argv)
+    try:
+        separator = load_separator(args.model, args.artifacts_dir)
+    except SeparateError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    failed = 0
+    for name in args.files:
+        try:
+            destination = separate_file(separator, Path(name), out, fmt=args.format, chunk_seconds=args.chunk_seconds,
+                                        overlap=args.overlap, force=args.force, progress=not args.quiet)
+            print(f"{name} -> {destination}")
+        except SeparateError as error:
+            failed += 1
+            print(f"error: {error}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
