@@ -1,0 +1,191 @@
+"""Export (SavedModel serving contract, TFLite built-ins + parity) and the `separate` command."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = [sys.executable, str(ROOT / "pipeline" / "run.py")]
+SEPARATE = [sys.executable, str(ROOT / "pipeline" / "separate.py")]
+SAMPLE_MP4 = ROOT.parent / "shared" / "data" / "musdb18-sample" / "train" / "Music Delta - 80s Rock.stem.mp4"
+
+
+def cli(*args, check=True):
+    result = subprocess.run([*RUN, *args], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    if check and result.returncode != 0:
+        raise AssertionError(f"run.py {' '.join(args)} failed:\n{result.stderr[-3000:]}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    for stage in ("prepare", "train", "export"):
+        cli("--stage", stage, "--no-file-observer", "-q", "with", "unittest", f"artifacts_dir={root}")
+    return root
+
+
+def test_serving_layout_and_signature_contract(exported):
+    export = exported / "export"
+    meta = json.loads((export / "artifact.json").read_text())
+    version = export / "saved_model" / "umx" / "1"
+    assert (version / "saved_model.pb").is_file() and (version / "variables").is_dir()
+    assert 'name: "umx"' in (export / "saved_model" / "models.config").read_text()
+    sidecar = json.loads((export / "model.json").read_text())
+    assert sidecar["sample_rate"] == 8000 and sidecar["targets"] == ["vocals", "drums", "bass", "other"]
+    assert sidecar["parameters"] == meta["figures"]["parameters"] > 0
+    assert sidecar["train_fingerprint"] == json.loads((exported / "train" / "artifact.json").read_text())["fingerprint"]
+    shown = subprocess.run(["saved_model_cli", "show", "--dir", str(version), "--tag_set", "serve",
+                            "--signature_def", "serving_default"], capture_output=True, text=True, timeout=300)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    text = shown.stdout
+    assert "inputs['waveform'] tensor_info:" in text
+    assert "dtype: DT_FLOAT" in text and "shape: (-1, -1, 2)" in text
+    for target in sidecar["targets"]:
+        assert f"outputs['{target}'] tensor_info:" in text
+    assert text.count("shape: (-1, -1, 2)") == 1 + len(sidecar["targets"])
+    assert meta["figures"]["saved_model_max_abs_diff"] <= 1e-5
+
+
+FRESH_LOAD = textwrap.dedent("""
+    import sys, numpy as np, tensorflow as tf
+    model = tf.saved_model.load(sys.argv[1])
+    out = model.signatures["serving_default"](waveform=tf.constant(np.load(sys.argv[2])))
+    np.savez(sys.argv[3], **{k: v.numpy() for k, v in out.items()})
+    print(sorted(m for m in sys.modules if m.split(".")[0] in ("models", "components", "pipeline", "configs")))
+""")
+
+
+def test_fresh_process_savedmodel_matches_keras(exported, tmp_path):
+    from components import artifacts
+    from components.train import load_trained
+    from pipeline.experiment import resolve
+
+    config = resolve({"artifacts_dir": str(exported)}, ["unittest"])
+    model = load_trained(artifacts.load(exported, "train"), config)
+    rng = np.random.default_rng(1)
+    waveform = rng.normal(0, 0.1, (2, 12345, 2)).astype(np.float32)  # odd length, batch of two
+    np.save(tmp_path / "in.npy", waveform)
+    result = subprocess.run([sys.executable, "-c", FRESH_LOAD, str(exported / "export" / "saved_model" / "umx" / "1"),
+                             str(tmp_path / "in.npy"), str(tmp_path / "out.npz")],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                            env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]", "the fresh process imported project code"
+    served = np.load(tmp_path / "out.npz")
+    keras_out = model.separator(waveform, training=False)
+    for target in config.data.targets:
+        assert served[target].shape == waveform.shape
+        assert np.max(np.abs(served[target] - np.asarray(keras_out[target]))) <= 1e-5
+
+
+def test_tflite_builtin_ops_only_and_parity(exported):
+    from components.export import parity_db, run_tflite, tflite_ops
+    from components import artifacts
+    from components.train import load_trained
+    from pipeline.experiment import resolve
+
+    folder = exported / "export" / "tflite"
+    description = json.loads((folder / "umx.json").read_text())
+    config = resolve({"artifacts_dir": str(exported)}, ["unittest"])
+    model = load_trained(artifacts.load(exported, "train"), config)
+    chunk = description["chunk_samples"]
+    rng = np.random.default_rng(2)
+    probe = rng.normal(0, 0.1, (1, chunk, 2)).astype(np.float32)
+    reference = {k: np.asarray(v) for k, v in model.train_model(probe, training=False).items()}
+    thresholds = {"float32": 60.0, "float16": 25.0, "dynamic": 25.0}
+    assert set(description["variants"]) == {"float32", config.export.quantize}
+    for variant, info in description["variants"].items():
+        blob = (folder / info["file"]).read_bytes()
+        ops = tflite_ops(blob)
+        assert ops == info["ops"]
+        assert not [op for op in ops if op.startswith("Flex") or op in ("CUSTOM", "DELEGATE")], ops
+        assert "FULLY_CONNECTED" in ops
+        assert parity_db(reference, run_tflite(blob, probe)) >= thresholds[variant], variant
+    sizes = {v: (folder / i["file"]).stat().st_size for v, i in description["variants"].items()}
+    assert sizes[config.export.quantize] < 0.7 * sizes["float32"]
+
+
+def _write(path: Path, audio: np.ndarray, rate: int):
+    import soundfile
+
+    soundfile.write(str(path), audio, rate, subtype="PCM_16")
+
+
+def test_separate_generated_three_minute_file_and_stems_sum_to_mixture(exported, tmp_path):
+    import soundfile
+
+    rate = 44100
+    t = np.arange(3 * 60 * rate) / rate
+    song = np.stack([0.3 * np.sin(2 * np.pi * 220 * t) + 0.05 * np.sin(2 * np.pi * 3000 * t),
+                     0.2 * np.sin(2 * np.pi * 110 * t + 0.5)], axis=1).astype(np.float32)
+    _write(tmp_path / "song.wav", song, rate)
+    mono = song[: rate * 5, :1]
+    _write(tmp_path / "mono.flac", mono, 22050)
+    out = tmp_path / "out"
+    result = subprocess.run([*SEPARATE, str(tmp_path / "song.wav"), str(tmp_path / "mono.flac"), "--artifacts-dir",
+                             str(exported), "-o", str(out), "-q"], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    stems = {t: soundfile.read(str(out / "song" / f"{t}.wav"), dtype="float32")[0]
+             for t in ("vocals", "drums", "bass", "other")}
+    for stem in stems.values():
+        assert stem.shape == song.shape and np.all(np.isfinite(stem))
+    # Wiener filtering is a partition of the mixture; resampling back to 44.1 kHz is linear.
+    reconstruction = sum(stems.values())
+    inner = slice(rate, -rate)
+    error = np.max(np.abs(reconstruction[inner] - soundfile.read(str(tmp_path / "song.wav"), dtype="float32")[0][inner]))
+    assert error < 2e-3, error
+    mono_stem, mono_rate = soundfile.read(str(out / "mono" / "vocals.wav"), dtype="float32", always_2d=True)
+    assert mono_rate == 22050 and mono_stem.shape == mono.shape
+
+
+@pytest.mark.skipif(not SAMPLE_MP4.is_file(), reason=f"real MUSDB18 sample absent: {SAMPLE_MP4}")
+def test_separate_real_musdb_mp4_with_tflite(exported, tmp_path):
+    import soundfile
+
+    tflite = exported / "export" / "tflite" / "umx.float32.tflite"
+    out = tmp_path / "out"
+    result = subprocess.run([*SEPARATE, str(SAMPLE_MP4), "--model", str(tflite), "-o", str(out), "-q"],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    folder = out / "Music Delta - 80s Rock"
+    for target in ("vocals", "drums", "bass", "other"):
+        stem, rate = soundfile.read(str(folder / f"{target}.wav"), dtype="float32")
+        assert rate == 44100 and stem.shape == (300032, 2) or abs(stem.shape[0] - 300032) < 2048
+        assert np.all(np.isfinite(stem))
+
+
+def test_separate_bad_inputs_and_overwrite(exported, tmp_path):
+    from pipeline.separate import safe_name
+
+    rate = 8000
+    good = tmp_path / "good.wav"
+    _write(good, np.zeros((rate, 2), np.float32) + 0.01, rate)
+    (tmp_path / "empty.wav").write_bytes(b"")
+    (tmp_path / "junk.mp3").write_bytes(b"this is not audio" * 100)
+    out = tmp_path / "out"
+    args = [*SEPARATE, str(tmp_path / "missing.wav"), str(tmp_path / "empty.wav"), str(tmp_path / "junk.mp3"),
+            str(good), "--artifacts-dir", str(exported), "-o", str(out), "-q"]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 3
+    assert "missing.wav: no such file" in errors[0]
+    assert "empty.wav: empty file" in errors[1]
+    assert "junk.mp3" in errors[2]
+    assert (out / "good" / "vocals.wav").is_file()
+    again = subprocess.run(args[:1] + [args[1]] + [str(good)] + args[5:], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 1 and "use --force" in again.stderr
+    forced = subprocess.run(args[:1] + [args[1]] + [str(good)] + args[5:] + ["--force"], capture_output=True,
+                            text=True, timeout=600)
+    assert forced.returncode == 0, forced.stderr[-2000:]
+    for hostile in ("../../x", "..", "a/../../b", "/etc/passwd"):
+        name = safe_name(hostile)
+        assert (out / name).resolve().parent == out.resolve(), hostile
