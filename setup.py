@@ -19,6 +19,7 @@ setup(
         "museval>=0.4.1",
         "sacred>=0.8.5",
         "matplotlib>=3.7",  # evaluation box plots
+        "tensorboard>=2.16",  # training logs (keras.callbacks.TensorBoard)
         "ai-edge-litert>=1.2",  # runs exported .tflite models
     ],
     extras_require={
