@@ -250,7 +250,7 @@ def _check(obj, prefix):
     if isinstance(obj, ModelConfig):
         from models import registry  # late: keeps `--help` free of TensorFlow
 
-        if registry.names() and obj.name not in registry.names():
+        if obj.name not in registry.names():
             raise ConfigError(
                 f"model.name '{obj.name}' is not a registered model; choose one of {', '.join(registry.names())}"
             )

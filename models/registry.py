@@ -13,6 +13,7 @@ from configs.config import ConfigError
 
 # name -> module. Modules are imported on first use so that `--help` and config checks stay light.
 FAMILIES = {
+    "umx": "models.open_unmix",
 }
 
 

@@ -1,0 +1,85 @@
+"""Reading and validating the audio of one track.
+
+Every check fails with one line, `<path>: <problem>; <fix>`, raised as `StageError`, so a bad file in a
+data set of hundreds is found by name. Arrays are float32 `(nb_timesteps, nb_channels)`.
+"""
+from __future__ import annotations
+
+import logging
+from fractions import Fraction
+from pathlib import Path
+from typing import Dict, List, Mapping, Tuple
+
+import numpy as np
+
+from components.artifacts import StageError
+
+log = logging.getLogger("pipeline")
+
+AUDIO_SUFFIXES = (".wav", ".flac")
+SILENCE_RMS = 1e-5  # -100 dBFS: quieter than 16-bit dither, i.e. nothing audible in the stem
+
+
+def read_audio(path, *, sample_rate: int, nb_channels: int) -> np.ndarray:
+    """A wav/flac file as float32 `(nb_timesteps, nb_channels)` at `sample_rate`."""
+    import soundfile
+
+    path = Path(path)
+    try:
+        audio, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    except Exception as error:  # soundfile raises LibsndfileError, RuntimeError, TypeError... by format
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise StageError(f"{path}: unreadable audio ({reason}); replace the file with a valid wav/flac "
+                         f"or set data.skip_bad_tracks=true") from None
+    return conform(audio, rate, path, sample_rate=sample_rate, nb_channels=nb_channels)
+
+
+def conform(audio: np.ndarray, rate: int, path, *, sample_rate: int, nb_channels: int) -> np.ndarray:
+    """Check decoded audio `(nb_timesteps, nb_channels_in)` and bring it to the configured rate and channels."""
+    audio = np.asarray(audio)
+    if audio.ndim == 1:
+        audio = audio[:, None]
+    if audio.ndim != 2 or audio.shape[0] == 0:
+        raise StageError(f"{path}: no audio samples (shape {audio.shape}); replace the file or remove the track")
+    if not np.all(np.isfinite(audio)):
+        bad = int(np.count_nonzero(~np.isfinite(audio)))
+        raise StageError(f"{path}: {bad} NaN/Inf samples; re-export the file, or set data.skip_bad_tracks=true")
+    channels = audio.shape[1]
+    if channels > 2:
+        raise StageError(f"{path}: {channels} channels, expected mono or stereo; downmix it to "
+                         f"{nb_channels} channel(s) (e.g. ffmpeg -ac {nb_channels})")
+    if channels != nb_channels:
+        # mono -> stereo duplicates; stereo -> mono averages (keeps the level of a centred source)
+        audio = np.repeat(audio, nb_channels, axis=1) if channels == 1 else audio.mean(axis=1, keepdims=True)
+    audio = audio.astype(np.float32, copy=False)
+    if rate != sample_rate:
+        audio = resample(audio, rate, sample_rate)
+    return np.ascontiguousarray(audio)
+
+
+def resample(audio: np.ndarray, rate: int, sample_rate: int) -> np.ndarray:
+    """Band-limited polyphase resampling (Kaiser-windowed FIR) along the time axis."""
+    from scipy.signal import resample_poly
+
+    ratio = Fraction(int(sample_rate), int(rate))
+    out = resample_poly(audio, ratio.numerator, ratio.denominator, axis=0, window=("kaiser", 5.0))
+    return out.astype(np.float32)
+
+
+def check_track(name: str, stems: Mapping[str, np.ndarray], paths: Mapping[str, str]) -> Tuple[Dict, List[str]]:
+    """Equal stem lengths within a track; returns (stems, names of silent stems)."""
+    lengths = {target: int(audio.shape[0]) for target, audio in stems.items()}
+    if len(set(lengths.values())) > 1:
+        described = ", ".join(f"{target}={length}" for target, length in lengths.items())
+        where = Path(next(iter(paths.values()))).parent if paths else name
+        raise StageError(f"{where}: stems of track '{name}' differ in length (samples: {described}); "
+                         f"trim or pad them to one length")
+    silent = [target for target, audio in stems.items() if rms(audio) < SILENCE_RMS]
+    for target in silent:
+        log.warning("%s: stem '%s' of track '%s' is silent (RMS < %.0e); kept, and listed in the manifest",
+                    paths.get(target, name), target, name, SILENCE_RMS)
+    return dict(stems), silent
+
+
+def rms(audio: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(audio, dtype=np.float64)))) if audio.size else 0.0

@@ -1,0 +1,247 @@
+"""Data set readers: every `data.format` becomes a list of `TrackRef`s, each loading one validated track.
+
+Formats
+    musdb     MUSDB18 stem mp4 through the `musdb` package (its official train/valid split of `train`)
+    musdb-hq  MUSDB18-HQ wav folders through `musdb` (is_wav=True), read with soundfile
+    folder    `<root>/<split>/<track>/<target>.wav|flac` for any `data.targets`; `mixture.*` is ignored
+    default   the synthesizer of `components/synth.py`, generated once into `data.root` or
+              `<artifacts_dir>/default-data/`, then read like `musdb-hq`
+
+The mixture is never read: the pipeline rebuilds it as the sum of the targets, so for the MUSDB
+layouts the targets must cover the four sources exactly once (`accompaniment` = drums+bass+other).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Mapping, Tuple
+
+import numpy as np
+
+from components import audio, synth
+from components.artifacts import StageError
+
+log = logging.getLogger("pipeline")
+
+MUSDB_SOURCES = ("vocals", "drums", "bass", "other")
+# what each MUSDB target is made of (musdb's own `setup["targets"]`, minus linear_mixture)
+MUSDB_TARGETS = {"vocals": ("vocals",), "drums": ("drums",), "bass": ("bass",), "other": ("other",),
+                 "accompaniment": ("drums", "bass", "other")}
+# MUSDB's three splits: (subset, musdb split)
+MUSDB_SPLITS = {"train": ("train", "train"), "valid": ("train", "valid"), "test": ("test", None)}
+
+
+@dataclass(frozen=True)
+class Track:
+    """One validated track: stems `{target: float32 (nb_timesteps, nb_channels)}` of equal length."""
+
+    name: str
+    split: str
+    stems: Dict[str, np.ndarray]
+    paths: Tuple[str, ...]
+    silent: Tuple[str, ...] = ()
+
+    @property
+    def nb_timesteps(self) -> int:
+        return int(next(iter(self.stems.values())).shape[0])
+
+
+@dataclass(frozen=True)
+class TrackRef:
+    """A track found on disk, not yet read: `load()` reads and validates it (StageError when bad)."""
+
+    name: str
+    split: str
+    paths: Tuple[str, ...]
+    loader: Callable[[], Dict[str, np.ndarray]] = field(repr=False, compare=False)
+
+    def load(self) -> Track:
+        stems = self.loader()
+        by_target = {target: next((p for p in self.paths if Path(p).stem == target), self.paths[0])
+                     for target in stems} if self.paths else {}
+        stems, silent = audio.check_track(self.name, stems, by_target)
+        return Track(name=self.name, split=self.split, stems=stems, paths=self.paths, silent=tuple(silent))
+
+
+def default_root(data, artifacts_dir) -> Path:
+    return Path(data.root) if data.root else Path(artifacts_dir) / "default-data"
+
+
+def find_tracks(data, artifacts_dir, logger=None) -> Dict[str, List[TrackRef]]:
+    """{split: [TrackRef]} for every split in `data.splits` (empty lists for absent splits).
+
+    Raises StageError when the root holds no track at all, or a MUSDB layout cannot rebuild the mixture.
+    """
+    if data.format == "default":
+        root = synth.ensure(default_root(data, artifacts_dir), synth.params_of(data), logger=logger)
+        _check_musdb_targets(data)
+        found = {split: _folder_split(root, split, data, musdb_layout=True) for split in data.splits}
+    elif data.format == "folder":
+        root = _existing_root(data)
+        found = {split: _folder_split(root, split, data, musdb_layout=False) for split in data.splits}
+    else:
+        root = _existing_root(data)
+        _check_musdb_targets(data)
+        found = {split: _musdb_split(root, split, data) for split in data.splits}
+    if not any(found.values()):
+        layout = ("<root>/<split>/<track>.stem.mp4" if data.format == "musdb" else
+                  "<root>/<split>/<track>/<target>.wav|flac")
+        raise StageError(f"{root}: no tracks for splits {', '.join(data.splits)} (data.format={data.format}); "
+                         f"expected {layout} with targets {', '.join(data.targets)}")
+    return found
+
+
+def iter_tracks(data, artifacts_dir) -> Iterator[Track]:
+    """Every track of every split, loaded and validated, in split then name order."""
+    for refs in find_tracks(data, artifacts_dir).values():
+        for ref in refs:
+            yield ref.load()
+
+
+def input_payload(config) -> dict:
+    """A cheap fingerprint of the outside inputs of `prepare`: source files (size, mtime) or synth parameters."""
+    data = config.data
+    if data.format == "default":
+        return {"synth": synth.params_of(data), "root": data.root}
+    root = Path(data.root)
+    if not root.is_dir():
+        return {"root": str(root), "missing": True}
+    files = []
+    for split in data.splits:
+        folder = root / _subset_of(data.format, split)
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.rglob("*")):
+            if path.is_file() and path.suffix.lower() in (".mp4", ".wav", ".flac"):
+                stat = path.stat()
+                files.append([str(path.relative_to(root)), stat.st_size, stat.st_mtime_ns])
+    return {"root": str(root.resolve()), "files": files}
+
+
+def _subset_of(data_format: str, split: str) -> str:
+    return MUSDB_SPLITS[split][0] if data_format in ("musdb", "musdb-hq") and split in MUSDB_SPLITS else split
+
+
+def _existing_root(data) -> Path:
+    root = Path(data.root)
+    if not root.is_dir():
+        raise StageError(f"{root}: data.root does not exist or is not a directory; "
+                         f"set data.root to the {data.format} data set")
+    return root
+
+
+def _check_musdb_targets(data) -> None:
+    unknown = [t for t in data.targets if t not in MUSDB_TARGETS]
+    if unknown:
+        raise StageError(f"data.targets has {', '.join(unknown)}, not a MUSDB target; choose from "
+                         f"{', '.join(MUSDB_TARGETS)} for data.format={data.format}, or use data.format=folder")
+    covered = [s for t in data.targets for s in MUSDB_TARGETS[t]]
+    if sorted(covered) != sorted(MUSDB_SOURCES):
+        raise StageError(f"data.targets={list(data.targets)} must cover {', '.join(MUSDB_SOURCES)} exactly once "
+                         f"(the mixture is rebuilt as their sum); e.g. [vocals, accompaniment]")
+
+
+def _mix_sources(sources: Mapping[str, np.ndarray], targets) -> Dict[str, np.ndarray]:
+    stems = {}
+    for target in targets:
+        parts = [sources[name] for name in MUSDB_TARGETS[target]]
+        stems[target] = parts[0] if len(parts) == 1 else np.sum(parts, axis=0, dtype=np.float32)
+    return stems
+
+
+def _folder_split(root: Path, split: str, data, musdb_layout: bool) -> List[TrackRef]:
+    folder = root / split
+    if not folder.is_dir():
+        return []
+    names = MUSDB_SOURCES if musdb_layout else tuple(data.targets)
+    refs = []
+    for track_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
+        files = {}
+        for name in names:
+            candidates = [track_dir / f"{name}{suffix}" for suffix in audio.AUDIO_SUFFIXES]
+            present = [c for c in candidates if c.is_file()]
+            files[name] = present[0] if present else candidates[0]
+        if not any(path.is_file() for path in files.values()):
+            continue  # not a track folder
+        refs.append(TrackRef(name=track_dir.name, split=split, paths=tuple(str(p) for p in files.values()),
+                             loader=_folder_loader(files, data, musdb_layout)))
+    return refs
+
+
+def _folder_loader(files: Mapping[str, Path], data, musdb_layout: bool):
+    def load() -> Dict[str, np.ndarray]:
+        sources = {}
+        for name, path in files.items():
+            if not path.is_file():
+                raise StageError(f"{path}: missing stem '{name}' (.wav or .flac); add it, or remove '{name}' "
+                                 f"from data.targets")
+            sources[name] = audio.read_audio(path, sample_rate=data.sample_rate, nb_channels=data.nb_channels)
+        if musdb_layout:
+            _check_lengths(sources, files)
+            return _mix_sources(sources, data.targets)
+        return sources
+
+    return load
+
+
+def _check_lengths(sources, files) -> None:
+    """Stems must agree before they are summed into targets (check_track only sees the targets)."""
+    lengths = {name: len(a) for name, a in sources.items()}
+    if len(set(lengths.values())) > 1:
+        described = ", ".join(f"{name}={n}" for name, n in lengths.items())
+        folder = Path(next(iter(files.values()))).parent
+        raise StageError(f"{folder}: stems differ in length (samples: {described}); trim or pad them to one length")
+
+
+def _musdb_split(root: Path, split: str, data) -> List[TrackRef]:
+    import musdb
+
+    if split not in MUSDB_SPLITS:
+        raise StageError(f"data.splits has '{split}', not a MUSDB split; use {', '.join(MUSDB_SPLITS)}")
+    subset, musdb_split = MUSDB_SPLITS[split]
+    is_wav = data.format == "musdb-hq"
+    if not (root / subset).is_dir():
+        return []
+    try:  # musdb probes every file with ffprobe while listing
+        db = musdb.DB(root=str(root), subsets=subset, split=musdb_split, is_wav=is_wav)
+    except Exception as error:
+        reason = " ".join(str(error).split())[:200] or type(error).__name__
+        raise StageError(f"{root / subset}: musdb cannot list the tracks ({reason}); "
+                         f"check the files and that ffmpeg/ffprobe are on PATH") from None
+    refs = []
+    for track in db.tracks:
+        if is_wav:
+            files = {name: Path(source.path) for name, source in track.sources.items()}
+            files = {name: files.get(name, Path(track.path).parent / f"{name}.wav") for name in MUSDB_SOURCES}
+            refs.append(TrackRef(name=track.name, split=split, paths=tuple(str(p) for p in files.values()),
+                                 loader=_folder_loader(files, data, musdb_layout=True)))
+        else:
+            refs.append(TrackRef(name=track.name, split=split, paths=(str(track.path),),
+                                 loader=_stem_loader(track, data)))
+    return refs
+
+
+def _stem_loader(track, data):
+    """A Native Instruments stem mp4: one ffmpeg decode of all streams, then the same checks as wav."""
+    def load() -> Dict[str, np.ndarray]:
+        path = track.path
+        if not os.path.isfile(path) or os.path.getsize(path) == 0:
+            raise StageError(f"{path}: missing or empty stem file; re-download it or set data.skip_bad_tracks=true")
+        try:
+            stems = track.stems  # (nb_streams, nb_timesteps, nb_channels), float64 decoded as s16le
+            rate = track.rate
+        except Exception as error:  # ffmpeg/stempeg failures arrive as many exception types
+            reason = " ".join(str(error).split())[:200] or type(error).__name__
+            raise StageError(f"{path}: cannot decode the stem mp4 ({reason}); check ffmpeg/ffprobe on PATH "
+                             f"or re-download the file") from None
+        if stems.ndim != 3 or stems.shape[0] < 5:
+            raise StageError(f"{path}: {stems.shape[0] if stems.ndim == 3 else 0} audio streams, a MUSDB stem "
+                             f"file has 5 (mixture, drums, bass, other, vocals); use the official MUSDB18 files")
+        sources = {name: audio.conform(stems[source.stem_id], rate, f"{path}[{name}]",
+                                       sample_rate=data.sample_rate, nb_channels=data.nb_channels)
+                   for name, source in track.sources.items()}
+        return _mix_sources(sources, data.targets)
+
+    return load

@@ -1,0 +1,142 @@
+"""Multichannel Wiener filtering: the EM algorithm of norbert / open-unmix `filtering.py`, in TF.
+
+Complex values are carried as separate real and imaginary float32 tensors and the (1x1 or 2x2)
+channel covariance matrices are inverted in closed form, so the graph is plain mul/add/div and
+converts to TFLite builtins. Shapes (leading batch axes `...` are allowed everywhere):
+
+    target magnitudes  (..., nb_frames, nb_bins, nb_channels, nb_sources)
+    mixture STFT       (..., nb_frames, nb_bins, nb_channels, 2)            real/imag last
+    estimates          (..., nb_frames, nb_bins, nb_channels, nb_sources, 2)
+
+Each leading batch item is filtered on its own (its own scaling and spatial covariances), like
+open-unmix's per-sample loop.
+"""
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+
+def softmask(target_magnitudes, mix_stft, eps: float = 1e-10) -> tf.Tensor:
+    """Ratio masks `v_j / (eps + sum_k v_k)` applied to the complex mixture (keeps the mixture phase)."""
+    v = tf.convert_to_tensor(target_magnitudes, tf.float32)
+    mix_stft = tf.convert_to_tensor(mix_stft, tf.float32)
+    mask = v / (eps + tf.reduce_sum(v, axis=-1, keepdims=True))
+    return mask[..., None] * mix_stft[..., None, :]
+
+
+def wiener(target_magnitudes, mix_stft, niter: int = 1, residual: bool = False, eps: float = 1e-10,
+           scale_factor: float = 10.0) -> tf.Tensor:
+    """Source STFT estimates from magnitude estimates and the mixture STFT.
+
+    niter == 0: soft (ratio) masks on the mixture, see `softmask`.
+    niter > 0:  the magnitudes with the mixture phase initialise `niter` EM iterations of the
+                multichannel Wiener filter (open-unmix's `wiener(softmask=False)`).
+    residual:   append `mixture - sum(estimates)` as an extra last source before the EM.
+    Returns `(..., nb_frames, nb_bins, nb_channels, nb_sources [+1], 2)`.
+    """
+    v = tf.convert_to_tensor(target_magnitudes, tf.float32)
+    mix_stft = tf.convert_to_tensor(mix_stft, tf.float32)
+    if niter == 0:
+        y = softmask(v, mix_stft, eps)
+    else:
+        mix_re, mix_im = mix_stft[..., 0], mix_stft[..., 1]
+        mix_abs = tf.sqrt(tf.square(mix_re) + tf.square(mix_im))
+        safe = tf.where(mix_abs > 0, mix_abs, tf.ones_like(mix_abs))
+        cos = tf.where(mix_abs > 0, mix_re / safe, tf.ones_like(mix_abs))  # angle(0) = 0, like atan2
+        sin = tf.where(mix_abs > 0, mix_im / safe, tf.zeros_like(mix_abs))
+        y = tf.stack([v * cos[..., None], v * sin[..., None]], axis=-1)
+    if residual:
+        y = tf.concat([y, (mix_stft - tf.reduce_sum(y, axis=-2))[..., None, :]], axis=-2)
+    if niter == 0:
+        return y
+
+    # scale down for numerical stability: the largest mixture magnitude becomes at most scale_factor
+    max_abs = tf.reduce_max(tf.reduce_sum(tf.square(mix_stft), axis=-1), axis=[-3, -2, -1], keepdims=True)
+    max_abs = tf.maximum(1.0, tf.sqrt(max_abs) / scale_factor)  # (..., 1, 1, 1)
+    y = expectation_maximization(y / max_abs[..., None, None], mix_stft / max_abs[..., None], niter, eps)
+    return y * max_abs[..., None, None]
+
+
+def expectation_maximization(y, mix_stft, niter: int = 2, eps: float = 1e-10) -> tf.Tensor:
+    """`niter` EM updates of the source estimates `y` `(..., F, K, C, J, 2)` given the mixture `(..., F, K, C, 2)`.
+
+    Per iteration: PSDs `v_j = mean_c |y_jc|^2`; spatial covariances
+    `R_j = sum_t y_j y_j^H / (eps + sum_t v_j)` per bin; mixture covariance
+    `Cxx = sqrt(eps) I + sum_j v_j R_j`; new estimates `y_j = v_j R_j Cxx^-1 x`.
+    """
+    nb_channels = y.shape[-3]
+    if nb_channels not in (1, 2):
+        raise ValueError(f"Wiener filtering supports 1 or 2 channels, got {nb_channels}")
+    x_re, x_im = mix_stft[..., 0], mix_stft[..., 1]  # (..., F, K, C)
+    y_re, y_im = y[..., 0], y[..., 1]  # (..., F, K, C, J)
+    regularization = tf.sqrt(tf.constant(eps, tf.float32)) * tf.eye(nb_channels)
+    for _ in range(niter):
+        v = tf.reduce_mean(tf.square(y_re) + tf.square(y_im), axis=-2)  # (..., F, K, J)
+        # R_j[k, a, b] = sum_t y_a conj(y_b) / (eps + sum_t v)
+        weight = eps + tf.reduce_sum(v, axis=-3)  # (..., K, J)
+        r_re = (tf.einsum("...fkaj,...fkbj->...kabj", y_re, y_re)
+                + tf.einsum("...fkaj,...fkbj->...kabj", y_im, y_im)) / weight[..., None, None, :]
+        r_im = (tf.einsum("...fkaj,...fkbj->...kabj", y_im, y_re)
+                - tf.einsum("...fkaj,...fkbj->...kabj", y_re, y_im)) / weight[..., None, None, :]
+        # Cxx[f, k] = reg + sum_j v_j R_j   (..., F, K, C, C)
+        c_re = regularization + tf.einsum("...fkj,...kabj->...fkab", v, r_re)
+        c_im = tf.einsum("...fkj,...kabj->...fkab", v, r_im)
+        inv_re, inv_im = _invert(c_re, c_im)
+        # z = Cxx^-1 x, then y_j = v_j R_j z  (same as the gain v_j R_j Cxx^-1 applied to x)
+        z_re = tf.einsum("...ab,...b->...a", inv_re, x_re) - tf.einsum("...ab,...b->...a", inv_im, x_im)
+        z_im = tf.einsum("...ab,...b->...a", inv_re, x_im) + tf.einsum("...ab,...b->...a", inv_im, x_re)
+        y_re = v[..., None, :] * (tf.einsum("...kabj,...fkb->...fkaj", r_re, z_re)
+                                  - tf.einsum("...kabj,...fkb->...fkaj", r_im, z_im))
+        y_im = v[..., None, :] * (tf.einsum("...kabj,...fkb->...fkaj", r_re, z_im)
+                                  + tf.einsum("...kabj,...fkb->...fkaj", r_im, z_re))
+    return tf.stack([y_re, y_im], axis=-1)
+
+
+def _invert(m_re, m_im):
+    """Closed-form inverse of complex 1x1 or 2x2 matrices `(..., C, C)` given as real/imag parts."""
+    if m_re.shape[-1] == 1:
+        det = tf.square(m_re) + tf.square(m_im)
+        return m_re / det, -m_im / det
+    a_re, b_re, c_re, d_re = m_re[..., 0, 0], m_re[..., 0, 1], m_re[..., 1, 0], m_re[..., 1, 1]
+    a_im, b_im, c_im, d_im = m_im[..., 0, 0], m_im[..., 0, 1], m_im[..., 1, 0], m_im[..., 1, 1]
+    det_re = a_re * d_re - a_im * d_im - (b_re * c_re - b_im * c_im)
+    det_im = a_re * d_im + a_im * d_re - (b_re * c_im + b_im * c_re)
+    norm = tf.square(det_re) + tf.square(det_im)
+    inv_det_re, inv_det_im = det_re / norm, -det_im / norm
+
+    def times_inv_det(p_re, p_im):
+        return p_re * inv_det_re - p_im * inv_det_im, p_re * inv_det_im + p_im * inv_det_re
+
+    e00 = times_inv_det(d_re, d_im)
+    e01 = times_inv_det(-b_re, -b_im)
+    e10 = times_inv_det(-c_re, -c_im)
+    e11 = times_inv_det(a_re, a_im)
+    inv_re = tf.stack([tf.stack([e00[0], e01[0]], -1), tf.stack([e10[0], e11[0]], -1)], -2)
+    inv_im = tf.stack([tf.stack([e00[1], e01[1]], -1), tf.stack([e10[1], e11[1]], -1)], -2)
+    return inv_re, inv_im
+
+
+@keras.saving.register_keras_serializable(package="musicsep")
+class WienerFilter(keras.layers.Layer):
+    """[target magnitudes `(B, F, K, C, J)`, mixture STFT `(B, F, K, C, 2)`] -> `(B, F, K, C, J [+1], 2)`."""
+
+    def __init__(self, niter: int = 1, residual: bool = False, eps: float = 1e-10, scale_factor: float = 10.0,
+                 **kwargs):
+        super().__init__(**kwargs)
+        self.niter = niter
+        self.residual = residual
+        self.eps = eps
+        self.scale_factor = scale_factor
+
+    def call(self, target_magnitudes, mix_stft):
+        return wiener(target_magnitudes, mix_stft, self.niter, self.residual, self.eps, self.scale_factor)
+
+    def compute_output_shape(self, target_magnitudes_shape, mix_stft_shape):
+        shape = tuple(target_magnitudes_shape)
+        nb_sources = shape[-1] + 1 if self.residual and shape[-1] is not None else shape[-1]
+        return shape[:-1] + (nb_sources, 2)
+
+    def get_config(self):
+        return {**super().get_config(), "niter": self.niter, "residual": self.residual, "eps": self.eps,
+                "scale_factor": self.scale_factor}

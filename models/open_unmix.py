@@ -1,0 +1,314 @@
+"""Open-Unmix (Stöter et al., 2019): one BLSTM spectrogram-masking network per target, in Keras.
+
+Faithful to sigsep open-unmix's `OpenUnmix` module, including its parameter layout and count
+(8,893,348 trainable parameters per target for the published stereo 44.1 kHz model):
+
+    |X| (per-bin mean/scale, bins cropped at `bandwidth`) -> fc1 (no bias) -> BN -> tanh
+        -> nb_layers x LSTM (bidirectional: hidden/2 per direction; dropout 0.4 between layers)
+        -> concat(skip, lstm) -> fc2 (no bias) -> BN -> ReLU -> fc3 (no bias) -> BN
+        -> per-bin output scale/mean -> ReLU -> mask * |X|
+
+PyTorch-compatible details kept on purpose: the LSTM has both `b_ih` and `b_hh` biases (part of
+the published count), `input_mean` stores the *negated* mean and `input_scale` the inverse std,
+features are flattened channel-major (`nb_channels * nb_bins`), BN uses momentum 0.1 / eps 1e-5 and
+layers use PyTorch's default initialisation. Pretrained open-unmix weights map one to one.
+
+Separation (`SeparationModel.separator`): STFT -> every target network -> multichannel Wiener
+filter (`wiener_iterations` EM steps, 0 = ratio masks) -> ISTFT to the input length.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from configs.config import ConfigError
+from models.base import SeparationModel
+from models.filtering import WienerFilter
+from models.transforms import STFT, ISTFT, ComplexNorm, bandwidth_to_max_bin, complex_norm, stft
+
+
+@dataclass(frozen=True)
+class Config:
+    """Published open-unmix (UMX) defaults; `nb_channels` and targets come from `data`."""
+
+    n_fft: int = 4096
+    hop_length: int = 1024
+    hidden_size: int = 512
+    nb_layers: int = 3
+    unidirectional: bool = False
+    bandwidth: float = 16000.0  # Hz; bins above are not fed to the network (but are estimated)
+    wiener_iterations: int = 1  # EM iterations in the separator; 0: ratio masks
+    residual: bool = False  # add a `residual` output: mixture minus the sum of the targets
+    unroll: bool = False  # unrolled LSTMs (static frame count at call time); TFLite builtins need it
+
+    def __post_init__(self):
+        key = "model.umx."
+        if self.n_fft <= 0 or self.n_fft % 2:
+            raise ConfigError(f"{key}n_fft must be a positive even number, got {self.n_fft}")
+        if not 0 < self.hop_length <= self.n_fft // 2:
+            raise ConfigError(f"{key}hop_length must lie in (0, n_fft/2] for a perfect ISTFT, got {self.hop_length}")
+        if self.nb_layers < 1:
+            raise ConfigError(f"{key}nb_layers must be at least 1, got {self.nb_layers}")
+        if self.hidden_size < 2 or (not self.unidirectional and self.hidden_size % 2):
+            raise ConfigError(f"{key}hidden_size must be even (split over two LSTM directions), got {self.hidden_size}")
+        if self.bandwidth <= 0:
+            raise ConfigError(f"{key}bandwidth must be positive (Hz), got {self.bandwidth}")
+        if self.wiener_iterations < 0:
+            raise ConfigError(f"{key}wiener_iterations must be >= 0, got {self.wiener_iterations}")
+
+
+# --------------------------------------------------------------------------------------------- layers
+
+
+def _torch_dense_init():
+    # PyTorch nn.Linear default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    return keras.initializers.VarianceScaling(scale=1.0 / 3.0, mode="fan_in", distribution="uniform")
+
+
+@keras.saving.register_keras_serializable(package="musicsep")
+class LSTM(keras.layers.Layer):
+    """One PyTorch-style LSTM layer, `(nb_samples, nb_frames, features)` -> `(nb_samples, nb_frames, units * dirs)`.
+
+    Gates in PyTorch order (input, forget, cell, output), biases `b_ih` (`bias`) and `b_hh`
+    (`recurrent_bias`) per direction, initialised U(-1/sqrt(units), 1/sqrt(units)). The input
+    projection runs once over all frames; only the recurrence loops (`tf.scan`, or a Python loop
+    over a static frame count when `unroll`, which TFLite converts to builtins).
+    """
+
+    def __init__(self, units: int, bidirectional: bool = False, unroll: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+        self.bidirectional = bidirectional
+        self.unroll = unroll
+
+    def build(self, input_shape):
+        features = input_shape[-1]
+        init = keras.initializers.RandomUniform(-1.0 / math.sqrt(self.units), 1.0 / math.sqrt(self.units))
+        self.directions = []
+        for suffix in ("", "_reverse")[: 2 if self.bidirectional else 1]:
+            self.directions.append({
+                "kernel": self.add_weight(shape=(features, 4 * self.units), initializer=init, name="kernel" + suffix),
+                "recurrent_kernel": self.add_weight(shape=(self.units, 4 * self.units), initializer=init,
+                                                    name="recurrent_kernel" + suffix),
+                "bias": self.add_weight(shape=(4 * self.units,), initializer=init, name="bias" + suffix),
+                "recurrent_bias": self.add_weight(shape=(4 * self.units,), initializer=init,
+                                                  name="recurrent_bias" + suffix),
+            })
+
+    def _recurrence(self, projected, recurrent_kernel):
+        """`projected` `(nb_frames, nb_samples, 4 * units)` (time major) -> hidden states, same layout with `units`."""
+        units = self.units
+
+        def step(state, z):
+            h, c = state
+            gates = z + tf.matmul(h, recurrent_kernel)
+            i, f, g, o = tf.split(gates, 4, axis=-1)
+            c = tf.sigmoid(f) * c + tf.sigmoid(i) * tf.tanh(g)
+            h = tf.sigmoid(o) * tf.tanh(c)
+            return h, c
+
+        zeros = tf.zeros(tf.stack([tf.shape(projected)[1], units]), projected.dtype)
+        if self.unroll:
+            nb_frames = projected.shape[0]
+            if nb_frames is None:
+                raise ValueError("LSTM(unroll=True) needs a static number of frames (fixed input length)")
+            state, outputs = (zeros, zeros), []
+            for z in tf.unstack(projected, num=nb_frames, axis=0):
+                state = step(state, z)
+                outputs.append(state[0])
+            return tf.stack(outputs, axis=0)
+        return tf.scan(step, projected, initializer=(zeros, zeros))[0]
+
+    def call(self, inputs):
+        time_major = tf.transpose(inputs, [1, 0, 2])
+        outputs = []
+        for index, weights in enumerate(self.directions):
+            sequence = tf.reverse(time_major, axis=[0]) if index == 1 else time_major
+            projected = (tf.einsum("tbi,ig->tbg", sequence, weights["kernel"])
+                         + weights["bias"] + weights["recurrent_bias"])
+            hidden = self._recurrence(projected, weights["recurrent_kernel"])
+            outputs.append(tf.reverse(hidden, axis=[0]) if index == 1 else hidden)
+        return tf.transpose(tf.concat(outputs, axis=-1), [1, 0, 2])
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[:-1]) + (self.units * (2 if self.bidirectional else 1),)
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units, "bidirectional": self.bidirectional,
+                "unroll": self.unroll}
+
+
+@keras.saving.register_keras_serializable(package="musicsep")
+class OpenUnmix(keras.layers.Layer):
+    """One target's network: magnitude `(nb_samples, nb_frames, nb_bins, nb_channels)` -> estimate, same shape.
+
+    `compute_output_shape` is explicit so that the functional graph is built without tracing the
+    LSTMs: with `unroll=True` the frame count only has to be static when the layer really runs.
+    """
+
+    def __init__(self, nb_bins: int = 2049, nb_channels: int = 2, hidden_size: int = 512, nb_layers: int = 3,
+                 unidirectional: bool = False, max_bin: Optional[int] = None, unroll: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.nb_bins = nb_bins
+        self.nb_channels = nb_channels
+        self.hidden_size = hidden_size
+        self.nb_layers = nb_layers
+        self.unidirectional = unidirectional
+        self.max_bin = max_bin or nb_bins
+        self.unroll = unroll
+
+        bn = dict(momentum=0.9, epsilon=1e-5)  # PyTorch BatchNorm1d defaults (momentum 0.1)
+        self.fc1 = keras.layers.Dense(hidden_size, use_bias=False, kernel_initializer=_torch_dense_init(), name="fc1")
+        self.bn1 = keras.layers.BatchNormalization(name="bn1", **bn)
+        lstm_units = hidden_size if unidirectional else hidden_size // 2
+        self.lstms = [LSTM(lstm_units, bidirectional=not unidirectional, unroll=unroll, name=f"lstm_{index}")
+                      for index in range(nb_layers)]
+        self.dropouts = [keras.layers.Dropout(0.4, name=f"lstm_dropout_{index}") for index in range(nb_layers - 1)]
+        self.fc2 = keras.layers.Dense(hidden_size, use_bias=False, kernel_initializer=_torch_dense_init(), name="fc2")
+        self.bn2 = keras.layers.BatchNormalization(name="bn2", **bn)
+        self.fc3 = keras.layers.Dense(nb_bins * nb_channels, use_bias=False, kernel_initializer=_torch_dense_init(),
+                                      name="fc3")
+        self.bn3 = keras.layers.BatchNormalization(name="bn3", **bn)
+
+    def build(self, input_shape=None):
+        # stored as in open-unmix: input_mean = -mean, input_scale = 1 / std
+        self.input_mean = self.add_weight(shape=(self.max_bin,), initializer="zeros", name="input_mean")
+        self.input_scale = self.add_weight(shape=(self.max_bin,), initializer="ones", name="input_scale")
+        self.output_scale = self.add_weight(shape=(self.nb_bins,), initializer="ones", name="output_scale")
+        self.output_mean = self.add_weight(shape=(self.nb_bins,), initializer="ones", name="output_mean")
+        hidden = self.hidden_size
+        self.fc1.build((None, None, self.max_bin * self.nb_channels))
+        self.bn1.build((None, None, hidden))
+        for lstm in self.lstms:
+            lstm.build((None, None, hidden))
+        self.fc2.build((None, None, 2 * hidden))
+        self.bn2.build((None, None, hidden))
+        self.fc3.build((None, None, hidden))
+        self.bn3.build((None, None, self.nb_bins * self.nb_channels))
+
+    def call(self, magnitude, training=None):
+        mix = magnitude
+        batch_frames = tf.shape(magnitude)[:2]
+        x = tf.transpose(magnitude, [0, 1, 3, 2])[..., : self.max_bin]  # (samples, frames, channels, max_bin)
+        x = (x + self.input_mean) * self.input_scale
+        x = tf.reshape(x, tf.concat([batch_frames, [self.nb_channels * self.max_bin]], 0))
+        x = tf.tanh(self.bn1(self.fc1(x), training=training))
+        lstm_out = x
+        for index, lstm in enumerate(self.lstms):
+            lstm_out = lstm(lstm_out)
+            if index < len(self.dropouts):
+                lstm_out = self.dropouts[index](lstm_out, training=training)
+        x = tf.concat([x, lstm_out], axis=-1)
+        x = tf.nn.relu(self.bn2(self.fc2(x), training=training))
+        x = self.bn3(self.fc3(x), training=training)
+        x = tf.reshape(x, tf.concat([batch_frames, [self.nb_channels, self.nb_bins]], 0))
+        x = x * self.output_scale + self.output_mean
+        return tf.transpose(tf.nn.relu(x), [0, 1, 3, 2]) * mix
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape)
+
+    def set_input_statistics(self, mean: np.ndarray, std: np.ndarray):
+        """Initialise the input normalisation from per-bin magnitude statistics `(nb_bins,)`."""
+        self.input_mean.assign(-np.asarray(mean, np.float32)[: self.max_bin])
+        self.input_scale.assign(1.0 / np.asarray(std, np.float32)[: self.max_bin])
+
+    def get_config(self):
+        return {**super().get_config(), "nb_bins": self.nb_bins, "nb_channels": self.nb_channels,
+                "hidden_size": self.hidden_size, "nb_layers": self.nb_layers,
+                "unidirectional": self.unidirectional, "max_bin": self.max_bin, "unroll": self.unroll}
+
+
+# ---------------------------------------------------------------------------------------------- build
+
+
+def magnitude_statistics(batches: Iterable, n_fft: int, hop_length: int):
+    """Per-bin mean and std `(nb_bins,)` of channel-averaged mixture magnitudes over all frames of `batches`.
+
+    As open-unmix's `get_statistics`: std is floored at 1e-4 of its maximum.
+    """
+    total = total_sq = None
+    count = 0
+    for batch in batches:
+        if isinstance(batch, (tuple, list)):
+            batch = batch[0]
+        magnitude = complex_norm(stft(batch, n_fft, hop_length), mono=True)[..., 0]  # (samples, frames, bins)
+        magnitude = tf.reshape(tf.cast(magnitude, tf.float64), [-1, n_fft // 2 + 1])
+        total = tf.reduce_sum(magnitude, 0) + (0 if total is None else total)
+        total_sq = tf.reduce_sum(tf.square(magnitude), 0) + (0 if total_sq is None else total_sq)
+        count += int(magnitude.shape[0])
+    if not count:
+        raise ValueError("Open-Unmix adapt() got no batches to compute input statistics from")
+    mean = (total / count).numpy()
+    std = np.sqrt(np.maximum(total_sq.numpy() / count - mean ** 2, 0.0))
+    std = np.maximum(std, 1e-4 * np.max(std))
+    return mean, std
+
+
+def build(config: Config, *, data, stats=None) -> SeparationModel:
+    """Open-Unmix for `data.targets`; `stats` (the prepare manifest) is not needed: `adapt` computes the scaler."""
+    targets = tuple(data.targets)
+    nb_channels = data.nb_channels
+    nb_bins = config.n_fft // 2 + 1
+    max_bin = bandwidth_to_max_bin(data.sample_rate, config.n_fft, config.bandwidth)
+    if config.wiener_iterations > 0 and len(targets) == 1 and not config.residual:
+        raise ConfigError("model.umx.wiener_iterations > 0 needs two or more sources: set model.umx.residual=true "
+                          "or model.umx.wiener_iterations=0")
+
+    # layers (shared by every graph below)
+    stft_layer = STFT(config.n_fft, config.hop_length, name="stft")
+    norm_layer = ComplexNorm(name="magnitude")
+    networks = {
+        target: OpenUnmix(nb_bins=nb_bins, nb_channels=nb_channels, hidden_size=config.hidden_size,
+                          nb_layers=config.nb_layers, unidirectional=config.unidirectional, max_bin=max_bin,
+                          unroll=config.unroll, name=f"open_unmix_{target}")
+        for target in targets
+    }
+
+    # functional graphs
+    mixture = keras.Input((None, nb_channels), name="mixture")
+    magnitude = norm_layer(stft_layer(mixture))
+    train_model = keras.Model(mixture, {target: networks[target](magnitude) for target in targets},
+                              name="open_unmix")
+
+    def make_separator(nb_timesteps: Optional[int] = None, wiener_iterations: int = config.wiener_iterations,
+                       residual: bool = config.residual) -> keras.Model:
+        """Mixture `(nb_samples, nb_timesteps, nb_channels)` -> {target [, "residual"]: waveform, same shape}.
+
+        Shares the weights of `train_model`. A static `nb_timesteps` is needed with `unroll=True`.
+        """
+        waveform = keras.Input((nb_timesteps, nb_channels), name="mixture")
+        mix_stft = stft_layer(waveform)
+        mix_magnitude = norm_layer(mix_stft)
+        estimates = keras.ops.stack([networks[target](mix_magnitude) for target in targets], axis=-1)
+        sources = WienerFilter(wiener_iterations, residual, name="wiener")(estimates, mix_stft)
+        waveforms = ISTFT(config.n_fft, config.hop_length, name="istft")(sources, waveform)  # (B, T, C, J)
+        names = targets + (("residual",) if residual else ())
+        return keras.Model(waveform, {name: waveforms[..., index] for index, name in enumerate(names)},
+                           name="open_unmix_separator")
+
+    def train_targets(stems):
+        return {target: complex_norm(stft(stems[target], config.n_fft, config.hop_length)) for target in targets}
+
+    def adapt(batches):
+        mean, std = magnitude_statistics(batches, config.n_fft, config.hop_length)
+        for network in networks.values():
+            network.set_input_statistics(mean, std)
+
+    return SeparationModel(
+        targets=targets,
+        sample_rate=data.sample_rate,
+        nb_channels=nb_channels,
+        train_model=train_model,
+        train_targets=train_targets,
+        loss={target: keras.losses.MeanSquaredError() for target in targets},
+        separator=make_separator(),
+        config=config,
+        adapt=adapt,
+        extra={"make_separator": make_separator, "networks": networks, "max_bin": max_bin, "nb_bins": nb_bins},
+    )

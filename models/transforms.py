@@ -1,0 +1,201 @@
+"""Shared signal code: STFT, ISTFT and magnitude, as pure functions and thin Keras layers.
+
+One implementation serves training (`train_targets` inside tf.data), evaluation, SavedModel export
+and TFLite: every op used here converts to TFLite builtins (MirrorPad, RFFT2D, Real/Imag,
+overlap-add as strided slices). In particular `tf.signal.irfft` does *not* convert, so the inverse
+transform is computed with a forward real FFT (see `irfft`).
+
+Complex spectra never cross a Keras layer boundary as complex dtype: they are float32 tensors with
+real and imaginary parts stacked on a last axis of size 2,
+`(nb_samples, nb_frames, nb_bins, nb_channels, 2)` (open-unmix's "complex last" layout, frames
+first so that the time axis is axis 1 like the waveform). Keras 3 layers, losses and SavedModel
+signatures then only ever see real tensors.
+
+Framing follows `torch.stft(center=True, pad_mode="reflect")` with a periodic Hann window, so
+`nb_frames = 1 + nb_timesteps // hop_length` and frame `t` is centred on sample `t * hop_length`,
+as in open-unmix's `Separator`.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+
+def bandwidth_to_max_bin(sample_rate: int, n_fft: int, bandwidth: float) -> int:
+    """Number of STFT bins whose centre frequency is at most `bandwidth` Hz (open-unmix's rule)."""
+    freqs = np.linspace(0, float(sample_rate) / 2, n_fft // 2 + 1, endpoint=True)
+    return int(np.max(np.where(freqs <= bandwidth)[0])) + 1
+
+
+def hann_window(n_fft: int, dtype=tf.float32) -> tf.Tensor:
+    """Periodic Hann window (torch.hann_window(periodic=True)), `(n_fft,)`."""
+    return tf.signal.hann_window(n_fft, periodic=True, dtype=dtype)
+
+
+def stft(waveform, n_fft: int, hop_length: int, center: bool = True) -> tf.Tensor:
+    """Waveform `(nb_samples, nb_timesteps, nb_channels)` -> `(nb_samples, nb_frames, nb_bins, nb_channels, 2)`.
+
+    With `center`, the signal is reflect-padded by `n_fft // 2` on both sides (needs
+    `nb_timesteps > n_fft // 2`).
+    """
+    waveform = tf.convert_to_tensor(waveform, tf.float32)
+    signal = tf.transpose(waveform, [0, 2, 1])  # (nb_samples, nb_channels, nb_timesteps)
+    if center:
+        pad = n_fft // 2
+        signal = tf.pad(signal, [[0, 0], [0, 0], [pad, pad]], mode="REFLECT")
+    spectrum = tf.signal.stft(signal, frame_length=n_fft, frame_step=hop_length, fft_length=n_fft,
+                              window_fn=lambda n, dtype: hann_window(n, dtype), pad_end=False)
+    stacked = tf.stack([tf.math.real(spectrum), tf.math.imag(spectrum)], axis=-1)
+    return tf.transpose(stacked, [0, 2, 3, 1, 4])  # (samples, frames, bins, channels, 2)
+
+
+def irfft(real, imag, n_fft: int) -> tf.Tensor:
+    """Inverse real FFT of a one-sided spectrum `(..., n_fft // 2 + 1)` -> `(..., n_fft)` with one forward rfft.
+
+    Equals `tf.signal.irfft(tf.complex(real, imag))` (imaginary parts of the DC and Nyquist bins are
+    ignored) but uses only RFFT, which TFLite has. With `a` the even and `b` the odd extension of
+    the real and imaginary parts, `rfft(a + b) = c + i d` is the cosine and sine sums:
+    `x[n] = (c[n] + d[n]) / N` and `x[N - n] = (c[n] - d[n]) / N`.
+    """
+    if n_fft % 2:
+        raise ValueError(f"n_fft must be even, got {n_fft}")
+    inner_re = real[..., 1:-1]
+    inner_im = imag[..., 1:-1]
+    zero = tf.zeros_like(real[..., :1])
+    even = tf.concat([real, tf.reverse(inner_re, axis=[-1])], axis=-1)
+    odd = tf.concat([zero, inner_im, zero, -tf.reverse(inner_im, axis=[-1])], axis=-1)
+    spectrum = tf.signal.rfft(even + odd)
+    cos_sum, sin_sum = tf.math.real(spectrum), tf.math.imag(spectrum)
+    head = cos_sum + sin_sum  # n = 0 .. N/2
+    tail = tf.reverse((cos_sum - sin_sum)[..., 1:-1], axis=[-1])  # n = N/2 + 1 .. N - 1
+    return tf.concat([head, tail], axis=-1) / float(n_fft)
+
+
+def istft(spectrogram, n_fft: int, hop_length: int, length: Union[int, tf.Tensor],
+          center: bool = True) -> tf.Tensor:
+    """`(nb_samples, nb_frames, nb_bins, *extra, 2)` -> waveform `(nb_samples, length, *extra)`.
+
+    `extra` is usually `(nb_channels,)` or `(nb_channels, nb_sources)`. Weighted overlap-add with the
+    analysis window, divided by the overlap-added squared window (torch.istft's normalisation), so
+    `istft(stft(x)) == x` up to float32 rounding wherever the window sum is non-zero.
+    """
+    spectrogram = tf.convert_to_tensor(spectrogram, tf.float32)
+    rank = spectrogram.shape.rank
+    if rank is None or rank < 4:
+        raise ValueError(f"istft needs (nb_samples, nb_frames, nb_bins, ..., 2), got shape {spectrogram.shape}")
+    extra_axes = list(range(3, rank - 1))
+    # (..., 2) -> real, imag with frames and bins last: (nb_samples, *extra, nb_frames, nb_bins)
+    perm = [0] + extra_axes + [1, 2]
+    real = tf.transpose(spectrogram[..., 0], perm)
+    imag = tf.transpose(spectrogram[..., 1], perm)
+    window = hann_window(n_fft)
+    frames = irfft(real, imag, n_fft) * window
+    signal = tf.signal.overlap_and_add(frames, hop_length)  # (nb_samples, *extra, (nb_frames-1)*hop + n_fft)
+
+    nb_frames = tf.shape(frames)[-2]
+    window_sum = tf.signal.overlap_and_add(tf.tile((window * window)[None, :], [nb_frames, 1]), hop_length)
+    tiny = 1e-11
+    signal = tf.where(window_sum > tiny, signal / tf.maximum(window_sum, tiny), signal)
+
+    start = n_fft // 2 if center else 0
+    missing = tf.maximum(0, start + length - tf.shape(signal)[-1])
+    signal = tf.pad(signal, [[0, 0]] * (len(extra_axes) + 1) + [[0, missing]])
+    signal = signal[..., start:start + length]
+    if isinstance(length, int):
+        signal = tf.ensure_shape(signal, signal.shape[:-1].concatenate([length]))
+    # (nb_samples, *extra, length) -> (nb_samples, length, *extra)
+    back = [0, rank - 3] + list(range(1, rank - 3))
+    return tf.transpose(signal, back)
+
+
+def complex_norm(spectrogram, power: float = 1.0, mono: bool = False) -> tf.Tensor:
+    """`(..., nb_channels, 2)` -> `|X| ** power`, `(..., nb_channels)`; `mono` averages over channels (keeping the axis)."""
+    spectrogram = tf.convert_to_tensor(spectrogram, tf.float32)
+    energy = tf.reduce_sum(tf.square(spectrogram), axis=-1)
+    if power == 1.0:
+        magnitude = tf.sqrt(energy)
+    elif power == 2.0:
+        magnitude = energy
+    else:
+        magnitude = tf.pow(energy, power / 2.0)
+    if mono:
+        magnitude = tf.reduce_mean(magnitude, axis=-1, keepdims=True)
+    return magnitude
+
+
+# --------------------------------------------------------------------------------------------- layers
+
+
+@keras.saving.register_keras_serializable(package="musicsep")
+class STFT(keras.layers.Layer):
+    """Waveform `(nb_samples, nb_timesteps, nb_channels)` -> `(nb_samples, nb_frames, nb_bins, nb_channels, 2)`."""
+
+    def __init__(self, n_fft: int = 4096, hop_length: int = 1024, center: bool = True, **kwargs):
+        super().__init__(**kwargs)
+        self.n_fft = n_fft
+        self.hop_length = hop_length
+        self.center = center
+
+    def call(self, waveform):
+        return stft(waveform, self.n_fft, self.hop_length, self.center)
+
+    def compute_output_shape(self, input_shape):
+        nb_samples, nb_timesteps, nb_channels = input_shape
+        nb_frames = None
+        if nb_timesteps is not None:
+            padded = nb_timesteps + (2 * (self.n_fft // 2) if self.center else 0)
+            nb_frames = 1 + (padded - self.n_fft) // self.hop_length
+        return (nb_samples, nb_frames, self.n_fft // 2 + 1, nb_channels, 2)
+
+    def get_config(self):
+        return {**super().get_config(), "n_fft": self.n_fft, "hop_length": self.hop_length, "center": self.center}
+
+
+@keras.saving.register_keras_serializable(package="musicsep")
+class ISTFT(keras.layers.Layer):
+    """`(nb_samples, nb_frames, nb_bins, *extra, 2)` -> `(nb_samples, nb_timesteps, *extra)`.
+
+    The output length is `length` (an int) or, when `reference` (a waveform
+    `(nb_samples, nb_timesteps, ...)`) is given, its `nb_timesteps`, static when known.
+    """
+
+    def __init__(self, n_fft: int = 4096, hop_length: int = 1024, center: bool = True, **kwargs):
+        super().__init__(**kwargs)
+        self.n_fft = n_fft
+        self.hop_length = hop_length
+        self.center = center
+
+    def call(self, spectrogram, reference=None, length=None):
+        if reference is not None:
+            length = reference.shape[1]
+            if length is None:
+                length = tf.shape(reference)[1]
+        if length is None:
+            raise ValueError("ISTFT needs `length` or a `reference` waveform")
+        return istft(spectrogram, self.n_fft, self.hop_length, length, self.center)
+
+    def get_config(self):
+        return {**super().get_config(), "n_fft": self.n_fft, "hop_length": self.hop_length, "center": self.center}
+
+
+@keras.saving.register_keras_serializable(package="musicsep")
+class ComplexNorm(keras.layers.Layer):
+    """`(..., nb_channels, 2)` -> magnitude `(..., nb_channels)` (`|X| ** power`, optionally channel-averaged)."""
+
+    def __init__(self, power: float = 1.0, mono: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.power = power
+        self.mono = mono
+
+    def call(self, spectrogram):
+        return complex_norm(spectrogram, self.power, self.mono)
+
+    def compute_output_shape(self, input_shape):
+        shape = tuple(input_shape[:-1])
+        return shape[:-1] + (1,) if self.mono else shape
+
+    def get_config(self):
+        return {**super().get_config(), "power": self.power, "mono": self.mono}

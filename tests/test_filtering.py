@@ -1,0 +1,117 @@
+"""Multichannel Wiener filter: ratio masks, mixture consistency, an oracle SDR check, numpy parity."""
+import numpy as np
+import pytest
+
+from models import filtering
+
+
+def to_complex(stacked):
+    stacked = np.asarray(stacked, np.float64)
+    return stacked[..., 0] + 1j * stacked[..., 1]
+
+
+def to_stacked(values):
+    return np.stack([values.real, values.imag], axis=-1).astype(np.float32)
+
+
+def reference_wiener(magnitudes, mix, niter, residual=False, eps=1e-10, scale_factor=10.0):
+    """Independent complex128 reference: magnitudes (F, K, C, J), mix complex (F, K, C) -> (F, K, C, J')."""
+    nb_frames, nb_bins, nb_channels, nb_sources = magnitudes.shape
+    if niter == 0:
+        y = mix[..., None] * magnitudes / (eps + magnitudes.sum(-1, keepdims=True))
+    else:
+        y = magnitudes * np.exp(1j * np.angle(mix))[..., None]
+    if residual:
+        y = np.concatenate([y, (mix - y.sum(-1))[..., None]], axis=-1)
+    if niter == 0:
+        return y
+    scale = max(1.0, np.abs(mix).max() / scale_factor)
+    x, y = mix / scale, y / scale
+    for _ in range(niter):
+        psd = np.mean(np.abs(y) ** 2, axis=2)  # (F, K, J)
+        covariances = []
+        for j in range(y.shape[-1]):
+            outer = np.zeros((nb_bins, nb_channels, nb_channels), complex)
+            for t in range(nb_frames):
+                for k in range(nb_bins):
+                    outer[k] += np.outer(y[t, k, :, j], np.conj(y[t, k, :, j]))
+            covariances.append(outer / (eps + psd[:, :, j].sum(0))[:, None, None])
+        new = np.zeros_like(y)
+        for t in range(nb_frames):
+            for k in range(nb_bins):
+                mixture_cov = np.sqrt(eps) * np.eye(nb_channels) + sum(
+                    psd[t, k, j] * covariances[j][k] for j in range(y.shape[-1]))
+                inverse = np.linalg.inv(mixture_cov)
+                for j in range(y.shape[-1]):
+                    new[t, k, :, j] = psd[t, k, j] * covariances[j][k] @ inverse @ x[t, k]
+        y = new
+    return y * scale
+
+
+def random_case(seed, nb_frames=12, nb_bins=7, nb_channels=2, nb_sources=3):
+    rng = np.random.default_rng(seed)
+    magnitudes = rng.uniform(0.05, 2.0, (nb_frames, nb_bins, nb_channels, nb_sources))
+    mix = rng.normal(size=(nb_frames, nb_bins, nb_channels)) + 1j * rng.normal(size=(nb_frames, nb_bins, nb_channels))
+    return magnitudes.astype(np.float32), mix
+
+
+def test_niter0_is_ratio_masking():
+    magnitudes, mix = random_case(0)
+    got = to_complex(filtering.wiener(magnitudes, to_stacked(mix), niter=0))
+    expected = mix[..., None] * magnitudes / (1e-10 + magnitudes.sum(-1, keepdims=True))
+    assert got.shape == expected.shape
+    assert np.max(np.abs(got - expected)) < 1e-5 * np.max(np.abs(expected))
+
+
+@pytest.mark.parametrize("niter,residual", [(0, False), (1, False), (2, True)])
+def test_estimates_sum_to_mixture(niter, residual):
+    magnitudes, mix = random_case(1)
+    got = to_complex(filtering.wiener(magnitudes, to_stacked(mix), niter=niter, residual=residual))
+    assert got.shape[-1] == 3 + residual
+    assert np.linalg.norm(got.sum(-1) - mix) < 1e-4 * np.linalg.norm(mix)
+
+
+@pytest.mark.parametrize("nb_channels,niter,residual", [(2, 1, False), (2, 2, True), (1, 2, False)])
+def test_matches_numpy_reference(nb_channels, niter, residual):
+    magnitudes, mix = random_case(2, nb_channels=nb_channels)
+    # batched: the second item is scaled up so that the per-item scaling (scale_factor) takes effect
+    batch_magnitudes = np.stack([magnitudes, 40 * magnitudes])
+    batch_mix = np.stack([mix, 40 * mix])
+    got = to_complex(filtering.wiener(batch_magnitudes, to_stacked(batch_mix), niter=niter, residual=residual))
+    for item in range(2):
+        expected = reference_wiener(batch_magnitudes[item].astype(np.float64), batch_mix[item], niter, residual)
+        error = np.max(np.abs(got[item] - expected)) / np.max(np.abs(expected))
+        assert error < 1e-4, f"item {item}: relative error {error:.2e}"
+
+
+def sdr(reference, estimate):
+    return 10 * np.log10(np.sum(np.abs(reference) ** 2) / np.sum(np.abs(reference - estimate) ** 2))
+
+
+def test_em_with_oracle_magnitudes_does_not_lower_sdr():
+    """Independent, differently panned random sources: the spatial model helps ratio masks (measured 3.9 -> 6.0 dB)."""
+    rng = np.random.default_rng(3)
+    nb_frames, nb_bins = 40, 16
+    sources = []
+    for pan in (0.15, 0.5, 0.85):
+        spectral_shape = rng.uniform(0.2, 1.0, (1, nb_bins))
+        mono = spectral_shape * (rng.normal(size=(nb_frames, nb_bins)) + 1j * rng.normal(size=(nb_frames, nb_bins)))
+        gains = np.array([np.sqrt(1 - pan), np.sqrt(pan)])
+        sources.append(mono[..., None] * gains)  # (F, K, C)
+    sources = np.stack(sources, axis=-1)  # (F, K, C, J)
+    mix = sources.sum(-1)
+    oracle = np.abs(sources).astype(np.float32)
+    scores = {}
+    for niter in (0, 1):
+        estimates = to_complex(filtering.wiener(oracle, to_stacked(mix), niter=niter))
+        scores[niter] = np.mean([sdr(sources[..., j], estimates[..., j]) for j in range(sources.shape[-1])])
+    assert scores[1] >= scores[0] + 1.0, scores
+
+
+def test_layer_shape_and_config():
+    magnitudes, mix = random_case(4)
+    layer = filtering.WienerFilter(niter=1, residual=True)
+    out = layer(magnitudes[None], to_stacked(mix)[None])
+    assert tuple(out.shape) == (1, 12, 7, 2, 4, 2)
+    assert layer.compute_output_shape((1, 12, 7, 2, 3), (1, 12, 7, 2, 2)) == (1, 12, 7, 2, 4, 2)
+    assert filtering.WienerFilter.from_config(layer.get_config()).get_config() == layer.get_config()

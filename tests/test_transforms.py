@@ -1,0 +1,90 @@
+"""STFT / ISTFT / magnitude: round trip, torch.stft(center=True) framing, layers, TFLite builtins."""
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from models import transforms
+
+
+def numpy_stft(signal, n_fft, hop_length):
+    """torch.stft(center=True, pad_mode='reflect', window=hann(periodic)) of a 1-D signal: (nb_frames, nb_bins)."""
+    padded = np.pad(signal, (n_fft // 2, n_fft // 2), mode="reflect")
+    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n_fft) / n_fft)
+    nb_frames = 1 + (len(padded) - n_fft) // hop_length
+    return np.stack([np.fft.rfft(padded[t * hop_length: t * hop_length + n_fft] * window) for t in range(nb_frames)])
+
+
+@pytest.mark.parametrize("n_fft,hop_length,nb_timesteps,nb_channels", [
+    (256, 64, 1001, 2), (4096, 1024, 9001, 2), (512, 128, 777, 1)])
+def test_round_trip_error_below_1e6(n_fft, hop_length, nb_timesteps, nb_channels):
+    audio = np.random.default_rng(0).uniform(-1, 1, (2, nb_timesteps, nb_channels)).astype(np.float32)
+    spectrogram = transforms.stft(audio, n_fft, hop_length)
+    assert spectrogram.shape == (2, 1 + nb_timesteps // hop_length, n_fft // 2 + 1, nb_channels, 2)
+    restored = transforms.istft(spectrogram, n_fft, hop_length, nb_timesteps).numpy()
+    assert restored.shape == audio.shape
+    assert np.max(np.abs(restored - audio)) < 1e-6
+
+
+def test_frames_match_torch_center_reflect_framing():
+    n_fft, hop_length = 256, 64
+    audio = np.random.default_rng(1).normal(size=(1, 1000, 2)).astype(np.float32)
+    spectrogram = transforms.stft(audio, n_fft, hop_length).numpy()
+    for channel in range(2):
+        expected = numpy_stft(audio[0, :, channel].astype(np.float64), n_fft, hop_length)
+        got = spectrogram[0, :, :, channel, 0] + 1j * spectrogram[0, :, :, channel, 1]
+        assert got.shape == expected.shape
+        assert np.max(np.abs(got - expected)) < 1e-5 * np.max(np.abs(expected))
+
+
+def test_irfft_by_rfft_equals_irfft():
+    rng = np.random.default_rng(2)
+    real, imag = rng.normal(size=(2, 3, 129)).astype(np.float32)
+    expected = tf.signal.irfft(tf.complex(real, imag)).numpy()
+    assert np.max(np.abs(transforms.irfft(real, imag, 256).numpy() - expected)) < 1e-6
+
+
+def test_layers_shapes_and_magnitude():
+    audio = np.random.default_rng(3).uniform(-1, 1, (2, 999, 2)).astype(np.float32)
+    stft_layer = transforms.STFT(256, 64)
+    spectrogram = stft_layer(audio)
+    assert tuple(spectrogram.shape) == stft_layer.compute_output_shape((2, 999, 2))
+    magnitude = transforms.ComplexNorm()(spectrogram).numpy()
+    complex_values = spectrogram.numpy()[..., 0] + 1j * spectrogram.numpy()[..., 1]
+    np.testing.assert_allclose(magnitude, np.abs(complex_values), rtol=1e-5, atol=1e-6)
+    mono = transforms.ComplexNorm(mono=True)(spectrogram).numpy()
+    np.testing.assert_allclose(mono[..., 0], np.abs(complex_values).mean(-1), rtol=1e-5, atol=1e-6)
+    # ISTFT over extra axes (channels, sources), length from a reference waveform
+    sources = tf.stack([spectrogram, 2 * spectrogram], axis=-2)  # (B, F, K, C, 2 sources, 2)
+    restored = transforms.ISTFT(256, 64)(sources, audio).numpy()
+    assert restored.shape == (2, 999, 2, 2)
+    assert np.max(np.abs(restored[..., 0] - audio)) < 1e-6
+    assert np.max(np.abs(restored[..., 1] - 2 * audio)) < 2e-6
+    assert transforms.STFT.from_config(stft_layer.get_config()).get_config() == stft_layer.get_config()
+
+
+def test_bandwidth_to_max_bin_matches_open_unmix():
+    assert transforms.bandwidth_to_max_bin(44100, 4096, 16000) == 1487
+    assert transforms.bandwidth_to_max_bin(8000, 256, 16000) == 129
+
+
+def test_round_trip_converts_to_tflite_builtins():
+    from ai_edge_litert.interpreter import Interpreter
+
+    n_fft, hop_length, nb_timesteps = 256, 64, 1001
+
+    @tf.function(input_signature=[tf.TensorSpec([1, nb_timesteps, 2], tf.float32)])
+    def round_trip(audio):
+        spectrogram = transforms.stft(audio, n_fft, hop_length)
+        magnitude = transforms.complex_norm(spectrogram)
+        return transforms.istft(spectrogram, n_fft, hop_length, nb_timesteps), magnitude
+
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([round_trip.get_concrete_function()], round_trip)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    interpreter = Interpreter(model_content=converter.convert())
+    interpreter.allocate_tensors()
+    audio = np.random.default_rng(4).uniform(-1, 1, (1, nb_timesteps, 2)).astype(np.float32)
+    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], audio)
+    interpreter.invoke()
+    outputs = [interpreter.get_tensor(detail["index"]) for detail in interpreter.get_output_details()]
+    restored = next(output for output in outputs if output.shape == audio.shape)
+    assert np.max(np.abs(restored - audio)) < 1e-5
