@@ -78,6 +78,10 @@ def run(context: StageContext) -> dict:
         raise StageError(f"{data.root or 'default data'}: every track failed validation "
                          f"({len(manifest['skipped'])} skipped); fix the files listed in the warnings above")
 
+    # what model builders read for loss weighting: the train split's mean energy per target
+    train = manifest["splits"].get("train")
+    manifest["stats"] = ({"split": "train", "energy": train["energy"], "rms": train["rms"]}
+                         if train and train["tracks"] else {})
     elapsed = max(time.time() - started, 1e-9)
     splits = manifest["splits"]
     figures = {

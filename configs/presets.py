@@ -4,6 +4,17 @@
 A preset only states what differs from the defaults, so nothing is written twice.
 """
 
+
+def _wave_u_net_train(sample_rate: int) -> dict:
+    """Wave-U-Net's training (Stoller et al. 2018, Sec. 4.1): MSE, Adam lr 1e-4 (betas 0.9, 0.999), batch 16,
+    epochs of 2,000 steps, early stopping after 20 epochs without improvement, then fine-tuning from the
+    best weights with lr 1e-5 and batch 32 until early stopping again. No weight decay, no lr schedule.
+    `seq_seconds` is the model's output length: 16,384 samples, i.e. 147,443 input samples."""
+    return {"lr": 1e-4, "weight_decay": 0.0, "batch_size": 16, "steps_per_epoch": 2000, "patience": 20,
+            "lr_decay_patience": 1_000_000, "seq_seconds": 16384 / sample_rate,
+            "finetune_epochs": 1000, "finetune_lr": 1e-5, "finetune_batch_size": 32}
+
+
 PRESETS = {
     # The embedded default pipeline: synthetic data, sized for 2 CPU cores in under 10 minutes.
     "default": {
@@ -17,10 +28,28 @@ PRESETS = {
     "unittest": {
         "data": {"format": "default", "sample_rate": 8000, "synth_tracks": [2, 1, 1], "synth_seconds": 4.0,
                  "segment_seconds": 2.0, "shard_megabytes": 0.1, "shuffle_buffer": 16},
-        "model": {"umx": {"hidden_size": 16, "nb_layers": 1, "n_fft": 256, "hop_length": 64}},
+        "model": {"umx": {"hidden_size": 16, "nb_layers": 1, "n_fft": 256, "hop_length": 64},
+                  # 37 samples of context each side: 8,077 input samples -> 8,003 output samples
+                  "wave_u_net": {"num_layers": 3, "num_initial_filters": 4, "filter_size": 5, "merge_filter_size": 3}},
         "train": {"epochs": 1, "batch_size": 4, "steps_per_epoch": 2, "seq_seconds": 1.0,
                   "samples_per_track": 2, "workers": 1, "snapshot_seconds": 2.0},
         "evaluate": {"chunk_seconds": 2.0, "workers": 1},
         "export": {"tflite_chunk_seconds": 1.0},
+    },
+    # Wave-U-Net's multi-instrument model M6 (the family's defaults: stereo, input context, difference
+    # output) at 22,050 Hz, sources in the paper's order so vocals is the difference output; augmentation:
+    # source gains uniform in [0.7, 1.0]. Segments hold a 6.7 s input excerpt with room to move.
+    "wave_u_net_paper": {
+        "data": {"sample_rate": 22050, "targets": ["bass", "drums", "other", "vocals"], "segment_seconds": 10.0,
+                 "gain_range": [0.7, 1.0], "channel_swap": False},
+        "model": {"name": "wave_u_net"},
+        "train": _wave_u_net_train(22050),
+    },
+    # The reference code's M5-HighSR (`full_44KHz`): M5 (M4 + learned upsampling), vocals/accompaniment at 44.1 kHz.
+    "wave_u_net_44k": {
+        "data": {"sample_rate": 44100, "targets": ["accompaniment", "vocals"], "gain_range": [0.7, 1.0],
+                 "channel_swap": False},
+        "model": {"name": "wave_u_net", "wave_u_net": {"upsampling": "learned"}},
+        "train": _wave_u_net_train(44100),
     },
 }

@@ -14,6 +14,7 @@ from configs.config import ConfigError
 # name -> module. Modules are imported on first use so that `--help` and config checks stay light.
 FAMILIES = {
     "umx": "models.open_unmix",
+    "wave_u_net": "models.wave_u_net",
 }
 
 

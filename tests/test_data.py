@@ -152,6 +152,8 @@ def test_round_trip(tmp_path, pcm, compression):
     artifact, _ = prepare(config)
     manifest = artifact.meta["manifest"]
     assert manifest["empty_splits"] == ["test"] and manifest["splits"]["test"]["shards"] == []
+    assert manifest["stats"]["energy"] == manifest["splits"]["train"]["energy"] == records.target_energy(artifact)
+    assert all(energy > 1e-4 for energy in manifest["stats"]["energy"].values())
     suffix = records.SUFFIXES[compression]
     assert all(s["file"].endswith(suffix) for s in manifest["splits"]["train"]["shards"])
     root = tmp_path / "default-data"
