@@ -1,0 +1,407 @@
+"""Wave-U-Net (Stoller, Ewert & Dixon 2018, arXiv:1806.03185): a U-Net on the raw waveform.
+
+Architecture, with L = `num_layers`, F_c = `num_initial_filters`, f = `filter_size`, m = `merge_filter_size`:
+
+    down block i = 1..L:  Conv1D(F_c·i, f) + LeakyReLU  -> kept as the skip features of level i
+                          then decimation by 2 (every other time step)
+    bottleneck:           Conv1D(F_c·(L+1), f) + LeakyReLU
+    up block i = L..1:    upsample ×2, concat with the skip features of level i (centre-cropped),
+                          Conv1D(F_c·i, m) + LeakyReLU
+    output:               concat with the input mixture (centre-cropped), 1×1 Conv1D per source
+                          (`direct`), or for all sources but the last with the last one the mixture
+                          minus their sum (`difference`: the estimates add up to the mixture exactly)
+
+With `context` (the paper's "proper input context") every convolution is `valid`, and the model
+predicts the centre of its input. Valid lengths are indexed by the length x of the bottleneck output
+(at least the smallest x keeping every up-path feature map non-empty: x = m for the paper's depth):
+
+    input  I(x) = 2^L (x + 2f - 3) - (f - 2)
+    output O(x) = 2^L (x - m) + m
+    context on each side (I - O) / 2 = 2^(L-1) (2f + m - 3) - (f + m - 2) / 2, the same for every x
+
+The paper's setting (L=12, f=15, m=5) has x=9: input 147,443 -> output 16,389 samples, 65,527 samples
+(2.97 s at 22,050 Hz) of context on each side. Without context (`same` convolutions) the input must be a
+multiple of 2^L and the output has the input's length.
+
+Defaults are the paper's multi-instrument model M6 (M4 = difference output + input context + stereo,
+applied to bass/drums/other/vocals), as in the reference code's `full_multi_instrument`.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Dict, Mapping
+
+from configs.config import ConfigError
+from models.base import SeparationModel
+
+LEAKY_RELU_SLOPE = 0.2  # the reference code's LeakyReLU (Keras' own default slope would be 0.3)
+UPSAMPLING = ("linear", "learned")
+OUTPUT_TYPES = ("direct", "difference")
+OUTPUT_ACTIVATIONS = ("tanh", "linear")
+
+
+@dataclass(frozen=True)
+class Config:
+    num_layers: int = 12  # L: down- and upsampling blocks
+    num_initial_filters: int = 24  # F_c: block i has F_c * i filters
+    filter_size: int = 15  # downsampling blocks and bottleneck
+    merge_filter_size: int = 5  # upsampling blocks
+    upsampling: str = "linear"  # linear | learned (per-feature sigmoid-weighted interpolation, the paper's M5)
+    output_type: str = "difference"  # direct | difference (last target = mixture - the others)
+    output_activation: str = "tanh"  # tanh | linear (identity in training, clipped to [-1, 1] at inference)
+    context: bool = True  # valid convolutions, output = centre of the input; False: same padding
+
+
+def check(config: Config) -> None:
+    """ConfigError naming the key for values the architecture cannot take."""
+    prefix = "model.wave_u_net."
+    if config.num_layers < 1 or config.num_initial_filters < 1:
+        raise ConfigError(f"{prefix}num_layers and {prefix}num_initial_filters must be at least 1")
+    if config.filter_size < 1 or config.merge_filter_size < 1:
+        raise ConfigError(f"{prefix}filter_size and {prefix}merge_filter_size must be at least 1")
+    if config.context and (config.filter_size % 2 == 0 or config.merge_filter_size % 2 == 0):
+        raise ConfigError(f"{prefix}filter_size and {prefix}merge_filter_size must be odd with context=true "
+                          f"(the output must be the exact centre of the input); got {config.filter_size} and "
+                          f"{config.merge_filter_size}")
+    for key, value, allowed in (("upsampling", config.upsampling, UPSAMPLING),
+                                ("output_type", config.output_type, OUTPUT_TYPES),
+                                ("output_activation", config.output_activation, OUTPUT_ACTIVATIONS)):
+        if value not in allowed:
+            raise ConfigError(f"{prefix}{key} must be one of {', '.join(allowed)}; got '{value}'")
+
+
+# --------------------------------------------------------------------------------------------
+# Lengths (plain integers; the separator repeats `padded_length` on tensors)
+# --------------------------------------------------------------------------------------------
+def _ceil_div(a, b):
+    return -((-a) // b)
+
+
+def _min_bottleneck(config: Config) -> int:
+    """Smallest bottleneck output length x whose up path never shrinks to nothing."""
+    for x in range(1, config.merge_filter_size + 1):
+        length = x
+        for _ in range(config.num_layers):
+            length = 2 * length - 1 - (config.merge_filter_size - 1)
+            if length < 1:
+                break
+        else:
+            return x
+    return config.merge_filter_size  # O(m) = m: never reached, x = m always works
+
+
+def _input_length(config: Config, x: int) -> int:
+    length = x + config.filter_size - 1  # bottleneck input
+    for _ in range(config.num_layers):
+        length = 2 * length - 1 + config.filter_size - 1  # undo decimation, then the block's conv
+    return length
+
+
+def _output_length(config: Config, x: int) -> int:
+    length = x
+    for _ in range(config.num_layers):
+        length = 2 * length - 1 - (config.merge_filter_size - 1)  # upsampling, then the block's conv
+    return length
+
+
+def context_samples(config: Config) -> int:
+    """Input samples on each side of the output that the output depends on (0 without context)."""
+    if not config.context:
+        return 0
+    x = _min_bottleneck(config)
+    return (_input_length(config, x) - _output_length(config, x)) // 2
+
+
+def padded_length(n, config: Config, maximum=max):
+    """The shortest valid input length whose output covers `n` samples (int or int tensor)."""
+    scale = 2 ** config.num_layers
+    if not config.context:
+        return maximum(scale, scale * _ceil_div(n, scale))
+    f, m = config.filter_size, config.merge_filter_size
+    x = maximum(_min_bottleneck(config), m + _ceil_div(n - m, scale))  # O(x) >= n
+    return scale * (x + 2 * f - 3) - (f - 2)  # I(x)
+
+
+def input_samples(config: Config, n: int) -> int:
+    """`SeparationModel.input_samples`: the input length for an excerpt whose *output* has >= n samples.
+
+    With context this is the paper's rule (`get_padding`): asked for its 16,384 output frames, the
+    paper's model takes 147,443 input samples and predicts their centre 16,389.
+    """
+    return int(padded_length(int(n), config))
+
+
+def output_samples(config: Config, n: int) -> int:
+    """Output length of a valid input length `n` (ValueError for an invalid one)."""
+    if not is_valid_input(config, n):
+        raise ValueError(f"{n} is not a valid Wave-U-Net input length; use input_samples() "
+                         f"(e.g. {input_samples(config, n)})")
+    return n - 2 * context_samples(config)
+
+
+def is_valid_input(config: Config, n: int) -> bool:
+    return n >= 1 and padded_length(n - 2 * context_samples(config), config) == n
+
+
+# --------------------------------------------------------------------------------------------
+# Layers (defined on first use: importing this module must not import TensorFlow)
+# --------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _layers():
+    import keras
+    from keras import ops
+
+    def time_length(shape):
+        return shape[1]
+
+    @keras.saving.register_keras_serializable(package="wave_u_net")
+    class Decimate(keras.layers.Layer):
+        """Every other time step: `(nb_samples, n, F)` -> `(nb_samples, ceil(n / 2), F)`."""
+
+        def call(self, x):
+            return x[:, ::2, :]
+
+        def compute_output_shape(self, shape):
+            n = time_length(shape)
+            return (shape[0], None if n is None else (n + 1) // 2, shape[2])
+
+    @keras.saving.register_keras_serializable(package="wave_u_net")
+    class Upsample(keras.layers.Layer):
+        """Time ×2: between neighbours v_t, v_t+1 goes w·v_t + (1 − w)·v_t+1, originals at even steps.
+
+        `linear`: w = 1/2. `learned`: w = sigmoid(a), one trainable a per feature (the paper's learned
+        upsampling), initialised at 0, i.e. starting from linear interpolation.
+        valid=True: `(nb_samples, n, F)` -> `(nb_samples, 2n − 1, F)` (the reference's
+        `align_corners=True` resize); valid=False: -> `2n`, the last in-between step repeating the last
+        step (as TF1's `resize_bilinear`; the reference's learned layer zero-pads there instead).
+        """
+
+        def __init__(self, learned: bool = False, valid: bool = True, **kwargs):
+            super().__init__(**kwargs)
+            self.learned = learned
+            self.valid = valid
+
+        def build(self, shape):
+            if self.learned:
+                self.logit = self.add_weight(shape=(shape[-1],), initializer="zeros", name="interpolation_logit")
+
+        def call(self, x):
+            if self.valid:
+                left, right = x[:, :-1], x[:, 1:]
+            else:
+                left, right = x, ops.concatenate([x[:, 1:], x[:, -1:]], axis=1)
+            if self.learned:
+                weight = ops.sigmoid(self.logit)
+                between = weight * left + (1.0 - weight) * right
+            else:
+                between = 0.5 * (left + right)
+            pairs = ops.stack([left, between], axis=2)  # (nb_samples, n', 2, F)
+            shape = ops.shape(pairs)
+            out = ops.reshape(pairs, (shape[0], 2 * shape[1], shape[3]))
+            if self.valid:
+                out = ops.concatenate([out, x[:, -1:]], axis=1)
+            return out
+
+        def compute_output_shape(self, shape):
+            n = time_length(shape)
+            return (shape[0], None if n is None else 2 * n - (1 if self.valid else 0), shape[2])
+
+        def get_config(self):
+            return {**super().get_config(), "learned": self.learned, "valid": self.valid}
+
+    @keras.saving.register_keras_serializable(package="wave_u_net")
+    class CentreCrop(keras.layers.Layer):
+        """[x `(nb_samples, n_x, F)`, like `(nb_samples, n, ...)`] -> the centre n steps of x (n <= n_x)."""
+
+        def call(self, inputs):
+            x, like = inputs
+            start = (ops.shape(x)[1] - ops.shape(like)[1]) // 2
+            return x[:, start:start + ops.shape(like)[1]]
+
+        def compute_output_shape(self, shapes):
+            return (shapes[0][0], time_length(shapes[1]), shapes[0][2])
+
+    @keras.saving.register_keras_serializable(package="wave_u_net")
+    class TakeFirst(keras.layers.Layer):
+        """[x `(nb_samples, n_x, F)`, like `(nb_samples, n, ...)`] -> the first n steps of x."""
+
+        def call(self, inputs):
+            x, like = inputs
+            return x[:, :ops.shape(like)[1]]
+
+        def compute_output_shape(self, shapes):
+            return (shapes[0][0], time_length(shapes[1]), shapes[0][2])
+
+    @keras.saving.register_keras_serializable(package="wave_u_net")
+    class AudioClip(keras.layers.Layer):
+        """Identity in training, clip to [-1, 1] at inference (the reference's `linear` output activation)."""
+
+        def call(self, x, training=None):
+            return x if training else ops.clip(x, -1.0, 1.0)
+
+    @keras.saving.register_keras_serializable(package="wave_u_net")
+    class PadToValid(keras.layers.Layer):
+        """Zero-pad a mixture of any length n: `context` samples before it, and after it up to the
+        shortest valid input whose output covers n (see `padded_length`)."""
+
+        def __init__(self, num_layers: int, filter_size: int, merge_filter_size: int, context: bool, **kwargs):
+            super().__init__(**kwargs)
+            self.geometry = Config(num_layers=num_layers, filter_size=filter_size,
+                                   merge_filter_size=merge_filter_size, context=context)
+
+        def call(self, x):
+            n = ops.shape(x)[1]
+            before = context_samples(self.geometry)
+            after = padded_length(n, self.geometry, maximum=ops.maximum) - n - before
+            return ops.pad(x, [[0, 0], [before, after], [0, 0]])
+
+        def compute_output_shape(self, shape):
+            n = time_length(shape)
+            return (shape[0], None if n is None else padded_length(n, self.geometry), shape[2])
+
+        def get_config(self):
+            g = self.geometry
+            return {**super().get_config(), "num_layers": g.num_layers, "filter_size": g.filter_size,
+                    "merge_filter_size": g.merge_filter_size, "context": g.context}
+
+    @keras.saving.register_keras_serializable(package="wave_u_net")
+    class SourceMeanSquaredError(keras.losses.Loss):
+        """MSE of one source divided by the number of sources: Keras sums the per-output losses, so the
+        total is the reference's loss, the mean over sources of each source's MSE."""
+
+        def __init__(self, nb_sources: int = 1, name: str = "source_mse", **kwargs):
+            super().__init__(name=name, **kwargs)
+            self.nb_sources = nb_sources
+
+        def call(self, y_true, y_pred):
+            return ops.mean(ops.square(y_pred - y_true), axis=-1) / self.nb_sources
+
+        def get_config(self):
+            return {**super().get_config(), "nb_sources": self.nb_sources}
+
+    return dict(Decimate=Decimate, Upsample=Upsample, CentreCrop=CentreCrop, TakeFirst=TakeFirst,
+                AudioClip=AudioClip, PadToValid=PadToValid, SourceMeanSquaredError=SourceMeanSquaredError)
+
+
+# --------------------------------------------------------------------------------------------
+# The functional graph
+# --------------------------------------------------------------------------------------------
+def wave_u_net(config: Config, targets, nb_channels: int, name: str = "wave_u_net"):
+    """keras.Model, mixture `(nb_samples, nb_timesteps, nb_channels)` -> {target: `(nb_samples,
+    nb_output_timesteps, nb_channels)`}, nb_output_timesteps = nb_timesteps - 2 * context_samples(config)
+    for a valid nb_timesteps (see `input_samples`)."""
+    import keras
+
+    check(config)
+    L = _layers()
+    padding = "valid" if config.context else "same"
+    filters = config.num_initial_filters
+
+    def conv(width, size, layer_name):
+        return keras.layers.Conv1D(width, size, padding=padding, name=layer_name)
+
+    def leaky(layer_name):
+        return keras.layers.LeakyReLU(negative_slope=LEAKY_RELU_SLOPE, name=layer_name)
+
+    # layers
+    down = [(conv(filters * i, config.filter_size, f"down_{i}_conv"), leaky(f"down_{i}_act"),
+             L["Decimate"](name=f"down_{i}_decimate"))
+            for i in range(1, config.num_layers + 1)]
+    bottleneck = (conv(filters * (config.num_layers + 1), config.filter_size, "bottleneck_conv"),
+                  leaky("bottleneck_act"))
+    up = {i: (L["Upsample"](learned=config.upsampling == "learned", valid=config.context, name=f"up_{i}_upsample"),
+              L["CentreCrop"](name=f"up_{i}_crop"), keras.layers.Concatenate(name=f"up_{i}_concat"),
+              conv(filters * i, config.merge_filter_size, f"up_{i}_conv"), leaky(f"up_{i}_act"))
+          for i in range(config.num_layers, 0, -1)}
+    learned_targets = targets[:-1] if config.output_type == "difference" else targets
+    activation = "tanh" if config.output_activation == "tanh" else None
+    heads = {t: keras.layers.Conv1D(nb_channels, 1, activation=activation, name=f"output_{t}") for t in learned_targets}
+    clips = ({t: L["AudioClip"](name=f"output_{t}_clip") for t in learned_targets}
+             if config.output_activation == "linear" else {})
+
+    # functional graph
+    mixture = keras.Input((None, nb_channels), name="mixture")
+    x = mixture
+    skips = {}
+    for i, (convolution, act, decimate) in enumerate(down, start=1):
+        skips[i] = act(convolution(x))
+        x = decimate(skips[i])
+    x = bottleneck[1](bottleneck[0](x))
+    for i, (upsample, crop, concat, convolution, act) in up.items():
+        x = upsample(x)
+        x = act(convolution(concat([crop([skips[i], x]), x])))
+    mixture_centre = L["CentreCrop"](name="mixture_crop")([mixture, x])
+    features = keras.layers.Concatenate(name="output_concat")([mixture_centre, x])
+    outputs = {}
+    for target in learned_targets:
+        estimate = heads[target](features)
+        outputs[target] = clips[target](estimate) if target in clips else estimate
+    if config.output_type == "difference":
+        others = [outputs[t] for t in learned_targets]
+        if not others:
+            rest = mixture_centre
+        else:
+            total = others[0] if len(others) == 1 else keras.layers.Add(name="sum_of_others")(others)
+            rest = keras.layers.Subtract(name=f"output_{targets[-1]}")([mixture_centre, total])
+        outputs[targets[-1]] = rest
+    outputs = {t: keras.layers.Identity(name=t)(outputs[t]) for t in targets}  # output names = targets
+    return keras.Model(mixture, outputs, name=name)
+
+
+def separator_model(train_model, config: Config, targets, nb_channels: int):
+    """Mixture of any length `(nb_samples, nb_timesteps, nb_channels)` -> {target: same shape}: zero-pad by
+    the context (and to a valid length), run `train_model` (shared weights), keep the first nb_timesteps."""
+    import keras
+
+    L = _layers()
+    mixture = keras.Input((None, nb_channels), name="mixture")
+    padded = L["PadToValid"](config.num_layers, config.filter_size, config.merge_filter_size, config.context,
+                             name="pad_to_valid")(mixture)
+    estimates = train_model(padded)
+    outputs = {t: L["TakeFirst"](name=f"{t}_trim")([estimates[t], mixture]) for t in targets}
+    return keras.Model(mixture, outputs, name="wave_u_net_separator")
+
+
+# --------------------------------------------------------------------------------------------
+# The family builder
+# --------------------------------------------------------------------------------------------
+def build(config: Config, *, data, stats: Mapping) -> SeparationModel:
+    import keras
+
+    check(config)
+    targets = tuple(data.targets)
+    nb_channels = int(data.nb_channels)
+    train_model = wave_u_net(config, targets, nb_channels)
+    separator = separator_model(train_model, config, targets, nb_channels)
+    context = context_samples(config)
+
+    def train_targets(stems: Dict) -> Dict:
+        """Stems `(nb_samples, nb_timesteps, nb_channels)` of a valid length -> their centre, the output."""
+        out = {}
+        for target in targets:
+            stem = keras.ops.convert_to_tensor(stems[target], "float32")
+            out[target] = stem[:, context:keras.ops.shape(stem)[1] - context] if context else stem
+        return out
+
+    def mobile(chunk: int):
+        """Static `(1, chunk, nb_channels)` -> the train model's outputs; chunk must be a valid length."""
+        if not is_valid_input(config, chunk):
+            raise ValueError(f"chunk of {chunk} samples is not a valid Wave-U-Net input; use input_samples()")
+        mixture = keras.Input((chunk, nb_channels), batch_size=1, name="mixture")
+        return keras.Model(mixture, train_model(mixture), name="wave_u_net_mobile")
+
+    loss_class = _layers()["SourceMeanSquaredError"]
+    return SeparationModel(
+        targets=targets,
+        sample_rate=int(data.sample_rate),
+        nb_channels=nb_channels,
+        train_model=train_model,
+        train_targets=train_targets,
+        loss={t: loss_class(nb_sources=len(targets)) for t in targets},
+        separator=separator,
+        config=config,
+        input_samples=functools.partial(input_samples, config),
+        mobile=mobile,
+        extra={"context_samples": context, "output_samples": functools.partial(output_samples, config)},
+    )
