@@ -199,7 +199,10 @@ def _export_tflite(context: StageContext, model, folder: Path, figures: dict) ->
     chunk = model.input_samples(chunk)
     mobile = model.mobile(chunk)
     probe = _probe_chunk(context, chunk)
-    reference = {k: np.asarray(v) for k, v in model.train_model(probe, training=False).items()}
+    # the mobile model reproduces the separator (waveforms) unless the family leaves a post-processing
+    # step to the app, in which case it reproduces the train-domain outputs
+    reference_model = model.separator if model.postprocess is None else model.train_model
+    reference = {k: np.asarray(v) for k, v in reference_model(probe, training=False).items()}
     folder.mkdir(parents=True)
     variants = {}
     for variant in ("float32", config.export.quantize):
@@ -224,7 +227,7 @@ def _export_tflite(context: StageContext, model, folder: Path, figures: dict) ->
         "latency_seconds": chunk / rate,
         "input": {INPUT_NAME: [1, chunk, config.data.nb_channels]},
         "outputs": {k: list(v.shape) for k, v in reference.items()},
-        "outputs_are": "the train-domain outputs of the model (see README: TFLite)",
+        "outputs_are": "waveforms" if model.postprocess is None else "train-domain outputs; apply the postprocess",
         "variants": variants,
     }
     (folder / f"{name}.json").write_text(json.dumps(description, indent=1))

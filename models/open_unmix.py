@@ -18,6 +18,7 @@ filter (`wiener_iterations` EM steps, 0 = ratio masks) -> ISTFT to the input len
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Iterable, Optional
@@ -300,6 +301,13 @@ def build(config: Config, *, data, stats=None) -> SeparationModel:
         for network in networks.values():
             network.set_input_statistics(mean, std)
 
+    def mobile(nb_timesteps: int) -> keras.Model:
+        """The whole separator (STFT, networks, Wiener, ISTFT) over a static chunk with unrolled LSTMs:
+        TFLite built-in ops only. Weights are copied from this model at call time."""
+        static = build(dataclasses.replace(config, unroll=True), data=data, stats=stats)
+        static.train_model.set_weights(train_model.get_weights())
+        return static.extra["make_separator"](nb_timesteps=nb_timesteps)
+
     return SeparationModel(
         targets=targets,
         sample_rate=data.sample_rate,
@@ -310,5 +318,6 @@ def build(config: Config, *, data, stats=None) -> SeparationModel:
         separator=make_separator(),
         config=config,
         adapt=adapt,
+        mobile=mobile,
         extra={"make_separator": make_separator, "networks": networks, "max_bin": max_bin, "nb_bins": nb_bins},
     )

@@ -22,7 +22,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("what", choices=("train",), help="what to measure")
     parser.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (tracing, caches)")
-    parser.add_argument("updates", nargs=argparse.REMAINDER, help="`with` preset names and key=value overrides")
+    parser.epilog = "Configuration after `with`, as for pipeline/run.py: `with default model.name=umx`."
     return parser
 
 
@@ -62,7 +62,10 @@ def benchmark_train(config, steps: int, warmup: int) -> dict:
 
 
 def main(argv=None) -> int:
-    args = get_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    split = argv.index("with") if "with" in argv else len(argv)
+    args = get_parser().parse_args(argv[:split])
+    args.updates = argv[split:]
     logging.basicConfig(level=logging.WARNING)
     from pipeline.experiment import UserError, resolve
     from pipeline.run import split_updates
