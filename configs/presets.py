@@ -30,7 +30,11 @@ PRESETS = {
                  "segment_seconds": 2.0, "shard_megabytes": 0.1, "shuffle_buffer": 16},
         "model": {"umx": {"hidden_size": 16, "nb_layers": 1, "n_fft": 256, "hop_length": 64},
                   # 37 samples of context each side: 8,077 input samples -> 8,003 output samples
-                  "wave_u_net": {"num_layers": 3, "num_initial_filters": 4, "filter_size": 5, "merge_filter_size": 3}},
+                  "wave_u_net": {"num_layers": 3, "num_initial_filters": 4, "filter_size": 5, "merge_filter_size": 3},
+                  # 128 bins, 2 scales, 8 channels: 1 s -> 124 frames (7,872 samples); 36,848 parameters
+                  "tfc_tdf_v3": {"n_fft": 256, "hop_length": 64, "dim_f": 128, "dim_t": 32, "inference_dim_t": 32,
+                                 "num_subbands": 2, "num_scales": 2, "num_blocks_per_scale": 1, "num_channels": 8,
+                                 "growth": 8, "bottleneck_factor": 4}},
         "train": {"epochs": 1, "batch_size": 4, "steps_per_epoch": 2, "seq_seconds": 1.0,
                   "samples_per_track": 2, "workers": 1, "snapshot_seconds": 2.0},
         "evaluate": {"chunk_seconds": 2.0, "workers": 1},
@@ -51,5 +55,21 @@ PRESETS = {
                  "channel_swap": False},
         "model": {"name": "wave_u_net", "wave_u_net": {"upsampling": "learned"}},
         "train": _wave_u_net_train(44100),
+    },
+    # TFC-TDF-UNet v3, SDX23 leaderboard A (kuielab/sdx23 ckpts/modelA/config.yaml): Adam lr 1e-4, batch 6,
+    # excerpts of 256 frames (261,120 samples), the coarse quantile loss q = 0.4 (label noise). Leaderboard B
+    # (bleeding): `model.tfc_tdf_v3.loss=quantile_element` (q 0.93). Inference: 1024-frame chunks, hop chunk / 8.
+    "tfc_tdf_v3_sdx23": {
+        "model": {"name": "tfc_tdf_v3", "tfc_tdf_v3": {"loss": "quantile_coarse"}},
+        "train": {"lr": 1e-4, "weight_decay": 0.0, "batch_size": 6, "seq_seconds": 1024 * 255 / 44100},
+        "evaluate": {"chunk_seconds": 1024 * 1023 / 44100, "overlap": 0.875},
+    },
+    # TFC-TDF-UNet v3, MUSDB18 configuration: 128 channels growing by 128, hop 2048; 256-frame excerpts.
+    "tfc_tdf_v3_musdb18": {
+        "data": {"segment_seconds": 12.0},
+        "model": {"name": "tfc_tdf_v3",
+                  "tfc_tdf_v3": {"num_channels": 128, "growth": 128, "hop_length": 2048, "inference_dim_t": 256}},
+        "train": {"lr": 1e-4, "weight_decay": 0.0, "batch_size": 6, "seq_seconds": 2048 * 255 / 44100},
+        "evaluate": {"chunk_seconds": 2048 * 255 / 44100, "overlap": 0.875},
     },
 }

@@ -15,6 +15,7 @@ from configs.config import ConfigError
 FAMILIES = {
     "umx": "models.open_unmix",
     "wave_u_net": "models.wave_u_net",
+    "tfc_tdf_v3": "models.tfc_tdf_unet",
 }
 
 
