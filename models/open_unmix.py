@@ -163,7 +163,9 @@ class OpenUnmix(keras.layers.Layer):
         self.max_bin = max_bin or nb_bins
         self.unroll = unroll
 
-        bn = dict(momentum=0.9, epsilon=1e-5)  # PyTorch BatchNorm1d defaults (momentum 0.1)
+        # PyTorch BatchNorm1d defaults (momentum 0.1); batch statistics over the global batch under
+        # MirroredStrategy, so n replicas train exactly like one device on the same global batch
+        bn = dict(momentum=0.9, epsilon=1e-5, synchronized=True)
         self.fc1 = keras.layers.Dense(hidden_size, use_bias=False, kernel_initializer=_torch_dense_init(), name="fc1")
         self.bn1 = keras.layers.BatchNormalization(name="bn1", **bn)
         lstm_units = hidden_size if unidirectional else hidden_size // 2
