@@ -84,11 +84,14 @@ def require(artifacts_dir: Path, stage: str, needed_by: str) -> Artifact:
 
 
 def versions() -> dict:
+    from importlib import metadata
+
     found = {"python": sys.version.split()[0], "platform": platform.platform()}
-    for name in ("numpy", "tensorflow", "keras", "musdb", "museval", "sacred", "soundfile"):
-        module = sys.modules.get(name)
-        if module is not None:
-            found[name] = getattr(module, "__version__", "unknown")
+    for name in ("numpy", "tensorflow", "keras", "musdb", "museval", "sacred", "soundfile", "scipy"):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
     return found
 
 
