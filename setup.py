@@ -23,8 +23,8 @@ setup(
         "ai-edge-litert>=1.2",  # runs exported .tflite models
     ],
     extras_require={
-        "db": ["SQLAlchemy>=2", "pymongo>=4"],
-        "dev": ["pytest>=8", "SQLAlchemy>=2", "psycopg2-binary>=2.9"],
+        "db": ["SQLAlchemy>=2", "psycopg[binary]>=3.1", "pymongo>=4"],
+        "dev": ["pytest>=8", "SQLAlchemy>=2", "psycopg[binary]>=3.1"],
     },
     entry_points={
         "console_scripts": [

@@ -1,0 +1,50 @@
+"""Sacred run tracking against a real PostgreSQL server (CI starts one: .ci/postgres), and driver errors."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+POSTGRES_URL = os.environ.get("MUSICSEP_TEST_POSTGRES_URL")
+
+
+@pytest.mark.skipif(not POSTGRES_URL, reason="no PostgreSQL server: set MUSICSEP_TEST_POSTGRES_URL (.ci/postgres starts one)")
+def test_sql_observer_records_runs_in_postgresql(tmp_path):
+    import sqlalchemy as sa
+
+    marker = uuid.uuid4().hex[:8]
+    result = subprocess.run(
+        [sys.executable, "pipeline/run.py", "--stage", "prepare", "-q", "--no-file-observer", "--sql", POSTGRES_URL,
+         "with", "unittest", f"artifacts_dir={tmp_path / marker}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    engine = sa.create_engine(POSTGRES_URL)
+    with engine.connect() as connection:
+        rows = connection.execute(sa.text("SELECT status, command, result, config FROM run ORDER BY id")).fetchall()
+    ours = [row for row in rows if marker in str(row[3])]
+    assert len(ours) == 1
+    status, command, value, config = ours[0]
+    assert (status, command, value) == ("COMPLETED", "prepare", 16.0)
+    assert json.loads(config)["data"]["sample_rate"] == 8000
+
+
+@pytest.mark.parametrize("args, message", [
+    (["with", "nosuchpreset"], "unknown preset 'nosuchpreset'"),
+    (["with", "unittest", "model.name=nosuchmodel"], "model.name 'nosuchmodel' is not a registered model"),
+    (["with", "unittest", "model.umx.hidden_sise=3"], "unknown config key 'model.umx.hidden_sise'"),
+    (["with", "unittest", "train.epochs=many"], "train.epochs"),
+    (["with", "unittest", "data.format=musdb"], "data.format=musdb needs data.root"),
+])
+def test_config_errors_are_one_line_and_exit_2(tmp_path, args, message):
+    result = subprocess.run([sys.executable, "pipeline/run.py", "--stage", "prepare", "--no-file-observer", *args,
+                             f"artifacts_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last, result.stderr[-2000:]
+    assert not (tmp_path / "prepare").exists()
