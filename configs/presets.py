@@ -15,6 +15,15 @@ def _wave_u_net_train(sample_rate: int) -> dict:
             "finetune_epochs": 1000, "finetune_lr": 1e-5, "finetune_batch_size": 32}
 
 
+# spectrogram U-Nets (models/unet.py): STFT, bins fed to the network, frames per patch
+_TINY_UNET = {"n_fft": 256, "hop_length": 64, "max_bin": 64, "patch_frames": 64, "first_filters": 4}
+# M-U-Net code (github.com/vskadandale/multichannel-unet-bss, settings.py): TARGET_SAMPLING_RATE 10880,
+# NFFT 1022, HOP_LENGTH 256, 6 s excerpts -> STFT_WIDTH 256 frames: 512 bins x 256 frames
+_M_UNET_PAPER = {"n_fft": 1022, "hop_length": 256, "max_bin": 512, "patch_frames": 256}
+# Spleeter (Jansson et al. 2017 at 44.1 kHz): STFT 4096 / 1024, F = 1024 bins, T = 512 frames (11.9 s)
+_SPLEETER = {"n_fft": 4096, "hop_length": 1024, "max_bin": 1024, "patch_frames": 512}
+
+
 PRESETS = {
     # The embedded default pipeline: synthetic data, sized for 2 CPU cores in under 10 minutes.
     "default": {
@@ -31,6 +40,9 @@ PRESETS = {
         "model": {"umx": {"hidden_size": 16, "nb_layers": 1, "n_fft": 256, "hop_length": 64},
                   # 37 samples of context each side: 8,077 input samples -> 8,003 output samples
                   "wave_u_net": {"num_layers": 3, "num_initial_filters": 4, "filter_size": 5, "merge_filter_size": 3},
+                  # 64 bins x 64-frame patches, the least six stride-2 layers take; 1 s -> 4,032 samples
+                  "unet": dict(_TINY_UNET), "m_unet": dict(_TINY_UNET),
+                  "c_unet": {**_TINY_UNET, "control_units": [8, 16, 32]},
                   # 128 bins, 2 scales, 8 channels: 1 s -> 124 frames (7,872 samples); 36,848 parameters
                   "tfc_tdf_v3": {"n_fft": 256, "hop_length": 64, "dim_f": 128, "dim_t": 32, "inference_dim_t": 32,
                                  "num_subbands": 2, "num_scales": 2, "num_blocks_per_scale": 1, "num_channels": 8,
@@ -55,6 +67,19 @@ PRESETS = {
                  "channel_swap": False},
         "model": {"name": "wave_u_net", "wave_u_net": {"upsampling": "learned"}},
         "train": _wave_u_net_train(44100),
+    },
+    # M-U-Net (Kadandale et al. 2020) at its code's 10,880 Hz setting, 6 s excerpts (the default segments and
+    # train.seq_seconds) = one 256-frame patch; its baselines, dedicated U-Nets and C-U-Net, at the same setting
+    "m_unet_paper": {
+        "data": {"sample_rate": 10880},
+        "model": {"name": "m_unet", "m_unet": dict(_M_UNET_PAPER), "unet": dict(_M_UNET_PAPER),
+                  "c_unet": dict(_M_UNET_PAPER)},
+    },
+    # Spleeter-like 44.1 kHz U-Nets: one 512-frame patch (523,264 samples) per excerpt, 12 s segments hold one
+    "unet_44k": {
+        "data": {"sample_rate": 44100, "segment_seconds": 12.0},
+        "model": {"name": "unet", "unet": dict(_SPLEETER), "m_unet": dict(_SPLEETER), "c_unet": dict(_SPLEETER)},
+        "train": {"seq_seconds": 11.9},
     },
     # TFC-TDF-UNet v3, SDX23 leaderboard A (kuielab/sdx23 ckpts/modelA/config.yaml): Adam lr 1e-4, batch 6,
     # excerpts of 256 frames (261,120 samples), the coarse quantile loss q = 0.4 (label noise). Leaderboard B
