@@ -46,7 +46,10 @@ PRESETS = {
                   # 128 bins, 2 scales, 8 channels: 1 s -> 124 frames (7,872 samples); 36,848 parameters
                   "tfc_tdf_v3": {"n_fft": 256, "hop_length": 64, "dim_f": 128, "dim_t": 32, "inference_dim_t": 32,
                                  "num_subbands": 2, "num_scales": 2, "num_blocks_per_scale": 1, "num_channels": 8,
-                                 "growth": 8, "bottleneck_factor": 4}},
+                                 "growth": 8, "bottleneck_factor": 4},
+                  "dttnet": {"n_fft": 256, "hop_length": 64, "dim_f": 64, "bass_dim_f": 32, "bottleneck_factor": 4,
+                             "bass_bottleneck_factor": 2, "dim_t": 32, "inference_dim_t": 32, "tfc_layers": 1,
+                             "growth": 8, "num_dual_path_layers": 1}},
         "train": {"epochs": 1, "batch_size": 4, "steps_per_epoch": 2, "seq_seconds": 1.0,
                   "samples_per_track": 2, "workers": 1, "snapshot_seconds": 2.0},
         "evaluate": {"chunk_seconds": 2.0, "workers": 1},
@@ -96,5 +99,13 @@ PRESETS = {
                   "tfc_tdf_v3": {"num_channels": 128, "growth": 128, "hop_length": 2048, "inference_dim_t": 256}},
         "train": {"lr": 1e-4, "weight_decay": 0.0, "batch_size": 6, "seq_seconds": 2048 * 255 / 44100},
         "evaluate": {"chunk_seconds": 2048 * 255 / 44100, "overlap": 0.875},
+    },
+    # DTTNet (Chen et al. 2024), one network per target: AdamW lr 2e-4 (PyTorch's default weight decay 0.01;
+    # the train stage's Adam applies weight_decay decoupled, as AdamW), L1 on waveforms, batch 8, excerpts of
+    # 256 frames (261,120 samples); inference chunks of 512 frames, hop chunk / 4.
+    "dttnet_paper": {
+        "model": {"name": "dttnet"},
+        "train": {"lr": 2e-4, "weight_decay": 0.01, "batch_size": 8, "seq_seconds": 1024 * 255 / 44100},
+        "evaluate": {"chunk_seconds": 1024 * 511 / 44100, "overlap": 0.75},
     },
 }

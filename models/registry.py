@@ -20,6 +20,7 @@ FAMILIES = {
     "m_unet": "models.unet:multi_channel",
     "c_unet": "models.unet:conditioned",
     "tfc_tdf_v3": "models.tfc_tdf_unet",
+    "dttnet": "models.dttnet",
 }
 
 

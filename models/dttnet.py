@@ -1,0 +1,352 @@
+"""DTTNet, the Dual-Path TFC-TDF UNet (Chen, Vekkot & Shukla, ICASSP 2024), in Keras: one network per target.
+
+    STFT (n_fft 6144, hop 1024), keep the lowest `dim_f` bins (2048; 864 for bass) as real/imag features
+    -> first conv 1x1 (4 -> g) -> BN -> ReLU
+    -> encoder, `num_scales` (2) times: TFC-TDF-Res2(c) -> skip; conv 2x2 stride 2 (c -> c+g) -> BN -> ReLU
+    -> latent: TFC-TDF-Res2(c), then the Improved Dual-Path Module
+    -> decoder: transposed conv 2x2 stride 2 (c -> c-g) -> BN -> ReLU; x * skip; TFC-TDF-Res2(c)
+    -> conv 1x1 (g -> 4): the target's complex spectrogram (no mask) -> ISTFT
+
+TFC-TDF-Res2 (the reference's `TFC_TDF_Res2`): res = TFC_1(x); x = TFC_l(x); x = x + TDF(x);
+x = TFC_l(x); x = x + res, with TFC_l = l x (conv k x k with bias -> BN -> ReLU) and TDF = linear over
+the frequency axis f -> f/bn (no bias) -> BN -> ReLU -> linear f/bn -> f -> BN -> ReLU.
+
+Improved Dual-Path Module: the C channels are split into H heads folded into the batch (the heads
+share weights); `num_dual_path_layers` times: GroupNorm -> BLSTM (hidden 2C/H per direction) -> linear
+-> residual along time, then the same along frequency; the heads are merged back into C channels.
+GroupNorm has (C/H) // 16 groups, normalising over channel groups and the sequence axis.
+
+The LSTM is Open-Unmix's PyTorch-style layer (models/open_unmix.py): both biases `b_ih` and `b_hh`
+(so the weight count is PyTorch's) and `unroll` over a static length, which is how the `mobile`
+model converts to TFLite built-in ops.
+
+Trainable parameters per target (the "4.97M" of the paper, derivation in tests/test_dttnet.py):
+4,958,468 for vocals / drums / other and 4,184,388 for bass.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import keras
+import tensorflow as tf
+
+from configs.config import ConfigError
+from models.base import SeparationModel
+from models.open_unmix import LSTM
+from models.tfc_tdf_unet import CropFrames, PadFrames, _torch_init
+from models.transforms import ISTFT, STFT
+
+
+@dataclass(frozen=True)
+class Config:
+    """The paper's vocals model (DTTNet-Pytorch `configs/model/vocals.yaml`); bass gets its own bins and bn."""
+
+    n_fft: int = 6144
+    hop_length: int = 1024
+    dim_f: int = 2048
+    dim_t: int = 256  # frames of a training chunk: hop_length * (dim_t - 1) = 261,120 samples
+    num_scales: int = 2  # the reference's num_blocks = 5: 2 encoder blocks, the latent block, 2 decoder blocks
+    tfc_layers: int = 3  # l: convolutions per TFC
+    growth: int = 32  # g: first channel count and growth per scale
+    kernel_size: int = 3
+    bottleneck_factor: int = 8  # bn of the TDF
+    bass_dim_f: int = 864
+    bass_bottleneck_factor: int = 2
+    num_heads: int = 2
+    num_dual_path_layers: int = 4
+    group_size: int = 16  # channels per GroupNorm group in the dual-path module
+    inference_dim_t: int = 512  # the reference's inference chunk: hop_length * (2 dim_t - 1) samples
+    num_overlap: int = 4  # the reference's demix(inf_overf=4): chunk hop = chunk / 4
+    unroll: bool = False  # unrolled LSTMs (static lengths); `mobile` always unrolls
+
+    def __post_init__(self):
+        key = "model.dttnet."
+        if self.n_fft <= 0 or self.n_fft % 2:
+            raise ConfigError(f"{key}n_fft must be a positive even number, got {self.n_fft}")
+        if not 0 < self.hop_length <= self.n_fft // 2:
+            raise ConfigError(f"{key}hop_length must lie in (0, n_fft/2], got {self.hop_length}")
+        if min(self.num_scales, self.tfc_layers, self.growth, self.num_heads, self.num_dual_path_layers,
+               self.group_size, self.num_overlap) < 1 or self.kernel_size % 2 == 0:
+            raise ConfigError(f"{key}num_scales, tfc_layers, growth, num_heads, num_dual_path_layers, group_size and "
+                              "num_overlap must be positive and kernel_size odd")
+        scale = 2 ** self.num_scales
+        for bins, factor, name in ((self.dim_f, self.bottleneck_factor, "dim_f"),
+                                   (self.bass_dim_f, self.bass_bottleneck_factor, "bass_dim_f")):
+            if not 0 < bins <= self.n_fft // 2 + 1 or bins % scale:
+                raise ConfigError(f"{key}{name}={bins} must be a multiple of 2**num_scales = {scale} in (0, n_fft/2 + 1]")
+            if factor < 1 or bins // scale < factor:
+                raise ConfigError(f"{key}the bottleneck factor of {name} must be in [1, {bins // scale}], got {factor}")
+        if (self.growth * (self.num_scales + 1)) % self.num_heads:
+            raise ConfigError(f"{key}the latent channels growth * (num_scales + 1) = "
+                              f"{self.growth * (self.num_scales + 1)} must split into num_heads={self.num_heads}")
+        for name in ("dim_t", "inference_dim_t"):
+            if getattr(self, name) < scale or getattr(self, name) % scale:
+                raise ConfigError(f"{key}{name} must be a positive multiple of 2**num_scales = {scale}")
+
+    def target_bins(self, target: str) -> tuple:
+        """(dim_f, bottleneck_factor) of `target`'s network."""
+        if target == "bass":
+            return self.bass_dim_f, self.bass_bottleneck_factor
+        return self.dim_f, self.bottleneck_factor
+
+
+# --------------------------------------------------------------------------------------------- layers
+
+
+def _shape(x) -> list:
+    """Sizes of x: python ints where static, scalar tensors where not."""
+    dynamic = tf.shape(x)
+    return [size if size is not None else dynamic[axis] for axis, size in enumerate(x.shape)]
+
+
+class DualPathModule(keras.layers.Layer):
+    """Improved Dual-Path Module, `(nb_samples, nb_frames, nb_bins, channels)` -> same shape.
+
+    Channels are split into `num_heads` heads of `channels / num_heads` features that share the
+    weights; every layer runs GroupNorm -> BLSTM -> linear with a residual, first along the frames
+    (one sequence per bin), then along the bins (one sequence per frame).
+    """
+
+    def __init__(self, channels: int, num_heads: int = 2, num_layers: int = 4, group_size: int = 16,
+                 unroll: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.channels = channels
+        self.num_heads = num_heads
+        self.num_layers = num_layers
+        self.group_size = group_size
+        self.unroll = unroll
+        features = channels // num_heads
+        hidden = 2 * channels // num_heads  # the reference's hidden_dim_size = 2 C, split over the heads
+        groups = max(1, features // group_size)
+        self.paths = []
+        for index in range(num_layers):
+            path = {}
+            for axis in ("time", "freq"):
+                path[axis] = (
+                    keras.layers.GroupNormalization(groups, axis=-1, epsilon=1e-5, name=f"{axis}{index}_norm"),
+                    LSTM(hidden, bidirectional=True, unroll=unroll, name=f"{axis}{index}_blstm"),
+                    keras.layers.Dense(features, kernel_initializer=_torch_init(), name=f"{axis}{index}_fc",
+                                       bias_initializer=keras.initializers.RandomUniform(
+                                           -(2 * hidden) ** -0.5, (2 * hidden) ** -0.5)),
+                )
+            self.paths.append(path)
+
+    def build(self, input_shape):
+        features = self.channels // self.num_heads
+        hidden = 2 * self.channels // self.num_heads
+        for path in self.paths:
+            for norm, lstm, dense in path.values():
+                norm.build((None, None, features))
+                lstm.build((None, None, features))
+                dense.build((None, None, 2 * hidden))
+
+    def _along(self, x, layers):
+        """x `(batch, nb_sequences, length, features)` -> x + fc(blstm(norm(x))) per sequence."""
+        norm, lstm, dense = layers
+        batch, nb_sequences, length, features = _shape(x)
+        y = dense(lstm(norm(tf.reshape(x, [batch * nb_sequences, length, features]))))
+        return x + tf.reshape(y, [batch, nb_sequences, length, features])
+
+    def call(self, x):
+        # static sizes where known: the unrolled LSTMs of the mobile model need static lengths
+        batch, frames, bins, _ = shape = _shape(x)
+        heads, features = self.num_heads, self.channels // self.num_heads
+        x = tf.reshape(x, [batch, frames, bins, heads, features])
+        x = tf.transpose(x, [0, 3, 2, 1, 4])  # (samples, heads, bins, frames, features)
+        x = tf.reshape(x, [batch * heads, bins, frames, features])
+        for path in self.paths:
+            x = self._along(x, path["time"])  # sequences over frames, one per bin
+            x = tf.transpose(x, [0, 2, 1, 3])
+            x = self._along(x, path["freq"])  # sequences over bins, one per frame
+            x = tf.transpose(x, [0, 2, 1, 3])
+        x = tf.reshape(x, [batch, heads, bins, frames, features])
+        x = tf.transpose(x, [0, 3, 2, 1, 4])
+        return tf.reshape(x, shape)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape)
+
+    def get_config(self):
+        return {**super().get_config(), "channels": self.channels, "num_heads": self.num_heads,
+                "num_layers": self.num_layers, "group_size": self.group_size, "unroll": self.unroll}
+
+
+class ComplexFeatures(keras.layers.Layer):
+    """`(nb_samples, nb_frames, nb_bins, nb_channels, 2)` -> `(nb_samples, nb_frames, dim_f, nb_channels·2)`."""
+
+    def __init__(self, dim_f: int, **kwargs):
+        super().__init__(**kwargs)
+        self.dim_f = dim_f
+
+    def call(self, spectrogram):
+        shape = tf.shape(spectrogram)
+        features = spectrogram.shape[3] * 2
+        return tf.reshape(spectrogram[:, :, : self.dim_f], tf.stack([shape[0], shape[1], self.dim_f, features]))
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], input_shape[1], self.dim_f, input_shape[3] * 2)
+
+    def get_config(self):
+        return {**super().get_config(), "dim_f": self.dim_f}
+
+
+class ComplexSpectrogram(keras.layers.Layer):
+    """`(nb_samples, nb_frames, dim_f, nb_channels·2)` -> `(nb_samples, nb_frames, nb_bins, nb_channels, 2)`, upper bins zero."""
+
+    def __init__(self, nb_bins: int, **kwargs):
+        super().__init__(**kwargs)
+        self.nb_bins = nb_bins
+
+    def call(self, x):
+        shape = tf.shape(x)
+        x = tf.reshape(x, tf.stack([shape[0], shape[1], shape[2], x.shape[3] // 2, 2]))
+        return tf.pad(x, [[0, 0], [0, 0], [0, self.nb_bins - shape[2]], [0, 0], [0, 0]])
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], input_shape[1], self.nb_bins, input_shape[3] // 2, 2)
+
+    def get_config(self):
+        return {**super().get_config(), "nb_bins": self.nb_bins}
+
+
+def _conv(x, channels: int, kernel: int, name: str, stride: int = 1, transpose: bool = False):
+    """Conv with bias, PyTorch's default init: U(±1/sqrt(fan_in)) for kernel and bias (fan_in of a transposed
+    conv from its output channels, as PyTorch computes it)."""
+    layer = keras.layers.Conv2DTranspose if transpose else keras.layers.Conv2D
+    bound = (kernel * kernel * (channels if transpose else x.shape[-1])) ** -0.5
+    return layer(channels, kernel, strides=stride, padding="same" if stride == 1 else "valid",
+                 kernel_initializer=_torch_init(), bias_initializer=keras.initializers.RandomUniform(-bound, bound),
+                 name=name)(x)
+
+
+def _bn(name: str, axis: int = -1):
+    return keras.layers.BatchNormalization(axis=axis, momentum=0.9, epsilon=1e-5, name=name)  # PyTorch defaults
+
+
+def tfc(x, channels: int, layers: int, kernel: int, name: str):
+    for index in range(layers):
+        x = _conv(x, channels, kernel, f"{name}_{index}_conv")
+        x = keras.layers.ReLU(name=f"{name}_{index}_relu")(_bn(f"{name}_{index}_bn")(x))
+    return x
+
+
+def tfc_tdf_res2(x, channels: int, layers: int, kernel: int, bottleneck_factor: int, name: str):
+    """`TFC_TDF_Res2` on `(nb_samples, nb_frames, nb_bins, features)` -> `(..., channels)`; nb_bins static."""
+    nb_bins = x.shape[2]
+    res = tfc(x, channels, 1, kernel, f"{name}_res")
+    x = tfc(x, channels, layers, kernel, f"{name}_tfc1")
+    y = keras.layers.Permute((1, 3, 2), name=f"{name}_tdf_to_bins")(x)  # (samples, frames, channels, bins)
+    for index, units in enumerate((nb_bins // bottleneck_factor, nb_bins)):
+        y = keras.layers.Dense(units, use_bias=False, kernel_initializer=_torch_init(), name=f"{name}_tdf_fc{index}")(y)
+        y = keras.layers.ReLU(name=f"{name}_tdf_relu{index}")(_bn(f"{name}_tdf_bn{index}", axis=2)(y))
+    y = keras.layers.Permute((1, 3, 2), name=f"{name}_tdf_to_channels")(y)
+    x = keras.layers.Add(name=f"{name}_tdf_residual")([x, y])
+    x = tfc(x, channels, layers, kernel, f"{name}_tfc2")
+    return keras.layers.Add(name=f"{name}_residual")([x, res])
+
+
+def dttnet_net(config: Config, dim_f: int, bottleneck_factor: int, nb_channels: int, unroll: bool,
+               name: str, nb_frames: Optional[int] = None, batch_size: Optional[int] = None) -> keras.Model:
+    """One target's network: features `(nb_samples, nb_frames, dim_f, nb_channels·2)` -> the same, the
+    target's spectrogram; nb_frames a multiple of 2 ** num_scales (static with `unroll`)."""
+    g, l, k = config.growth, config.tfc_layers, config.kernel_size
+    features = keras.Input((nb_frames, dim_f, nb_channels * 2), batch_size=batch_size, name="features")
+    x = _conv(features, g, 1, "first_conv")
+    x = keras.layers.ReLU(name="first_relu")(_bn("first_bn")(x))
+    c, skips = g, []
+    for scale in range(config.num_scales):
+        x = tfc_tdf_res2(x, c, l, k, bottleneck_factor, f"encoder{scale}")
+        skips.append(x)
+        x = _conv(x, c + g, 2, f"encoder{scale}_down", stride=2)
+        x = keras.layers.ReLU(name=f"encoder{scale}_down_relu")(_bn(f"encoder{scale}_down_bn")(x))
+        c += g
+    x = tfc_tdf_res2(x, c, l, k, bottleneck_factor, "latent")
+    x = DualPathModule(c, config.num_heads, config.num_dual_path_layers, config.group_size, unroll=unroll,
+                       name="dual_path")(x)
+    for scale in reversed(range(config.num_scales)):
+        c -= g
+        x = _conv(x, c, 2, f"decoder{scale}_up", stride=2, transpose=True)
+        x = keras.layers.ReLU(name=f"decoder{scale}_up_relu")(_bn(f"decoder{scale}_up_bn")(x))
+        x = keras.layers.Multiply(name=f"decoder{scale}_skip")([x, skips[scale]])
+        x = tfc_tdf_res2(x, c, l, k, bottleneck_factor, f"decoder{scale}")
+    x = _conv(x, nb_channels * 2, 1, "final_conv")
+    return keras.Model(features, x, name=name)
+
+
+# ---------------------------------------------------------------------------------------------- build
+
+
+def valid_samples(config: Config, n: int) -> int:
+    """`SeparationModel.input_samples`: the longest length <= n (at least one valid chunk) with a frame count
+    `1 + length // hop_length` that is a multiple of 2 ** num_scales."""
+    multiple = 2 ** config.num_scales
+    frames = max(multiple, (int(n) // config.hop_length + 1) // multiple * multiple)
+    return config.hop_length * (frames - 1)
+
+
+def build(config: Config, *, data, stats=None) -> SeparationModel:
+    """One DTTNet per target of `data.targets`, side by side in one keras.Model (disjoint weights, separable
+    loss: fitting them together is fitting each alone, as the reference does); `stats` is not needed."""
+    targets = tuple(data.targets)
+    nb_channels = data.nb_channels
+    nb_bins = config.n_fft // 2 + 1
+
+    def networks(unroll: bool, **static):
+        return {target: dttnet_net(config, *config.target_bins(target), nb_channels, unroll, f"dttnet_{target}",
+                                   **static)
+                for target in targets}
+
+    nets = networks(config.unroll)
+    stft_layer = STFT(config.n_fft, config.hop_length, name="stft")
+    pad = PadFrames(2 ** config.num_scales, name="pad_frames")
+    crop = CropFrames(name="crop_frames")
+    istft_layer = ISTFT(config.n_fft, config.hop_length, name="istft")
+    features = {target: ComplexFeatures(config.target_bins(target)[0], name=f"features_{target}")
+                for target in targets}
+    to_spectrogram = ComplexSpectrogram(nb_bins, name="spectrogram")
+
+    def separate(waveform, by_target):
+        spectrogram = stft_layer(waveform)
+        outputs = {}
+        for target in targets:
+            x = features[target](spectrogram)
+            estimate = to_spectrogram(crop(by_target[target](pad(x)), x))
+            outputs[target] = istft_layer(estimate, waveform)
+        return outputs
+
+    # the loss is on waveforms (the reference's L1 after ISTFT): training and separating are one graph
+    mixture = keras.Input((None, nb_channels), name="mixture")
+    model = keras.Model(mixture, separate(mixture, nets), name="dttnet")
+
+    def make_mobile(chunk: int) -> keras.Model:
+        """Static `(1, chunk, nb_channels)` -> {target: waveform}, LSTMs unrolled, weights copied from `nets`."""
+        if valid_samples(config, chunk) != chunk:
+            raise ValueError(f"chunk of {chunk} samples is not a valid DTTNet input; use input_samples() "
+                             f"(e.g. {valid_samples(config, chunk)})")
+        # a static input shape: SavedModel tracing of the nested models then never meets a dynamic length
+        unrolled = networks(unroll=True, nb_frames=1 + chunk // config.hop_length, batch_size=1)
+        for target in targets:
+            unrolled[target].set_weights(nets[target].get_weights())
+        static = keras.Input((chunk, nb_channels), batch_size=1, name="mixture")
+        return keras.Model(static, separate(static, unrolled), name="dttnet_mobile")
+
+    return SeparationModel(
+        targets=targets,
+        sample_rate=data.sample_rate,
+        nb_channels=nb_channels,
+        train_model=model,
+        train_targets=lambda stems: {target: stems[target] for target in targets},
+        loss={target: keras.losses.MeanAbsoluteError() for target in targets},
+        separator=model,
+        config=config,
+        input_samples=lambda n: valid_samples(config, n),
+        mobile=make_mobile,
+        extra={
+            "train_chunk_samples": config.hop_length * (config.dim_t - 1),
+            "chunk_samples": config.hop_length * (config.inference_dim_t - 1),
+            "chunk_seconds": config.hop_length * (config.inference_dim_t - 1) / data.sample_rate,
+            "overlap": 1.0 - 1.0 / config.num_overlap,
+            "networks": nets,
+        },
+    )

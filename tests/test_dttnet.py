@@ -1,0 +1,176 @@
+"""DTTNet: published parameter count, config, shapes, the dual-path module, one training step,
+chunked overlap-add, SavedModel and TFLite export. Everything but the parameter counts uses the
+`unittest` preset's tiny model."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from configs.config import ConfigError, DataConfig, ModelConfig
+from models import dttnet
+from models import registry
+from tests import model_harness as harness
+
+# --------------------------------------------------------------------------------------------
+# One target's weight count, derived from DTTNet-Pytorch (configs/model/vocals.yaml, dp_tdf_net.py,
+# modules.py TFC_TDF_Res2, bandsequence.py): stereo -> 4 features, g = 32, 2 scales (c = 32, 64, 96),
+# l = 3, k = 3, bn = 8, f = 2048 / 1024 / 512 bins. Convs and BN have biases, TDF linears do not.
+#
+#   TFC_l(c -> c):            l · (9c² + c  +  2c)          (conv + bias, BN)
+#   TFC_TDF_Res2(c, f):       2 TFC_3 + TFC_1 + f·f/bn + 2c + f/bn·f + 2c
+#   first conv 4·32 + 32 + BN 64 = 224; down conv 4·c·(c+32) + (c+32) + BN; up conv 4·c·(c−32) + (c−32) + BN
+#   dual-path module (C = 96, H = 2: N = 48 features, hidden 96, GroupNorm 48 // 16 = 3 groups), 4 layers x
+#   (time, frequency) x [GroupNorm 2N + BLSTM 2·(4·96·(48 + 96) + 2·4·96) + linear 192·48 + 48] = 8 · 121,488
+#   final conv 32·4 + 4
+# --------------------------------------------------------------------------------------------
+
+
+def _tfc(c, layers):
+    return layers * (9 * c * c + c + 2 * c)
+
+
+def _res2(c, f, bn, l=3):
+    return 2 * _tfc(c, l) + _tfc(c, 1) + 2 * f * (f // bn) + 4 * c
+
+
+def derived_parameters(dim_f=2048, bn=8, g=32, scales=2, heads=2, layers=4):
+    total, c, f = 4 * g + g + 2 * g, g, dim_f
+    for _ in range(scales):
+        total += _res2(c, f, bn) + 4 * c * (c + g) + (c + g) + 2 * (c + g)
+        c, f = c + g, f // 2
+    total += _res2(c, f, bn)
+    n, hidden = c // heads, 2 * c // heads
+    total += layers * 2 * (2 * n + 2 * (4 * hidden * (n + hidden) + 2 * 4 * hidden) + 2 * hidden * n + n)
+    for _ in range(scales):
+        total += 4 * c * (c - g) + (c - g) + 2 * (c - g)
+        c, f = c - g, f * 2
+        total += _res2(c, f, bn)
+    return total + 4 * c + 4
+
+
+VOCALS_PARAMETERS = 4_958_468  # also drums and other
+BASS_PARAMETERS = 4_184_388  # 864 bins, bn = 2
+# The paper's "4.97M": PyTorch's sum over `parameters()` also counts two frozen nn.Parameters of the
+# reference's AbstractModel, the Hann window (n_fft = 6144) and the zero frequency pad (4 · (3073 − 2048)).
+PAPER_COUNT = VOCALS_PARAMETERS + 6144 + 4 * (3073 - 2048)  # 4,968,712
+
+
+def noise(shape, seed=0, scale=0.1):
+    return np.random.default_rng(seed).normal(0.0, scale, shape).astype("float32")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    # one network: tracing the scanned BLSTMs' training graph costs ~20 s per network on 2 shared cores
+    return harness.build_tiny("dttnet", overrides={"data": {"targets": ["vocals"]}})
+
+
+def test_vocals_and_bass_networks_have_the_derived_parameter_counts():
+    assert derived_parameters() == VOCALS_PARAMETERS
+    assert derived_parameters(dim_f=864, bn=2) == BASS_PARAMETERS
+    assert round(PAPER_COUNT / 1e6, 2) == 4.97
+    for target, expected in (("vocals", VOCALS_PARAMETERS), ("bass", BASS_PARAMETERS)):
+        model = dttnet.build(dttnet.Config(), data=DataConfig(targets=(target,)), stats={})
+        assert harness.count_parameters(model.train_model) == expected
+
+
+def test_config_round_trip_validation_and_paper_preset():
+    assert harness.family_module("dttnet") is dttnet
+    harness.check_config_round_trip(dttnet)
+    params = {"growth": 16, "num_dual_path_layers": 2}
+    assert registry.family_config(ModelConfig(name="dttnet", dttnet=params)) == dttnet.Config(**params)
+    with pytest.raises(ConfigError, match="model.dttnet.grow"):
+        registry.family_config(ModelConfig(name="dttnet", dttnet={"grow": 16}))
+    with pytest.raises(ConfigError, match="bass_dim_f"):
+        dttnet.Config(bass_dim_f=866)
+    with pytest.raises(ConfigError, match="num_heads"):
+        dttnet.Config(num_heads=5)
+    assert dttnet.Config().target_bins("bass") == (864, 2) and dttnet.Config().target_bins("other") == (2048, 8)
+
+    paper = harness.tiny_config("dttnet", "dttnet_paper")
+    assert (paper.train.lr, paper.train.batch_size, paper.train.weight_decay) == (2e-4, 8, 0.01)
+    family = registry.family_config(paper.model)
+    assert dttnet.valid_samples(family, round(paper.train.seq_seconds * 44100)) == 1024 * 255
+    assert dttnet.valid_samples(family, round(paper.evaluate.chunk_seconds * 44100)) == 1024 * 511
+
+
+def test_one_network_per_target_shapes_and_shared_weights(tiny):
+    four = harness.build_tiny("dttnet")  # the unittest preset: all four MUSDB targets
+    nets = four.extra["networks"]
+    assert set(nets) == set(four.targets) == {"vocals", "drums", "bass", "other"}
+    assert nets["bass"].inputs[0].shape[2] == 32 and nets["vocals"].inputs[0].shape[2] == 64
+    counts = {t: harness.count_parameters(n) for t, n in nets.items()}
+    assert sum(counts.values()) == harness.count_parameters(four.train_model)
+    assert counts["vocals"] == counts["drums"] == counts["other"] > counts["bass"]
+    assert {tuple(v.shape) for v in four.separator(noise((1, 700, 2))).values()} == {(1, 700, 2)}
+    harness.check_train_shapes(tiny, nb_timesteps=2000)
+    harness.check_separator_shapes(tiny, nb_timesteps=tiny.input_samples(2000))
+    harness.check_shared_weights(tiny)
+    for length in (129, 3001):  # any length: frames zero-padded to a multiple of 4, then cropped
+        assert {tuple(v.shape) for v in tiny.separator(noise((1, length, 2))).values()} == {(1, length, 2)}
+
+
+def test_dual_path_module_is_residual_and_shares_weights_across_heads():
+    import keras
+
+    module = dttnet.DualPathModule(8, num_heads=2, num_layers=1, group_size=4)
+    x = noise((2, 5, 6, 8), 1)
+    module(x)
+    # 2 paths x (GroupNorm 2·4 + BLSTM 2·(4·8·(4 + 8) + 2·4·8) + linear 16·4 + 4): heads share them
+    assert harness.count_parameters(module) == 2 * (8 + 2 * (384 + 64) + 68)
+    for path in module.paths:
+        for _, _, dense in path.values():
+            dense.set_weights([np.zeros_like(w) for w in dense.get_weights()])
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(module(x)), x, atol=1e-7)
+
+
+def test_loss_is_l1_on_waveforms_and_one_fit_lowers_it(tiny):
+    stems = {t: noise((1, 1000, 2), i) for i, t in enumerate(tiny.targets)}
+    assert all(tiny.train_targets(stems)[t] is stems[t] for t in tiny.targets)
+    assert all(type(loss).__name__ == "MeanAbsoluteError" for loss in tiny.loss.values())
+    harness.check_fit_lowers_loss(tiny, steps=2, nb_timesteps=1000)
+
+
+def test_overlap_add_with_the_family_chunk_is_exact_for_an_identity_model(tiny):
+    from components.separation import separate_array
+
+    chunk = tiny.extra["chunk_samples"]
+    assert chunk == 64 * 31 and tiny.input_samples(chunk) == chunk and tiny.extra["overlap"] == 0.75
+    mixture = noise((9_000, 2), 3)
+    out = separate_array(lambda batch: {t: batch for t in tiny.targets}, mixture, sample_rate=8000,
+                         chunk_seconds=chunk / 8000, overlap=tiny.extra["overlap"], batch_size=3,
+                         input_samples=tiny.input_samples)
+    for target in tiny.targets:
+        assert np.max(np.abs(out[target] - mixture)) < 1e-6
+
+
+def test_saved_model_serving_contract_and_parity(tiny, tmp_path):
+    import tensorflow as tf
+
+    from components.export import INPUT_NAME, SIGNATURE, write_saved_model
+
+    write_saved_model(tiny.separator, tmp_path / "sm", tiny.nb_channels)
+    loaded = tf.saved_model.load(str(tmp_path / "sm"))
+    mixture = noise((2, 1500, 2), 5)
+    served = loaded.signatures[SIGNATURE](**{INPUT_NAME: tf.constant(mixture)})
+    expected = tiny.separator(mixture, training=False)
+    assert set(served) == set(tiny.targets)
+    for target in tiny.targets:
+        assert served[target].shape == (2, 1500, 2)
+        assert float(np.max(np.abs(np.asarray(served[target]) - np.asarray(expected[target])))) <= 1e-5
+
+
+def test_tflite_with_unrolled_lstms_uses_builtin_ops_only_and_matches_keras(tiny):
+    from components.export import convert_tflite, run_tflite, tflite_ops
+
+    model = tiny
+    chunk = model.input_samples(500)  # 8 frames: BLSTMs unrolled over 2 frames and 16 bins
+    mobile = model.mobile(chunk)
+    blob = convert_tflite(mobile, chunk, model.nb_channels)
+    ops = tflite_ops(blob)
+    assert not [op for op in ops if op.startswith("Flex") or op in ("CUSTOM", "DELEGATE", "WHILE")], ops
+    assert {"RFFT2D", "CONV_2D", "TRANSPOSE_CONV", "LOGISTIC", "TANH"} <= set(ops)
+    mixture = noise((1, chunk, 2), 6)
+    reference = np.asarray(model.train_model(mixture, training=False)["vocals"])
+    np.testing.assert_allclose(np.asarray(mobile(mixture)["vocals"]), reference, atol=1e-5)
+    assert float(np.max(np.abs(run_tflite(blob, mixture)["vocals"] - reference))) < 1e-4
