@@ -303,8 +303,9 @@ def _fit_phases(context, model, strategy, train_ds, valid_ds, steps, work: Path)
     previous_best = min((h[monitor] for h in sacred_logger.history if monitor in h), default=None)
 
     with strategy.scope():
-        model.train_model.compile(optimizer=make_optimizer(tc), loss=model.loss,
-                                  jit_compile=False)
+        model.train_model.compile(optimizer=make_optimizer(tc), loss=model.loss, jit_compile=False)
+        # create the optimizer slots now: building them while tracing the first step costs 10+ s
+        model.train_model.optimizer.build(model.train_model.trainable_variables)
     callbacks = [
         keras.callbacks.BackupAndRestore(str(work / "backup")),
         keras.callbacks.ModelCheckpoint(str(work / "last.weights.h5"), save_weights_only=True),
@@ -347,6 +348,7 @@ def _finetune(context, model, strategy, valid_ds, work, sacred_logger, monitor) 
         model.train_model.load_weights(str(best))
     with strategy.scope():
         model.train_model.compile(optimizer=make_optimizer(tc, lr=tc.finetune_lr or tc.lr / 10), loss=model.loss)
+        model.train_model.optimizer.build(model.train_model.trainable_variables)
     start = len(sacred_logger.history)
     previous_best = min((h[monitor] for h in sacred_logger.history if monitor in h), default=None)
     model.train_model.fit(

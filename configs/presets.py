@@ -27,11 +27,15 @@ _SPLEETER = {"n_fft": 4096, "hop_length": 1024, "max_bin": 1024, "patch_frames":
 PRESETS = {
     # The embedded default pipeline: synthetic data, sized for 2 CPU cores in under 10 minutes.
     "default": {
-        "data": {"format": "default", "sample_rate": 22050, "synth_tracks": [12, 2, 3], "synth_seconds": 20.0},
+        # 20 s tracks cut into 5 s segments without padding
+        "data": {"format": "default", "sample_rate": 22050, "synth_tracks": [12, 2, 3], "synth_seconds": 20.0,
+                 "segment_seconds": 5.0, "shard_megabytes": 16.0},
         "model": {"umx": {"hidden_size": 128, "nb_layers": 2, "n_fft": 2048, "hop_length": 512}},
-        "train": {"epochs": 12, "batch_size": 16, "seq_seconds": 2.0, "samples_per_track": 32,
+        "train": {"epochs": 10, "batch_size": 16, "seq_seconds": 2.0, "samples_per_track": 32,
                   "lr_decay_patience": 4, "patience": 8, "workers": 2},
         "evaluate": {"chunk_seconds": 20.0, "workers": 2},
+        # 1 s chunks: 44 frames of unrolled BLSTM keep the TFLite conversion to about a minute
+        "export": {"tflite_chunk_seconds": 1.0},
     },
     # Tiny: every test and the CI smoke run. Seconds per stage for every registered model.
     "unittest": {
@@ -53,7 +57,7 @@ PRESETS = {
         "train": {"epochs": 1, "batch_size": 4, "steps_per_epoch": 2, "seq_seconds": 1.0,
                   "samples_per_track": 2, "workers": 1, "snapshot_seconds": 2.0},
         "evaluate": {"chunk_seconds": 2.0, "workers": 1},
-        "export": {"tflite_chunk_seconds": 1.0},
+        "export": {"tflite_chunk_seconds": 0.5},
     },
     # Wave-U-Net's multi-instrument model M6 (the family's defaults: stereo, input context, difference
     # output) at 22,050 Hz, sources in the paper's order so vocals is the difference output; augmentation:

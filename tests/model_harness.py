@@ -82,11 +82,13 @@ def random_batch(model, nb_samples: int = 2, nb_timesteps: int = 4001, seed: int
 
 
 def check_separator_shapes(model, nb_timesteps: int = 4001, nb_samples: int = 2):
-    """Symbolic and eager separator outputs: one per target, each `(nb_samples, nb_timesteps, nb_channels)`."""
+    """Symbolic and eager separator outputs: one per target, each `(nb_samples, nb_timesteps, nb_channels)`.
+
+    The separator takes any length (the length rule `input_samples` only applies to training excerpts).
+    """
     import keras
 
     expected = (nb_samples, nb_timesteps, model.nb_channels)
-    nb_timesteps = model.input_samples(nb_timesteps)
     symbolic = model.separator(keras.KerasTensor((nb_samples, nb_timesteps, model.nb_channels)))
     assert set(model.targets) <= set(symbolic), f"separator outputs {sorted(symbolic)} miss targets {model.targets}"
     for target, tensor in symbolic.items():

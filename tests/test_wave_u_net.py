@@ -1,10 +1,8 @@
 """Wave-U-Net: published parameter count and lengths, config round trip, separator shapes, difference
 output, learned upsampling, presets and one training step. All models but the full-size ones are tiny.
 
-The shared harness (tests/model_harness.py) runs its checks on the unittest-preset model. Its
-`check_separator_shapes` feeds `input_samples(n)` samples and expects n back, which only holds where
-`input_samples` has fixed points (no context); with context, `test_separator_keeps_any_odd_length...`
-checks the contract (any length in, the same length out) instead.
+The shared harness (tests/model_harness.py) runs its checks on the unittest-preset model, with and
+without context: the separator takes any length and returns the same length.
 """
 from __future__ import annotations
 
@@ -300,8 +298,9 @@ def test_shared_harness_on_the_unittest_preset_model():
     assert harness.check_shared_weights(model) == len(model.train_model.trainable_weights)
     first, last = harness.check_fit_lowers_loss(model, steps=3, nb_timesteps=1001)
     assert last < first
+    harness.check_separator_shapes(model, nb_timesteps=1001)
     same = harness.build_tiny("wave_u_net", overrides={"model": {"wave_u_net": {"context": False}}})
-    harness.check_separator_shapes(same, nb_timesteps=1000)  # 1000 = 125 · 2^3: input_samples(1000) == 1000
+    harness.check_separator_shapes(same, nb_timesteps=1001)
 
 
 # --------------------------------------------------------------------------------------------
