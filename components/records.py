@@ -248,22 +248,35 @@ def load_dataset(prepare_artifact: ArtifactLike, split: str, *, seq_samples: int
             stems[target] = tf.reshape(values, [segment_samples, nb_channels])
         return stems, example["length"]
 
-    records = tf.data.Dataset.from_tensor_slices(files)
-    if augment:
-        records = records.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
-    records = records.interleave(
-        lambda path: tf.data.TFRecordDataset(path, compression_type=found["compression"] or None),
-        cycle_length=min(len(files), 4), num_parallel_calls=parallel, deterministic=deterministic)
+    buffer = max(1, min(data_config.shuffle_buffer, nb_examples))
     if augment:  # serialized PCM is the smallest form to hold in the shuffle buffer
-        buffer = max(1, min(data_config.shuffle_buffer, nb_examples))
         buffer_bytes = buffer * segment_samples * nb_channels * len(targets) * int(PCM_DTYPES[pcm][-1])
         if buffer_bytes > 2e9:
             logging.getLogger("pipeline").warning(
                 "shuffle buffer of %d segments holds %.1f GB; lower data.shuffle_buffer or data.segment_seconds "
                 "if memory is short", buffer, buffer_bytes / 1e9)
-        records = records.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
-    if repeat:
-        records = records.repeat()
+
+    def one_pass(pass_seed=None):
+        """Every record once; shuffled (shards, then segments) when augmenting."""
+        records = tf.data.Dataset.from_tensor_slices(files)
+        if augment:
+            records = records.shuffle(len(files), seed=pass_seed, reshuffle_each_iteration=pass_seed is None)
+        records = records.interleave(
+            lambda path: tf.data.TFRecordDataset(path, compression_type=found["compression"] or None),
+            cycle_length=min(len(files), 4), num_parallel_calls=parallel, deterministic=deterministic)
+        if augment:
+            records = records.shuffle(buffer, seed=pass_seed, reshuffle_each_iteration=pass_seed is None)
+        return records
+
+    if augment and seed is not None:
+        # Each pass takes its shuffle seed from its index rather than from a seed generator that every
+        # iterator of this dataset would share (and race on): any two iterators give the same batches.
+        passes = tf.data.Dataset.counter() if repeat else tf.data.Dataset.range(1)
+        records = passes.flat_map(lambda index: one_pass(tf.cast(seed, tf.int64) * 1_000_003 + index))
+    else:
+        records = one_pass()
+        if repeat:
+            records = records.repeat()
     examples = records.map(parse, num_parallel_calls=parallel, deterministic=deterministic)
 
     if augment:

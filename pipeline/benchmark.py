@@ -1,7 +1,12 @@
-"""Training speed for the current preset: `python pipeline/benchmark.py train [--steps N] [with preset key=value ...]`.
+"""Speed of training and separation: `python pipeline/benchmark.py {train,separate} [options] [with ...]`.
 
-Prints training examples per second and seconds per step (after warm-up) of the configured model on
-the prepared data (running prepare first when its artifact is missing), on this machine's devices.
+train:    training examples per second and seconds per step (after warm-up) of the configured model
+          on the prepared data (running prepare first when its artifact is missing).
+separate: seconds and x real-time to separate the same 30 s stereo input with the SavedModel and with
+          each TFLite variant, on 2 CPU threads, plus where the SavedModel's time goes (STFT/ISTFT,
+          networks, Wiener filter). Weights do not change speed, so the model is built untrained:
+          `python pipeline/benchmark.py separate with model.umx.wiener_iterations=1` is the UMX-HQ
+          architecture (4 targets, n_fft 4096, hidden 512, 3 BLSTM layers) at 44.1 kHz.
 """
 from __future__ import annotations
 
@@ -21,9 +26,15 @@ if str(PROJECT_ROOT) not in sys.path:
 
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipeline/benchmark.py", description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("train",), help="what to measure")
+    parser.add_argument("what", choices=("train", "separate"), help="what to measure")
     parser.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (tracing, caches)")
+    parser.add_argument("--seconds", type=float, default=30.0, help="separate: input length (default 30 s)")
+    parser.add_argument("--repeats", type=int, default=3, help="separate: timed runs, the best is reported")
+    parser.add_argument("--threads", type=int, default=2, help="separate: CPU threads (default 2)")
+    parser.add_argument("--tflite-chunk-seconds", type=float, default=None,
+                        help="separate: TFLite chunk (default export.tflite_chunk_seconds)")
+    parser.add_argument("--no-tflite", action="store_true", help="separate: SavedModel only")
     parser.epilog = "Configuration after `with`, as for pipeline/run.py: `with default model.name=umx`."
     return parser
 
@@ -63,6 +74,98 @@ def benchmark_train(config, steps: int, warmup: int) -> dict:
     }
 
 
+def _best_of(repeats: int, run) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def benchmark_separate(config, seconds: float, repeats: int, threads: int, tflite_chunk: float,
+                       with_tflite: bool) -> dict:
+    import tempfile
+
+    import numpy as np
+    import tensorflow as tf
+
+    from components import export
+    from components.separation import separate_array
+    from components.train import build_model, count_params
+
+    rate = config.data.sample_rate
+    rng = np.random.default_rng(0)
+    mixture = (0.1 * rng.standard_normal((int(seconds * rate), config.data.nb_channels))).astype(np.float32)
+    model = build_model(config, {})
+    report = {"model": config.model.name, "parameters": count_params(model.train_model), "input_seconds": seconds,
+              "sample_rate": rate, "threads": threads, "family_config": _plain(model.config)}
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = Path(tmp) / "saved_model"
+        export.write_saved_model(model.separator, saved, config.data.nb_channels)
+        serving = tf.saved_model.load(str(saved)).signatures[export.SIGNATURE]
+        batch = tf.constant(mixture[None])
+        serving(waveform=batch)  # warm-up: tracing, allocations
+        elapsed = _best_of(repeats, lambda: serving(waveform=batch))
+        rows["saved_model"] = elapsed
+        # where the time goes: the same graph pieces as Keras functions on the whole input
+        parts = _separator_parts(model, mixture)
+        for name, function in parts.items():
+            function()
+            rows[f"part:{name}"] = _best_of(repeats, function)
+        if with_tflite and model.mobile is not None:
+            chunk = model.input_samples(int(round(tflite_chunk * rate)))
+            mobile = model.mobile(chunk)
+            variants = {"float32": "", config.export.quantize: config.export.quantize}
+            for variant, quantize in variants.items():
+                blob = export.convert_tflite(mobile, chunk, config.data.nb_channels, quantize)
+                from ai_edge_litert.interpreter import Interpreter
+
+                interpreter = Interpreter(model_content=blob, num_threads=threads)
+                runner = interpreter.get_signature_runner(export.SIGNATURE)
+                if model.postprocess is None:
+                    separate_fn = lambda b: runner(waveform=b)  # noqa: E731
+                else:
+                    separate_fn = lambda b: model.postprocess(b, runner(waveform=b))  # noqa: E731
+                run = lambda: separate_array(separate_fn, mixture, sample_rate=rate,  # noqa: E731
+                                             chunk_seconds=chunk / rate, overlap=0.0)
+                run()
+                rows[f"tflite_{variant}"] = _best_of(repeats, run)
+                report[f"tflite_{variant}_megabytes"] = round(len(blob) / 1e6, 2)
+            report["tflite_chunk_seconds"] = chunk / rate
+    report["seconds"] = {k: round(v, 3) for k, v in rows.items()}
+    report["x_realtime"] = {k: round(seconds / v, 2) for k, v in rows.items() if not k.startswith("part:")}
+    return report
+
+
+def _separator_parts(model, mixture):
+    """Timed pieces of the spectrogram separator: STFT+ISTFT alone, STFT+networks, full separator without
+    and with Wiener EM. Only for families exposing `make_separator` (e.g. Open-Unmix)."""
+    import keras
+    import tensorflow as tf
+
+    make = model.extra.get("make_separator") if model.extra else None
+    batch = tf.constant(mixture[None])
+    parts = {"stft+networks": tf.function(lambda x: model.train_model(x, training=False))}
+    if make is not None:
+        soft = make(wiener_iterations=0)
+        parts["separator, soft masks"] = tf.function(lambda x: soft(x, training=False))
+        parts["separator, configured Wiener"] = tf.function(lambda x: model.separator(x, training=False))
+        from models.transforms import istft, stft
+
+        cfg = model.config
+        parts["stft+istft only"] = tf.function(
+            lambda x: istft(stft(x, cfg.n_fft, cfg.hop_length), cfg.n_fft, cfg.hop_length, tf.shape(x)[1]))
+    return {name: (lambda f=f: keras.ops.convert_to_numpy(tf.nest.flatten(f(batch))[0])) for name, f in parts.items()}
+
+
+def _plain(value):
+    from configs.config import to_plain
+
+    return to_plain(value)
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     split = argv.index("with") if "with" in argv else len(argv)
@@ -79,7 +182,16 @@ def main(argv=None) -> int:
             from components.train import configure_devices
 
             configure_devices(config.train.replicas)
-        print(json.dumps(benchmark_train(config, args.steps, args.warmup), indent=1))
+        if args.what == "train":
+            print(json.dumps(benchmark_train(config, args.steps, args.warmup), indent=1))
+        else:
+            import tensorflow as tf
+
+            tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+            tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+            chunk = args.tflite_chunk_seconds or config.export.tflite_chunk_seconds
+            print(json.dumps(benchmark_separate(config, args.seconds, args.repeats, args.threads, chunk,
+                                                not args.no_tflite), indent=1))
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
