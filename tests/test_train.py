@@ -55,7 +55,7 @@ def test_train_stage_writes_checkpoints_history_and_sacred_metrics(prepared, tmp
     root = _copy_prepare(prepared, tmp_path / "a")
     runs = tmp_path / "runs"
     cli("--stage", "train", "--runs-dir", str(runs), "-q", "with", "unittest", f"artifacts_dir={root}",
-        "train.epochs=3")
+        "train.epochs=3", "train.snapshot_every_steps=2")
     meta = json.loads((root / "train" / "artifact.json").read_text())
     assert meta["complete"] and meta["figures"]["epochs"] == 3
     assert meta["figures"]["parameters"] > 0
@@ -71,6 +71,9 @@ def test_train_stage_writes_checkpoints_history_and_sacred_metrics(prepared, tmp
     assert metrics["train.loss"]["steps"] == [1, 2, 3]
     assert "train.val_loss" in metrics and "train.learning_rate" in metrics
     assert json.loads((run_dir / "run.json").read_text())["status"] == "COMPLETED"
+    # validation snapshots: a quick SDR every 2 steps (2 steps per epoch, 3 epochs)
+    assert metrics["train.snapshot_sdr"]["steps"] == [2, 4, 6]
+    assert all(np.isfinite(v) and -60 < v < 60 for v in metrics["train.snapshot_sdr"]["values"])
     # same config again: skipped, not retrained
     again = cli("--stage", "train", "--no-file-observer", "with", "unittest", f"artifacts_dir={root}",
                 "train.epochs=3")
