@@ -76,7 +76,7 @@ def test_train_stage_writes_checkpoints_history_and_sacred_metrics(prepared, tmp
     assert all(np.isfinite(v) and -60 < v < 60 for v in metrics["train.snapshot_sdr"]["values"])
     # same config again: skipped, not retrained
     again = cli("--stage", "train", "--no-file-observer", "with", "unittest", f"artifacts_dir={root}",
-                "train.epochs=3")
+                "train.epochs=3", "train.snapshot_every_steps=2")
     assert "skipping" in again.stderr
 
 
