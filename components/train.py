@@ -196,7 +196,22 @@ def _callbacks_module():
                     scores.append(global_sdr(truth, np.asarray(estimates[target])[0]))
             return float(np.mean(scores))
 
-    return SacredLogger, ValidationSnapshot
+    class TimeBudget(keras.callbacks.Callback):
+        """Stops training after the batch that exceeds `max_seconds` of wall clock (same CPU budget for all)."""
+
+        def __init__(self, max_seconds: float):
+            super().__init__()
+            self.max_seconds = max_seconds
+            self.started = None
+
+        def on_train_begin(self, logs=None):
+            self.started = time.time()
+
+        def on_train_batch_end(self, batch, logs=None):
+            if time.time() - self.started > self.max_seconds:
+                self.model.stop_training = True
+
+    return SacredLogger, ValidationSnapshot, TimeBudget
 
 
 def snapshot_tracks(prepare, config):
@@ -296,7 +311,7 @@ def _fit_phases(context, model, strategy, train_ds, valid_ds, steps, work: Path)
 
     config = context.config
     tc = config.train
-    SacredLogger, ValidationSnapshot = _callbacks_module()
+    SacredLogger, ValidationSnapshot, TimeBudget = _callbacks_module()
     monitor = "val_loss" if valid_ds is not None else "loss"
     history_path = work / "history.json"
     sacred_logger = SacredLogger(context.log_scalar, history_path)
@@ -319,6 +334,8 @@ def _fit_phases(context, model, strategy, train_ds, valid_ds, steps, work: Path)
         sacred_logger,
         *model.callbacks,
     ]
+    if tc.max_seconds:
+        callbacks.append(TimeBudget(tc.max_seconds))
     if tc.snapshot_every_steps:
         callbacks.append(ValidationSnapshot(model, snapshot_tracks(context.inputs["prepare"], config),
                                             tc.snapshot_every_steps, context.log_scalar))

@@ -81,6 +81,7 @@ class TrainConfig:
     seed: int = 42
     deterministic: bool = False
     replicas: int = 0  # 0: every visible GPU (or 1 CPU); n > 1 on CPU: n logical CPU devices
+    max_seconds: Optional[float] = None  # wall-clock training budget: stop after the step that exceeds it
     snapshot_every_steps: int = 0  # quick validation SDR every N steps (0: off)
     snapshot_tracks: int = 1
     snapshot_seconds: float = 10.0
