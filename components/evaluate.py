@@ -40,7 +40,7 @@ import numpy as np
 from components import artifacts
 from components.artifacts import StageError
 from components.base import ComponentSpec, StageContext
-from components.separation import separate_array
+from components.separation import compiled, separate_array
 
 log = logging.getLogger("pipeline.evaluate")
 
@@ -630,10 +630,7 @@ def run(context: StageContext) -> dict:
     targets = tuple(model.targets)
     key = baseline_key(prepare.fingerprint, split=settings.split, window_seconds=settings.window_seconds,
                        sample_rate=config.data.sample_rate, targets=targets)
-    separator = model.separator
-
-    def separate_fn(batch):
-        return separator(batch, training=False)
+    separate_fn = compiled(model.separator, model.nb_channels)
 
     metrics = evaluate_tracks(
         records.read_tracks(prepare, settings.split), separate_fn,

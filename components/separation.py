@@ -125,3 +125,20 @@ def separate_array(
             for slot, start, stop, weights in spans:
                 out[start:stop] += (weights * estimate[slot, :stop - start]).astype(np.float32)
     return outputs
+
+
+def compiled(separator, nb_channels: int) -> Callable[[np.ndarray], Dict[str, np.ndarray]]:
+    """A Keras separator as one traced graph: `(batch, samples, nb_channels)` float32 -> {target: array}.
+
+    Calling a Keras model eagerly runs recurrent layers (tf.scan) step by step from Python; tracing once
+    with a length-agnostic signature makes every chunk a single graph call.
+    """
+    import tensorflow as tf
+
+    function = tf.function(lambda batch: separator(batch, training=False), reduce_retracing=True,
+                           input_signature=[tf.TensorSpec([None, None, nb_channels], tf.float32)])
+
+    def separate_fn(batch):
+        return {k: v.numpy() for k, v in function(tf.convert_to_tensor(batch, tf.float32)).items()}
+
+    return separate_fn

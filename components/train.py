@@ -177,6 +177,7 @@ def _callbacks_module():
             self.log_scalar = log_scalar
             self.step = 0
             self.snapshots = []
+            self.separate_fn = None
 
         def on_train_batch_end(self, batch, logs=None):
             self.step += 1
@@ -189,9 +190,13 @@ def _callbacks_module():
         def measure(self) -> float:
             from components.metrics import global_sdr
 
+            from components.separation import compiled
+
+            if self.separate_fn is None:
+                self.separate_fn = compiled(self.separation_model.separator, self.separation_model.nb_channels)
             scores = []
             for mixture, stems in self.tracks:
-                estimates = self.separation_model.separator(mixture[None], training=False)
+                estimates = self.separate_fn(mixture[None])
                 for target, truth in stems.items():
                     scores.append(global_sdr(truth, np.asarray(estimates[target])[0]))
             return float(np.mean(scores))
