@@ -209,6 +209,7 @@ def separate_file(separator, path: Path, out: Path, *, fmt: str, chunk_seconds: 
         mixture = conform(audio, rate, path, sample_rate=separator.sample_rate, nb_channels=separator.nb_channels)
     except StageError as error:
         raise SeparateError(str(error)) from None
+    del audio  # peak memory: only the model-rate mixture and the stems are kept
     counter = _Progress(path.name, enabled=progress)
 
     def separate_fn(batch):
@@ -220,8 +221,10 @@ def separate_file(separator, path: Path, out: Path, *, fmt: str, chunk_seconds: 
     stems = separate_array(separate_fn, mixture, sample_rate=separator.sample_rate,
                            chunk_seconds=separator.chunk_seconds or chunk_seconds, overlap=overlap)
     counter.done()
+    del mixture
     destination.mkdir(parents=True, exist_ok=True)
-    for target, stem in stems.items():
+    for target in list(stems):
+        stem = stems.pop(target)  # written and freed one at a time
         if rate != separator.sample_rate:
             stem = resample(stem, separator.sample_rate, rate)
         stem = stem[:nb_timesteps]
@@ -233,6 +236,7 @@ def separate_file(separator, path: Path, out: Path, *, fmt: str, chunk_seconds: 
         tmp = files[target].with_suffix(f".part.{fmt}")
         soundfile.write(str(tmp), np.clip(stem, -1, 1) if fmt == "flac" else stem, rate, subtype=subtype)
         tmp.replace(files[target])
+        del stem
     return destination
 
 
