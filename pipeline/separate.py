@@ -42,7 +42,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--artifacts-dir", default="artifacts", help="where the pipeline exported (default: artifacts)")
     parser.add_argument("-o", "--out", default="separated", help="output directory (default: separated)")
     parser.add_argument("--format", choices=("wav", "flac"), default="wav", help="stem file format")
-    parser.add_argument("--chunk-seconds", type=float, default=30.0, help="SavedModel chunk length (memory bound)")
+    parser.add_argument("--chunk-seconds", type=float, default=10.0, help="SavedModel chunk length (bounds memory)")
     parser.add_argument("--overlap", type=float, default=0.25, help="overlap fraction between chunks")
     parser.add_argument("--force", action="store_true", help="overwrite existing stems")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
