@@ -9,7 +9,7 @@ sum to exactly one at every sample: an identity separator gives back its input.
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Mapping, Optional
+from typing import Callable, Dict, Iterator, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -75,7 +75,31 @@ def separate_array(
     batch_size: int = 1,
     input_samples: Optional[Callable[[int], int]] = None,
 ) -> Dict[str, np.ndarray]:
-    """Separate a full track chunk by chunk.
+    """Separate a full track chunk by chunk; returns {target: float32 `(nb_timesteps, nb_channels)`}.
+
+    The arguments are those of `iter_separate`, which this collects.
+    """
+    nb_timesteps, nb_channels = np.shape(mixture)[0], np.shape(mixture)[-1]
+    outputs: Dict[str, np.ndarray] = {}
+    for start, stop, blocks in iter_separate(separate_fn, mixture, sample_rate=sample_rate,
+                                             chunk_seconds=chunk_seconds, overlap=overlap, batch_size=batch_size,
+                                             input_samples=input_samples):
+        for target, block in blocks.items():
+            outputs.setdefault(target, np.zeros((nb_timesteps, nb_channels), dtype=np.float32))[start:stop] = block
+    return outputs
+
+
+def iter_separate(
+    separate_fn: Callable[[np.ndarray], Mapping[str, object]],
+    mixture: np.ndarray,
+    *,
+    sample_rate: int,
+    chunk_seconds: float,
+    overlap: float,
+    batch_size: int = 1,
+    input_samples: Optional[Callable[[int], int]] = None,
+) -> Iterator[Tuple[int, int, Dict[str, np.ndarray]]]:
+    """Separate a full track chunk by chunk, yielding finished pieces in order: (start, stop, {target: block}).
 
     separate_fn:   float32 `(batch, chunk_samples, nb_channels)` -> {target: same shape}; a keras.Model
                    (`SeparationModel.separator`) or any callable returning tensors or arrays
@@ -84,7 +108,8 @@ def separate_array(
     overlap:       fraction of a chunk shared with the next one, in [0, 1)
     batch_size:    chunks per call; the last batch is zero-padded so every call has the same shape
     input_samples: the model's length rule (`SeparationModel.input_samples`), applied to the chunk length
-    returns        {target: float32 `(nb_timesteps, nb_channels)`}
+    yields         blocks float32 `(stop - start, nb_channels)` covering `[0, nb_timesteps)` once: a caller
+                   can write stems to disk as they come and never hold a whole track of estimates
     """
     mixture = np.asarray(mixture)
     if mixture.ndim != 2 or mixture.shape[0] == 0:
@@ -97,7 +122,8 @@ def separate_array(
         chunk_samples = int(input_samples(chunk_samples))
     overlap_samples, hop, nb_chunks = chunk_layout(nb_timesteps, chunk_samples, overlap)
 
-    outputs: Dict[str, np.ndarray] = {}
+    pending: Dict[str, np.ndarray] = {}  # overlap-add accumulators covering [base, base + len)
+    base = 0
     for first in range(0, nb_chunks, batch_size):
         indices = range(first, min(first + batch_size, nb_chunks))
         batch = np.zeros((batch_size, chunk_samples, nb_channels), dtype=np.float32)
@@ -106,14 +132,9 @@ def separate_array(
             piece = mixture[start:start + chunk_samples]
             batch[slot, :len(piece)] = piece
         estimates = separate_fn(batch)
-        spans = []  # (slot, start, stop, weights) of the chunks in this batch
-        for slot, index in enumerate(indices):
-            start = index * hop
-            stop = min(start + chunk_samples, nb_timesteps)
-            weights = chunk_weights(index, nb_chunks, chunk_samples, overlap_samples)[:stop - start, None]
-            spans.append((slot, start, stop, weights))
         if not isinstance(estimates, Mapping):
             raise TypeError(f"separate_fn must return a dict {{target: waveform}}, got {type(estimates).__name__}")
+        reach = min(indices[-1] * hop + chunk_samples, nb_timesteps)  # the last sample this batch touches
         for target, estimate in estimates.items():
             estimate = np.asarray(estimate)
             if estimate.shape != batch.shape:
@@ -121,10 +142,21 @@ def separate_array(
                     f"separate_fn returned shape {estimate.shape} for target '{target}' from an input of shape "
                     f"{batch.shape}; a separator must keep (batch, samples, channels)"
                 )
-            out = outputs.setdefault(target, np.zeros((nb_timesteps, nb_channels), dtype=np.float32))
-            for slot, start, stop, weights in spans:
-                out[start:stop] += (weights * estimate[slot, :stop - start]).astype(np.float32)
-    return outputs
+            buffer = pending.get(target, np.zeros((0, nb_channels), dtype=np.float32))
+            if len(buffer) < reach - base:
+                buffer = np.concatenate([buffer, np.zeros((reach - base - len(buffer), nb_channels), np.float32)])
+            for slot, index in enumerate(indices):
+                start = index * hop
+                stop = min(start + chunk_samples, nb_timesteps)
+                weights = chunk_weights(index, nb_chunks, chunk_samples, overlap_samples)[:stop - start, None]
+                buffer[start - base:stop - base] += (weights * estimate[slot, :stop - start]).astype(np.float32)
+            pending[target] = buffer
+        # samples before the next chunk's start receive nothing more
+        final = nb_timesteps if indices[-1] == nb_chunks - 1 else min((indices[-1] + 1) * hop, nb_timesteps)
+        if final > base:
+            yield base, final, {target: buffer[:final - base].copy() for target, buffer in pending.items()}
+            pending = {target: buffer[final - base:] for target, buffer in pending.items()}
+            base = final
 
 
 def compiled(separator, nb_channels: int) -> Callable[[np.ndarray], Dict[str, np.ndarray]]:

@@ -194,7 +194,7 @@ def separate_file(separator, path: Path, out: Path, *, fmt: str, chunk_seconds: 
 
     from components.audio import conform, resample
     from components.artifacts import StageError
-    from components.separation import separate_array
+    from components.separation import iter_separate
 
     destination = out / safe_name(path.stem.removesuffix(".stem"))
     if destination.resolve().parent != out.resolve():
@@ -218,25 +218,46 @@ def separate_file(separator, path: Path, out: Path, *, fmt: str, chunk_seconds: 
         return result
 
     counter.total = _count_chunks(mixture.shape[0], separator, chunk_seconds, overlap)
-    stems = separate_array(separate_fn, mixture, sample_rate=separator.sample_rate,
-                           chunk_seconds=separator.chunk_seconds or chunk_seconds, overlap=overlap)
+    destination.mkdir(parents=True, exist_ok=True)
+    same_rate = rate == separator.sample_rate
+    subtype = "FLOAT" if fmt == "wav" else "PCM_24"
+
+    def channels(stem):
+        if nb_channels == stem.shape[1]:
+            return stem
+        return stem.mean(axis=1, keepdims=True) if nb_channels == 1 else np.repeat(stem, nb_channels, axis=1)
+
+    # Stems stream to disk as the chunks finish: memory holds the mixture and one chunk of estimates, not
+    # four whole stems. At another rate they go to model-rate float files first, resampled one at a time.
+    parts = {t: destination / f".{t}.part.{fmt if same_rate else 'wav'}" for t in separator.targets}
+    writers = {t: soundfile.SoundFile(str(parts[t]), "w", samplerate=rate if same_rate else separator.sample_rate,
+                                      channels=nb_channels if same_rate else separator.nb_channels,
+                                      subtype=subtype if same_rate else "FLOAT") for t in separator.targets}
+    try:
+        for _, _, blocks in iter_separate(separate_fn, mixture, sample_rate=separator.sample_rate,
+                                          chunk_seconds=separator.chunk_seconds or chunk_seconds, overlap=overlap):
+            for target, block in blocks.items():
+                if target in writers:
+                    block = channels(block) if same_rate else block
+                    writers[target].write(np.clip(block, -1, 1) if same_rate and fmt == "flac" else block)
+    finally:
+        for writer in writers.values():
+            writer.close()
     counter.done()
     del mixture
-    destination.mkdir(parents=True, exist_ok=True)
-    for target in list(stems):
-        stem = stems.pop(target)  # written and freed one at a time
-        if rate != separator.sample_rate:
-            stem = resample(stem, separator.sample_rate, rate)
-        stem = stem[:nb_timesteps]
-        if len(stem) < nb_timesteps:
-            stem = np.pad(stem, ((0, nb_timesteps - len(stem)), (0, 0)))
-        if nb_channels != stem.shape[1]:
-            stem = stem.mean(axis=1, keepdims=True) if nb_channels == 1 else np.repeat(stem, nb_channels, axis=1)
-        subtype = "FLOAT" if fmt == "wav" else "PCM_24"
-        tmp = files[target].with_suffix(f".part.{fmt}")
-        soundfile.write(str(tmp), np.clip(stem, -1, 1) if fmt == "flac" else stem, rate, subtype=subtype)
-        tmp.replace(files[target])
-        del stem
+    for target in separator.targets:
+        if not same_rate:
+            stem, _ = soundfile.read(str(parts[target]), dtype="float32", always_2d=True)
+            stem = resample(stem, separator.sample_rate, rate)[:nb_timesteps]
+            if len(stem) < nb_timesteps:
+                stem = np.pad(stem, ((0, nb_timesteps - len(stem)), (0, 0)))
+            stem = channels(stem)
+            final_part = files[target].with_name(f".{target}.final.{fmt}")
+            soundfile.write(str(final_part), np.clip(stem, -1, 1) if fmt == "flac" else stem, rate, subtype=subtype)
+            parts[target].unlink()
+            parts[target] = final_part
+            del stem
+        parts[target].replace(files[target])
     return destination
 
 
