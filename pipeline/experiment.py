@@ -89,13 +89,22 @@ def observers(args) -> list:
             from sacred.observers import SqlObserver
         except ImportError:
             raise UserError("--sql needs SQLAlchemy: pip install 'music-separation[db]'") from None
-        found.append(SqlObserver(args.sql))
+        try:
+            found.append(SqlObserver(args.sql))
+        except Exception as error:  # SQLAlchemy: unparsable URL, missing driver, server down
+            reason = " ".join(str(error).split())[:200]
+            raise UserError(f"--sql {args.sql}: cannot open the database ({reason}); use a SQLAlchemy URL such "
+                            "as sqlite:///runs.db or postgresql://user:password@host/db") from None
     if args.mongo:
         try:
             from sacred.observers import MongoObserver
         except ImportError:
             raise UserError("--mongo needs pymongo: pip install 'music-separation[db]'") from None
-        found.append(MongoObserver(url=args.mongo))
+        try:
+            found.append(MongoObserver(url=args.mongo))
+        except Exception as error:
+            reason = " ".join(str(error).split())[:200]
+            raise UserError(f"--mongo {args.mongo}: cannot reach MongoDB ({reason})") from None
     return found
 
 
