@@ -99,8 +99,6 @@ class EvaluateConfig:
     overlap: float = 0.25  # fraction of a chunk shared by neighbours (overlap-add)
     window_seconds: float = 1.0  # BSSEval v4 window and hop
     workers: int = 2  # museval processes
-    wiener_iterations: int = 1
-    residual: bool = False
 
 
 @dataclass(frozen=True)
