@@ -5,8 +5,8 @@ train:    training examples per second and seconds per step (after warm-up) of t
 separate: seconds and x real-time to separate the same 30 s stereo input with the SavedModel and with
           each TFLite variant, on 2 CPU threads, plus where the SavedModel's time goes (STFT/ISTFT,
           networks, Wiener filter). Weights do not change speed, so the model is built untrained:
-          `python pipeline/benchmark.py separate with model.umx.wiener_iterations=1` is the UMX-HQ
-          architecture (4 targets, n_fft 4096, hidden 512, 3 BLSTM layers) at 44.1 kHz.
+          `python pipeline/benchmark.py separate with paper` is the UMX-HQ architecture (4 targets,
+          n_fft 4096, hidden 512, 3 BLSTM layers, 1 Wiener iteration) at 44.1 kHz.
 """
 from __future__ import annotations
 
@@ -180,6 +180,7 @@ def main(argv=None) -> int:
     from pipeline.run import split_updates
 
     updates, named = split_updates(args.updates)
+    named = named or ["default"]  # as pipeline/run.py
     try:
         config = resolve(updates, named)
         if config.train.replicas > 1:

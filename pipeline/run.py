@@ -62,6 +62,9 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     updates, named = split_updates(args.updates)
+    # no preset named: the `default` preset (the 10-minute CPU pipeline); `with paper` gives the full-size
+    # published recipes (the dataclass defaults), `with unittest` the tiny one
+    named = named or ["default"]
 
     from pipeline.experiment import UserError, build_experiment, run_stages
 
