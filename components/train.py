@@ -74,10 +74,15 @@ def build_model(config, stats):
     return registry.build(config.model, data=config.data, stats=stats)
 
 
-def make_optimizer(train_config, lr: Optional[float] = None):
+def make_optimizer(train_config, lr: Optional[float] = None, replicas: int = 1):
+    """Adam (decoupled weight decay, optional global clipnorm); `lr_scaling=linear` multiplies the rate by
+    the number of replicas, so a global batch n times larger takes n times larger steps."""
     import keras
 
-    kwargs = dict(learning_rate=lr or train_config.lr)
+    lr = lr or train_config.lr
+    if train_config.lr_scaling == "linear":
+        lr *= replicas
+    kwargs = dict(learning_rate=lr)
     if train_config.weight_decay:
         kwargs["weight_decay"] = train_config.weight_decay
     if train_config.clip_norm:
@@ -323,7 +328,8 @@ def _fit_phases(context, model, strategy, train_ds, valid_ds, steps, work: Path)
     previous_best = min((h[monitor] for h in sacred_logger.history if monitor in h), default=None)
 
     with strategy.scope():
-        model.train_model.compile(optimizer=make_optimizer(tc), loss=model.loss, jit_compile=False)
+        model.train_model.compile(optimizer=make_optimizer(tc, replicas=strategy.num_replicas_in_sync),
+                                  loss=model.loss, jit_compile=False)
         # create the optimizer slots now: building them while tracing the first step costs 10+ s
         model.train_model.optimizer.build(model.train_model.trainable_variables)
     callbacks = [
@@ -369,7 +375,8 @@ def _finetune(context, model, strategy, valid_ds, work, sacred_logger, monitor) 
     if best.is_file():
         model.train_model.load_weights(str(best))
     with strategy.scope():
-        model.train_model.compile(optimizer=make_optimizer(tc, lr=tc.finetune_lr or tc.lr / 10), loss=model.loss)
+        model.train_model.compile(optimizer=make_optimizer(tc, lr=tc.finetune_lr or tc.lr / 10,
+                                                           replicas=strategy.num_replicas_in_sync), loss=model.loss)
         model.train_model.optimizer.build(model.train_model.trainable_variables)
     start = len(sacred_logger.history)
     previous_best = min((h[monitor] for h in sacred_logger.history if monitor in h), default=None)

@@ -72,6 +72,7 @@ class TrainConfig:
     samples_per_track: int = 64
     seq_seconds: float = 6.0  # length of a training excerpt (<= data.segment_seconds)
     lr: float = 1e-3
+    lr_scaling: str = "none"  # none | linear: lr x replicas (the linear scaling rule for larger global batches)
     weight_decay: float = 1e-5
     lr_decay_patience: int = 80
     lr_decay_gamma: float = 0.3
@@ -246,6 +247,8 @@ def _check(obj, prefix):
         lo, hi = obj.gain_range
         if not 0 < lo <= hi:
             raise ConfigError(f"data.gain_range must be [low, high] with 0 < low <= high; got {list(obj.gain_range)}")
+    if isinstance(obj, TrainConfig) and obj.lr_scaling not in ("none", "linear"):
+        raise ConfigError(f"train.lr_scaling must be none or linear; got '{obj.lr_scaling}'")
     if isinstance(obj, ModelConfig):
         from models import registry  # late: keeps `--help` free of TensorFlow
 

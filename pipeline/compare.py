@@ -2,7 +2,8 @@
 
 Prepares the data once (default preset unless presets follow `with`), then for each model trains for
 `--budget` wall-clock seconds (train.max_seconds), evaluates on the test split (MIX/IRM baselines scored
-once and shared) and times separation of one test track. Every stage is a Sacred run under
+once and shared) and times separation of one test track; `--seeds 3` repeats training with three seeds
+and reports mean ± standard deviation (error bars). Every stage is a Sacred run under
 `<dir>/runs`. Writes `<dir>/comparison.json` and `<dir>/comparison.md` (a Markdown table).
 """
 from __future__ import annotations
@@ -33,6 +34,8 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated model names")
     parser.add_argument("--budget", type=float, default=120.0, help="training seconds per model (default 120)")
     parser.add_argument("--dir", default="artifacts/compare", help="where artifacts and runs go")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="training seeds per model (train.seed = 0..N-1); SDR and q get mean ± std")
     parser.epilog = "Configuration after `with`, as for pipeline/run.py (default: `with default`)."
     return parser
 
@@ -62,6 +65,21 @@ def separation_speed(config, artifacts_dir: Path) -> float:
     return len(mixture) / config.data.sample_rate / (time.perf_counter() - started)
 
 
+def _summary(name: str, runs: list) -> dict:
+    """Mean over seeds (and the standard deviation of SDR and q when there are several)."""
+    import numpy as np
+
+    row = {"model": name, "seeds": len(runs), "runs": runs}
+    for key in ("parameters", "train_seconds", "epochs", "sdr", "usdr", "mix_sdr", "irm_sdr", "q", "x_realtime"):
+        row[key] = float(np.mean([run[key] for run in runs]))
+    for key in ("sdr", "q"):
+        row[key + "_std"] = float(np.std([run[key] for run in runs], ddof=1)) if len(runs) > 1 else 0.0
+    row["parameters"] = int(row["parameters"])
+    row["per_target_sdr"] = {t: float(np.mean([run["per_target_sdr"][t] for run in runs]))
+                             for t in runs[0]["per_target_sdr"]}
+    return row
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     split = argv.index("with") if "with" in argv else len(argv)
@@ -82,38 +100,42 @@ def main(argv=None) -> int:
     (shared / "evaluate-baselines").mkdir(exist_ok=True)
     rows = []
     for name in args.models.split(","):
-        folder = root / name
-        folder.mkdir(parents=True, exist_ok=True)
-        _link(shared / "prepare", folder / "prepare")
-        _link(shared / "evaluate-baselines", folder / "evaluate-baselines")
-        model_updates = deep_merge(copy.deepcopy(updates), {
-            "artifacts_dir": str(folder), "model": {"name": name},
-            "train": {"max_seconds": args.budget, "epochs": 10_000, "patience": 10_000}})
-        for stage in ("train", "evaluate"):
-            experiment.run(stage, config_updates=model_updates, named_configs=named, meta_info={"force": False})
-        config = resolve(model_updates, named)
-        train = json.loads((folder / "train" / "artifact.json").read_text())
-        metrics = json.loads((folder / "evaluate" / "metrics.json").read_text())
-        rows.append({
-            "model": name,
-            "parameters": train["figures"]["parameters"],
-            "train_seconds": train["figures"]["seconds"],
-            "epochs": train["figures"]["epochs"],
-            "sdr": metrics["mean"]["SDR"],
-            "usdr": metrics["mean"]["uSDR"],
-            "mix_sdr": metrics["baselines"]["mix"]["mean"]["SDR"],
-            "irm_sdr": metrics["baselines"]["irm"]["mean"]["SDR"],
-            "q": metrics["normalized"]["mean"],
-            "per_target_sdr": {t: metrics["model"][t]["SDR"] for t in config.data.targets},
-            "x_realtime": separation_speed(config, folder),
-        })
+        runs = []
+        for seed in range(args.seeds):
+            folder = root / name if args.seeds == 1 else root / name / f"seed{seed}"
+            folder.mkdir(parents=True, exist_ok=True)
+            _link(shared / "prepare", folder / "prepare")
+            _link(shared / "evaluate-baselines", folder / "evaluate-baselines")
+            model_updates = deep_merge(copy.deepcopy(updates), {
+                "artifacts_dir": str(folder), "model": {"name": name},
+                "train": {"max_seconds": args.budget, "epochs": 10_000, "patience": 10_000, "seed": seed}})
+            for stage in ("train", "evaluate"):
+                experiment.run(stage, config_updates=model_updates, named_configs=named, meta_info={"force": False})
+            config = resolve(model_updates, named)
+            train = json.loads((folder / "train" / "artifact.json").read_text())
+            metrics = json.loads((folder / "evaluate" / "metrics.json").read_text())
+            runs.append({
+                "seed": seed,
+                "parameters": train["figures"]["parameters"],
+                "train_seconds": train["figures"]["seconds"],
+                "epochs": train["figures"]["epochs"],
+                "sdr": metrics["mean"]["SDR"],
+                "usdr": metrics["mean"]["uSDR"],
+                "mix_sdr": metrics["baselines"]["mix"]["mean"]["SDR"],
+                "irm_sdr": metrics["baselines"]["irm"]["mean"]["SDR"],
+                "q": metrics["normalized"]["mean"],
+                "per_target_sdr": {t: metrics["model"][t]["SDR"] for t in config.data.targets},
+                "x_realtime": separation_speed(config, folder),
+            })
+        rows.append(_summary(name, runs))
         (root / "comparison.json").write_text(json.dumps(rows, indent=1))
     lines = ["| model | parameters | train s (epochs) | SDR | MIX | IRM | q | uSDR | separation × real-time |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
-        lines.append(f"| {row['model']} | {row['parameters']:,} | {row['train_seconds']:.0f} ({row['epochs']}) | "
-                     f"{row['sdr']:.2f} | {row['mix_sdr']:.2f} | {row['irm_sdr']:.2f} | {row['q']:.2f} | "
-                     f"{row['usdr']:.2f} | {row['x_realtime']:.1f} |")
+        spread = lambda key: (f" ± {row[key + '_std']:.2f}" if row["seeds"] > 1 else "")  # noqa: E731
+        lines.append(f"| {row['model']} | {row['parameters']:,} | {row['train_seconds']:.0f} ({row['epochs']:.0f}) | "
+                     f"{row['sdr']:.2f}{spread('sdr')} | {row['mix_sdr']:.2f} | {row['irm_sdr']:.2f} | "
+                     f"{row['q']:.2f}{spread('q')} | {row['usdr']:.2f} | {row['x_realtime']:.1f} |")
     (root / "comparison.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -169,3 +169,13 @@ def test_batch_size_must_divide_over_replicas_and_excerpt_fit_segments(prepared,
     assert result.returncode == 2
     assert "train.seq_seconds" in result.stderr.strip().splitlines()[-1]
     assert not (root / "train").exists()
+
+
+def test_linear_lr_scaling_multiplies_the_rate_by_the_replicas():
+    from components.train import make_optimizer
+    from pipeline.experiment import resolve
+
+    plain = resolve({}, ["unittest"]).train
+    scaled = resolve({"train": {"lr_scaling": "linear", "lr": 2e-4}}, ["unittest"]).train
+    assert float(make_optimizer(plain, replicas=4).learning_rate.numpy()) == pytest.approx(plain.lr)
+    assert float(make_optimizer(scaled, replicas=4).learning_rate.numpy()) == pytest.approx(8e-4)

@@ -1,0 +1,27 @@
+"""pipeline/compare.py: every family on one budget, seeds with error bars (tiny preset)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_compare_two_seeds_reports_mean_and_spread(tmp_path):
+    result = subprocess.run([sys.executable, "pipeline/compare.py", "--models", "umx", "--seeds", "2", "--budget", "2",
+                             "--dir", str(tmp_path), "with", "unittest"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (row,) = json.loads((tmp_path / "comparison.json").read_text())
+    assert row["model"] == "umx" and row["seeds"] == 2 and [r["seed"] for r in row["runs"]] == [0, 1]
+    sdrs = [r["sdr"] for r in row["runs"]]
+    assert abs(row["sdr"] - sum(sdrs) / 2) < 1e-9
+    assert abs(row["sdr_std"] - abs(sdrs[0] - sdrs[1]) / 2 ** 0.5) < 1e-9  # sample std of two values
+    assert sdrs[0] != sdrs[1]  # different seeds, different models
+    assert row["mix_sdr"] < row["sdr"] < row["irm_sdr"] or row["q"] < 1
+    assert (tmp_path / "umx" / "seed0" / "train" / "artifact.json").is_file()
+    assert (tmp_path / "umx" / "seed1" / "evaluate" / "metrics.json").is_file()
+    table = (tmp_path / "comparison.md").read_text()
+    assert "| umx | 46,112 |" in table and " ± " in table
