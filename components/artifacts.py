@@ -137,14 +137,15 @@ def clean_stale(artifacts_dir: Path) -> list:
     for entry in artifacts_dir.iterdir():
         if entry.name.startswith(".") and (".staging-" in entry.name or ".old-" in entry.name):
             pid = entry.name.rsplit("-", 2)[-2]
-            if pid.isdigit() and _alive(int(pid)) and int(pid) != os.getpid():
+            if pid.isdigit() and process_alive(int(pid)) and int(pid) != os.getpid():
                 continue
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry.name)
     return removed
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id exists (a staging dir's owner may still be writing)."""
     try:
         os.kill(pid, 0)
     except OSError:

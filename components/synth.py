@@ -24,6 +24,8 @@ from typing import Dict, Mapping, Tuple
 
 import numpy as np
 
+from components.artifacts import process_alive
+
 SOURCES = ("vocals", "drums", "bass", "other")
 SPLITS = ("train", "valid", "test")
 MARKER = "synth.json"
@@ -94,16 +96,8 @@ def ensure(root, params: Mapping, logger=None) -> Path:
 def _clean_leftovers(root: Path) -> None:
     for entry in root.parent.glob(f".{root.name}.*-*-*"):
         pid = entry.name.rsplit("-", 2)[-2]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
             shutil.rmtree(entry, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    return True
 
 
 def generate(root, *, sample_rate: int, tracks: Tuple[int, int, int], seconds: float, seed: int) -> Dict[str, int]:
