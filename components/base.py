@@ -19,6 +19,7 @@ class StageContext:
     log_scalar: Callable[[str, float, Optional[int]], None] = lambda name, value, step=None: None
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("pipeline"))
     force: bool = False
+    fingerprint: str = ""  # of this stage run (config sections + inputs), as recorded in artifact.json
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from components import artifacts
 from components.artifacts import StageError
 from components.base import ComponentSpec, StageContext
 
@@ -262,7 +261,7 @@ def run(context: StageContext) -> dict:
     else:
         keras.utils.set_random_seed(tc.seed)
 
-    work = Path(config.artifacts_dir) / ".train-work" / _work_key(context)
+    work = Path(config.artifacts_dir) / ".train-work" / context.fingerprint
     if context.force and work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
@@ -390,12 +389,6 @@ def _finetune(context, model, strategy, valid_ds, work, sacred_logger, monitor) 
             keras.callbacks.TerminateOnNaN(), sacred_logger, *model.callbacks,
         ])
     return (len(sacred_logger.history) - start) * steps * batch
-
-
-def _work_key(context: StageContext) -> str:
-    from pipeline.pipeline import stage_fingerprint
-
-    return stage_fingerprint(SPEC, context.config, dict(context.inputs))
 
 
 def _plain(value):

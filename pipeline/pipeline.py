@@ -82,7 +82,8 @@ def run_component(
     started = time.time()
     with artifacts.staging(root, spec.name) as staging_dir:
         context = StageContext(config=config, inputs=upstream, output_dir=staging_dir,
-                               log_scalar=log_scalar or (lambda *a, **k: None), logger=log, force=force)
+                               log_scalar=log_scalar or (lambda *a, **k: None), logger=log, force=force,
+                               fingerprint=fingerprint)
         meta = dict(spec.executor(context))
         meta.update(
             fingerprint=fingerprint,

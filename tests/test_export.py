@@ -11,17 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-RUN = [sys.executable, str(ROOT / "pipeline" / "run.py")]
+from tests.cli import ROOT, cli
+
 SEPARATE = [sys.executable, str(ROOT / "pipeline" / "separate.py")]
 SAMPLE_MP4 = ROOT.parent / "shared" / "data" / "musdb18-sample" / "train" / "Music Delta - 80s Rock.stem.mp4"
-
-
-def cli(*args, check=True):
-    result = subprocess.run([*RUN, *args], cwd=ROOT, capture_output=True, text=True, timeout=900)
-    if check and result.returncode != 0:
-        raise AssertionError(f"run.py {' '.join(args)} failed:\n{result.stderr[-3000:]}")
-    return result
 
 
 @pytest.fixture(scope="module")

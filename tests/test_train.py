@@ -13,15 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-RUN = [sys.executable, str(ROOT / "pipeline" / "run.py")]
-
-
-def cli(*args, check=True, timeout=600, **kwargs):
-    result = subprocess.run([*RUN, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, **kwargs)
-    if check and result.returncode != 0:
-        raise AssertionError(f"run.py {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
-    return result
+from tests.cli import ROOT, RUN, cli
 
 
 @pytest.fixture(scope="module")
