@@ -15,13 +15,18 @@ def _wave_u_net_train(sample_rate: int) -> dict:
             "finetune_epochs": 1000, "finetune_lr": 1e-5, "finetune_batch_size": 32}
 
 
-# spectrogram U-Nets (models/unet.py): STFT, bins fed to the network, frames per patch
+# spectrogram U-Nets (models/unet.py, m_unet.py, c_unet.py): STFT, bins fed to the network, frames per patch
 _TINY_UNET = {"n_fft": 256, "hop_length": 64, "max_bin": 64, "patch_frames": 64, "first_filters": 4}
+# M-U-Net: 3 levels (4, 8, 16 channels) on 64 log bins x 64 frames
+_TINY_M_UNET = {"n_fft": 256, "hop_length": 64, "patch_frames": 64, "log_bins": 64, "first_filters": 4, "nb_levels": 3}
 # M-U-Net code (github.com/vskadandale/multichannel-unet-bss, settings.py): TARGET_SAMPLING_RATE 10880,
 # NFFT 1022, HOP_LENGTH 256, 6 s excerpts -> STFT_WIDTH 256 frames: 512 bins x 256 frames
 _M_UNET_PAPER = {"n_fft": 1022, "hop_length": 256, "max_bin": 512, "patch_frames": 256}
-# Spleeter (Jansson et al. 2017 at 44.1 kHz): STFT 4096 / 1024, F = 1024 bins, T = 512 frames (11.9 s)
+# Spleeter (spleeter/resources/4stems.json): STFT 4096 / 1024, F = 1024 bins, T = 512 frames (11.9 s), ELU
+# activations (conv_activation, deconv_activation) of its 4- and 5-stem models
 _SPLEETER = {"n_fft": 4096, "hop_length": 1024, "max_bin": 1024, "patch_frames": 512}
+_SPLEETER_4STEMS = {**_SPLEETER, "network": "spleeter", "conv_activation": "elu", "deconv_activation": "elu",
+                    "framing": "spleeter", "separation": "ratio", "separation_exponent": 2.0}
 
 
 PRESETS = {
@@ -36,8 +41,9 @@ PRESETS = {
         "model": {"umx": {"hidden_size": 128, "nb_layers": 2, "n_fft": 2048, "hop_length": 512},
                   "wave_u_net": {"num_layers": 8, "num_initial_filters": 16},
                   "unet": {"n_fft": 1024, "hop_length": 256, "max_bin": 512, "patch_frames": 128, "first_filters": 8},
-                  "m_unet": {"n_fft": 1024, "hop_length": 256, "max_bin": 512, "patch_frames": 128,
-                             "first_filters": 8},
+                  # the authors' M-U-Net, 6 levels of 8 ... 256 channels on 128 log bins x 128 frames
+                  "m_unet": {"n_fft": 1022, "hop_length": 256, "patch_frames": 128, "log_bins": 128,
+                             "first_filters": 8, "nb_levels": 6},
                   "c_unet": {"n_fft": 1024, "hop_length": 256, "max_bin": 512, "patch_frames": 128,
                              "first_filters": 8, "film": "simple", "control_units": [16, 64, 256]},
                   "tfc_tdf_v3": {"n_fft": 2048, "hop_length": 512, "dim_f": 1024, "dim_t": 64, "inference_dim_t": 64,
@@ -58,7 +64,7 @@ PRESETS = {
                   # 37 samples of context each side: 8,077 input samples -> 8,003 output samples
                   "wave_u_net": {"num_layers": 3, "num_initial_filters": 4, "filter_size": 5, "merge_filter_size": 3},
                   # 64 bins x 64-frame patches, the least six stride-2 layers take; 1 s -> 4,032 samples
-                  "unet": dict(_TINY_UNET), "m_unet": dict(_TINY_UNET),
+                  "unet": dict(_TINY_UNET), "m_unet": dict(_TINY_M_UNET),
                   "c_unet": {**_TINY_UNET, "control_units": [8, 16, 32]},
                   # 128 bins, 2 scales, 8 channels: 1 s -> 124 frames (7,872 samples); 36,848 parameters
                   "tfc_tdf_v3": {"n_fft": 256, "hop_length": 64, "dim_f": 128, "dim_t": 32, "inference_dim_t": 32,
@@ -91,15 +97,26 @@ PRESETS = {
     # M-U-Net (Kadandale et al. 2020) at its code's 10,880 Hz setting, 6 s excerpts (the default segments and
     # train.seq_seconds) = one 256-frame patch; its baselines, dedicated U-Nets and C-U-Net, at the same setting
     "m_unet_paper": {
-        "data": {"sample_rate": 10880},
-        "model": {"name": "m_unet", "m_unet": dict(_M_UNET_PAPER), "unet": dict(_M_UNET_PAPER),
-                  "c_unet": dict(_M_UNET_PAPER)},
+        # mono, as the authors' code (INPUT_CHANNELS = 1: the U-Net sees the mono mixture)
+        "data": {"sample_rate": 10880, "nb_channels": 1},
+        # M-U-Net: the authors' network (models/m_unet.py defaults: 7 levels 32 ... 2048, 256 log bins x 256 frames)
+        "model": {"name": "m_unet", "m_unet": {"n_fft": 1022, "hop_length": 256, "patch_frames": 256},
+                  "unet": dict(_M_UNET_PAPER), "c_unet": dict(_M_UNET_PAPER)},
     },
     # Spleeter-like 44.1 kHz U-Nets: one 512-frame patch (523,264 samples) per excerpt, 12 s segments hold one
     "unet_44k": {
         "data": {"sample_rate": 44100, "segment_seconds": 12.0},
-        "model": {"name": "unet", "unet": dict(_SPLEETER), "m_unet": dict(_SPLEETER), "c_unet": dict(_SPLEETER)},
+        "model": {"name": "unet", "unet": dict(_SPLEETER_4STEMS), "c_unet": dict(_SPLEETER),
+                  "m_unet": {"n_fft": 4096, "hop_length": 1024, "patch_frames": 512, "log_bins": 512}},
         "train": {"seq_seconds": 11.9},
+    },
+    # C-U-Net (Meseguer-Brocal & Peeters 2019), the authors' input (cunet/preprocess/config.py, train/config.py):
+    # mono 8,192 Hz, n_fft 1024, hop 256, 512 bins x 128 frames, magnitude min-max normalised per track;
+    # complex FiLM with the dense control (16, 256, 1024): models/c_unet.py defaults
+    "c_unet_paper": {
+        "data": {"sample_rate": 8192, "nb_channels": 1},
+        "model": {"name": "c_unet", "c_unet": {"n_fft": 1024, "hop_length": 256, "max_bin": 512, "patch_frames": 128,
+                                               "input_norm": "minmax", "film": "complex"}},
     },
     # TFC-TDF-UNet v3, SDX23 leaderboard A (kuielab/sdx23 ckpts/modelA/config.yaml): Adam lr 1e-4, batch 6,
     # excerpts of 256 frames (261,120 samples), the coarse quantile loss q = 0.4 (label noise). Leaderboard B

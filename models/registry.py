@@ -15,10 +15,9 @@ from configs.config import ConfigError
 FAMILIES = {
     "umx": "models.open_unmix",
     "wave_u_net": "models.wave_u_net",
-    # "module:attribute" when one module hosts several families (the attribute has `Config` and `build`)
-    "unet": "models.unet:dedicated",
-    "m_unet": "models.unet:multi_channel",
-    "c_unet": "models.unet:conditioned",
+    "unet": "models.unet",
+    "m_unet": "models.m_unet",
+    "c_unet": "models.c_unet",
     "tfc_tdf_v3": "models.tfc_tdf_unet",
     "dttnet": "models.dttnet",
 }
@@ -31,9 +30,7 @@ def names() -> tuple:
 def module(name: str):
     if name not in FAMILIES:
         raise ConfigError(f"model.name '{name}' is not a registered model; choose one of {', '.join(names())}")
-    path, _, attribute = FAMILIES[name].partition(":")
-    found = importlib.import_module(path)
-    return getattr(found, attribute) if attribute else found
+    return importlib.import_module(FAMILIES[name])
 
 
 def default_params(name: str) -> dict:

@@ -1,0 +1,159 @@
+"""Building blocks shared by model families: initialisers, BatchNorm conventions, the STFT-config check,
+frame patching/cropping and the per-target output dict.
+
+BatchNorm momentum conventions differ: Keras updates `moving = momentum * moving + (1 - momentum) * batch`,
+PyTorch `running = (1 - momentum) * running + momentum * batch`. So PyTorch's default 0.1 is Keras's 0.9,
+and Keras's own default 0.99 is PyTorch's 0.01. Epsilon defaults differ too (Keras 1e-3, PyTorch 1e-5).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import keras
+import tensorflow as tf
+
+from configs.config import ConfigError
+
+
+# ---------------------------------------------------------------------------------------- initialisers
+
+
+def torch_uniform():
+    """PyTorch's default for Conv*d / ConvTranspose*d / Linear kernels: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+
+    Keras computes a transposed conv's fan_in from its output channels, as PyTorch does.
+    """
+    return keras.initializers.VarianceScaling(scale=1.0 / 3.0, mode="fan_in", distribution="uniform")
+
+
+def batch_norm(name: str, *, torch_momentum: float = None, keras_momentum: float = None, epsilon: float = 1e-3,
+               axis: int = -1, **kwargs) -> keras.layers.BatchNormalization:
+    """A Keras BatchNormalization from the momentum of either convention (exactly one of the two)."""
+    if (torch_momentum is None) == (keras_momentum is None):
+        raise ValueError("batch_norm: give exactly one of torch_momentum, keras_momentum")
+    momentum = keras_momentum if keras_momentum is not None else 1.0 - torch_momentum
+    return keras.layers.BatchNormalization(axis=axis, momentum=momentum, epsilon=epsilon, name=name, **kwargs)
+
+
+def torch_batch_norm(name: str, axis: int = -1, **kwargs) -> keras.layers.BatchNormalization:
+    """PyTorch's BatchNorm defaults (momentum 0.1, eps 1e-5) in Keras terms."""
+    return batch_norm(name, torch_momentum=0.1, epsilon=1e-5, axis=axis, **kwargs)
+
+
+ACTIVATIONS = ("relu", "leaky_relu", "elu")
+
+
+def activation(kind: str, name: str, leaky_slope: float = 0.2) -> keras.layers.Layer:
+    """relu | leaky_relu (slope `leaky_slope`) | elu (alpha 1) as a named layer."""
+    if kind == "relu":
+        return keras.layers.ReLU(name=name)
+    if kind == "leaky_relu":
+        return keras.layers.LeakyReLU(leaky_slope, name=name)
+    if kind == "elu":
+        return keras.layers.ELU(name=name)
+    raise ValueError(f"activation: unknown kind '{kind}'; choose one of {', '.join(ACTIVATIONS)}")
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+
+def check_stft(key: str, n_fft: int, hop_length: int) -> None:
+    """`key` is the config prefix, e.g. "model.unet."; a perfect ISTFT needs hop_length <= n_fft / 2."""
+    if n_fft <= 0 or n_fft % 2:
+        raise ConfigError(f"{key}n_fft must be a positive even number, got {n_fft}")
+    if not 0 < hop_length <= n_fft // 2:
+        raise ConfigError(f"{key}hop_length must lie in (0, n_fft/2] for a perfect ISTFT, got {hop_length}")
+
+
+def check_choice(key: str, value, choices: Sequence) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}; got '{value}'")
+
+
+# ------------------------------------------------------------------------------ frame patching/cropping
+
+
+class SpectrogramPatches(keras.layers.Layer):
+    """`(nb_samples, nb_frames, nb_bins, nb_channels)` -> `(nb_samples * nb_patches, patch_frames, padded_bins, nb_channels)`.
+
+    Bins are cropped at `max_bin` and zero-padded to `padded_bins`; frames zero-padded to whole patches
+    (Spleeter's `pad_and_partition`). Patches of one example are consecutive rows.
+    """
+
+    def __init__(self, patch_frames: int = 512, max_bin: int = 1024, padded_bins: int = 1024, **kwargs):
+        super().__init__(**kwargs)
+        self.patch_frames = patch_frames
+        self.max_bin = max_bin
+        self.padded_bins = padded_bins
+
+    def call(self, magnitude):
+        x = magnitude[:, :, : self.max_bin, :]
+        nb_frames = x.shape[1] if x.shape[1] is not None else tf.shape(x)[1]
+        nb_patches = -(-nb_frames // self.patch_frames)
+        x = tf.pad(x, [[0, 0], [0, nb_patches * self.patch_frames - nb_frames],
+                       [0, self.padded_bins - self.max_bin], [0, 0]])
+        return tf.reshape(x, [-1, self.patch_frames, self.padded_bins, magnitude.shape[-1]])
+
+    def compute_output_shape(self, input_shape):
+        nb_samples, nb_frames = input_shape[0], input_shape[1]
+        rows = None
+        if nb_samples is not None and nb_frames is not None:
+            rows = nb_samples * -(-nb_frames // self.patch_frames)
+        return (rows, self.patch_frames, self.padded_bins, input_shape[-1])
+
+    def get_config(self):
+        return {**super().get_config(), "patch_frames": self.patch_frames, "max_bin": self.max_bin,
+                "padded_bins": self.padded_bins}
+
+
+class MergePatches(keras.layers.Layer):
+    """[patches `(nb_samples * nb_patches, patch_frames, padded_bins, *extra)`, reference `(nb_samples, nb_frames, ...)`]
+    -> `(nb_samples, nb_frames, max_bin, *extra)`: patches joined, frame and bin padding cropped."""
+
+    def __init__(self, max_bin: int = 1024, **kwargs):
+        super().__init__(**kwargs)
+        self.max_bin = max_bin
+
+    def call(self, patches, reference):
+        nb_samples = tf.shape(reference)[0]
+        nb_frames = reference.shape[1] if reference.shape[1] is not None else tf.shape(reference)[1]
+        shape = patches.shape
+        merged = tf.reshape(patches, [nb_samples, -1] + list(shape[2:]))
+        # a slice with a dynamic frame count loses the static bin axis in traced graphs: restore it
+        return tf.ensure_shape(merged[:, :nb_frames, : self.max_bin], [None, None, self.max_bin] + list(shape[3:]))
+
+    def compute_output_shape(self, patches_shape, reference_shape):
+        return (reference_shape[0], reference_shape[1], self.max_bin) + tuple(patches_shape[3:])
+
+    def get_config(self):
+        return {**super().get_config(), "max_bin": self.max_bin}
+
+
+# ------------------------------------------------------------------------------------------- targets
+
+
+class StackTargets(keras.layers.Layer):
+    """Per-target tensors `[(...)] * J` -> `(..., J)`."""
+
+    def call(self, tensors):
+        return tf.stack(list(tensors), axis=-1)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[0]) + (len(input_shape),)
+
+
+class SplitTargets(keras.layers.Layer):
+    """`(..., nb_targets)` -> {target: `(...)`}, the output dict of every graph."""
+
+    def __init__(self, targets: Sequence[str] = (), **kwargs):
+        super().__init__(**kwargs)
+        self.targets = tuple(targets)
+
+    def call(self, stacked):
+        return {target: stacked[..., index] for index, target in enumerate(self.targets)}
+
+    def compute_output_shape(self, input_shape):
+        return {target: tuple(input_shape[:-1]) for target in self.targets}
+
+    def get_config(self):
+        return {**super().get_config(), "targets": list(self.targets)}
