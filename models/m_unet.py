@@ -3,16 +3,16 @@ magnitude warped onto a log-frequency axis; multi-task loss weighting in `models
 
 The authors' code (github.com/vskadandale/multichannel-unet-bss, commit 5d979a76): `train/*.py` build
 `flerken.models.UNet([32, 64, 128, 256, 512, 1024, 2048], K, None, useBN=True, dropout=0.1)` (flerken
-`flerken/models/UNet.py`, JuanFMontesinos/flerken) inside `models/wrapper.py`'s `Wrapper`:
+`flerken/models/UNet.py` of flerken-nightly 0.4.post10, the version requirements.txt pins) inside `models/wrapper.py`'s `Wrapper`:
 
     input     warp |X| `(512 bins, 256 frames)` onto 256 log-frequency rows (`utils.warpgrid(warp=True)`,
               bilinear `F.grid_sample`), log -> U-Net -> ReLU -> masks `(K, 256, 256)`
     encoder   6 x [Conv 3x3 -> BN -> LeakyReLU(0.1) -> Dropout2d -> Conv 3x3 -> BN -> LeakyReLU(0.1) -> Dropout2d]
               (32 ... 1024 channels) -> skip, MaxPool 2x2
     bottom    Conv 3x3 (1024 -> 2048) -> BN -> LReLU -> Conv 3x3 -> BN -> LReLU -> ConvTranspose 2x2 stride 2 (-> 1024)
-    decoder   5 x [concat(x, skip) -> Conv 3x3 (2d -> d) -> BN -> Dropout2d -> LReLU -> Conv 3x3 -> BN -> LReLU ->
-              Dropout2d -> ConvTranspose 2x2 stride 2 (d -> d/2)], then the same without dropout and transposed conv
-              at 32 channels, Conv 1x1 (32 -> K)
+    decoder   6 x [concat(x, skip) -> Conv 3x3 (2d -> d) -> BN -> Dropout2d -> LReLU -> Conv 3x3 -> BN -> LReLU ->
+              Dropout2d -> ConvTranspose 2x2 stride 2 (d -> d/2)] (the last, at 32 channels, without the transposed
+              conv), Conv 1x1 (32 -> K)
     truth     masks |S_k| / |X| on the warped grid, clamped to [0, 10]
     loss      L1 on the warped magnitudes mask x |X| (equal weights, DWA), or on the masks (EBW,
               `EnergyBasedLossPowerPMask`); `loss_domain` picks one explicitly
@@ -155,7 +155,10 @@ def warp_layers(config: Config, nb_bins: int, name: str):
 
 def flerken_unet(patch_frames: int, log_bins: int, nb_in: int, nb_out: int, config: Config,
                  name: str = "m_unet") -> keras.Model:
-    """flerken's `UNet(dims, K, None, useBN=True, dropout)`: `(N, T, log_bins, nb_in)` -> `(N, T, log_bins, nb_out)` (linear)."""
+    """flerken's `UNet(dims, K, None, useBN=True, dropout)`: `(N, T, log_bins, nb_in)` -> `(N, T, log_bins, nb_out)` (linear).
+
+    Axes: PyTorch's `(N, C, H = freq, W = time)` is ours `(N, T, F, C)`; `assign_flerken` transposes kernels.
+    """
     dims = [config.first_filters * 2 ** level for level in range(config.nb_levels)]
     init = dict(kernel_initializer="glorot_uniform", bias_initializer="zeros")
 
@@ -188,10 +191,10 @@ def flerken_unet(patch_frames: int, log_bins: int, nb_in: int, nb_out: int, conf
         block, channels, final = f"up{level + 1}", dims[level], level == 0
         x = keras.layers.Concatenate(name=f"{name}_{block}_skip")([x, skips[level]])
         x = torch_batch_norm(f"{name}_{block}_bn1")(conv(x, channels, f"{block}_conv1"))
-        x = lrelu(x if final else drop(x, f"{block}_drop1"), f"{block}_act1")
+        x = lrelu(drop(x, f"{block}_drop1"), f"{block}_act1")
         x = lrelu(torch_batch_norm(f"{name}_{block}_bn2")(conv(x, channels, f"{block}_conv2")), f"{block}_act2")
+        x = drop(x, f"{block}_drop2")
         if not final:
-            x = drop(x, f"{block}_drop2")
             x = keras.layers.Conv2DTranspose(dims[level - 1], 2, strides=2, name=f"{name}_{block}_up", **init)(x)
     outputs = keras.layers.Conv2D(nb_out, 1, name=f"{name}_final", **init)(x)
     return keras.Model(spectrogram, outputs, name=name)
@@ -320,3 +323,72 @@ def build(config: Config, *, data, stats=None):
         synthesis=synthesis, train_targets=train_targets, input_samples=input_samples, loss=loss,
         train_wrapper=weighting, callbacks=callbacks,
         extra={"network": network, "weighting": weighting, "loss_domain": domain, "nb_bins": nb_bins})
+
+
+# --------------------------------------------------------------------------------- weights from PyTorch
+
+_BN = (("weight", "gamma"), ("bias", "beta"), ("running_mean", "moving_mean"), ("running_var", "moving_variance"))
+
+
+def flerken_mapping(nb_levels: int, name: str = "m_unet"):
+    """THE mapping table flerken `UNet` state_dict -> our network: (source, our layer, our weight, kind).
+
+    kind "conv": torch (out, in, kH = freq, kW = time) -> Keras (time, freq, in, out); "deconv": torch
+    (in, out, kH, kW) -> Keras (time, freq, out, in); "copy" otherwise. `num_batches_tracked` has no
+    counterpart (see `ignored_flerken`). flerken's decoder[j] is the block of level nb_levels - 1 - j.
+    """
+    rows = []
+
+    def conv(source, layer):
+        rows.extend([(f"{source}.weight", layer, "kernel", "conv"), (f"{source}.bias", layer, "bias", "copy")])
+
+    def bn(source, layer):
+        rows.extend((f"{source}.{theirs}", layer, ours, "copy") for theirs, ours in _BN)
+
+    for level in range(nb_levels - 1):
+        for k in (1, 2):
+            conv(f"encoder.{level}.Conv{k}", f"{name}_down{level + 1}_conv{k}")
+            bn(f"encoder.{level}.BN{k}", f"{name}_down{level + 1}_bn{k}")
+    for k in (1, 2):
+        conv(f"decoder.0.Conv{k}", f"{name}_bottom_conv{k}")
+        bn(f"decoder.0.BN{k}", f"{name}_bottom_bn{k}")
+    rows.extend([("decoder.0.AtrousConv.weight", f"{name}_bottom_up", "kernel", "deconv"),
+                 ("decoder.0.AtrousConv.bias", f"{name}_bottom_up", "bias", "copy")])
+    for j in range(1, nb_levels):
+        level = nb_levels - 1 - j
+        for k in (1, 2):
+            conv(f"decoder.{j}.Conv{k}", f"{name}_up{level + 1}_conv{k}")
+            bn(f"decoder.{j}.BN{k}", f"{name}_up{level + 1}_bn{k}")
+        if level:
+            rows.extend([(f"decoder.{j}.AtrousConv.weight", f"{name}_up{level + 1}_up", "kernel", "deconv"),
+                         (f"decoder.{j}.AtrousConv.bias", f"{name}_up{level + 1}_up", "bias", "copy")])
+    conv("final_conv", f"{name}_final")
+    return rows
+
+
+def assign_flerken(network: keras.Model, state_dict: dict, prefix: str = "") -> int:
+    """Copies a flerken `UNet` state_dict (numpy values; `prefix` e.g. "model." for the authors' Wrapper) into
+    `network` (`flerken_unet`); every tensor used once, every weight set once, shapes checked. Returns the count."""
+    nb_levels = sum(1 for layer in network.layers if layer.name.endswith("_pool")) + 1
+    tensors = {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
+    weights = {(layer.name, weight.name): weight for layer in network.layers for weight in layer.weights}
+    used = set()
+    for source, layer, weight_name, kind in flerken_mapping(nb_levels, network.name):
+        if source not in tensors:
+            raise ValueError(f"m_unet.assign_flerken: tensor {prefix}{source} missing from the state_dict")
+        value = np.asarray(tensors[source])
+        if kind in ("conv", "deconv"):
+            value = np.transpose(value, (3, 2, 1, 0))
+        weight = weights.pop((layer, weight_name), None)
+        if weight is None:
+            raise ValueError(f"m_unet.assign_flerken: no weight {layer}/{weight_name} for {prefix}{source}")
+        if tuple(weight.shape) != value.shape:
+            raise ValueError(f"m_unet.assign_flerken: shape of {prefix}{source} {value.shape} (as Keras) != "
+                             f"{layer}/{weight_name} {tuple(weight.shape)}")
+        weight.assign(value.astype(np.float32))
+        used.add(source)
+    leftover = sorted(key for key in set(tensors) - used if not key.endswith("num_batches_tracked"))
+    if leftover or weights:
+        raise ValueError(f"m_unet.assign_flerken: unmapped tensors {leftover[:6]}, unset weights "
+                         f"{sorted('/'.join(k) for k in weights)[:6]}")
+    return len(used)

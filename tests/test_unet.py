@@ -234,6 +234,45 @@ def test_m_unet_warp_is_torch_grid_sample():
     np.testing.assert_allclose((np.power(21.0, (back + 1) / 2) - 11) / 10, np.linspace(-1, 1, 512), atol=1e-12)
 
 
+def snr(expected, got):
+    return 10 * np.log10(np.sum(np.square(expected)) / np.sum(np.square(expected - got)))
+
+
+def test_m_unet_matches_the_authors_network_with_the_same_weights():
+    """flerken's UNet + the authors' Wrapper warping (tests/fixtures/m_unet/make_reference.py) vs ours."""
+    folder = pathlib.Path(__file__).parent / "fixtures" / "m_unet"
+    spec = importlib.util.spec_from_file_location("m_unet_reference", folder / "make_reference.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    meta = json.loads((folder / "state_dict.json").read_text())
+    reference = np.load(folder / "reference.npz")
+    config = m_unet.Config(n_fft=2 * (meta["nb_bins"] - 1), hop_length=32, patch_frames=meta["frames"],
+                           log_bins=meta["log_bins"], first_filters=meta["dims"][0], nb_levels=len(meta["dims"]))
+    network = m_unet.flerken_unet(config.patch_frames, config.log_bins, 1, meta["K"], config)
+    state = script.seeded_state(meta["entries"], meta["seed"])
+    assert m_unet.assign_flerken(network, state) == len(state) == 92  # 106 entries less 14 BN num_batches_tracked
+    assert harness.count_parameters(network) == flerken_parameters(meta["dims"], 1, meta["K"])
+
+    def ours(x):  # (1, C, H = freq, W = time) -> (1, W, H, C)
+        return np.transpose(x, (0, 3, 2, 1))
+
+    warp, unwarp = m_unet.warp_layers(config, meta["nb_bins"], "test")
+    mixture, sources = script.seeded_inputs(meta["seed"])
+    warped = np.asarray(warp(ours(mixture)))
+    assert snr(ours(reference["warped"][:, -1:]), warped) > 100  # float32 grids (torch) vs float64 matrices (ours)
+    masks = np.maximum(np.asarray(network(np.log(warped), training=False)), 0)
+    assert snr(ours(reference["pred_masks"]), masks) > 80
+    linear = np.asarray(unwarp(ours(reference["pred_masks"])))
+    assert snr(ours(reference["linear_masks"]), linear) > 100
+    truth = m_unet.pair_distance("masks", 10.0)  # the loss's ideal masks: clip(warp(S) / warp(X), 0, 10)
+    warped_sources = np.asarray(warp(ours(sources)))
+    pairs_true = np.stack([warped_sources, np.zeros_like(warped_sources)], -1)
+    pairs_pred = np.stack([np.asarray(ours(reference["gt_masks"])), np.repeat(warped, meta["K"], -1)], -1)
+    assert float(np.max(np.asarray(truth(pairs_true, pairs_pred)))) < 1e-5  # loss 0 at the authors' gt masks
+    with pytest.raises(ValueError, match="decoder.0.Conv1.weight"):
+        m_unet.assign_flerken(network, {k: v for k, v in state.items() if k != "decoder.0.Conv1.weight"})
+
+
 # --------------------------------------------------------------------------------------- shapes, fit
 
 
