@@ -262,3 +262,64 @@ def build(config: Config, *, data, stats=None):
         synthesis=synthesis, train_targets=train_targets, input_samples=input_samples,
         loss={target: WeightedL1(name=f"l1_{target}") for target in targets},
         extra={"network": network, "max_bin": max_bin, "padded_bins": padded_bins, "nb_bins": nb_bins})
+
+
+# ------------------------------------------------------------------------------ weights from the authors
+
+
+def cunet_mapping(nb_control: int, name: str = "c_unet"):
+    """THE mapping table of the authors' `cunet_model()` (tf.keras auto names, in its creation order: the dense
+    control, then encoder convs and BNs, then decoder transposed convs and BNs) -> our network:
+    (source, our layer, our weight, kind); kind "swap" transposes the two spatial kernel axes (their
+    `(freq, time)` input is our `(time, freq)`)."""
+    def auto(kind, number):
+        return kind if number == 0 else f"{kind}_{number}"
+
+    bn_weights = ("gamma", "beta", "moving_mean", "moving_variance")
+    rows = []
+    for index in range(nb_control):
+        layer = f"{name}_control{index + 1}"
+        rows += [(f"{auto('dense', index)}/{w}", layer, w, "copy") for w in ("kernel", "bias")]
+        if index:
+            rows += [(f"{auto('batch_normalization', index - 1)}/{w}", f"{layer}_bn", w, "copy") for w in bn_weights]
+    for offset, layer in ((0, "gammas"), (1, "betas")):
+        rows += [(f"{auto('dense', nb_control + offset)}/{w}", f"{name}_{layer}", w, "copy") for w in ("kernel", "bias")]
+    first_bn = nb_control - 1
+    for index in range(NB_LAYERS):
+        rows += [(f"{auto('conv2d', index)}/kernel", f"{name}_conv{index + 1}", "kernel", "swap"),
+                 (f"{auto('conv2d', index)}/bias", f"{name}_conv{index + 1}", "bias", "copy")]
+        rows += [(f"{auto('batch_normalization', first_bn + index)}/{w}", f"{name}_conv{index + 1}_bn", w, "copy")
+                 for w in bn_weights]
+        rows += [(f"{auto('conv2d_transpose', index)}/kernel", f"{name}_deconv{index + 1}", "kernel", "swap"),
+                 (f"{auto('conv2d_transpose', index)}/bias", f"{name}_deconv{index + 1}", "bias", "copy")]
+        rows += [(f"{auto('batch_normalization', first_bn + NB_LAYERS + index)}/{w}", f"{name}_deconv{index + 1}_bn",
+                  w, "copy") for w in bn_weights]
+    return rows
+
+
+def assign_cunet(network: keras.Model, tensors: dict, nb_control: int) -> int:
+    """Copies the authors' weights {name (":0" optional): value} into `network` (`cunet`); every tensor used once,
+    every weight set once, shapes checked. Returns the number assigned."""
+    import numpy as np
+
+    tensors = {key.split(":")[0]: value for key, value in tensors.items()}
+    weights = {(layer.name, weight.name): weight for layer in network.layers for weight in layer.weights}
+    used = set()
+    for source, layer, weight_name, kind in cunet_mapping(nb_control, network.name):
+        if source not in tensors:
+            raise ValueError(f"c_unet.assign_cunet: tensor {source} missing")
+        value = np.asarray(tensors[source])
+        if kind == "swap":
+            value = np.transpose(value, (1, 0, 2, 3))
+        weight = weights.pop((layer, weight_name), None)
+        if weight is None:
+            raise ValueError(f"c_unet.assign_cunet: no weight {layer}/{weight_name} for {source}")
+        if tuple(weight.shape) != value.shape:
+            raise ValueError(f"c_unet.assign_cunet: shape of {source} {value.shape} != {layer}/{weight_name} "
+                             f"{tuple(weight.shape)}")
+        weight.assign(value.astype("float32"))
+        used.add(source)
+    if set(tensors) - used or weights:
+        raise ValueError(f"c_unet.assign_cunet: unmapped tensors {sorted(set(tensors) - used)[:6]}, unset weights "
+                         f"{sorted('/'.join(k) for k in weights)[:6]}")
+    return len(used)

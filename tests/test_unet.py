@@ -273,6 +273,28 @@ def test_m_unet_matches_the_authors_network_with_the_same_weights():
         m_unet.assign_flerken(network, {k: v for k, v in state.items() if k != "decoder.0.Conv1.weight"})
 
 
+@pytest.mark.parametrize("film", ["complex", "simple"])
+def test_c_unet_matches_the_authors_keras_model_with_the_same_weights(film):
+    """gabolsgabs/cunet `cunet_model()` masks (tests/fixtures/c_unet/make_reference.py) vs our network."""
+    folder = pathlib.Path(__file__).parent / "fixtures" / "c_unet"
+    spec = importlib.util.spec_from_file_location("c_unet_reference", folder / "make_reference.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    meta = json.loads((folder / "weights.json").read_text())
+    case = meta["cases"][film]
+    frequencies, frames, nb_channels = meta["shape"]
+    config = c_unet.Config(max_bin=frequencies, patch_frames=frames, first_filters=meta["filters"], film=film,
+                           control_units=tuple(meta["neurons"]))
+    network = c_unet.cunet(frames, frequencies, nb_channels, meta["z_dim"], config)
+    values = script.seeded_weights(case["weights"], case["seed"])
+    assert c_unet.assign_cunet(network, values, len(meta["neurons"])) == len(case["weights"]) == 90
+    patches, conditions = script.seeded_batch(case["seed"])
+    masks = np.asarray(network([np.transpose(patches, (0, 2, 1, 3)), conditions[:, 0]], training=False))
+    expected = np.transpose(np.load(folder / "reference.npz")[film], (0, 2, 1, 3))
+    assert snr(expected, masks) > 100
+    assert np.max(np.abs(masks[0] - masks[1])) > 1e-3  # the two conditions give different masks
+
+
 # --------------------------------------------------------------------------------------- shapes, fit
 
 
