@@ -33,7 +33,7 @@ import tensorflow as tf
 
 from configs.config import ConfigError
 from models.base import SeparationModel
-from models.open_unmix import LSTM
+from models.layers import LSTM
 from models.tfc_tdf_unet import CropFrames, PadFrames, _torch_init
 from models.transforms import ISTFT, STFT
 

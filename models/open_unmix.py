@@ -19,7 +19,6 @@ filter (`wiener_iterations` EM steps, 0 = ratio masks) -> ISTFT to the input len
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
@@ -30,6 +29,7 @@ import tensorflow as tf
 from configs.config import ConfigError
 from models.base import SeparationModel
 from models.filtering import WienerFilter
+from models.layers import LSTM
 from models.transforms import STFT, ISTFT, ComplexNorm, bandwidth_to_max_bin, complex_norm, stft
 
 
@@ -69,79 +69,6 @@ class Config:
 def _torch_dense_init():
     # PyTorch nn.Linear default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
     return keras.initializers.VarianceScaling(scale=1.0 / 3.0, mode="fan_in", distribution="uniform")
-
-
-@keras.saving.register_keras_serializable(package="musicsep")
-class LSTM(keras.layers.Layer):
-    """One PyTorch-style LSTM layer, `(nb_samples, nb_frames, features)` -> `(nb_samples, nb_frames, units * dirs)`.
-
-    Gates in PyTorch order (input, forget, cell, output), biases `b_ih` (`bias`) and `b_hh`
-    (`recurrent_bias`) per direction, initialised U(-1/sqrt(units), 1/sqrt(units)). The input
-    projection runs once over all frames; only the recurrence loops (`tf.scan`, or a Python loop
-    over a static frame count when `unroll`, which TFLite converts to builtins).
-    """
-
-    def __init__(self, units: int, bidirectional: bool = False, unroll: bool = False, **kwargs):
-        super().__init__(**kwargs)
-        self.units = units
-        self.bidirectional = bidirectional
-        self.unroll = unroll
-
-    def build(self, input_shape):
-        features = input_shape[-1]
-        init = keras.initializers.RandomUniform(-1.0 / math.sqrt(self.units), 1.0 / math.sqrt(self.units))
-        self.directions = []
-        for suffix in ("", "_reverse")[: 2 if self.bidirectional else 1]:
-            self.directions.append({
-                "kernel": self.add_weight(shape=(features, 4 * self.units), initializer=init, name="kernel" + suffix),
-                "recurrent_kernel": self.add_weight(shape=(self.units, 4 * self.units), initializer=init,
-                                                    name="recurrent_kernel" + suffix),
-                "bias": self.add_weight(shape=(4 * self.units,), initializer=init, name="bias" + suffix),
-                "recurrent_bias": self.add_weight(shape=(4 * self.units,), initializer=init,
-                                                  name="recurrent_bias" + suffix),
-            })
-
-    def _recurrence(self, projected, recurrent_kernel):
-        """`projected` `(nb_frames, nb_samples, 4 * units)` (time major) -> hidden states, same layout with `units`."""
-        units = self.units
-
-        def step(state, z):
-            h, c = state
-            gates = z + tf.matmul(h, recurrent_kernel)
-            i, f, g, o = tf.split(gates, 4, axis=-1)
-            c = tf.sigmoid(f) * c + tf.sigmoid(i) * tf.tanh(g)
-            h = tf.sigmoid(o) * tf.tanh(c)
-            return h, c
-
-        zeros = tf.zeros(tf.stack([tf.shape(projected)[1], units]), projected.dtype)
-        if self.unroll:
-            nb_frames = projected.shape[0]
-            if nb_frames is None:
-                raise ValueError("LSTM(unroll=True) needs a static number of frames (fixed input length)")
-            state, outputs = (zeros, zeros), []
-            for z in tf.unstack(projected, num=nb_frames, axis=0):
-                state = step(state, z)
-                outputs.append(state[0])
-            return tf.stack(outputs, axis=0)
-        return tf.scan(step, projected, initializer=(zeros, zeros))[0]
-
-    def call(self, inputs):
-        time_major = tf.transpose(inputs, [1, 0, 2])
-        outputs = []
-        for index, weights in enumerate(self.directions):
-            sequence = tf.reverse(time_major, axis=[0]) if index == 1 else time_major
-            projected = (tf.einsum("tbi,ig->tbg", sequence, weights["kernel"])
-                         + weights["bias"] + weights["recurrent_bias"])
-            hidden = self._recurrence(projected, weights["recurrent_kernel"])
-            outputs.append(tf.reverse(hidden, axis=[0]) if index == 1 else hidden)
-        return tf.transpose(tf.concat(outputs, axis=-1), [1, 0, 2])
-
-    def compute_output_shape(self, input_shape):
-        return tuple(input_shape[:-1]) + (self.units * (2 if self.bidirectional else 1),)
-
-    def get_config(self):
-        return {**super().get_config(), "units": self.units, "bidirectional": self.bidirectional,
-                "unroll": self.unroll}
 
 
 @keras.saving.register_keras_serializable(package="musicsep")
