@@ -64,7 +64,6 @@ class Config:
     ebw_power: float = 1.0  # EBW: lambda_k = (E_max / E_k) ** ebw_power (the paper uses 1 and 2)
     loss_domain: str = "auto"  # auto (masks for EBW, magnitudes otherwise, as the code) | magnitudes | masks
     wiener_iterations: int = 0  # 0: mask x mixture STFT (published); > 0: EM iterations of the Wiener filter
-    mask_extension: str = "zeros"  # unused (all bins are estimated); kept for the shared separation checks
 
     def __post_init__(self):
         key = "model.m_unet."
@@ -291,8 +290,8 @@ def build(config: Config, *, data, stats=None):
     pairs = MaskPairs(nb_channels, nb_targets, name="mask_pairs")
     merge = MergePatches(config.log_bins, name="merge_patches")
     to_masks = UnwarpMasks(config.patch_frames, config.log_bins, nb_bins, unwarp, name="unwarp_masks")
-    synthesis = unet_core.ApplyMasks(config.n_fft, config.hop_length, "centered", config.mask_extension,
-                                     config.wiener_iterations, name="reconstruct")
+    synthesis = unet_core.ApplyMasks(config.n_fft, config.hop_length, "centered", "zeros", config.wiener_iterations,
+                                     name="reconstruct")  # every bin is estimated: nothing to extend
 
     def estimate(mix_stft):
         """Mixture STFT -> `(B, F, log_bins, C, 2, J)`: [ReLU mask, warped mixture magnitude] per target."""

@@ -22,7 +22,9 @@ encoder *activation*; last deconv straight to nb_channels sigmoid masks (9,824,5
 
 Framing and separation (defaults: Spleeter's, spleeter/model/__init__.py `_build_stft_feature`, `_build_masks`):
 `framing="spleeter"`: n_fft zeros before the signal, no centring, zero padded to whole frames; ISTFT drops the
-leading n_fft samples. `separation="ratio"`: masks = (estimate_j ** 2 + eps / J) / (sum_i estimate_i ** 2 + eps),
+leading n_fft samples. Training uses the same framing (one graph for training, separation and TFLite), where
+Spleeter's data set frames its excerpts without the leading zeros (`compute_spectrogram_tf`): the first three
+frames of a training excerpt see some of the zeros there. `separation="ratio"`: masks = (estimate_j ** 2 + eps / J) / (sum_i estimate_i ** 2 + eps),
 eps 1e-10 (`separation_exponent`, `EPSILON`), bins above max_bin get mask 0 (`mask_extension`), mask x mixture
 STFT. `separation="direct"`: the network's own masks (estimate / |X|). `wiener_iterations` > 0 refines either.
 

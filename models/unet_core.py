@@ -36,10 +36,12 @@ def check_patches(key: str, patch_frames: int, multiple: int, reason: str) -> No
 
 
 def check_separation(key: str, config) -> None:
-    """The keys every spectrogram U-Net shares: max_bin, mask_extension, wiener_iterations (and framing)."""
+    """The separation keys of the spectrogram U-Nets: wiener_iterations, and where a family has them max_bin,
+    mask_extension, framing."""
     if hasattr(config, "max_bin") and not 0 <= config.max_bin <= config.n_fft // 2 + 1:
         raise ConfigError(f"{key}max_bin must lie in [0, n_fft/2 + 1] (0: all bins), got {config.max_bin}")
-    check_choice(f"{key}mask_extension", config.mask_extension, MASK_EXTENSIONS)
+    if hasattr(config, "mask_extension"):
+        check_choice(f"{key}mask_extension", config.mask_extension, MASK_EXTENSIONS)
     if config.wiener_iterations < 0:
         raise ConfigError(f"{key}wiener_iterations must be >= 0, got {config.wiener_iterations}")
     if hasattr(config, "framing"):
