@@ -211,6 +211,9 @@ def build(config: Config, *, data, stats=None):
     padded_bins = MULTIPLE * math.ceil(max_bin / MULTIPLE)
     if config.mask_activation == "softmax" and len(targets) < 2:
         raise ConfigError("model.unet.mask_activation=softmax needs at least two data.targets; use sigmoid")
+    if config.separation == "ratio" and len(targets) < 2:  # one target's ratio mask is 1: the mixture
+        raise ConfigError("model.unet.separation=ratio normalises the masks across data.targets and needs at least "
+                          "two; set model.unet.separation=direct")
 
     # layers
     analysis = unet_core.Analysis(config.n_fft, config.hop_length, config.framing, name="stft")

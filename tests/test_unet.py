@@ -501,12 +501,15 @@ def test_spleeter_checkpoint_import_matches_spleeter_output(case, tmp_path):
     spec = json.loads((FIXTURES / "variables.json").read_text())
     base, details = spec["base"], spec["cases"][case]
     values = script.seeded_weights(details["variables"], details["seed"])
-    values["global_step"] = np.int64(1000)  # training state a released checkpoint carries: ignored
+    # training state a released checkpoint carries: ignored
+    values.update({"global_step": np.int64(1000), "beta1_power": np.float32(0.9),
+                   "conv2d/kernel/Adam": np.zeros_like(values["conv2d/kernel"]),
+                   "conv2d/kernel/Adam_1": np.zeros_like(values["conv2d/kernel"])})
     _write_tf1_checkpoint(tmp_path / "model", values)
     (tmp_path / "checkpoint").write_text('model_checkpoint_path: "model"\n')
 
     released = unet.read_released(tmp_path)
-    assert len(released.tensors) == len(details["variables"]) and "global_step" not in released.tensors
+    assert sorted(released.tensors) == sorted(name for name, _ in details["variables"])
     overrides = _nested(released.config_overrides)
     assert overrides["data"]["targets"] == details["params"]["instrument_list"]
     overrides["model"]["unet"].update(patch_frames=base["T"], max_bin=base["F"])  # the fixture's shrunk T, F
@@ -553,6 +556,9 @@ def test_spleeter_mapping_uses_every_tensor_once_and_reports_mismatches(tmp_path
         unet.assign_released(model, unet.ReleasedCheckpoint({}, wrong, []))
     with pytest.raises(ConfigError, match="no TF checkpoint"):
         unet.read_released(tmp_path)
+    with pytest.raises(ConfigError, match="model.unet.separation=ratio .* set model.unet.separation=direct"):
+        tiny("unet", targets=("vocals",))
+    assert tiny("unet", {"separation": "direct"}, targets=("vocals",)).targets == ("vocals",)
 
 
 # --------------------------------------------------------------------------------------------- export
