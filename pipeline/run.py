@@ -40,6 +40,8 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sql", metavar="URL", help="also record runs in a SQL database, e.g. sqlite:///runs.db")
     parser.add_argument("--mongo", metavar="URL", help="also record runs in MongoDB, e.g. mongodb://host:27017/db")
     parser.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
+    parser.add_argument("--describe-model", action="store_true",
+                        help="print the model family, each network's parameter count and the total, and exit")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     parser.add_argument("updates", nargs=argparse.REMAINDER,
                         help="`with` followed by preset names and key=value overrides")

@@ -111,6 +111,20 @@ def test_c_unet_parameter_counts_and_authors_layer_settings():
     assert "c_unet_deconv6_bn" in layers and layers["c_unet_deconv6_act"].activation.__name__ == "sigmoid"
 
 
+@pytest.mark.parametrize("preset,networks,total", [
+    ("unet_44k", {f"unet_{t}": 9_822_725 for t in ("vocals", "drums", "bass", "other")}, 39_290_900),
+    ("m_unet_paper", {"m_unet": 124_448_772}, 124_448_772),
+])
+def test_describe_model_prints_the_paper_presets_published_sizes(preset, networks, total):
+    from tests.cli import cli
+
+    lines = cli("--describe-model", "with", preset).stdout.strip().splitlines()
+    family = preset.split("_paper")[0].split("_44k")[0]
+    assert lines[0] == f"family: {family} (models/{family}.py)"
+    assert lines[1:-1] == [f"  {name}: {count:,}" for name, count in networks.items()]
+    assert lines[-1] == f"total trainable parameters: {total:,}"
+
+
 def test_unittest_preset_sizes():
     # unet first_filters 4, stereo, two targets; m_unet 3 levels (4, 8, 16); c_unet control (8, 16, 32)
     assert harness.count_parameters(tiny("unet").train_model) == 2 * spleeter_parameters(2, 4)
