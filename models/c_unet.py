@@ -283,7 +283,8 @@ def cunet_mapping(nb_control: int, name: str = "c_unet"):
         if index:
             rows += [(f"{auto('batch_normalization', index - 1)}/{w}", f"{layer}_bn", w, "copy") for w in bn_weights]
     for offset, layer in ((0, "gammas"), (1, "betas")):
-        rows += [(f"{auto('dense', nb_control + offset)}/{w}", f"{name}_{layer}", w, "copy") for w in ("kernel", "bias")]
+        dense = auto("dense", nb_control + offset)
+        rows += [(f"{dense}/{w}", f"{name}_{layer}", w, "copy") for w in ("kernel", "bias")]
     first_bn = nb_control - 1
     for index in range(NB_LAYERS):
         rows += [(f"{auto('conv2d', index)}/kernel", f"{name}_conv{index + 1}", "kernel", "swap"),

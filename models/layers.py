@@ -75,7 +75,8 @@ def check_choice(key: str, value, choices: Sequence) -> None:
 
 
 class SpectrogramPatches(keras.layers.Layer):
-    """`(nb_samples, nb_frames, nb_bins, nb_channels)` -> `(nb_samples * nb_patches, patch_frames, padded_bins, nb_channels)`.
+    """`(nb_samples, nb_frames, nb_bins, nb_channels)` -> `(nb_samples * nb_patches, patch_frames, padded_bins,
+    nb_channels)`.
 
     Bins are cropped at `max_bin` and zero-padded to `padded_bins`; frames zero-padded to whole patches
     (Spleeter's `pad_and_partition`). Patches of one example are consecutive rows.
@@ -108,8 +109,8 @@ class SpectrogramPatches(keras.layers.Layer):
 
 
 class MergePatches(keras.layers.Layer):
-    """[patches `(nb_samples * nb_patches, patch_frames, padded_bins, *extra)`, reference `(nb_samples, nb_frames, ...)`]
-    -> `(nb_samples, nb_frames, max_bin, *extra)`: patches joined, frame and bin padding cropped."""
+    """[patches `(nb_samples * nb_patches, patch_frames, padded_bins, *extra)`, reference `(nb_samples, nb_frames,
+    ...)`] -> `(nb_samples, nb_frames, max_bin, *extra)`: patches joined, frame and bin padding cropped."""
 
     def __init__(self, max_bin: int = 1024, **kwargs):
         super().__init__(**kwargs)

@@ -3,7 +3,8 @@ magnitude warped onto a log-frequency axis; multi-task loss weighting in `models
 
 The authors' code (github.com/vskadandale/multichannel-unet-bss, commit 5d979a76): `train/*.py` build
 `flerken.models.UNet([32, 64, 128, 256, 512, 1024, 2048], K, None, useBN=True, dropout=0.1)` (flerken
-`flerken/models/UNet.py` of flerken-nightly 0.4.post10, the version requirements.txt pins) inside `models/wrapper.py`'s `Wrapper`:
+`flerken/models/UNet.py` of flerken-nightly 0.4.post10, the version requirements.txt pins) inside
+`models/wrapper.py`'s `Wrapper`:
 
     input     warp |X| `(512 bins, 256 frames)` onto 256 log-frequency rows (`utils.warpgrid(warp=True)`,
               bilinear `F.grid_sample`), log -> U-Net -> ReLU -> masks `(K, 256, 256)`
@@ -29,7 +30,6 @@ before the log so that digital silence stays finite (the reference would give -i
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import keras
@@ -154,7 +154,8 @@ def warp_layers(config: Config, nb_bins: int, name: str):
 
 def flerken_unet(patch_frames: int, log_bins: int, nb_in: int, nb_out: int, config: Config,
                  name: str = "m_unet") -> keras.Model:
-    """flerken's `UNet(dims, K, None, useBN=True, dropout)`: `(N, T, log_bins, nb_in)` -> `(N, T, log_bins, nb_out)` (linear).
+    """flerken's `UNet(dims, K, None, useBN=True, dropout)`: `(N, T, log_bins, nb_in)` -> `(N, T, log_bins, nb_out)`,
+    linear (the ReLU comes after, in `MaskPairs`).
 
     Axes: PyTorch's `(N, C, H = freq, W = time)` is ours `(N, T, F, C)`; `assign_flerken` transposes kernels.
     """
@@ -310,8 +311,9 @@ def build(config: Config, *, data, stats=None):
     domain = config.loss_domain
     if domain == "auto":
         domain = "masks" if config.weighting == "ebw" else "magnitudes"
-    weighting, loss, callbacks = weighted_losses(config.weighting, targets, stats, temperature=config.dwa_temperature,
-                                                 power=config.ebw_power, distance=pair_distance(domain, config.mask_clamp))
+    weighting, loss, callbacks = weighted_losses(
+        config.weighting, targets, stats, temperature=config.dwa_temperature, power=config.ebw_power,
+        distance=pair_distance(domain, config.mask_clamp))
 
     def input_samples(n: int) -> int:
         return unet_core.whole_patches(n, n_fft=config.n_fft, hop_length=config.hop_length,

@@ -24,7 +24,8 @@ Framing and separation (defaults: Spleeter's, spleeter/model/__init__.py `_build
 `framing="spleeter"`: n_fft zeros before the signal, no centring, zero padded to whole frames; ISTFT drops the
 leading n_fft samples. Training uses the same framing (one graph for training, separation and TFLite), where
 Spleeter's data set frames its excerpts without the leading zeros (`compute_spectrogram_tf`): the first three
-frames of a training excerpt see some of the zeros there. `separation="ratio"`: masks = (estimate_j ** 2 + eps / J) / (sum_i estimate_i ** 2 + eps),
+frames of a training excerpt see some of the zeros there.
+`separation="ratio"`: masks = (estimate_j ** 2 + eps / J) / (sum_i estimate_i ** 2 + eps),
 eps 1e-10 (`separation_exponent`, `EPSILON`), bins above max_bin get mask 0 (`mask_extension`), mask x mixture
 STFT. `separation="direct"`: the network's own masks (estimate / |X|). `wiener_iterations` > 0 refines either.
 
@@ -36,10 +37,9 @@ import math
 import pathlib
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from configs.config import ConfigError
@@ -118,12 +118,14 @@ def spleeter_unet(patch_frames: int, padded_bins: int, nb_channels: int, config:
                                    name=f"{name}_conv{i + 1}")(x)
         convs.append(conv)
         if i < NB_LAYERS - 1:  # the bottleneck's BN and activation feed nothing in Spleeter's graph
-            x = conv_act(f"{name}_conv{i + 1}_act")(keras.layers.BatchNormalization(name=f"{name}_conv{i + 1}_bn")(conv))
+            normed = keras.layers.BatchNormalization(name=f"{name}_conv{i + 1}_bn")(conv)
+            x = conv_act(f"{name}_conv{i + 1}_act")(normed)
     x = convs[-1]
     for i, f in enumerate(reversed(filters[:-1])):
         up = keras.layers.Conv2DTranspose(f, 5, strides=2, padding="same", kernel_initializer=init(),
                                           name=f"{name}_deconv{i + 1}")(x)
-        up = keras.layers.BatchNormalization(name=f"{name}_deconv{i + 1}_bn")(deconv_act(f"{name}_deconv{i + 1}_act")(up))
+        up = deconv_act(f"{name}_deconv{i + 1}_act")(up)
+        up = keras.layers.BatchNormalization(name=f"{name}_deconv{i + 1}_bn")(up)
         if i < 3 and config.dropout:
             up = keras.layers.Dropout(config.dropout, name=f"{name}_deconv{i + 1}_dropout")(up)
         x = keras.layers.Concatenate(name=f"{name}_skip{i + 1}")([convs[-(i + 2)], up])
@@ -259,7 +261,7 @@ try:
 except ImportError:  # the import stage's shared definition is not on this branch yet: the same fields
     @dataclass
     class ReleasedCheckpoint:
-        """A released checkpoint read into memory: config overrides (dotted keys), tensors by source name, files read."""
+        """A released checkpoint in memory: config overrides (dotted keys), tensors by source name, files read."""
 
         config_overrides: dict
         tensors: dict
@@ -279,6 +281,7 @@ SPLEETER_RELEASES = {
 # named by tf.keras in creation order across the whole graph (conv2d, conv2d_1, ...).
 CONVS, NORMS, DECONVS = 7, 12, 6
 UNUSED_NORM = 5  # batch_normalization of conv6: created, never used
+BN_WEIGHTS = ("gamma", "beta", "moving_mean", "moving_variance")
 
 
 def spleeter_mapping(index: int, network: str) -> List[Tuple[str, str, str]]:
@@ -294,17 +297,16 @@ def spleeter_mapping(index: int, network: str) -> List[Tuple[str, str, str]]:
     rows = []
     for i in range(NB_LAYERS):
         conv = suffix("conv2d", CONVS, i)
-        rows += [(f"{conv}/kernel", f"{network}_conv{i + 1}", "kernel"), (f"{conv}/bias", f"{network}_conv{i + 1}", "bias")]
+        rows += [(f"{conv}/{w}", f"{network}_conv{i + 1}", w) for w in ("kernel", "bias")]
         if i != UNUSED_NORM:
             bn = suffix("batch_normalization", NORMS, i)
-            rows += [(f"{bn}/{w}", f"{network}_conv{i + 1}_bn", w)
-                     for w in ("gamma", "beta", "moving_mean", "moving_variance")]
+            rows += [(f"{bn}/{w}", f"{network}_conv{i + 1}_bn", w) for w in BN_WEIGHTS]
     for i in range(NB_LAYERS):
         deconv = suffix("conv2d_transpose", DECONVS, i)
         rows += [(f"{deconv}/kernel", f"{network}_deconv{i + 1}", "kernel"),
                  (f"{deconv}/bias", f"{network}_deconv{i + 1}", "bias")]
         bn = suffix("batch_normalization", NORMS, NB_LAYERS + i)
-        rows += [(f"{bn}/{w}", f"{network}_deconv{i + 1}_bn", w) for w in ("gamma", "beta", "moving_mean", "moving_variance")]
+        rows += [(f"{bn}/{w}", f"{network}_deconv{i + 1}_bn", w) for w in BN_WEIGHTS]
     last = suffix("conv2d", CONVS, NB_LAYERS)
     rows += [(f"{last}/kernel", f"{network}_masks", "kernel"), (f"{last}/bias", f"{network}_masks", "bias")]
     return rows
@@ -314,7 +316,7 @@ def unused_tensors(index: int) -> List[str]:
     """Spleeter variables of target `index` that the graph creates but never uses (the bottleneck BN)."""
     number = NORMS * index + UNUSED_NORM
     bn = "batch_normalization" if number == 0 else f"batch_normalization_{number}"
-    return [f"{bn}/{w}" for w in ("gamma", "beta", "moving_mean", "moving_variance")]
+    return [f"{bn}/{w}" for w in BN_WEIGHTS]
 
 
 _TRAINING_STATE = re.compile(r"(/Adam(_\d+)?$|^beta[12]_power|^global_step$|^Variable)")
@@ -341,13 +343,15 @@ def read_released(path: pathlib.Path, **options) -> ReleasedCheckpoint:
     release = SPLEETER_RELEASES[nb_stems]
     first_kernel = reader.get_tensor("conv2d/kernel")
     overrides = {
-        "data.targets": list(release["targets"]), "data.sample_rate": 44100, "data.nb_channels": int(first_kernel.shape[2]),
+        "data.targets": list(release["targets"]), "data.sample_rate": 44100,
+        "data.nb_channels": int(first_kernel.shape[2]),
         "model.name": "unet",
         **{f"model.unet.{key}": value for key, value in {
             "network": "spleeter", "n_fft": 4096, "hop_length": 1024, "max_bin": 1024, "patch_frames": 512,
             "first_filters": int(first_kernel.shape[3]), "conv_activation": release["conv_activation"],
             "deconv_activation": release["deconv_activation"], "mask_activation": release["mask_activation"],
-            "framing": "spleeter", "separation": "ratio", "separation_exponent": 2.0, "mask_extension": "zeros"}.items()},
+            "framing": "spleeter", "separation": "ratio", "separation_exponent": 2.0,
+            "mask_extension": "zeros"}.items()},
     }
     tensors = {name: reader.get_tensor(name) for name in names}
     files = sorted(str(p) for p in pathlib.Path(prefix).parent.glob(pathlib.Path(prefix).name + ".*"))
