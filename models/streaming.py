@@ -111,6 +111,8 @@ class StreamingOpenUnmix:
         return {
             "signature": STEP_SIGNATURE,
             "sample_rate": self.sample_rate,
+            "nb_channels": self.nb_channels,
+            "targets": list(self.sources),
             "hop_samples": self.hop_length,
             "hop_ms": round(1000 * self.hop_length / rate, 3),
             "window_samples": self.n_fft,

@@ -106,22 +106,73 @@ def test_stream_rejects_bidirectional():
         StreamingOpenUnmix(harness.build_tiny("umx"))
 
 
-def test_exported_stream_tflite_matches_saved_model(model, tmp_path):
+@pytest.fixture(scope="module")
+def exported(model, tmp_path_factory):
     from components import export
 
-    x = excerpt(model.sample_rate, 1.0)
-    description = export.export_stream(model, tmp_path / "stream", x)
+    folder = tmp_path_factory.mktemp("export") / "stream"
+    return folder, export.export_stream(model, folder, excerpt(model.sample_rate, 1.0))
+
+
+def test_exported_stream_tflite_matches_saved_model(model, exported):
+    from components import export
+
+    folder, description = exported
     assert description["hop_samples"] == 64 and description["latency_samples"] == 192
     assert description["latency_ms"] == 24.0 and description["algorithmic_latency_ms"] == 32.0
+    assert description["targets"] == list(model.targets) and description["nb_channels"] == 2
     assert description["state"]["lstm_state"]["shape"] == ["batch", 4, 2, 2, 16]
     assert not [op for op in description["tflite"]["ops"] if op.startswith("Flex") or op == "CUSTOM"]
     assert description["saved_model_parity_db"] >= 80.0
     assert description["tflite_parity_db"] >= 80.0
-    assert json.loads((tmp_path / "stream" / "stream.json").read_text()) == description
-    # the TFLite stream, run here hop by hop, against the offline separator at the stated latency
-    step = export.tflite_stream_step(model_path=str(tmp_path / "stream" / "stream.float32.tflite"))
+    assert json.loads((folder / "stream.json").read_text()) == description
+    # the exported TFLite stream, loaded from its file, against the Keras stream on other audio
+    x = excerpt(model.sample_rate, 2.0)[8000:]
+    step = export.tflite_stream_step(model_path=str(folder / "stream.float32.tflite"))
     stream = StreamingOpenUnmix(model)
     streamed = stream_array(step, stream.initial_state(), x, stream.hop_length)
     keras_streamed = stream_array(stream.compiled(), stream.initial_state(), x, stream.hop_length)
     for target in model.targets:
         assert global_sdr(keras_streamed[target], streamed[target]) >= 80.0
+
+
+def _separate(*args, **kwargs):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "pipeline/separate.py", *args], cwd=PROJECT_ROOT, capture_output=True,
+                          timeout=600, **kwargs)
+
+
+def test_separate_stream_file_and_stdin_match_the_stream(model, exported, tmp_path):
+    import soundfile
+
+    folder, _ = exported
+    stream = StreamingOpenUnmix(model)
+    x = excerpt(model.sample_rate, 1.0)
+    # a file, through the streaming SavedModel: stems aligned with the input (latency removed), same length
+    soundfile.write(str(tmp_path / "song.wav"), x, model.sample_rate, subtype="FLOAT")
+    result = _separate("--stream", str(tmp_path / "song.wav"), "--model", str(folder / "saved_model"),
+                       "-o", str(tmp_path / "out"), text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    expected = stream_array(stream.compiled(), stream.initial_state(), x, stream.hop_length)
+    for target in model.targets:
+        stem, rate = soundfile.read(str(tmp_path / "out" / "song" / f"{target}.wav"), dtype="float32", always_2d=True)
+        assert rate == model.sample_rate and stem.shape == x.shape
+        assert global_sdr(expected[target][stream.latency_samples:][:len(x)], stem) >= 80.0
+    # raw 16-bit PCM on standard input, through the TFLite stream (written as produced)
+    pcm = np.clip(np.round(x * 32768), -32768, 32767).astype("<i2")
+    result = _separate("--stream", "-", "--model", str(folder / "stream.float32.tflite"), "--pcm-format", "s16le",
+                       "--name", "live", "-o", str(tmp_path / "out"), input=pcm.tobytes())
+    assert result.returncode == 0, result.stderr[-2000:]
+    quantized = pcm.astype(np.float32) / 32768
+    expected = stream_array(stream.compiled(), stream.initial_state(), quantized, stream.hop_length)
+    for target in model.targets:
+        stem, _ = soundfile.read(str(tmp_path / "out" / "live" / f"{target}.wav"), dtype="float32", always_2d=True)
+        assert stem.shape == x.shape
+        assert global_sdr(expected[target][stream.latency_samples:][:len(x)], stem) >= 80.0
+    # a rate the model does not run at is a one-line error
+    result = _separate("--stream", "-", "--model", str(folder / "saved_model"), "--pcm-rate", "44100",
+                       "-o", str(tmp_path / "out"), input=b"", text=False)
+    err = result.stderr.decode().strip().splitlines()[-1]
+    assert result.returncode == 1 and err.startswith("error: --pcm-rate 44100: the streaming model runs at 8000 Hz")
