@@ -67,7 +67,7 @@ class StreamingOpenUnmix:
 
     def __init__(self, model, residual: Optional[bool] = None, eps: float = 1e-10):
         if not supports(model):
-            raise ValueError("streaming needs a unidirectional Open-Unmix (model.umx.unidirectional=true)")
+            raise ValueError("streaming needs a unidirectional Open-Unmix (model.umx.unidirectional=True)")
         config = model.config
         self.model = model
         self.targets = tuple(model.targets)

@@ -9,7 +9,7 @@ separate: seconds and x real-time to separate the same 30 s stereo input with th
           n_fft 4096, hidden 512, 3 BLSTM layers, 1 Wiener iteration) at 44.1 kHz.
 stream:   the real-time streaming model (unidirectional Open-Unmix, models/streaming.py) on ONE thread by
           default: latency and compute time per hop, SavedModel and TFLite, as a real-time factor
-          (`python pipeline/benchmark.py stream with paper model.umx.unidirectional=true`: UMX size).
+          (`python pipeline/benchmark.py stream with paper model.umx.unidirectional=True`: UMX size).
 """
 from __future__ import annotations
 

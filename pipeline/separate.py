@@ -338,7 +338,7 @@ def load_streaming(model: str | None, artifacts_dir: str) -> StreamingSeparator:
         stream = Path(artifacts_dir) / "export" / "stream"
         if not (stream / "stream.json").is_file():
             raise SeparateError(f"no streaming model in {stream}; export a unidirectional Open-Unmix "
-                                "(model.umx.unidirectional=true) or pass --model")
+                                "(model.umx.unidirectional=True) or pass --model")
         return StreamingSeparator(stream / "saved_model")
     path = Path(model)
     if path.is_dir() and (path / "stream.json").is_file():  # the export's stream/ folder itself

@@ -60,7 +60,6 @@ SWEEPS = {
 # Columns of results.csv after the varied keys, and which of them get mean ± std in the summary
 MEASURES = ("parameters", "train_loss", "val_loss", "train_seconds", "epochs", "SDR", "SIR", "ISR", "SAR", "uSDR",
             "q", "mix_sdr", "irm_sdr", "x_realtime")
-MUSDB_PREVIEW_TRACKS = {"train": 100, "test": 50}  # MUSDB18's 7-second previews: every track, 7 s each
 
 
 class SweepError(Exception):
@@ -366,9 +365,11 @@ def plot(root: Path, results: list, rows: list) -> list:
     for index, result in enumerate(results):
         colour = colours[index % len(colours)]
         epochs = [h["epoch"] for h in result["history"]]
-        axes.plot(epochs, [h.get("loss") for h in result["history"]], color=colour, label=result["point"])
+        axes.plot(epochs, [h.get("loss", float("nan")) for h in result["history"]], color=colour,
+                  label=result["point"])
         if any("val_loss" in h for h in result["history"]):
-            axes.plot(epochs, [h.get("val_loss") for h in result["history"]], color=colour, linestyle="--")
+            axes.plot(epochs, [h.get("val_loss", float("nan")) for h in result["history"]], color=colour,
+                      linestyle="--")
     axes.set(xlabel="epoch", ylabel="loss (solid: train, dashed: validation)", yscale="log",
              title="loss per epoch, every point")
     if len(results) <= 16:
