@@ -25,7 +25,9 @@ and fed `s = [0] * 2 hop ++ x`, output sample `j` equals the offline separator o
 reflect padding and the streamed zero state see the same silent first frames).
 
 The multichannel Wiener EM of the offline separator is not causal (covariances and its scaling are
-sums over all frames), so the stream uses ratio masks; `residual` (mixture minus the targets) is causal.
+sums over all frames), so the stream uses ratio masks by default; `wiener_iterations=n` instead runs
+open-unmix's EM on the current frame alone (spatial covariances and scaling from that frame: causal,
+a per-frame Wiener step with no offline counterpart). `residual` (mixture minus the targets) is causal.
 """
 from __future__ import annotations
 
@@ -65,7 +67,7 @@ class StreamingOpenUnmix:
     `step(audio, frame_buffer, overlap_tail, lstm_state)` -> {target: hop, `<state>_out`: new state}.
     """
 
-    def __init__(self, model, residual: Optional[bool] = None, eps: float = 1e-10):
+    def __init__(self, model, residual: Optional[bool] = None, wiener_iterations: int = 0, eps: float = 1e-10):
         if not supports(model):
             raise ValueError("streaming needs a unidirectional Open-Unmix (model.umx.unidirectional=True)")
         config = model.config
@@ -79,6 +81,7 @@ class StreamingOpenUnmix:
         self.nb_layers, self.hidden_size = config.nb_layers, config.hidden_size
         self.sample_rate = model.sample_rate
         self.eps = eps
+        self.wiener_iterations = wiener_iterations
         self.window = _hann(self.n_fft).astype(np.float32)
         self.window_sum = periodic_window_sum(self.n_fft, self.hop_length)
 
@@ -119,7 +122,9 @@ class StreamingOpenUnmix:
             "latency_samples": self.latency_samples,
             "latency_ms": round(1000 * self.latency_samples / rate, 3),
             "algorithmic_latency_ms": round(1000 * self.n_fft / rate, 3),
-            "postprocess": "ratio masks per frame" + (" + residual" if self.residual else ""),
+            "postprocess": ((f"Wiener EM ({self.wiener_iterations} iterations) on each frame alone"
+                             if self.wiener_iterations else "ratio masks per frame")
+                            + (" + residual" if self.residual else "")),
             "input": {AUDIO: ["batch", self.hop_length, self.nb_channels]},
             "outputs": {t: ["batch", self.hop_length, self.nb_channels] for t in self.sources},
             "state": {name: {"shape": ["batch"] + shape[1:], "dtype": "float32", "initial": "zeros",
@@ -135,7 +140,7 @@ class StreamingOpenUnmix:
         `frame_buffer_out`, `overlap_tail_out`, `lstm_state_out`."""
         import tensorflow as tf
 
-        from models.filtering import softmask
+        from models.filtering import softmask, wiener
         from models.transforms import irfft
 
         hop = self.hop_length
@@ -150,9 +155,13 @@ class StreamingOpenUnmix:
             estimate, states = self._network_frame(network, magnitude, lstm_state[:, index])
             estimates.append(estimate)
             new_states.append(states)
-        sources = softmask(tf.stack(estimates, axis=-1), mix_stft, self.eps)  # (B, bins, C, J, 2)
-        if self.residual:
-            sources = tf.concat([sources, (mix_stft - tf.reduce_sum(sources, axis=-2))[..., None, :]], axis=-2)
+        if self.wiener_iterations:  # the offline EM over a one-frame axis
+            sources = wiener(tf.stack(estimates, axis=-1)[:, None], mix_stft[:, None], self.wiener_iterations,
+                             self.residual, self.eps)[:, 0]
+        else:
+            sources = softmask(tf.stack(estimates, axis=-1), mix_stft, self.eps)  # (B, bins, C, J, 2)
+            if self.residual:
+                sources = tf.concat([sources, (mix_stft - tf.reduce_sum(sources, axis=-2))[..., None, :]], axis=-2)
 
         real = tf.transpose(sources[..., 0], [0, 2, 3, 1])  # (B, C, J, bins)
         imag = tf.transpose(sources[..., 1], [0, 2, 3, 1])

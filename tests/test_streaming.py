@@ -205,3 +205,36 @@ def test_pipeline_export_writes_the_stream_and_separate_uses_it(tmp_path):
     assert all(stem.shape == x.shape for stem in stems)
     # the streamed stems add up to (nearly) the mixture: ratio masks split it
     assert global_sdr(x, sum(stems)) >= 30.0
+
+
+def test_stream_per_frame_wiener_is_the_offline_em_on_each_frame(model):
+    """`wiener_iterations=1`: open-unmix's EM on each frame alone (causal), computed offline frame by frame."""
+    import tensorflow as tf
+
+    from models.filtering import wiener
+    from models.transforms import complex_norm, istft, stft
+
+    stream = StreamingOpenUnmix(model, wiener_iterations=1)
+    assert stream.describe()["postprocess"] == "Wiener EM (1 iterations) on each frame alone"
+    n_fft, hop = stream.n_fft, stream.hop_length
+    x = excerpt(model.sample_rate, 1.0)
+    streamed = stream_array(stream.compiled(), stream.initial_state(), np.concatenate([np.zeros((2 * hop, 2)), x]),
+                            hop)
+    padded = np.concatenate([np.zeros((n_fft // 2 + hop, 2)), x, np.zeros((n_fft, 2))]).astype(np.float32)
+    mix_stft = stft(padded[None], n_fft, hop)  # (1, frames, bins, channels, 2)
+    magnitude = complex_norm(mix_stft)
+    estimates = tf.stack([model.extra["networks"][t](magnitude, training=False) for t in model.targets], axis=-1)
+    # every frame its own batch item with a one-frame axis: the EM sees that frame only
+    per_frame = wiener(tf.transpose(estimates, [1, 0, 2, 3, 4]), tf.transpose(mix_stft, [1, 0, 2, 3, 4]), 1)
+    sources = tf.transpose(per_frame, [1, 0, 2, 3, 4, 5])
+    offline = istft(sources, n_fft, hop, len(padded)).numpy()[0]  # (samples, channels, sources)
+    ratio = stream_array(StreamingOpenUnmix(model).compiled(), stream.initial_state(),
+                         np.concatenate([np.zeros((2 * hop, 2)), x]), hop)
+    start = 2 * hop + stream.latency_samples
+    for index, target in enumerate(model.targets):
+        reference = offline[n_fft // 2 + hop:n_fft // 2 + hop + len(x), :, index]
+        # one frame's 2x2 covariances are nearly rank one, so the closed-form inverse amplifies float32 rounding
+        # of the two computation orders: measured 69.6 dB (ratio masks: >= 80 dB)
+        assert global_sdr(reference, streamed[target][start:start + len(x)]) >= 60.0
+        # and it is not the ratio mask
+        assert global_sdr(reference, ratio[target][start:start + len(x)]) < 40.0
