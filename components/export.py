@@ -175,7 +175,8 @@ def tflite_stream_step(model_bytes: bytes = None, model_path: str = None, num_th
     runner = interpreter.get_signature_runner(STEP_SIGNATURE)
 
     def step(**inputs):
-        return {k: np.asarray(v) for k, v in runner(**{k: np.asarray(v, np.float32) for k, v in inputs.items()}).items()}
+        outputs = runner(**{k: np.asarray(v, np.float32) for k, v in inputs.items()})
+        return {k: np.asarray(v) for k, v in outputs.items()}
 
     step.interpreter = interpreter
     return step

@@ -212,7 +212,8 @@ class StreamingOpenUnmix:
         function = tf.function(self.step, input_signature=self.input_signature(None), jit_compile=False)
 
         def run(**inputs):
-            return {k: v.numpy() for k, v in function(*[tf.constant(inputs[n]) for n in (AUDIO,) + STATE_NAMES]).items()}
+            outputs = function(*[tf.constant(inputs[name]) for name in (AUDIO,) + STATE_NAMES])
+            return {k: v.numpy() for k, v in outputs.items()}
 
         return run
 

@@ -206,7 +206,8 @@ def benchmark_stream(config, hops: int, warmup: int, threads: int) -> dict:
         blob = export.convert_stream_tflite(stream)
         seconds = per_hop(export.tflite_stream_step(blob, num_threads=threads))
         result["tflite_float32"] = {"ms_per_hop": round(1000 * seconds, 3),
-                                    "x_realtime": round(hop_seconds / seconds, 2), "megabytes": round(len(blob) / 1e6, 2)}
+                                    "x_realtime": round(hop_seconds / seconds, 2),
+                                    "megabytes": round(len(blob) / 1e6, 2)}
     return result
 
 

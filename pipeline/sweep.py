@@ -329,9 +329,10 @@ def write_tables(root: Path, grid_keys: list, results: list, rows: list) -> str:
         for row in rows:
             writer.writerow([_cell(row["values"][k], 6) for k in grid_keys] + [row["seeds"]]
                             + [_cell(row[c], 6) for m in MEASURES for c in (m, m + "_std")])
-    spread = lambda row, key, digits: (_cell(row[key], digits)  # noqa: E731
-                                       + (f" ± {row[key + '_std']:.{digits}f}" if row["seeds"] > 1 and row[key] is not None
-                                          else ""))
+    def spread(row, key, digits):
+        shown = row["seeds"] > 1 and row[key] is not None
+        return _cell(row[key], digits) + (f" ± {row[key + '_std']:.{digits}f}" if shown else "")
+
     header = [k.split(".")[-1] for k in grid_keys] + [
         "seeds", "parameters", "train loss", "val loss", "train s", "epochs", "SDR", "SIR", "ISR", "SAR", "uSDR", "q",
         "× real-time"]
@@ -345,8 +346,8 @@ def write_tables(root: Path, grid_keys: list, results: list, rows: list) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     if rows:
         lines.append("")
-        lines.append(f"Baselines on the same test split: MIX {rows[0]['mix_sdr']:.2f} dB, IRM {rows[0]['irm_sdr']:.2f} dB "
-                     "SDR; mean ± sample standard deviation over seeds.")
+        lines.append(f"Baselines on the same test split: MIX {rows[0]['mix_sdr']:.2f} dB, "
+                     f"IRM {rows[0]['irm_sdr']:.2f} dB SDR; mean ± sample standard deviation over seeds.")
     markdown = "\n".join(lines) + "\n"
     (root / "results.md").write_text(markdown)
     return markdown
@@ -365,10 +366,10 @@ def plot(root: Path, results: list, rows: list) -> list:
     for index, result in enumerate(results):
         colour = colours[index % len(colours)]
         epochs = [h["epoch"] for h in result["history"]]
-        axes.plot(epochs, [h.get("loss", float("nan")) for h in result["history"]], color=colour,
+        axes.plot(epochs, [h.get("loss", float("nan")) for h in result["history"]], color=colour, marker=".",
                   label=result["point"])
         if any("val_loss" in h for h in result["history"]):
-            axes.plot(epochs, [h.get("val_loss", float("nan")) for h in result["history"]], color=colour,
+            axes.plot(epochs, [h.get("val_loss", float("nan")) for h in result["history"]], color=colour, marker=".",
                       linestyle="--")
     axes.set(xlabel="epoch", ylabel="loss (solid: train, dashed: validation)", yscale="log",
              title="loss per epoch, every point")
@@ -382,7 +383,8 @@ def plot(root: Path, results: list, rows: list) -> list:
     figure, axes = plt.subplots(figsize=(7, 5))
     for index, row in enumerate(rows):
         colour = colours[index % len(colours)]
-        axes.scatter([r["train_seconds"] for r in row["runs"]], [r["SDR"] for r in row["runs"]], color=colour, alpha=0.4)
+        axes.scatter([r["train_seconds"] for r in row["runs"]], [r["SDR"] for r in row["runs"]], color=colour,
+                     alpha=0.4)
         axes.errorbar([row["train_seconds"]], [row["SDR"]], xerr=[row["train_seconds_std"]], yerr=[row["SDR_std"]],
                       color=colour, marker="o", capsize=3, label=label(row["values"]))
     if rows:
