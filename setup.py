@@ -31,6 +31,7 @@ setup(
             "musicsep-pipeline=pipeline.run:main",
             "separate=pipeline.separate:main",
             "musicsep-benchmark=pipeline.benchmark:main",
+            "sweep=pipeline.sweep:main",
         ]
     },
 )

@@ -8,6 +8,9 @@ Layout written into `artifacts_dir/export/`:
     tflite/<model_name>.float32.tflite       fixed-length chunk model, TFLite built-in ops only
     tflite/<model_name>.<quantize>.tflite    quantized variant (float16 or dynamic-range int8)
     tflite/<model_name>.json                 what the .tflite takes and returns, chunk length, op lists
+    stream/saved_model/, stream/stream.float32.tflite, stream/stream.json
+                                             unidirectional Open-Unmix only: the hop-by-hop streaming model,
+                                             signature `stream_step` with the state as inputs/outputs
 """
 from __future__ import annotations
 
@@ -110,6 +113,108 @@ def parity_db(reference: dict, estimate: dict) -> float:
 
 
 # --------------------------------------------------------------------------------------------
+# Streaming (unidirectional Open-Unmix, models/streaming.py): one hop in, one hop per target out
+# --------------------------------------------------------------------------------------------
+def _stream_archive(stream, path: Path, nb_samples) -> None:
+    """SavedModel whose `stream_step` signature takes `audio` and the state and returns the hops and the new state."""
+    import keras
+
+    from models.streaming import STEP_SIGNATURE
+
+    archive = keras.export.ExportArchive()
+    archive.track(stream.model.train_model)
+    archive.add_endpoint(name=STEP_SIGNATURE, fn=stream.step, input_signature=stream.input_signature(nb_samples))
+    archive.write_out(str(path), verbose=False)
+
+
+def write_stream_saved_model(stream, path: Path) -> None:
+    """The state-passing streaming SavedModel (any batch)."""
+    _stream_archive(stream, path, None)
+
+
+def convert_stream_tflite(stream) -> bytes:
+    """The streaming step as .tflite with built-in ops only; batch 1, the state as inputs and outputs."""
+    import tensorflow as tf
+
+    from models.streaming import STEP_SIGNATURE
+
+    with tempfile.TemporaryDirectory() as tmp:
+        _stream_archive(stream, Path(tmp), 1)
+        converter = tf.lite.TFLiteConverter.from_saved_model(tmp, signature_keys=[STEP_SIGNATURE])
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+        try:
+            return converter.convert()
+        except Exception as error:
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise StageError(f"streaming TFLite conversion with built-in ops only failed: {first}") from None
+
+
+def saved_model_stream_step(path: Path):
+    """A loaded streaming SavedModel's step: keyword numpy arrays in, {name: numpy array} out."""
+    import tensorflow as tf
+
+    from models.streaming import STEP_SIGNATURE
+
+    loaded = tf.saved_model.load(str(path))
+    signature = loaded.signatures[STEP_SIGNATURE]
+
+    def step(**inputs):
+        return {k: v.numpy() for k, v in signature(**{k: tf.constant(v) for k, v in inputs.items()}).items()}
+
+    step.loaded = loaded  # keep the trackable alive
+    return step
+
+
+def tflite_stream_step(model_bytes: bytes = None, model_path: str = None, num_threads: int = 1):
+    """A streaming .tflite's step (same calling convention as `saved_model_stream_step`)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from models.streaming import STEP_SIGNATURE
+
+    interpreter = Interpreter(model_content=model_bytes, model_path=model_path, num_threads=num_threads)
+    runner = interpreter.get_signature_runner(STEP_SIGNATURE)
+
+    def step(**inputs):
+        outputs = runner(**{k: np.asarray(v, np.float32) for k, v in inputs.items()})
+        return {k: np.asarray(v) for k, v in outputs.items()}
+
+    step.interpreter = interpreter
+    return step
+
+
+def export_stream(model, folder: Path, probe: np.ndarray, logger=log) -> dict:
+    """`folder/saved_model/` and `folder/<name>.stream.tflite` plus their description (the `stream` entry of
+    model.json), with SavedModel-vs-Keras and TFLite-vs-SavedModel parity over `probe` `(nb_timesteps, nb_channels)`."""
+    from models.streaming import StreamingOpenUnmix, stream_array
+
+    stream = StreamingOpenUnmix(model)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_stream_saved_model(stream, folder / "saved_model")
+    blob = convert_stream_tflite(stream)
+    ops = tflite_ops(blob)
+    flex = [op for op in ops if op.startswith("Flex") or op in ("CUSTOM", "DELEGATE")]
+    if flex:
+        raise StageError(f"streaming TFLite export needs non-builtin ops {flex}; it would not run on a phone")
+    (folder / "stream.float32.tflite").write_bytes(blob)
+    keras_out = stream_array(stream.compiled(), stream.initial_state(), probe, stream.hop_length)
+    saved_out = stream_array(saved_model_stream_step(folder / "saved_model"), stream.initial_state(), probe,
+                             stream.hop_length)
+    tflite_out = stream_array(tflite_stream_step(blob), stream.initial_state(), probe, stream.hop_length)
+    description = stream.describe()
+    description.update(
+        saved_model="stream/saved_model",
+        tflite={"file": "stream/stream.float32.tflite", "megabytes": round(len(blob) / 1e6, 3), "ops": ops},
+        saved_model_parity_db=round(parity_db(keras_out, saved_out), 2),
+        tflite_parity_db=round(parity_db(saved_out, tflite_out), 2),
+    )
+    logger.info("streaming model: hop %d, latency %.1f ms, SavedModel vs Keras %.1f dB, TFLite vs SavedModel %.1f dB",
+                stream.hop_length, description["latency_ms"], description["saved_model_parity_db"],
+                description["tflite_parity_db"])
+    (folder / "stream.json").write_text(json.dumps(description, indent=1))
+    return description
+
+
+# --------------------------------------------------------------------------------------------
 # The executor
 # --------------------------------------------------------------------------------------------
 def _probe_chunk(context: StageContext, samples: int) -> np.ndarray:
@@ -160,6 +265,9 @@ def run(context: StageContext) -> dict:
     else:
         tflite = _export_tflite(context, model, out / "tflite", figures)
 
+    # hop-by-hop real-time form (unidirectional Open-Unmix)
+    stream = _export_stream_if_supported(context, model, out, figures)
+
     evaluate = context.inputs.get("evaluate")
     sidecar = {
         "model": name,
@@ -177,6 +285,8 @@ def run(context: StageContext) -> dict:
                        if evaluate is not None and evaluate.file("metrics.json").is_file() else None),
         "tflite": tflite,
     }
+    if stream is not None:
+        sidecar["stream"] = stream
     (out / "model.json").write_text(json.dumps(sidecar, indent=1, default=str))
     (saved / "assets.extra").mkdir(exist_ok=True)  # TF Serving ignores it; makes the version folder self-describing
     (saved / "assets.extra" / "model.json").write_text(json.dumps(sidecar, indent=1, default=str))
@@ -231,6 +341,18 @@ def _export_tflite(context: StageContext, model, folder: Path, figures: dict) ->
         "variants": variants,
     }
     (folder / f"{name}.json").write_text(json.dumps(description, indent=1))
+    return description
+
+
+def _export_stream_if_supported(context: StageContext, model, out: Path, figures: dict):
+    from models import streaming
+
+    if not streaming.supports(model):
+        return None
+    probe = _probe_chunk(context, int(round(min(3.0, context.config.data.segment_seconds) * model.sample_rate)))[0]
+    description = export_stream(model, out / "stream", probe, context.logger)
+    figures["stream_latency_ms"] = description["latency_ms"]
+    figures["stream_tflite_parity_db"] = description["tflite_parity_db"]
     return description
 
 

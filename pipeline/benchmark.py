@@ -7,6 +7,9 @@ separate: seconds and x real-time to separate the same 30 s stereo input with th
           networks, Wiener filter). Weights do not change speed, so the model is built untrained:
           `python pipeline/benchmark.py separate with paper` is the UMX-HQ architecture (4 targets,
           n_fft 4096, hidden 512, 3 BLSTM layers, 1 Wiener iteration) at 44.1 kHz.
+stream:   the real-time streaming model (unidirectional Open-Unmix, models/streaming.py) on ONE thread by
+          default: latency and compute time per hop, SavedModel and TFLite, as a real-time factor
+          (`python pipeline/benchmark.py stream with paper model.umx.unidirectional=True`: UMX size).
 """
 from __future__ import annotations
 
@@ -30,12 +33,13 @@ elif str(PROJECT_ROOT) not in sys.path:
 
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipeline/benchmark.py", description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("train", "separate"), help="what to measure")
+    parser.add_argument("what", choices=("train", "separate", "stream"), help="what to measure")
     parser.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (tracing, caches)")
     parser.add_argument("--seconds", type=float, default=30.0, help="separate: input length (default 30 s)")
     parser.add_argument("--repeats", type=int, default=3, help="separate: timed runs, the best is reported")
-    parser.add_argument("--threads", type=int, default=2, help="separate: CPU threads (default 2)")
+    parser.add_argument("--threads", type=int, default=None, help="separate: CPU threads (default 2; stream: 1)")
+    parser.add_argument("--hops", type=int, default=200, help="stream: timed hops (default 200)")
     parser.add_argument("--tflite-chunk-seconds", type=float, default=None,
                         help="separate: TFLite chunk (default export.tflite_chunk_seconds)")
     parser.add_argument("--no-tflite", action="store_true", help="separate: SavedModel only")
@@ -164,6 +168,49 @@ def _separator_parts(model, mixture):
     return {name: (lambda f=f: keras.ops.convert_to_numpy(tf.nest.flatten(f(batch))[0])) for name, f in parts.items()}
 
 
+def benchmark_stream(config, hops: int, warmup: int, threads: int) -> dict:
+    """Per-hop compute time of the streaming model (median over `hops` of real audio-like noise), SavedModel and
+    TFLite, against the hop's duration: x real-time = hop duration / compute time."""
+    import tempfile
+
+    import numpy as np
+
+    from components import export
+    from components.train import build_model, count_params
+    from models.streaming import StreamingOpenUnmix
+
+    model = build_model(config, {})
+    stream = StreamingOpenUnmix(model)
+    rng = np.random.default_rng(0)
+    audio = rng.normal(0, 0.1, (hops + warmup, 1, stream.hop_length, stream.nb_channels)).astype(np.float32)
+
+    def per_hop(step) -> float:
+        state, times = stream.initial_state(), []
+        for index, hop in enumerate(audio):
+            started = time.perf_counter()
+            outputs = step(audio=hop, **state)
+            if index >= warmup:
+                times.append(time.perf_counter() - started)
+            state = {name: outputs[name + "_out"] for name in ("frame_buffer", "overlap_tail", "lstm_state")}
+        return float(np.median(times))
+
+    hop_seconds = stream.hop_length / stream.sample_rate
+    result = {"model": "umx unidirectional", "parameters": count_params(model.train_model), "threads": threads,
+              **{k: v for k, v in stream.describe().items() if k in ("sample_rate", "hop_samples", "hop_ms",
+                                                                      "window_samples", "latency_ms",
+                                                                      "algorithmic_latency_ms")}}
+    with tempfile.TemporaryDirectory() as tmp:
+        export.write_stream_saved_model(stream, Path(tmp) / "saved_model")
+        seconds = per_hop(export.saved_model_stream_step(Path(tmp) / "saved_model"))
+        result["saved_model"] = {"ms_per_hop": round(1000 * seconds, 3), "x_realtime": round(hop_seconds / seconds, 2)}
+        blob = export.convert_stream_tflite(stream)
+        seconds = per_hop(export.tflite_stream_step(blob, num_threads=threads))
+        result["tflite_float32"] = {"ms_per_hop": round(1000 * seconds, 3),
+                                    "x_realtime": round(hop_seconds / seconds, 2),
+                                    "megabytes": round(len(blob) / 1e6, 2)}
+    return result
+
+
 def _plain(value):
     from configs.config import to_plain
 
@@ -189,7 +236,15 @@ def main(argv=None) -> int:
             configure_devices(config.train.replicas)
         if args.what == "train":
             print(json.dumps(benchmark_train(config, args.steps, args.warmup), indent=1))
+        elif args.what == "stream":
+            import tensorflow as tf
+
+            threads = args.threads or 1
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(threads)
+            print(json.dumps(benchmark_stream(config, args.hops, max(args.warmup, 3), threads), indent=1))
         else:
+            args.threads = args.threads or 2
             import tensorflow as tf
 
             tf.config.threading.set_intra_op_parallelism_threads(args.threads)

@@ -1,20 +1,20 @@
 """Every model family on the same data and the same training budget: `python pipeline/compare.py [--budget S]`.
 
-Prepares the data once (default preset unless presets follow `with`), then for each model trains for
-`--budget` wall-clock seconds (train.max_seconds), evaluates on the test split (MIX/IRM baselines scored
-once and shared) and times separation of one test track; `--seeds 3` repeats training with three seeds
-and reports mean ± standard deviation (error bars). Every stage is a Sacred run under
-`<dir>/runs`. Writes `<dir>/comparison.json` and `<dir>/comparison.md` (a Markdown table).
+A sweep over `model.name` (pipeline/sweep.py, the named sweep `families`): the data is prepared once
+(default preset unless presets follow `with`), then each model trains for `--budget` wall-clock
+seconds (train.max_seconds), is evaluated on the test split (MIX/IRM baselines scored once and
+shared) and its separation of one test track is timed; `--seeds 3` repeats training with three
+seeds and reports mean ± standard deviation. Every stage is a Sacred run under `<dir>/runs`; finished
+models are skipped when the command is run again. Writes `<dir>/comparison.json` and
+`<dir>/comparison.md` (a Markdown table), besides the sweep's own results table and plots.
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -26,7 +26,9 @@ if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().p
 elif str(PROJECT_ROOT) not in sys.path:
     sys.path.insert(0, str(PROJECT_ROOT))
 
-MODELS = ("umx", "wave_u_net", "unet", "m_unet", "c_unet", "tfc_tdf_v3", "dttnet")
+from pipeline.sweep import SWEEPS  # noqa: E402  (light: no TensorFlow)
+
+MODELS = tuple(SWEEPS["families"][1]["model.name"])
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -40,95 +42,20 @@ def get_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _link(target: Path, link: Path) -> None:
-    if not link.exists():
-        link.symlink_to(target.resolve(), target_is_directory=True)
+def comparison_row(row: dict) -> dict:
+    """A sweep summary row (one model) in the comparison's own keys."""
+    runs = [{"seed": r["seed"], "parameters": r["parameters"], "train_seconds": r["train_seconds"],
+             "epochs": r["epochs"], "sdr": r["SDR"], "usdr": r["uSDR"], "mix_sdr": r["mix_sdr"],
+             "irm_sdr": r["irm_sdr"], "q": r["q"], "per_target_sdr": r["per_target_sdr"],
+             "x_realtime": r["x_realtime"]} for r in row["runs"]]
+    return {"model": row["values"]["model.name"], "seeds": row["seeds"], "runs": runs,
+            "parameters": int(row["parameters"]), "train_seconds": row["train_seconds"], "epochs": row["epochs"],
+            "sdr": row["SDR"], "sdr_std": row["SDR_std"], "usdr": row["uSDR"], "mix_sdr": row["mix_sdr"],
+            "irm_sdr": row["irm_sdr"], "q": row["q"], "q_std": row["q_std"], "x_realtime": row["x_realtime"],
+            "per_target_sdr": row["per_target_sdr"]}
 
 
-def separation_speed(config, artifacts_dir: Path) -> float:
-    """x real-time of the trained separator on the first test track (after one warm-up chunk)."""
-    import numpy as np
-
-    from components import artifacts, records
-    from components.separation import compiled, separate_array
-    from components.train import load_trained
-
-    model = load_trained(artifacts.load(artifacts_dir, "train"), config)
-    _, stems = next(iter(records.read_tracks(artifacts.load(artifacts_dir, "prepare"), config.evaluate.split)))
-    mixture = np.sum(list(stems.values()), axis=0).astype(np.float32)
-    kwargs = dict(sample_rate=config.data.sample_rate, chunk_seconds=config.evaluate.chunk_seconds,
-                  overlap=config.evaluate.overlap, input_samples=None)
-    separate_fn = compiled(model.separator, model.nb_channels)
-    separate_array(separate_fn, mixture[: config.data.sample_rate * 2], **kwargs)  # traces once
-    started = time.perf_counter()
-    separate_array(separate_fn, mixture, **kwargs)
-    return len(mixture) / config.data.sample_rate / (time.perf_counter() - started)
-
-
-def _summary(name: str, runs: list) -> dict:
-    """Mean over seeds (and the standard deviation of SDR and q when there are several)."""
-    import numpy as np
-
-    row = {"model": name, "seeds": len(runs), "runs": runs}
-    for key in ("parameters", "train_seconds", "epochs", "sdr", "usdr", "mix_sdr", "irm_sdr", "q", "x_realtime"):
-        row[key] = float(np.mean([run[key] for run in runs]))
-    for key in ("sdr", "q"):
-        row[key + "_std"] = float(np.std([run[key] for run in runs], ddof=1)) if len(runs) > 1 else 0.0
-    row["parameters"] = int(row["parameters"])
-    row["per_target_sdr"] = {t: float(np.mean([run["per_target_sdr"][t] for run in runs]))
-                             for t in runs[0]["per_target_sdr"]}
-    return row
-
-
-def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    split = argv.index("with") if "with" in argv else len(argv)
-    args = get_parser().parse_args(argv[:split])
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    from pipeline.experiment import build_experiment, deep_merge, resolve
-    from pipeline.run import split_updates
-
-    updates, named = split_updates(argv[split:])
-    named = named or ["default"]
-    root = Path(args.dir)
-    shared = root / "shared"
-    experiment = build_experiment(argparse.Namespace(no_file_observer=False, runs_dir=str(root / "runs"),
-                                                     sql=None, mongo=None))
-    experiment.run("prepare", config_updates=deep_merge(updates, {"artifacts_dir": str(shared)}),
-                   named_configs=named, meta_info={"force": False})
-    (shared / "evaluate-baselines").mkdir(exist_ok=True)
-    rows = []
-    for name in args.models.split(","):
-        runs = []
-        for seed in range(args.seeds):
-            folder = root / name if args.seeds == 1 else root / name / f"seed{seed}"
-            folder.mkdir(parents=True, exist_ok=True)
-            _link(shared / "prepare", folder / "prepare")
-            _link(shared / "evaluate-baselines", folder / "evaluate-baselines")
-            model_updates = deep_merge(copy.deepcopy(updates), {
-                "artifacts_dir": str(folder), "model": {"name": name},
-                "train": {"max_seconds": args.budget, "epochs": 10_000, "patience": 10_000, "seed": seed}})
-            for stage in ("train", "evaluate"):
-                experiment.run(stage, config_updates=model_updates, named_configs=named, meta_info={"force": False})
-            config = resolve(model_updates, named)
-            train = json.loads((folder / "train" / "artifact.json").read_text())
-            metrics = json.loads((folder / "evaluate" / "metrics.json").read_text())
-            runs.append({
-                "seed": seed,
-                "parameters": train["figures"]["parameters"],
-                "train_seconds": train["figures"]["seconds"],
-                "epochs": train["figures"]["epochs"],
-                "sdr": metrics["mean"]["SDR"],
-                "usdr": metrics["mean"]["uSDR"],
-                "mix_sdr": metrics["baselines"]["mix"]["mean"]["SDR"],
-                "irm_sdr": metrics["baselines"]["irm"]["mean"]["SDR"],
-                "q": metrics["normalized"]["mean"],
-                "per_target_sdr": {t: metrics["model"][t]["SDR"] for t in config.data.targets},
-                "x_realtime": separation_speed(config, folder),
-            })
-        rows.append(_summary(name, runs))
-        (root / "comparison.json").write_text(json.dumps(rows, indent=1))
+def table(rows: list) -> str:
     lines = ["| model | parameters | train s (epochs) | SDR | MIX | IRM | q | uSDR | separation × real-time |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
@@ -136,8 +63,41 @@ def main(argv=None) -> int:
         lines.append(f"| {row['model']} | {row['parameters']:,} | {row['train_seconds']:.0f} ({row['epochs']:.0f}) | "
                      f"{row['sdr']:.2f}{spread('sdr')} | {row['mix_sdr']:.2f} | {row['irm_sdr']:.2f} | "
                      f"{row['q']:.2f}{spread('q')} | {row['usdr']:.2f} | {row['x_realtime']:.1f} |")
-    (root / "comparison.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    from pipeline.sweep import SweepError, report, run_sweep, split_with, summarise
+
+    own, config_tokens = split_with(argv)
+    args = get_parser().parse_args(own)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    from pipeline.experiment import UserError
+    from pipeline.run import split_updates
+
+    updates, named = split_updates(config_tokens)
+    named = named or ["default"]
+    root = Path(args.dir)
+    root.mkdir(parents=True, exist_ok=True)
+    grid = {"model.name": [name for name in args.models.split(",") if name]}
+    observers_args = argparse.Namespace(no_file_observer=False, runs_dir=str(root / "runs"), sql=None, mongo=None)
+    # the same budget for every family: wall-clock seconds, early stopping off
+    budget = {"train": {"max_seconds": args.budget, "epochs": 10_000, "patience": 10_000}}
+    try:
+        results = run_sweep(grid=grid, seeds=args.seeds, updates=updates, named=named, root=root, budget=budget,
+                            observers_args=observers_args, name="families",
+                            point_dir=lambda values, seed: (Path(values["model.name"]) if args.seeds == 1 else
+                                                            Path(values["model.name"]) / f"seed{seed}"))
+    except (SweepError, UserError) as error:
+        print(f"error: compare: {error}", file=sys.stderr)
+        return 2
+    report(root, list(grid), results)
+    rows = [comparison_row(row) for row in summarise(results)]
+    (root / "comparison.json").write_text(json.dumps(rows, indent=1))
+    markdown = table(rows)
+    (root / "comparison.md").write_text(markdown)
+    print(markdown)
     return 0
 
 

@@ -46,7 +46,20 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overlap", type=float, default=0.25, help="overlap fraction between chunks")
     parser.add_argument("--force", action="store_true", help="overwrite existing stems")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_stream_arguments(parser)
     return parser
+
+
+def add_stream_arguments(parser: argparse.ArgumentParser) -> None:
+    stream = parser.add_argument_group("streaming (unidirectional Open-Unmix exports)")
+    stream.add_argument("--stream", action="store_true",
+                        help="separate hop by hop with the real-time streaming model (export's stream/); a file "
+                             "named - is raw PCM on standard input, and stems are written as they are produced")
+    stream.add_argument("--pcm-format", choices=("s16le", "f32le"), default="s16le",
+                        help="raw PCM sample format on standard input (default s16le)")
+    stream.add_argument("--pcm-rate", type=int, help="sample rate of the PCM on standard input (default: the model's)")
+    stream.add_argument("--pcm-channels", type=int, help="channels of the PCM on standard input (default: the model's)")
+    stream.add_argument("--name", default="stdin", help="track folder name for standard input (default: stdin)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -285,8 +298,211 @@ class _Progress:
             print(file=sys.stderr)
 
 
+# --------------------------------------------------------------------------------------------
+# Streaming: one hop in, one hop per target out (models/streaming.py)
+# --------------------------------------------------------------------------------------------
+class StreamingSeparator:
+    """The export's streaming model (SavedModel folder or .tflite) with its `stream.json` description."""
+
+    def __init__(self, path: Path):
+        from components import export
+
+        if path.suffix == ".tflite" and path.is_file():
+            description_path = path.parent / "stream.json"
+        elif (path / "saved_model.pb").is_file():
+            description_path = path.parent / "stream.json"
+        else:
+            raise SeparateError(f"{path}: not a streaming SavedModel or .tflite; use the export's stream/saved_model "
+                                "or stream/stream.float32.tflite (unidirectional Open-Unmix only)")
+        if not description_path.is_file():
+            raise SeparateError(f"{path}: no stream.json beside it; use a streaming model from an export stage")
+        self.description = json.loads(description_path.read_text())
+        self.sample_rate = int(self.description["sample_rate"])
+        self.nb_channels = int(self.description["nb_channels"])
+        self.targets = list(self.description["targets"])
+        self.hop = int(self.description["hop_samples"])
+        self.latency = int(self.description["latency_samples"])
+        if path.suffix == ".tflite":
+            self.step = export.tflite_stream_step(model_path=str(path), num_threads=1)
+        else:
+            self.step = export.saved_model_stream_step(path)
+
+    def initial_state(self) -> dict:
+        import numpy as np
+
+        return {name: np.zeros([1] + spec["shape"][1:], np.float32) for name, spec in self.description["state"].items()}
+
+
+def load_streaming(model: str | None, artifacts_dir: str) -> StreamingSeparator:
+    if model is None:
+        stream = Path(artifacts_dir) / "export" / "stream"
+        if not (stream / "stream.json").is_file():
+            raise SeparateError(f"no streaming model in {stream}; export a unidirectional Open-Unmix "
+                                "(model.umx.unidirectional=True) or pass --model")
+        return StreamingSeparator(stream / "saved_model")
+    path = Path(model)
+    if path.is_dir() and (path / "stream.json").is_file():  # the export's stream/ folder itself
+        path = path / "saved_model"
+    return StreamingSeparator(path)
+
+
+def _pcm_hops(handle, fmt: str, nb_channels: int, hop: int):
+    """Hops `(hop, nb_channels)` float32 from a raw PCM byte stream; the last one zero-padded."""
+    import numpy as np
+
+    dtype, scale = (np.int16, 1 / 32768.0) if fmt == "s16le" else (np.float32, 1.0)
+    frame_bytes = np.dtype(dtype).itemsize * nb_channels
+    pending = b""
+    while True:
+        data = handle.read(hop * frame_bytes - len(pending))
+        if not data:
+            break
+        pending += data
+        if len(pending) == hop * frame_bytes:
+            yield np.frombuffer(pending, dtype=dtype).reshape(hop, nb_channels).astype(np.float32) * scale
+            pending = b""
+    if pending:
+        usable = len(pending) - len(pending) % frame_bytes
+        block = np.frombuffer(pending[:usable], dtype=dtype).reshape(-1, nb_channels).astype(np.float32) * scale
+        yield np.pad(block, ((0, hop - len(block)), (0, 0)))
+
+
+def _file_hops(mixture, hop: int):
+    import numpy as np
+
+    for start in range(0, len(mixture), hop):
+        block = mixture[start:start + hop]
+        yield np.pad(block, ((0, hop - len(block)), (0, 0))) if len(block) < hop else block
+
+
+def stream_to_stems(streamer: StreamingSeparator, hops, destination: Path, *, nb_timesteps=None, out_channels: int,
+                    fmt: str, atomic: bool) -> dict:
+    """Run hops `(hop, channels at the model's layout)` through the streaming model, writing every stem as its
+    hops come out (flushed), aligned with the input: the first `latency` output samples are dropped and the
+    tail is flushed with silence. `nb_timesteps`: trim to the input length when known. Returns {target: file}."""
+    import numpy as np
+    import soundfile
+
+    from models.streaming import STATE_NAMES
+
+    destination.mkdir(parents=True, exist_ok=True)
+    files = {t: destination / f"{t}.{fmt}" for t in streamer.targets}
+    paths = {t: (f.with_name(f".{f.stem}.part.{fmt}") if atomic else f) for t, f in files.items()}
+    subtype = "FLOAT" if fmt == "wav" else "PCM_24"
+    writers = {t: soundfile.SoundFile(str(paths[t]), "w", samplerate=streamer.sample_rate, channels=out_channels,
+                                      subtype=subtype) for t in streamer.targets}
+    state = streamer.initial_state()
+    skip, written, consumed = streamer.latency, 0, 0
+    flush = [np.zeros((streamer.hop, streamer.nb_channels), np.float32)] * (-(-streamer.latency // streamer.hop))
+
+    def blocks():
+        nonlocal consumed
+        for block in hops:
+            consumed += len(block)
+            yield block
+        yield from flush
+
+    try:
+        for block in blocks():
+            outputs = streamer.step(audio=np.asarray(block, np.float32)[None], **state)
+            state = {name: outputs[name + "_out"] for name in STATE_NAMES}
+            start = min(skip, streamer.hop)
+            skip -= start
+            limit = (nb_timesteps if nb_timesteps is not None else consumed) - written
+            count = max(0, min(streamer.hop - start, limit))
+            if not count:
+                continue
+            for target, writer in writers.items():
+                stem = np.asarray(outputs[target])[0, start:start + count]
+                if out_channels != stem.shape[1]:
+                    stem = stem.mean(axis=1, keepdims=True) if out_channels == 1 else np.repeat(stem, out_channels, 1)
+                writer.write(np.clip(stem, -1, 1) if fmt == "flac" else stem)
+                writer.flush()  # a reader (or a pipe) sees the stem grow hop by hop
+            written += count
+    finally:
+        for writer in writers.values():
+            writer.close()
+    if atomic:
+        for target in streamer.targets:
+            paths[target].replace(files[target])
+    return files
+
+
+def stream_main(args) -> int:
+    """`separate --stream FILE|- ...`: the streaming model, hop by hop."""
+    try:
+        streamer = load_streaming(args.model, args.artifacts_dir)
+    except SeparateError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    failed = 0
+    for name in args.files:
+        try:
+            if name == "-":
+                destination = _stream_stdin(streamer, args, out)
+            else:
+                destination = _stream_file(streamer, Path(name), args, out)
+            print(f"{name} -> {destination}")
+        except SeparateError as error:
+            failed += 1
+            print(f"error: {error}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _stream_file(streamer, path: Path, args, out: Path) -> Path:
+    from components.audio import conform
+    from components.artifacts import StageError
+
+    destination = out / safe_name(path.stem.removesuffix(".stem"))
+    existing = [destination / f"{t}.{args.format}" for t in streamer.targets
+                if (destination / f"{t}.{args.format}").exists()]
+    if existing and not args.force:
+        raise SeparateError(f"{path}: {existing[0]} exists; use --force to overwrite")
+    audio, rate = read_any(path)
+    if rate != streamer.sample_rate:
+        raise SeparateError(f"{path}: {rate} Hz; the streaming model runs at {streamer.sample_rate} Hz; resample it "
+                            f"first (ffmpeg -i {path.name} -ar {streamer.sample_rate} ...)")
+    try:
+        mixture = conform(audio, rate, path, sample_rate=streamer.sample_rate, nb_channels=streamer.nb_channels)
+    except StageError as error:
+        raise SeparateError(str(error)) from None
+    stream_to_stems(streamer, _file_hops(mixture, streamer.hop), destination, nb_timesteps=len(mixture),
+                    out_channels=audio.shape[1], fmt=args.format, atomic=True)
+    return destination
+
+
+def _stream_stdin(streamer, args, out: Path) -> Path:
+    import numpy as np
+
+    rate = args.pcm_rate or streamer.sample_rate
+    channels = args.pcm_channels or streamer.nb_channels
+    if rate != streamer.sample_rate:
+        raise SeparateError(f"--pcm-rate {rate}: the streaming model runs at {streamer.sample_rate} Hz; resample "
+                            f"upstream (e.g. ffmpeg ... -ar {streamer.sample_rate} -f {args.pcm_format} -)")
+    if channels not in (1, 2):
+        raise SeparateError(f"--pcm-channels {channels}: 1 or 2 channels only")
+    destination = out / safe_name(args.name)
+    existing = [destination / f"{t}.{args.format}" for t in streamer.targets
+                if (destination / f"{t}.{args.format}").exists()]
+    if existing and not args.force:
+        raise SeparateError(f"-: {existing[0]} exists; use --force to overwrite or --name to choose another folder")
+
+    def hops():
+        for block in _pcm_hops(sys.stdin.buffer, args.pcm_format, channels, streamer.hop):
+            if channels != streamer.nb_channels:
+                block = np.repeat(block, streamer.nb_channels, 1) if channels == 1 else block.mean(1, keepdims=True)
+            yield block
+
+    stream_to_stems(streamer, hops(), destination, out_channels=channels, fmt=args.format, atomic=False)
+    return destination
+
+
 def main(argv=None) -> int:
     args = get_parser().parse_args(argv)
+    if args.stream:
+        return stream_main(args)
     try:
         separator = load_separator(args.model, args.artifacts_dir)
     except SeparateError as error:
