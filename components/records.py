@@ -101,7 +101,8 @@ def serialize_segment(name: str, split: str, offset: int, length: int, blobs: Ma
                 "sample_rate": feature_int(sample_rate), "nb_channels": feature_int(nb_channels)}
     for target, blob in blobs.items():
         features[STEM_KEY.format(target)] = feature_bytes(blob)
-    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
+    # deterministic: map entries sorted by key, so every process (and Beam worker) writes the same bytes
+    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString(deterministic=True)
 
 
 class ShardWriter:
