@@ -26,7 +26,7 @@ def run(context: StageContext) -> dict:
     found = datasets.find_tracks(data, config.artifacts_dir, logger=logger)
     segment_samples = segment_samples_of(data)
     total = sum(len(refs) for refs in found.values())
-    workers = prepare_tracks.resolve_workers(config.prepare.workers, total)
+    workers = prepare_tracks.resolve_workers(config.prepare.workers, [r for refs in found.values() for r in refs])
     logger.info("prepare: %d tracks (%s) from %s data, %d process(es)", total,
                 ", ".join(f"{split} {len(refs)}" for split, refs in found.items()), data.format, workers)
 

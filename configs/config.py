@@ -53,7 +53,8 @@ class PrepareConfig:
     these keys are not part of any stage fingerprint: every runner writes the same artifact."""
 
     runner: str = "local"  # local: in-process, tracks in parallel processes | beam: an Apache Beam pipeline
-    workers: int = 0  # local: track processes (0: every core); beam: DirectRunner workers (0: every core)
+    workers: int = 0  # local: track processes (0: every core, one per 64 MB of source files); beam: DirectRunner
+    # workers (0: every core)
     # any Beam pipeline option, e.g. ["--runner=FlinkRunner", "--flink_master=host:8081"]; the default is
     # the DirectRunner in multi-processing mode
     beam_options: Tuple[str, ...] = ()
