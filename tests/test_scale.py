@@ -8,6 +8,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +24,7 @@ from configs import PRESETS, Config
 from configs.config import ConfigError, defaults
 from pipeline import pipeline
 from pipeline.experiment import deep_merge
-from tests.cli import cli
+from tests.cli import ROOT, RUN, cli
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 MUSDB_SAMPLE = SHARED_DATA / "musdb18-sample"
@@ -200,3 +205,172 @@ def test_beam_options_default_to_the_multiprocess_direct_runner():
     assert pipeline_options(flink) == ["--runner=FlinkRunner", "--flink_master=host:8081"]
     mine = dataclasses.replace(config, beam_options=("--direct_num_workers=8",))
     assert "--direct_num_workers=8" in pipeline_options(mine) and "--direct_num_workers=3" not in pipeline_options(mine)
+
+
+# -- training across workers: MultiWorkerMirroredStrategy, two local worker processes ----------------------------
+MULTI_WORKER_STEP = textwrap.dedent("""
+    import json, os, sys
+    import numpy as np
+    from components import distribute
+    multi = bool(os.environ.get("TF_CONFIG"))
+    strategy = distribute.multi_worker_strategy() if multi else None  # before any other TensorFlow op
+    import keras, tensorflow as tf
+    from components.train import build_model
+    from pipeline.experiment import resolve
+    config = resolve({"model": {"umx": {"nb_layers": 1}}}, ["unittest"])
+    rng = np.random.default_rng(0)
+    samples = int(config.data.sample_rate * config.train.seq_seconds)
+    stems = {t: rng.normal(0, 0.1, (8, samples, 2)).astype("float32") for t in config.data.targets}
+    mixture = sum(stems.values())
+    keras.utils.set_random_seed(0)
+    with (strategy or tf.distribute.get_strategy()).scope():
+        model = build_model(config, {})
+        model.train_model.compile(optimizer=keras.optimizers.SGD(0.1), loss=model.loss)
+    before = [w.numpy() for w in model.train_model.trainable_weights]
+    targets = {k: v.numpy() for k, v in model.train_targets(stems).items()}
+    dataset = tf.data.Dataset.from_tensors((mixture, targets))  # one global batch of 8
+    report = {"replicas": 1, "local_rows": list(range(8))}
+    if multi:
+        dataset = distribute.shard_by_data(dataset)
+        local = strategy.experimental_local_results(next(iter(strategy.experimental_distribute_dataset(dataset)))[0])
+        seen = np.concatenate([np.asarray(v) for v in local])
+        report = {"replicas": strategy.num_replicas_in_sync,
+                  "local_rows": [int(np.argmin(np.abs(mixture - row).sum(axis=(1, 2)))) for row in seen]}
+        distribute.build_for_fit(model.train_model, dataset, strategy)
+    history = model.train_model.fit(dataset, epochs=1, steps_per_epoch=1, verbose=0)
+    after = [w.numpy() for w in model.train_model.trainable_weights]
+    np.savez(sys.argv[1], *after)
+    report.update(loss=history.history["loss"][0], moved=max(float(np.max(np.abs(a - b))) for a, b in zip(after, before)))
+    print(json.dumps(report))
+""")
+
+
+def _free_ports(count: int) -> list:
+    import socket
+
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("localhost", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def _tf_config(ports, index: int) -> str:
+    return json.dumps({"cluster": {"worker": [f"localhost:{port}" for port in ports]},
+                       "task": {"type": "worker", "index": index}})
+
+
+def test_one_step_on_two_workers_matches_one_process(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env.pop("TF_CONFIG", None)
+    ports = _free_ports(2)
+    workers = [subprocess.Popen([sys.executable, "-c", MULTI_WORKER_STEP, str(tmp_path / f"worker{i}.npz")], cwd=ROOT,
+                                env={**env, "TF_CONFIG": _tf_config(ports, i)}, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for i in range(2)]
+    single = subprocess.run([sys.executable, "-c", MULTI_WORKER_STEP, str(tmp_path / "single.npz")], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    reports = []
+    for worker in workers:
+        out, err = worker.communicate(timeout=600)
+        assert worker.returncode == 0, err[-3000:]
+        reports.append(json.loads(out.strip().splitlines()[-1]))
+    reference = json.loads(single.stdout.strip().splitlines()[-1])
+    # each worker trained on its own half of the global batch, not on all of it
+    assert [r["replicas"] for r in reports] == [2, 2]
+    assert [r["local_rows"] for r in reports] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert reports[0]["loss"] == pytest.approx(reference["loss"], rel=1e-6)  # the global mean loss
+    assert reference["moved"] > 1e-3  # the step changed the weights
+    weights = [np.load(tmp_path / f"{name}.npz") for name in ("single", "worker0", "worker1")]
+    keys = weights[0].files
+    assert len(keys) > 10
+    assert max(float(np.max(np.abs(weights[0][k] - weights[1][k]))) for k in keys) < 1e-6  # measured 6e-8
+    assert max(float(np.max(np.abs(weights[1][k] - weights[2][k]))) for k in keys) == 0.0  # in lockstep
+
+
+def _history(root: Path) -> list:
+    """The chief's history (a non-chief worker keeps its own in `.train-work/<fingerprint>-worker-<i>/`)."""
+    files = [path for path in (root / ".train-work").glob("*/history.json") if "-worker-" not in path.parent.name] \
+        if (root / ".train-work").exists() else []
+    return json.loads(files[0].read_text() or "[]") if files else []
+
+
+def test_two_workers_train_and_a_killed_worker_resumes_from_the_last_epoch(tmp_path):
+    """Two worker processes train; worker 1 is killed mid-epoch, the chief fails over its lost peer (as on a
+    cluster, where the scheduler restarts failed tasks), both are restarted, and the job resumes from the
+    chief's BackupAndRestore state at the last completed epoch and writes the train artifact."""
+    import shutil
+
+    root = tmp_path / "artifacts"
+    cli("--stage", "prepare", "--no-file-observer", "-q", "with", "unittest", f"artifacts_dir={root}")
+    ports = _free_ports(2)
+    args = [*RUN, "--stage", "train", "--no-file-observer", "-q", "with", "unittest", f"artifacts_dir={root}",
+            "train.strategy=multi_worker", "train.epochs=3", "train.steps_per_epoch=2", "model.umx.nb_layers=1"]
+
+    def start(index):
+        env = {**os.environ, "TF_CONFIG": _tf_config(ports, index), "TF_CPP_MIN_LOG_LEVEL": "3"}
+        return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
+
+    chief, worker = start(0), start(1)
+    try:
+        deadline = time.time() + 400
+        while len(_history(root)) < 1:
+            assert time.time() < deadline, "no epoch finished in 400 s"
+            if chief.poll() is not None or worker.poll() is not None:
+                pytest.fail(f"training ended before the kill: {(chief.stderr.read() or '')[-2000:]}")
+            time.sleep(0.05)
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
+        done_before = _history(root)
+        assert 1 <= len(done_before) < 3
+        chief.wait(timeout=300)  # the chief's collectives fail once its peer is gone
+        assert chief.returncode != 0
+        assert not (root / "train" / "artifact.json").exists()
+        chief, worker = start(0), start(1)  # the scheduler restarts both tasks
+        for process in (chief, worker):
+            _, err = process.communicate(timeout=600)
+            assert process.returncode == 0, err[-3000:]
+    finally:
+        for process in (chief, worker):
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+    meta = json.loads((root / "train" / "artifact.json").read_text())
+    assert meta["complete"] and meta["figures"]["replicas"] == 2 and meta["figures"]["epochs"] == 3
+    history = json.loads((root / "train" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    # epochs done before the kill were not redone: they keep the first chief's process id
+    killed_at = len(done_before)
+    assert [h["pid"] for h in history[:killed_at]] == [h["pid"] for h in done_before]
+    assert all(h["pid"] != done_before[0]["pid"] for h in history[killed_at:])
+    for name in ("model.weights.h5", "best.weights.h5"):
+        assert (root / "train" / name).is_file()
+    # only the chief wrote: no second artifact, no worker's private work dir left behind
+    assert not (root / ".train-work").exists() or not any((root / ".train-work").iterdir())
+
+
+# -- evaluation on Beam -------------------------------------------------------------------------------------------
+@needs_beam
+def test_beam_evaluation_writes_the_metrics_of_the_process_pool(tmp_path):
+    import shutil
+
+    base = tmp_path / "base"
+    common = ["--no-file-observer", "-q", "with", "unittest", "train.epochs=1", "train.steps_per_epoch=2"]
+    for stage in ("prepare", "train"):
+        cli("--stage", stage, *common, f"artifacts_dir={base}")
+    metrics = {}
+    for name, extra in (("pool", ["evaluate.workers=2"]),
+                        ("beam", ["prepare.runner=beam", f"prepare.beam_options={json.dumps(IN_PROCESS_BEAM)}"])):
+        root = tmp_path / name
+        for stage in ("prepare", "train", "default-data"):
+            shutil.copytree(base / stage, root / stage)
+        cli("--stage", "evaluate", *common, f"artifacts_dir={root}", *extra)
+        found = json.loads((root / "evaluate" / "metrics.json").read_text())
+        assert found["baseline_cache"].pop("path") == str(next((root / "evaluate-baselines").glob("*.json")))
+        metrics[name] = found
+        assert not list((root / "evaluate").glob(".scratch-*"))
+    assert metrics["beam"] == metrics["pool"]
+    assert metrics["pool"]["tracks"] == ["test-000 96bpm G minor"]
+    assert metrics["pool"]["baselines"]["irm"]["mean"]["SDR"] > metrics["pool"]["baselines"]["mix"]["mean"]["SDR"]
