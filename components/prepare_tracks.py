@@ -97,7 +97,8 @@ def prepared_in_order(refs: Sequence, data, segment_samples: int, workers: int
     import multiprocessing
 
     window = 2 * workers
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    try:
         pending = []
         upcoming = iter(refs)
         for ref in upcoming:
@@ -111,3 +112,5 @@ def prepared_in_order(refs: Sequence, data, segment_samples: int, workers: int
             if following is not None:
                 pending.append((following, pool.submit(_prepare_or_error, following, data, segment_samples)))
             yield ref, result
+    finally:  # also when the caller stops early (a bad track): queued tracks are dropped, not prepared
+        pool.shutdown(wait=True, cancel_futures=True)

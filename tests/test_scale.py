@@ -162,7 +162,7 @@ def test_beam_reports_bad_tracks_like_the_local_runner(tmp_path):
     data = {"format": "folder", "root": str(root), "targets": ["voice", "noise"]}
     beam = {"runner": "beam", "beam_options": IN_PROCESS_BEAM}
     messages = []
-    for name, prepare in (("local", {}), ("beam", beam)):
+    for name, prepare in (("local", {"workers": 2}), ("beam", beam)):  # local: the error from a worker process
         with pytest.raises(StageError) as error:
             run_prepare(make_config(tmp_path / name, data, prepare))
         messages.append(str(error.value))
@@ -172,7 +172,7 @@ def test_beam_reports_bad_tracks_like_the_local_runner(tmp_path):
     assert messages[0].startswith(f"{root / 'train' / 'bad' / 'noise.wav'}: unreadable audio")
 
     skipping = {**data, "skip_bad_tracks": True}
-    local, _ = run_prepare(make_config(tmp_path / "local", skipping))
+    local, _ = run_prepare(make_config(tmp_path / "local", skipping, {"workers": 2}))
     on_beam, _ = run_prepare(make_config(tmp_path / "beam", skipping, beam))
     assert on_beam.meta["manifest"] == local.meta["manifest"]
     assert local.meta["manifest"]["skipped"] == [{"track": "bad", "split": "train", "reason": messages[0]}]
