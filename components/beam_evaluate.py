@@ -54,7 +54,8 @@ def read_track(prepare: Artifact, split: str, name: str) -> Dict[str, np.ndarray
     files = [str(prepare.path / f) for f in track_shards(manifest, split, name)]
     pcm, nb_channels, targets = manifest["pcm"], manifest["nb_channels"], manifest["targets"]
     segments = []
-    for serialized in tf.data.TFRecordDataset(files, compression_type=manifest["compression"] or None).as_numpy_iterator():
+    dataset = tf.data.TFRecordDataset(files, compression_type=manifest["compression"] or None)
+    for serialized in dataset.as_numpy_iterator():
         feature = tf.train.Example.FromString(serialized).features.feature
         if feature["track"].bytes_list.value[0].decode() != name:
             continue

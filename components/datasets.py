@@ -1,8 +1,9 @@
 """Data set readers: every `data.format` becomes a list of `TrackRef`s, each loading one validated track.
 
 Formats
-    musdb     MUSDB18 stem mp4 through the `musdb` package (its official train/valid split of `train`)
-    musdb-hq  MUSDB18-HQ wav folders through `musdb` (is_wav=True), read with soundfile
+    musdb     MUSDB18 stem mp4, decoded by one ffmpeg run per track (the `musdb` package's official
+              train/valid split of `train`, from its own setup file)
+    musdb-hq  MUSDB18-HQ wav folders (same split), read with soundfile
     folder    `<root>/<split>/<track>/<target>.wav|flac` for any `data.targets`; `mixture.*` is ignored
     default   the synthesizer of `components/synth.py`, generated once into `data.root` or
               `<artifacts_dir>/default-data/`, then read like `musdb-hq`

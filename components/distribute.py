@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional, Tuple
+from typing import Tuple
 
 from components.artifacts import StageError
 
@@ -63,22 +63,6 @@ def multi_worker_strategy():
             raise StageError(f"cannot start MultiWorkerMirroredStrategy ({' '.join(str(error).split())[:200]}); "
                              f"run the train stage in a fresh process with TF_CONFIG set") from None
     return _STRATEGY
-
-
-def is_chief(strategy=None) -> bool:
-    """Whether this process writes checkpoints and artifacts: always, unless it is a non-chief worker."""
-    resolver = getattr(getattr(strategy, "cluster_resolver", None), "cluster_spec", None)
-    if strategy is None or resolver is None or not os.environ.get("TF_CONFIG"):
-        return True
-    cluster, task_type, index = cluster_from_env()
-    return is_chief_task(cluster, task_type, index)
-
-
-def worker_label() -> Optional[str]:
-    if not os.environ.get("TF_CONFIG"):
-        return None
-    _, task_type, index = cluster_from_env()
-    return f"{task_type}-{index}"
 
 
 def setup_worker(context, work):

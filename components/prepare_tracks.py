@@ -8,7 +8,6 @@ number of processes.
 """
 from __future__ import annotations
 
-import logging
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -16,8 +15,6 @@ from typing import Dict, Iterator, List, Sequence, Tuple, Union
 
 from components import records
 from components.artifacts import StageError
-
-log = logging.getLogger("pipeline")
 
 
 @dataclass

@@ -240,7 +240,8 @@ MULTI_WORKER_STEP = textwrap.dedent("""
     history = model.train_model.fit(dataset, epochs=1, steps_per_epoch=1, verbose=0)
     after = [w.numpy() for w in model.train_model.trainable_weights]
     np.savez(sys.argv[1], *after)
-    report.update(loss=history.history["loss"][0], moved=max(float(np.max(np.abs(a - b))) for a, b in zip(after, before)))
+    moved = max(float(np.max(np.abs(a - b))) for a, b in zip(after, before))
+    report.update(loss=history.history["loss"][0], moved=moved)
     print(json.dumps(report))
 """)
 
