@@ -25,8 +25,9 @@ def run(context: StageContext) -> dict:
     started = time.time()
     found = datasets.find_tracks(data, config.artifacts_dir, logger=logger)
     segment_samples = segment_samples_of(data)
-    total = sum(len(refs) for refs in found.values())
-    workers = prepare_tracks.resolve_workers(config.prepare.workers, [r for refs in found.values() for r in refs])
+    every_ref = [ref for refs in found.values() for ref in refs]
+    total = len(every_ref)
+    workers = prepare_tracks.resolve_workers(config.prepare.workers, every_ref)
     logger.info("prepare: %d tracks (%s) from %s data, %d process(es)", total,
                 ", ".join(f"{split} {len(refs)}" for split, refs in found.items()), data.format, workers)
 
@@ -35,7 +36,6 @@ def run(context: StageContext) -> dict:
                                           shard_bytes=data.shard_megabytes * 1e6) for split in found}
     tracks = {split: [] for split in found}
     done, audio_seconds = 0, 0.0
-    every_ref = [ref for refs in found.values() for ref in refs]
     # tracks are read, resampled and cut in parallel processes, and written here in list order
     for ref, prepared in prepare_tracks.prepared_in_order(every_ref, data, segment_samples, workers):
         split = ref.split
