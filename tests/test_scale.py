@@ -362,12 +362,14 @@ def test_beam_evaluation_writes_the_metrics_of_the_process_pool(tmp_path):
     for stage in ("prepare", "train"):
         cli("--stage", stage, *common, f"artifacts_dir={base}")
     metrics = {}
-    for name, extra in (("pool", ["evaluate.workers=2"]),
-                        ("beam", ["prepare.runner=beam", f"prepare.beam_options={json.dumps(IN_PROCESS_BEAM)}"])):
+    for name, prepare in (("pool", {}), ("beam", {"runner": "beam", "beam_options": IN_PROCESS_BEAM})):
         root = tmp_path / name
         for stage in ("prepare", "train", "default-data"):
             shutil.copytree(base / stage, root / stage)
-        cli("--stage", "evaluate", *common, f"artifacts_dir={root}", *extra)
+        raw = deep_merge(deep_merge(defaults(), PRESETS["unittest"]),
+                         {"artifacts_dir": str(root), "train": {"epochs": 1, "steps_per_epoch": 2},
+                          "evaluate": {"workers": 2}, "prepare": prepare})
+        pipeline.run_component(pipeline.component("evaluate"), Config.from_dict(raw))
         found = json.loads((root / "evaluate" / "metrics.json").read_text())
         assert found["baseline_cache"].pop("path") == str(next((root / "evaluate-baselines").glob("*.json")))
         metrics[name] = found
