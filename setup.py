@@ -24,7 +24,9 @@ setup(
     ],
     extras_require={
         "db": ["SQLAlchemy>=2", "psycopg[binary]>=3.1", "pymongo>=4"],
-        "dev": ["pytest>=8", "SQLAlchemy>=2", "psycopg[binary]>=3.1"],
+        # prepare.runner=beam (and evaluation on Beam): ~365 MB installed (pyarrow), protobuf 6 beside TF 2.21
+        "beam": ["apache-beam>=2.77"],
+        "dev": ["pytest>=8", "SQLAlchemy>=2", "psycopg[binary]>=3.1", "apache-beam>=2.77"],
     },
     entry_points={
         "console_scripts": [

@@ -20,6 +20,7 @@ class StageContext:
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("pipeline"))
     force: bool = False
     fingerprint: str = ""  # of this stage run (config sections + inputs), as recorded in artifact.json
+    commit: bool = True  # False: the executor's output is discarded (a non-chief worker of a multi-worker job)
 
 
 @dataclass(frozen=True)

@@ -451,6 +451,20 @@ def evaluate_tracks(
         queue.close()
         shutil.rmtree(scratch, ignore_errors=True)
 
+    return finish_metrics(names, fresh, results, usdrs, cached, warnings, targets=targets, sample_rate=sample_rate,
+                          settings=settings, output_dir=output_dir, baseline_cache=baseline_cache, key=key,
+                          logger=logger, log_scalar=log_scalar)
+
+
+def finish_metrics(names: List[str], fresh: List[str], results: Mapping[Tuple[str, str], Dict],
+                   usdrs: Dict[str, Dict[str, Dict[str, float]]], cached: Mapping, warnings: List[str], *,
+                   targets: Sequence[str], sample_rate: int, settings, output_dir: Path,
+                   baseline_cache: Optional[Path], key: Mapping, logger, log_scalar) -> Dict[str, Any]:
+    """Scores of every track -> cached baselines, aggregation, metrics.json, museval JSON and the box plot.
+
+    names: tracks in order; fresh: tracks whose MIX/IRM baselines were scored now (others come from
+    `cached`); results: {(track, method): museval scores}; usdrs: {method: {track: {target: uSDR}}}.
+    """
     if not names:
         raise StageError(f"the evaluate split '{settings.split}' has no tracks; choose a split that has some, "
                          f"e.g. `with evaluate.split=train` (the MUSDB sample has only a train track)")
@@ -607,6 +621,18 @@ def _split_size(prepare, split: str) -> Optional[int]:
     return found if isinstance(found, int) else None
 
 
+def _evaluate_locally(context, prepare, records, model, separate_fn, targets, key):
+    """The default: separate in this process, museval in `evaluate.workers` processes."""
+    config, settings = context.config, context.config.evaluate
+    return evaluate_tracks(
+        records.read_tracks(prepare, settings.split), separate_fn,
+        targets=targets, sample_rate=config.data.sample_rate, settings=settings,
+        output_dir=context.output_dir, baseline_cache=baseline_cache_path(config.artifacts_dir, key),
+        cache_key=key, input_samples=model.input_samples, nb_tracks=_split_size(prepare, settings.split),
+        logger=context.logger, log_scalar=context.log_scalar,
+    )
+
+
 def run(context: StageContext) -> dict:
     config = context.config
     settings = config.evaluate
@@ -632,13 +658,12 @@ def run(context: StageContext) -> dict:
                        sample_rate=config.data.sample_rate, targets=targets)
     separate_fn = compiled(model.separator, model.nb_channels)
 
-    metrics = evaluate_tracks(
-        records.read_tracks(prepare, settings.split), separate_fn,
-        targets=targets, sample_rate=config.data.sample_rate, settings=settings,
-        output_dir=context.output_dir, baseline_cache=baseline_cache_path(config.artifacts_dir, key),
-        cache_key=key, input_samples=model.input_samples, nb_tracks=_split_size(prepare, settings.split),
-        logger=context.logger, log_scalar=context.log_scalar,
-    )
+    if config.prepare.runner == "beam":  # one Beam element per track: separate and score on the workers
+        from components import beam_evaluate
+
+        metrics = beam_evaluate.evaluate(context, targets=targets, key=key)
+    else:
+        metrics = _evaluate_locally(context, prepare, records, model, separate_fn, targets, key)
     figures = {
         "SDR": metrics["mean"]["SDR"],
         "uSDR": metrics["mean"]["uSDR"],

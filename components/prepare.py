@@ -10,80 +10,105 @@ import time
 
 import numpy as np
 
-from components import datasets, records
+from components import datasets, prepare_tracks, records
 from components.artifacts import StageError
 from components.base import ComponentSpec, StageContext
 
 
 def run(context: StageContext) -> dict:
+    if context.config.prepare.runner == "beam":
+        from components import beam_prepare
+
+        return beam_prepare.run(context)
     config, logger = context.config, context.logger
     data = config.data
     started = time.time()
     found = datasets.find_tracks(data, config.artifacts_dir, logger=logger)
+    segment_samples = segment_samples_of(data)
+    every_ref = [ref for refs in found.values() for ref in refs]
+    total = len(every_ref)
+    workers = prepare_tracks.resolve_workers(config.prepare.workers, every_ref)
+    logger.info("prepare: %d tracks (%s) from %s data, %d process(es)", total,
+                ", ".join(f"{split} {len(refs)}" for split, refs in found.items()), data.format, workers)
+
+    manifest = new_manifest(data, segment_samples)
+    writers = {split: records.ShardWriter(context.output_dir, split, compression=data.compression,
+                                          shard_bytes=data.shard_megabytes * 1e6) for split in found}
+    tracks = {split: [] for split in found}
+    done, audio_seconds = 0, 0.0
+    # tracks are read, resampled and cut in parallel processes, and written here in list order
+    for ref, prepared in prepare_tracks.prepared_in_order(every_ref, data, segment_samples, workers):
+        split = ref.split
+        done += 1
+        if isinstance(prepared, StageError):
+            record_bad_track(manifest, split, ref.name, prepared, data, logger)
+            continue
+        for serialized in prepared.examples(data.sample_rate):
+            writers[split].write(serialized)
+        record_track(manifest, tracks[split], prepared.entry, split, logger)
+        seconds = prepared.entry["nb_timesteps"] / data.sample_rate
+        audio_seconds += seconds
+        elapsed = time.time() - started
+        logger.info("prepare: %d/%d tracks, %s/%s (%.1f s audio, %d segments), %.1f s elapsed, "
+                    "%.1f audio s per s", done, total, split, prepared.name, seconds, len(prepared.segments),
+                    elapsed, audio_seconds / max(elapsed, 1e-9))
+        context.log_scalar("prepare.tracks_done", float(done), done)
+        context.log_scalar("prepare.audio_seconds_per_second", audio_seconds / max(elapsed, 1e-9), done)
+    for split in found:
+        manifest["splits"][split] = _split_entry(tracks[split], writers[split].close(), data.targets)
+    return finish(manifest, data, started, logger)
+
+
+def segment_samples_of(data) -> int:
     segment_samples = int(round(data.segment_seconds * data.sample_rate))
     if segment_samples <= 0:
         raise StageError("data.segment_seconds must be positive")
-    total = sum(len(refs) for refs in found.values())
-    logger.info("prepare: %d tracks (%s) from %s data", total,
-                ", ".join(f"{split} {len(refs)}" for split, refs in found.items()), data.format)
+    return segment_samples
 
-    manifest = {"format": data.format, "root": data.root, "targets": list(data.targets),
-                "sample_rate": data.sample_rate, "nb_channels": data.nb_channels,
-                "segment_samples": segment_samples, "pcm": data.pcm, "compression": data.compression,
-                "splits": {}, "empty_splits": [], "skipped": [], "silent": [], "clipped_samples": 0}
-    done, audio_seconds = 0, 0.0
-    for split, refs in found.items():
-        writer = records.ShardWriter(context.output_dir, split, compression=data.compression,
-                                     shard_bytes=data.shard_megabytes * 1e6)
-        tracks = []
-        for ref in refs:
-            try:
-                track = ref.load()
-            except StageError as error:
-                if not data.skip_bad_tracks:
-                    raise
-                logger.warning("prepare: skipping %s/%s: %s", split, ref.name, error)
-                manifest["skipped"].append({"track": ref.name, "split": split, "reason": str(error)})
-                done += 1
-                continue
-            segments, clipped = 0, 0
-            for serialized, nb_clipped in records.track_examples(track, segment_samples=segment_samples,
-                                                                 pcm=data.pcm, sample_rate=data.sample_rate):
-                writer.write(serialized)
-                segments += 1
-                clipped += nb_clipped
-            if clipped:
-                logger.warning("prepare: %s/%s: %d samples beyond full scale were clipped to %s range",
-                               split, track.name, clipped, data.pcm)
-            manifest["clipped_samples"] += clipped
-            manifest["silent"].extend({"track": track.name, "split": split, "target": t} for t in track.silent)
-            tracks.append(_track_entry(track, segments, data.sample_rate, clipped))
-            done += 1
-            seconds = track.nb_timesteps / data.sample_rate
-            audio_seconds += seconds
-            elapsed = time.time() - started
-            logger.info("prepare: %d/%d tracks, %s/%s (%.1f s audio, %d segments), %.1f s elapsed, "
-                        "%.1f audio s per s", done, total, split, track.name, seconds, segments, elapsed,
-                        audio_seconds / max(elapsed, 1e-9))
-            context.log_scalar("prepare.tracks_done", float(done), done)
-            context.log_scalar("prepare.audio_seconds_per_second", audio_seconds / max(elapsed, 1e-9), done)
-        shards = writer.close()
-        manifest["splits"][split] = _split_entry(tracks, shards, data.targets)
-        if not tracks:
-            manifest["empty_splits"].append(split)
+
+def new_manifest(data, segment_samples: int) -> dict:
+    return {"format": data.format, "root": data.root, "targets": list(data.targets),
+            "sample_rate": data.sample_rate, "nb_channels": data.nb_channels,
+            "segment_samples": segment_samples, "pcm": data.pcm, "compression": data.compression,
+            "splits": {}, "empty_splits": [], "skipped": [], "silent": [], "clipped_samples": 0}
+
+
+def record_bad_track(manifest: dict, split: str, name: str, error: StageError, data, logger) -> None:
+    """A track that failed validation: the stage fails on it, or (data.skip_bad_tracks) lists it as skipped."""
+    if not data.skip_bad_tracks:
+        raise error
+    logger.warning("prepare: skipping %s/%s: %s", split, name, error)
+    manifest["skipped"].append({"track": name, "split": split, "reason": str(error)})
+
+
+def record_track(manifest: dict, split_tracks: list, entry: dict, split: str, logger) -> None:
+    """A prepared track's entry into its split's list, its clipped samples and silent stems into the manifest."""
+    clipped = entry["clipped_samples"]
+    if clipped:
+        logger.warning("prepare: %s/%s: %d samples beyond full scale were clipped to %s range",
+                       split, entry["name"], clipped, manifest["pcm"])
+    manifest["clipped_samples"] += clipped
+    manifest["silent"].extend({"track": entry["name"], "split": split, "target": t} for t in entry["silent"])
+    split_tracks.append(entry)
+
+
+def finish(manifest: dict, data, started: float, logger) -> dict:
+    """Checks over the whole data set, training statistics and the figures: the stage's meta."""
+    splits = manifest["splits"]
+    manifest["empty_splits"] = [split for split, entry in splits.items() if not entry["tracks"]]
     if manifest["empty_splits"]:
         logger.warning("prepare: no tracks for split(s) %s in %s; they are prepared empty",
                        ", ".join(manifest["empty_splits"]), data.root or "the default data")
-    if not any(entry["tracks"] for entry in manifest["splits"].values()):
+    if not any(entry["tracks"] for entry in splits.values()):
         raise StageError(f"{data.root or 'default data'}: every track failed validation "
                          f"({len(manifest['skipped'])} skipped); fix the files listed in the warnings above")
 
     # what model builders read for loss weighting: the train split's mean energy per target
-    train = manifest["splits"].get("train")
+    train = splits.get("train")
     manifest["stats"] = ({"split": "train", "energy": train["energy"], "rms": train["rms"]}
                          if train and train["tracks"] else {})
     elapsed = max(time.time() - started, 1e-9)
-    splits = manifest["splits"]
+    audio_seconds = sum(entry["seconds"] for entry in splits.values())
     figures = {
         "tracks": {split: len(entry["tracks"]) for split, entry in splits.items()},
         "segments": {split: entry["segments"] for split, entry in splits.items()},

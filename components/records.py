@@ -39,7 +39,11 @@ STEM_KEY = "stem/{}"
 def encode_pcm(audio: np.ndarray, pcm: str) -> Tuple[bytes, int]:
     """float32 `(nb_timesteps, nb_channels)` -> (little-endian bytes, number of clipped samples)."""
     if pcm == "int16":
-        scaled = np.round(np.asarray(audio, dtype=np.float64) * INT16_SCALE)
+        # float32 x 2**15 is exact (a power-of-two scale), so rounding in float32 gives the float64 result
+        # at half the memory traffic; float64 input keeps float64
+        audio = np.asarray(audio)
+        dtype = np.float32 if audio.dtype == np.float32 else np.float64
+        scaled = np.rint(audio.astype(dtype, copy=False) * dtype(INT16_SCALE))
         clipped = int(np.count_nonzero(np.abs(scaled) > 32768))  # +1.0 -> 32767 is within quantisation error
         return np.clip(scaled, -32768, 32767).astype(PCM_DTYPES[pcm]).tobytes(), clipped
     if pcm == "float16":
@@ -62,6 +66,32 @@ def segment_bounds(nb_timesteps: int, segment_samples: int) -> List[Tuple[int, i
 
 def track_examples(track, *, segment_samples: int, pcm: str, sample_rate: int):
     """Serialized examples of one `datasets.Track`; yields (bytes, nb_clipped_samples)."""
+    nb_channels = next(iter(track.stems.values())).shape[1]
+    for offset, length, blobs, clipped in encode_segments(track.stems, segment_samples=segment_samples, pcm=pcm):
+        yield serialize_segment(track.name, track.split, offset, length, blobs, sample_rate=sample_rate,
+                                nb_channels=nb_channels), clipped
+
+
+def encode_segments(stems: Mapping[str, np.ndarray], *, segment_samples: int, pcm: str):
+    """The PCM of each segment of a track, numpy only (no TensorFlow: runs in worker processes).
+
+    stems: {target: float32 `(nb_timesteps, nb_channels)`}; yields (offset, length, {target: bytes}, nb_clipped).
+    """
+    first = next(iter(stems.values()))
+    nb_timesteps, nb_channels = first.shape
+    for offset, length in segment_bounds(nb_timesteps, segment_samples):
+        blobs, clipped = {}, 0
+        for target, audio in stems.items():
+            segment = np.zeros((segment_samples, nb_channels), dtype=np.float32)
+            segment[:length] = audio[offset:offset + length]
+            blobs[target], count = encode_pcm(segment, pcm)
+            clipped += count
+        yield offset, length, blobs, clipped
+
+
+def serialize_segment(name: str, split: str, offset: int, length: int, blobs: Mapping[str, bytes], *,
+                      sample_rate: int, nb_channels: int) -> bytes:
+    """One serialized `tf.train.Example` (the layout in this module's docstring)."""
     import tensorflow as tf
 
     def feature_bytes(value):
@@ -70,20 +100,13 @@ def track_examples(track, *, segment_samples: int, pcm: str, sample_rate: int):
     def feature_int(value):
         return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(value)]))
 
-    nb_channels = next(iter(track.stems.values())).shape[1]
-    for offset, length in segment_bounds(track.nb_timesteps, segment_samples):
-        features = {"track": feature_bytes(track.name.encode()), "split": feature_bytes(track.split.encode()),
-                    "offset": feature_int(offset), "length": feature_int(length),
-                    "sample_rate": feature_int(sample_rate), "nb_channels": feature_int(nb_channels)}
-        clipped = 0
-        for target, audio in track.stems.items():
-            segment = np.zeros((segment_samples, nb_channels), dtype=np.float32)
-            segment[:length] = audio[offset:offset + length]
-            blob, count = encode_pcm(segment, pcm)
-            clipped += count
-            features[STEM_KEY.format(target)] = feature_bytes(blob)
-        example = tf.train.Example(features=tf.train.Features(feature=features))
-        yield example.SerializeToString(), clipped
+    features = {"track": feature_bytes(name.encode()), "split": feature_bytes(split.encode()),
+                "offset": feature_int(offset), "length": feature_int(length),
+                "sample_rate": feature_int(sample_rate), "nb_channels": feature_int(nb_channels)}
+    for target, blob in blobs.items():
+        features[STEM_KEY.format(target)] = feature_bytes(blob)
+    # deterministic: map entries sorted by key, so every process (and Beam worker) writes the same bytes
+    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString(deterministic=True)
 
 
 class ShardWriter:

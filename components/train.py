@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from components import distribute
 from components.artifacts import StageError
 from components.base import ComponentSpec, StageContext
 
@@ -262,19 +263,25 @@ def run(context: StageContext) -> dict:
         keras.utils.set_random_seed(tc.seed)
 
     work = Path(config.artifacts_dir) / ".train-work" / context.fingerprint
-    if context.force and work.exists():
+    chief = True
+    if tc.strategy == "multi_worker":  # only the chief writes the work dir and commits the artifact
+        chief, work = distribute.setup_worker(context, work)
+    if context.force and work.exists() and chief:
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
 
-    strategy = make_strategy(tc.replicas)
+    strategy = distribute.multi_worker_strategy() if tc.strategy == "multi_worker" else make_strategy(tc.replicas)
     replicas = strategy.num_replicas_in_sync
     if tc.batch_size % replicas:
         raise StageError(f"train.batch_size={tc.batch_size} must be a multiple of the {replicas} replicas")
     with strategy.scope():
         model = build_model(config, stats)
     train_ds, valid_ds, steps = train_datasets(prepare, config, model, tc.batch_size,
-                                               seed=tc.seed if tc.deterministic else None)
-    if model.adapt is not None and not (work / "backup").exists():
+                                               seed=tc.seed if tc.deterministic or tc.strategy == "multi_worker"
+                                               else None)
+    if tc.strategy == "multi_worker":  # one seeded stream; every worker keeps its slice of each global batch
+        train_ds, valid_ds = distribute.shard_by_data(train_ds), valid_ds and distribute.shard_by_data(valid_ds)
+    if model.adapt is not None and not (work.parent / context.fingerprint / "backup").exists():
         model.adapt(mixture for mixture, _ in train_ds.take(max(1, min(steps, 8))))
     nb_params = count_params(model.train_model)
     context.logger.info("model %s: %s trainable parameters, %d replica(s), global batch %d, %d steps/epoch",
@@ -332,7 +339,8 @@ def _fit_phases(context, model, strategy, train_ds, valid_ds, steps, work: Path)
         # create the optimizer slots now: building them while tracing the first step costs 10+ s
         model.train_model.optimizer.build(model.train_model.trainable_variables)
     callbacks = [
-        keras.callbacks.BackupAndRestore(str(work / "backup")),
+        # the chief's backup (work of every worker: .train-work/<fingerprint>/backup); others only restore it
+        distribute.backup_callback(str(work.parent / context.fingerprint / "backup"), chief=context.commit),
         keras.callbacks.ModelCheckpoint(str(work / "last.weights.h5"), save_weights_only=True),
         keras.callbacks.ModelCheckpoint(str(work / "best.weights.h5"), monitor=monitor, save_best_only=True,
                                         save_weights_only=True, initial_value_threshold=previous_best),
@@ -349,6 +357,8 @@ def _fit_phases(context, model, strategy, train_ds, valid_ds, steps, work: Path)
     if tc.snapshot_every_steps:
         callbacks.append(ValidationSnapshot(model, snapshot_tracks(context.inputs["prepare"], config),
                                             tc.snapshot_every_steps, context.log_scalar))
+    if tc.strategy == "multi_worker":
+        distribute.build_for_fit(model.train_model, train_ds, strategy)
     started = time.time()
     done_before = len(sacred_logger.history)
     model.train_model.fit(train_ds, epochs=tc.epochs, steps_per_epoch=steps, validation_data=valid_ds,
@@ -377,6 +387,8 @@ def _finetune(context, model, strategy, valid_ds, work, sacred_logger, monitor) 
         model.train_model.compile(optimizer=make_optimizer(tc, lr=tc.finetune_lr or tc.lr / 10,
                                                            replicas=strategy.num_replicas_in_sync), loss=model.loss)
         model.train_model.optimizer.build(model.train_model.trainable_variables)
+    if tc.strategy == "multi_worker":
+        distribute.build_for_fit(model.train_model, train_ds, strategy)
     start = len(sacred_logger.history)
     previous_best = min((h[monitor] for h in sacred_logger.history if monitor in h), default=None)
     model.train_model.fit(

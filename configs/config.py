@@ -13,6 +13,8 @@ from typing import Any, Mapping, Optional, Tuple
 
 MUSDB_TARGETS = ("vocals", "drums", "bass", "other")
 DATA_FORMATS = ("default", "musdb", "musdb-hq", "folder")
+PREPARE_RUNNERS = ("local", "beam")
+TRAIN_STRATEGIES = ("mirrored", "multi_worker")
 
 
 class ConfigError(ValueError):
@@ -43,6 +45,19 @@ class DataConfig:
     channel_swap: bool = True
     remix_probability: float = 0.0  # chance that a source comes from a different track
     shuffle_buffer: int = 1024
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """How the prepare stage (and, with `beam`, evaluation) is executed; never what it produces, so
+    these keys are not part of any stage fingerprint: every runner writes the same artifact."""
+
+    runner: str = "local"  # local: in-process, tracks in parallel processes | beam: an Apache Beam pipeline
+    workers: int = 0  # local: track processes (0: every core, one per 64 MB of source files); beam: DirectRunner
+    # workers (0: every core)
+    # any Beam pipeline option, e.g. ["--runner=FlinkRunner", "--flink_master=host:8081"]; the default is
+    # the DirectRunner in multi-processing mode
+    beam_options: Tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -90,6 +105,9 @@ class TrainConfig:
     finetune_epochs: int = 0
     finetune_lr: Optional[float] = None
     finetune_batch_size: Optional[int] = None
+    # mirrored: one host's GPUs (or logical CPUs); multi_worker: MultiWorkerMirroredStrategy over the
+    # hosts listed in TF_CONFIG (train.batch_size stays the global batch over every worker's replicas)
+    strategy: str = "mirrored"
 
 
 @dataclass(frozen=True)
@@ -116,6 +134,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
     artifacts_dir: str = "artifacts"
     seed: int = 0  # Sacred's seed; the training seed is train.seed
 
@@ -249,6 +268,17 @@ def _check(obj, prefix):
             raise ConfigError(f"data.gain_range must be [low, high] with 0 < low <= high; got {list(obj.gain_range)}")
     if isinstance(obj, TrainConfig) and obj.lr_scaling not in ("none", "linear"):
         raise ConfigError(f"train.lr_scaling must be none or linear; got '{obj.lr_scaling}'")
+    if isinstance(obj, PrepareConfig):
+        if obj.runner not in PREPARE_RUNNERS:
+            raise ConfigError(f"prepare.runner must be one of {', '.join(PREPARE_RUNNERS)}; got '{obj.runner}'")
+        if obj.workers < 0:
+            raise ConfigError(f"prepare.workers must be >= 0 (0: every core); got {obj.workers}")
+        bad = [o for o in obj.beam_options if not o.startswith("--")]
+        if bad:
+            raise ConfigError(f"prepare.beam_options takes Beam pipeline flags like '--runner=FlinkRunner'; "
+                              f"got '{bad[0]}'")
+    if isinstance(obj, TrainConfig) and obj.strategy not in TRAIN_STRATEGIES:
+        raise ConfigError(f"train.strategy must be one of {', '.join(TRAIN_STRATEGIES)}; got '{obj.strategy}'")
     if isinstance(obj, ModelConfig):
         from models import registry  # late: keeps `--help` free of TensorFlow
 

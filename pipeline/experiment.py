@@ -121,7 +121,8 @@ def _stage_command(stage: str):
         if not skipped:
             for name, value in _flat(artifact.figures):
                 _run.log_scalar(f"{stage}.{name}", value)
-        _run.add_artifact(str(artifact.file("artifact.json")), name=f"{stage}.artifact.json")
+        if artifact.file("artifact.json").is_file():  # a non-chief training worker commits nothing
+            _run.add_artifact(str(artifact.file("artifact.json")), name=f"{stage}.artifact.json")
         result = artifact.meta.get("result")
         return float(result) if isinstance(result, (int, float)) else None
 

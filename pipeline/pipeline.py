@@ -85,6 +85,9 @@ def run_component(
                                log_scalar=log_scalar or (lambda *a, **k: None), logger=log, force=force,
                                fingerprint=fingerprint)
         meta = dict(spec.executor(context))
+        if not context.commit:  # e.g. a non-chief training worker: the chief commits the job's artifact
+            log.info("stage %s: done on this worker; its artifact is committed by the chief", spec.name)
+            return Artifact(stage=spec.name, path=root / spec.name, meta=dict(meta, fingerprint=fingerprint)), False
         meta.update(
             fingerprint=fingerprint,
             config={section: config.section(section) for section in spec.config_sections},

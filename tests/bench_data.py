@@ -19,16 +19,32 @@ if str(PROJECT_ROOT) not in sys.path:
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, default=60, help="training batches to time (default: 60)")
+    parser.add_argument("--copies", type=int, default=1,
+                        help="prepare N renamed copies of the MUSDB18 sample track (a catalogue; default: 1)")
+    parser.add_argument("--workers", type=int, default=0, help="prepare.workers (default: 0, automatic)")
     return parser
 
 
-def config_for(artifacts_dir, preset: str, **data):
+def config_for(artifacts_dir, preset: str, workers: int = 0, **data):
     from configs import PRESETS, Config
     from configs.config import defaults
     from pipeline.experiment import deep_merge
 
     raw = deep_merge(defaults(), PRESETS[preset])
-    return Config.from_dict(deep_merge(raw, {"artifacts_dir": str(artifacts_dir), "data": data}))
+    return Config.from_dict(deep_merge(raw, {"artifacts_dir": str(artifacts_dir), "data": data,
+                                             "prepare": {"workers": workers}}))
+
+
+def catalogue(folder: Path, copies: int, tmp: Path) -> Path:
+    """`copies` renamed symbolic links to the sample's train track(s): a data set of that many tracks."""
+    if copies <= 1:
+        return folder
+    root = tmp / f"{folder.name}-x{copies}"
+    (root / "train").mkdir(parents=True)
+    for index in range(copies):
+        for entry in (folder / "train").iterdir():
+            (root / "train" / f"copy{index:03d} {entry.name}").symlink_to(entry)
+    return root
 
 
 def time_prepare(label, config):
@@ -74,8 +90,10 @@ def main(argv=None) -> int:
         tmp = Path(tmp)
         if (shared / "musdb18-sample").is_dir():
             for data_format, folder in (("musdb", "musdb18-sample"), ("musdb-hq", "musdb18hq-sample")):
-                time_prepare(f"{data_format} sample", config_for(tmp / data_format, "default", format=data_format,
-                                                                 root=str(shared / folder), sample_rate=44100))
+                root = catalogue(shared / folder, args.copies, tmp)
+                time_prepare(f"{data_format} sample x{args.copies}",
+                             config_for(tmp / data_format, "default", workers=args.workers, format=data_format,
+                                        root=str(root), sample_rate=44100))
         else:
             print(f"MUSDB18 sample not found at {shared}; skipped")
         config = config_for(tmp / "default", "default")

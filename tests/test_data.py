@@ -408,12 +408,12 @@ def test_failure_inside_the_executor_leaves_nothing(tmp_path, monkeypatch):
             raise RuntimeError("simulated crash")
         return original(*args, **kwargs)
 
-    original = records.track_examples
-    monkeypatch.setattr(records, "track_examples", fail_on_third)
+    original = records.serialize_segment
+    monkeypatch.setattr(records, "serialize_segment", fail_on_third)
     with pytest.raises(RuntimeError, match="simulated crash"):
         prepare(config)
     assert no_artifact(tmp_path) and not [p for p in tmp_path.iterdir() if ".staging-" in p.name]
-    monkeypatch.setattr(records, "track_examples", original)
+    monkeypatch.setattr(records, "serialize_segment", original)
     artifact, skipped = prepare(config)
     assert not skipped and artifact.figures["tracks"]["train"] == 2
 
