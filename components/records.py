@@ -255,13 +255,16 @@ def load_dataset(prepare_artifact: ArtifactLike, split: str, *, seq_samples: int
     source_features = {"length": tf.io.FixedLenFeature([], tf.int64), "track": tf.io.FixedLenFeature([], tf.string)}
 
     def parse_source(serialized, target):
-        """One target's stem of a record: (audio `(segment_samples, nb_channels)`, valid length, track name)."""
+        """One target's stem of a record, still encoded: (PCM bytes, valid length, track name)."""
         example = tf.io.parse_single_example(serialized, {**source_features,
                                                           STEM_KEY.format(target): tf.io.FixedLenFeature([], tf.string)})
-        values = tf.cast(tf.io.decode_raw(example[STEM_KEY.format(target)], dtype, little_endian=True), tf.float32)
+        return example[STEM_KEY.format(target)], example["length"], example["track"]
+
+    def decode_source(blob):
+        values = tf.cast(tf.io.decode_raw(blob, dtype, little_endian=True), tf.float32)
         if pcm == "int16":
             values = values / INT16_SCALE
-        return tf.reshape(values, [segment_samples, nb_channels]), example["length"], example["track"]
+        return tf.reshape(values, [segment_samples, nb_channels])
 
     buffer = max(1, min(data_config.shuffle_buffer, nb_examples))
     if augment:  # serialized PCM is the smallest form to hold in the shuffle buffer
@@ -271,27 +274,35 @@ def load_dataset(prepare_artifact: ArtifactLike, split: str, *, seq_samples: int
                 "shuffle buffer of %d segments holds %.1f GB; lower data.shuffle_buffer or data.segment_seconds "
                 "if memory is short", buffer, buffer_bytes / 1e9)
 
-    def one_pass(pass_seed=None):
-        """Every record once; shuffled (shards, then segments) when augmenting."""
+    def one_pass(pass_seed=None, shuffle_records: bool = True):
+        """Every record once; shuffled (shards, then segments unless shuffle_records=False) when augmenting."""
         records = tf.data.Dataset.from_tensor_slices(files)
         if augment:
             records = records.shuffle(len(files), seed=pass_seed, reshuffle_each_iteration=pass_seed is None)
         records = records.interleave(
             lambda path: tf.data.TFRecordDataset(path, compression_type=found["compression"] or None),
             cycle_length=min(len(files), 4), num_parallel_calls=parallel, deterministic=deterministic)
-        if augment:
+        if augment and shuffle_records:
             records = records.shuffle(buffer, seed=pass_seed, reshuffle_each_iteration=pass_seed is None)
         return records
 
-    def shuffled_records(stream: int = 0):
-        """Every record, shuffled, repeated; `stream` > 0: an independent order (its own seeds)."""
+    def shuffled_records(stream: int = 0, prepare=None):
+        """Every record, shuffled, repeated; `stream` > 0: an independent order (its own seeds); `prepare`:
+        maps records before the segment shuffle (one source's bytes: a quarter of the buffer's memory)."""
+        def one(pass_seed=None):
+            if prepare is None:
+                return one_pass(pass_seed)
+            found_records = one_pass(pass_seed, shuffle_records=False).map(
+                prepare, num_parallel_calls=parallel, deterministic=deterministic)
+            return found_records.shuffle(buffer, seed=pass_seed, reshuffle_each_iteration=pass_seed is None)
+
         if augment and seed is not None:
             # Each pass takes its shuffle seed from its index rather than from a seed generator that every
             # iterator of this dataset would share (and race on): any two iterators give the same batches.
             base = tf.cast(seed + 7919 * stream, tf.int64) * 1_000_003
             passes = tf.data.Dataset.counter() if repeat else tf.data.Dataset.range(1)
-            return passes.flat_map(lambda index: one_pass(base + index))
-        found_records = one_pass()
+            return passes.flat_map(lambda index: one(base + index))
+        found_records = one()
         return found_records.repeat() if repeat else found_records
 
     records = shuffled_records()
@@ -309,7 +320,7 @@ def load_dataset(prepare_artifact: ArtifactLike, split: str, *, seq_samples: int
 
         if data_config.mixing == "independent":
             examples = independent_examples(
-                shuffled_records, parse_source, targets, seq_samples=seq_samples, nb_channels=nb_channels,
+                shuffled_records, parse_source, decode_source, targets, seq_samples=seq_samples, nb_channels=nb_channels,
                 seed=seed, quiet_threshold=float(data_config.quiet_threshold), augment_source=augment_source,
                 track_weights=_track_acceptance(found["splits"][split]["tracks"]), parallel=parallel,
                 deterministic=deterministic)
@@ -433,7 +444,7 @@ def _track_acceptance(tracks) -> Dict[str, float]:
     return {name: fewest / count for name, count in counts.items()}
 
 
-def independent_examples(shuffled_records, parse_source, targets, *, seq_samples: int, nb_channels: int, seed,
+def independent_examples(shuffled_records, parse_source, decode_source, targets, *, seq_samples: int, nb_channels: int, seed,
                          quiet_threshold: float, augment_source, track_weights: Mapping[str, float], parallel,
                          deterministic: bool):
     """Examples `({target: (seq_samples, nb_channels)}, key)` whose sources come each from its own random track
@@ -448,13 +459,12 @@ def independent_examples(shuffled_records, parse_source, targets, *, seq_samples
     streams = []
     for index, target in enumerate(targets):
         stream_seed = None if seed is None else seed + 7919 * (index + 1)
-        records = shuffled_records(index + 1)
-        sources = records.map(lambda serialized, t=target: parse_source(serialized, t), num_parallel_calls=parallel,
-                              deterministic=deterministic)
+        sources = shuffled_records(index + 1, prepare=lambda serialized, t=target: parse_source(serialized, t))
         keyed = tf.data.Dataset.zip((sources, tf.data.Dataset.random(seed=stream_seed)))
 
         def draw(source, key):
-            audio, length, track = source
+            blob, length, track = source
+            audio = decode_source(blob)
             seeds = lambda i: tf.stack([key, tf.constant(i, tf.int64)])  # noqa: E731
             keep = tf.random.stateless_uniform([], seeds(0)) < table.lookup(track)
             excerpt = random_crop(audio, crop_start(length, seq_samples, seeds(1)), seq_samples, nb_channels)

@@ -369,8 +369,10 @@ def _recipe_callbacks(context, model, tc, monitor: str, mode: str, best_path: Pa
         tracks = snapshot_tracks(context.inputs["prepare"], context.config, whole=True)
         callbacks.append(ValidationSdr(model, tracks, chunk_seconds=float(model.extra.get("chunk_seconds", 10.0)),
                                        overlap=float(model.extra.get("overlap", 0.25))))
-    callbacks.append(keras.callbacks.ModelCheckpoint(str(best_path), monitor=monitor, mode=mode, save_best_only=True,
-                                                     save_weights_only=True, initial_value_threshold=previous_best))
+    if tc.checkpoint_metric != "last":
+        callbacks.append(keras.callbacks.ModelCheckpoint(
+            str(best_path), monitor=monitor, mode=mode, save_best_only=True, save_weights_only=True,
+            initial_value_threshold=previous_best))
     if tc.early_stopping:
         callbacks.append(keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=tc.patience))
     if tc.lr_schedule == "plateau":

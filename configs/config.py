@@ -116,7 +116,9 @@ class TrainConfig:
     ema_momentum: Optional[float] = None  # e.g. 0.999: evaluate and export an exponential moving average of the weights
     lr_schedule: str = "plateau"  # plateau (ReduceLROnPlateau) | constant
     early_stopping: bool = True  # stop after `patience` epochs without improvement
-    checkpoint_metric: str = "val_loss"  # val_loss | val_sdr: the best weights by loss or by whole-track SDR
+    # val_loss | val_sdr: the best weights by loss or by whole-track validation SDR; last: the final weights are
+    # the model (recipes without model selection: the sdx23 and Spleeter scripts save the last step)
+    checkpoint_metric: str = "val_loss"
 
 
 @dataclass(frozen=True)
@@ -290,7 +292,7 @@ def _check(obj, prefix):
 
 
 TRAIN_CHOICES = {"optimizer": ("adam", "adam_tf", "adamw", "sgd"), "lr_schedule": ("plateau", "constant"),
-                 "checkpoint_metric": ("val_loss", "val_sdr"), "finetune_from": ("last", "best")}
+                 "checkpoint_metric": ("val_loss", "val_sdr", "last"), "finetune_from": ("last", "best")}
 
 
 def _check_recipe(train: TrainConfig) -> None:

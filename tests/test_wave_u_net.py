@@ -344,7 +344,8 @@ def test_paper_presets_state_the_published_recipe_and_fit_their_segments():
     train = config.train
     assert (train.lr, train.batch_size, train.steps_per_epoch, train.patience) == (1e-4, 16, 2000, 20)
     assert (train.finetune_lr, train.finetune_batch_size, train.weight_decay) == (1e-5, 32, 0.0)
-    assert train.finetune_epochs > 0 and train.lr_decay_patience > train.epochs  # no lr schedule in the paper
+    assert train.finetune_epochs > 0 and train.lr_schedule == "constant"  # no lr schedule in the paper
+    assert (train.optimizer, train.epsilon, train.finetune_from) == ("adam_tf", 1e-8, "last")  # TF1 AdamOptimizer
     assert config.data.sample_rate == 22050 and config.data.targets[-1] == "vocals"
     seq = wun.input_samples(family, int(round(train.seq_seconds * config.data.sample_rate)))
     assert seq == 147_443 <= int(round(config.data.segment_seconds * config.data.sample_rate))
