@@ -58,6 +58,17 @@ def run(context: StageContext) -> dict:
             manifest["clipped_samples"] += clipped
             manifest["silent"].extend({"track": track.name, "split": split, "target": t} for t in track.silent)
             tracks.append(_track_entry(track, segments, data.sample_rate, clipped))
+            if split == "train":
+                for copy in _augmented_copies(track, data):  # data.pitch_shifts x data.tempo_changes (DTTNet)
+                    copy_segments, copy_clipped = 0, 0
+                    for serialized, nb_clipped in records.track_examples(copy, segment_samples=segment_samples,
+                                                                         pcm=data.pcm, sample_rate=data.sample_rate):
+                        writer.write(serialized)
+                        copy_segments += 1
+                        copy_clipped += nb_clipped
+                    manifest["clipped_samples"] += copy_clipped
+                    tracks.append({**_track_entry(copy, copy_segments, data.sample_rate, copy_clipped),
+                                   "augmented_from": track.name})
             done += 1
             seconds = track.nb_timesteps / data.sample_rate
             audio_seconds += seconds
@@ -98,6 +109,16 @@ def run(context: StageContext) -> dict:
     logger.info("prepare: %.1f s of audio in %.1f s (%.1f audio s per s), %s MB of shards",
                 audio_seconds, elapsed, figures["audio_seconds_per_second"], figures["megabytes"])
     return {"figures": figures, "manifest": manifest, "result": round(audio_seconds, 3)}
+
+
+def _augmented_copies(track, data):
+    """Pitch/tempo-shifted copies of a training track, named `<track>_p=<P>_t=<T>` as DTTNet's folders."""
+    from components import pitch_tempo
+
+    for semitones, percent in pitch_tempo.variants(data.pitch_shifts, data.tempo_changes):
+        stems = {target: pitch_tempo.shift(audio, semitones, percent) for target, audio in track.stems.items()}
+        yield datasets.Track(name=f"{track.name}_p={semitones}_t={percent}", split=track.split, stems=stems,
+                             paths=track.paths, silent=track.silent)
 
 
 def _track_entry(track, segments: int, sample_rate: int, clipped: int) -> dict:

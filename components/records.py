@@ -290,6 +290,18 @@ def load_dataset(prepare_artifact: ArtifactLike, split: str, *, seq_samples: int
         """Every record, shuffled, repeated; `stream` > 0: an independent order (its own seeds); `prepare`:
         maps records before the segment shuffle (one source's bytes: a quarter of the buffer's memory)."""
         def one(pass_seed=None):
+            if pass_seed is not None:
+                # tf.data's get_seed compares (graph seed, op seed) with (0, 0) in Python, which fails for a
+                # tensor op seed when the global seed is 0: the pass seed alone decides, whatever the global seed
+                graph = tf.compat.v1.get_default_graph()
+                graph_seed, graph.seed = graph.seed, None
+                try:
+                    return unseeded(pass_seed)
+                finally:
+                    graph.seed = graph_seed
+            return unseeded(pass_seed)
+
+        def unseeded(pass_seed):
             if prepare is None:
                 return one_pass(pass_seed)
             found_records = one_pass(pass_seed, shuffle_records=False).map(
