@@ -294,3 +294,15 @@ def test_describe_model_prints_each_network_and_the_total(presets, lines):
     assert output[0].startswith("family: ")
     for line in lines:
         assert line in output, (line, output)
+
+
+def test_wave_u_net_fine_tuning_continues_with_the_lower_rate(tmp_path):
+    root = tmp_path / "w"
+    common = ("--no-file-observer", "-q", "with", "unittest", f"artifacts_dir={root}", "model.name=wave_u_net")
+    cli("--stage", "prepare", *common)
+    cli("--stage", "train", *common, "train.epochs=1", "train.finetune_epochs=1", "train.finetune_lr=1e-5",
+        "train.finetune_batch_size=4", "train.finetune_from=last", "train.optimizer=adam_tf")
+    history = json.loads((root / "train" / "history.json").read_text())
+    # one epoch at train.lr, then the fine-tuning epoch at finetune_lr on the same optimizer (its state kept)
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert [h["learning_rate"] for h in history] == pytest.approx([1e-3, 1e-5])
