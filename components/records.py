@@ -256,8 +256,8 @@ def load_dataset(prepare_artifact: ArtifactLike, split: str, *, seq_samples: int
 
     def parse_source(serialized, target):
         """One target's stem of a record, still encoded: (PCM bytes, valid length, track name)."""
-        example = tf.io.parse_single_example(serialized, {**source_features,
-                                                          STEM_KEY.format(target): tf.io.FixedLenFeature([], tf.string)})
+        wanted = {**source_features, STEM_KEY.format(target): tf.io.FixedLenFeature([], tf.string)}
+        example = tf.io.parse_single_example(serialized, wanted)
         return example[STEM_KEY.format(target)], example["length"], example["track"]
 
     def decode_source(blob):
@@ -332,7 +332,8 @@ def load_dataset(prepare_artifact: ArtifactLike, split: str, *, seq_samples: int
 
         if data_config.mixing == "independent":
             examples = independent_examples(
-                shuffled_records, parse_source, decode_source, targets, seq_samples=seq_samples, nb_channels=nb_channels,
+                shuffled_records, parse_source, decode_source, targets, seq_samples=seq_samples,
+                nb_channels=nb_channels,
                 seed=seed, quiet_threshold=float(data_config.quiet_threshold), augment_source=augment_source,
                 track_weights=_track_acceptance(found["splits"][split]["tracks"]), parallel=parallel,
                 deterministic=deterministic)
@@ -456,7 +457,8 @@ def _track_acceptance(tracks) -> Dict[str, float]:
     return {name: fewest / count for name, count in counts.items()}
 
 
-def independent_examples(shuffled_records, parse_source, decode_source, targets, *, seq_samples: int, nb_channels: int, seed,
+def independent_examples(shuffled_records, parse_source, decode_source, targets, *, seq_samples: int,
+                         nb_channels: int, seed,
                          quiet_threshold: float, augment_source, track_weights: Mapping[str, float], parallel,
                          deterministic: bool):
     """Examples `({target: (seq_samples, nb_channels)}, key)` whose sources come each from its own random track

@@ -1,7 +1,8 @@
 """The train stage: a registered model family fitted with Keras under a tf.distribute strategy.
 
 Reads the prepare artifact (TFRecords + manifest); writes `model.weights.h5` (last epoch),
-`best.weights.h5` (best by `train.checkpoint_metric`; with EMA, averaged weights), `history.json` and TensorBoard logs. Work in progress
+`best.weights.h5` (best by `train.checkpoint_metric`; with EMA, averaged weights), `history.json` and
+TensorBoard logs. Work in progress
 (BackupAndRestore state, per-epoch checkpoints) lives in `artifacts_dir/.train-work/<fingerprint>/`
 so a killed run resumes from its last completed epoch when started again with the same config.
 """
@@ -377,7 +378,7 @@ def _recipe_callbacks(context, model, tc, monitor: str, mode: str, best_path: Pa
         callbacks.append(keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=tc.patience))
     if tc.lr_schedule == "plateau":
         callbacks.append(keras.callbacks.ReduceLROnPlateau(
-            monitor=monitor, mode=mode, patience=tc.lr_decay_patience, factor=tc.lr_decay_gamma,
+            monitor=monitor, mode=mode, patience=tc.lr_decay_patience, factor=tc.lr_decay_gamma, min_lr=tc.lr_min,
             cooldown=10 if tc.lr_decay_patience > 10 else 0))
     return callbacks
 

@@ -48,7 +48,7 @@ class DataConfig:
     #   independent: every source from its own random track and offset, as the TFC-TDF v3 and DTTNet
     #                references draw them (kuielab/sdx23 `dataset.py`, DTTNet `datasets/musdb.py`)
     mixing: str = "segment"
-    quiet_threshold: float = 0.0  # independent mixing: redraw a source whose mean |x| is below this (sdx23 min_mean_abs)
+    quiet_threshold: float = 0.0  # independent mixing: redraw a source whose mean |x| is below (sdx23 min_mean_abs)
     # drop an example when a source's energy (sum of squares of its channel mean) is below this: M-U-Net's
     # filtering of training chunks with a silent source (0: off)
     silent_energy: float = 0.0
@@ -115,6 +115,7 @@ class TrainConfig:
     nesterov: bool = False  # sgd
     ema_momentum: Optional[float] = None  # e.g. 0.999: evaluate and export an exponential moving average of the weights
     lr_schedule: str = "plateau"  # plateau (ReduceLROnPlateau) | constant
+    lr_min: float = 0.0  # plateau: the rate never decays below this
     early_stopping: bool = True  # stop after `patience` epochs without improvement
     # val_loss | val_sdr: the best weights by loss or by whole-track validation SDR; last: the final weights are
     # the model (recipes without model selection: the sdx23 and Spleeter scripts save the last step)

@@ -97,6 +97,28 @@ def _spleeter_recipe() -> dict:
     }
 
 
+def _c_unet_recipe() -> dict:
+    """gabolsgabs/cunet cunet/train/config.py, models/cunet_model.py (compile), others/utilities.py (callbacks)."""
+    return {
+        "train": {
+            # Adam(lr=config.LR 1e-3, beta_1=0.5): tf.keras's epsilon-hat 1e-7 and beta_2 0.999
+            "optimizer": "adam_tf", "lr": 1e-3, "beta_1": 0.5, "beta_2": 0.999, "epsilon": 1e-7, "weight_decay": 0.0,
+            # BATCH_SIZE 64, N_BATCH 2048 steps per epoch, N_EPOCH 1000
+            "batch_size": 64, "steps_per_epoch": 2048, "epochs": 1000,
+            # ReduceLROnPlateau(factor=0.5, min_lr=1e-5, patience=REDUCE_PLATEAU_PATIENCE 15);
+            # EarlyStopping(patience=EARLY_STOPPING_PATIENCE 30) and ModelCheckpoint on val_loss
+            "lr_schedule": "plateau", "lr_decay_patience": 15, "lr_decay_gamma": 0.5, "lr_min": 1e-5,
+            "early_stopping": True, "patience": 30,
+            "seq_seconds": 127 * 256 / 8192,  # INPUT_SHAPE 128 frames, HOP 256 at FR 8,192 Hz (preprocess/config.py)
+            "ema_momentum": None, "checkpoint_metric": "val_loss", "clip_norm": None,
+        },
+        # data_loader.get_data_aug: in 25 % of the examples the other sources come from random points of other
+        # tracks (approximated by remixing each source with probability 0.25); no gain or swap
+        "data": {"mixing": "segment", "quiet_threshold": 0.0, "silent_energy": 0.0, "gain_range": [1.0, 1.0],
+                 "channel_swap": False, "remix_probability": 0.25, **_NO_OFFLINE_AUGMENTATION},
+    }
+
+
 def _sdx23_recipe(num_steps: int) -> dict:
     """kuielab/sdx23 my_submission/src/train.py, ema.py, dataset.py, utils.py and ckpts/model{A,B}/config.yaml
     (commit 79fbf48)."""
@@ -230,6 +252,13 @@ PRESETS = {
         "model": {"name": "unet", "unet": dict(_SPLEETER), "m_unet": dict(_SPLEETER), "c_unet": dict(_SPLEETER)},
         "train": _spleeter_recipe()["train"],
     },
+    # C-U-Net (Meseguer-Brocal & Peeters 2019) with its authors' training recipe; the network and its input
+    # settings are the C-U-Net family's (models/unet.py)
+    "c_unet_paper": {
+        "data": _c_unet_recipe()["data"],
+        "model": {"name": "c_unet"},
+        "train": _c_unet_recipe()["train"],
+    },
     # TFC-TDF-UNet v3, SDX23 leaderboard A (kuielab/sdx23 ckpts/modelA/config.yaml): the coarse quantile loss
     # q = 0.4 (label noise) on waveforms, 100,000 steps with EMA 0.999. Leaderboard B (bleeding):
     # `model.tfc_tdf_v3.loss=quantile_element` (q 0.93), 150,000 steps. Inference: 1024-frame chunks, hop chunk / 8.
@@ -261,5 +290,5 @@ PRESETS = {
 }
 
 # the presets that carry a published training recipe (tests/test_recipes.py checks that each sets every key)
-RECIPE_PRESETS = ("paper", "wave_u_net_paper", "wave_u_net_44k", "m_unet_paper", "unet_44k", "tfc_tdf_v3_sdx23",
-                  "tfc_tdf_v3_musdb18", "dttnet_paper")
+RECIPE_PRESETS = ("paper", "wave_u_net_paper", "wave_u_net_44k", "m_unet_paper", "unet_44k", "c_unet_paper",
+                  "tfc_tdf_v3_sdx23", "tfc_tdf_v3_musdb18", "dttnet_paper")

@@ -284,8 +284,8 @@ def test_every_recipe_preset_sets_every_training_key():
 @pytest.mark.parametrize("presets, lines", [
     (["unittest", "model.name=tfc_tdf_v3"], ["  tfc_tdf_net          36,848 trainable parameters",
                                              "total: 36,848 trainable parameters"]),
-    (["dttnet_paper"], ["  vocals       4,958,468 trainable parameters", "  bass         4,184,388 trainable parameters",
-                        "total: 19,059,792 trainable parameters"]),
+    (["dttnet_paper"], ["  vocals       4,958,468 trainable parameters",
+                        "  bass         4,184,388 trainable parameters", "total: 19,059,792 trainable parameters"]),
     (["wave_u_net_paper"], ["total: 10,263,498 trainable parameters"]),
 ])
 def test_describe_model_prints_each_network_and_the_total(presets, lines):
