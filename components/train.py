@@ -360,8 +360,10 @@ def _best(history, monitor: str, mode: str):
     return max(values) if mode == "max" else min(values)
 
 
-def _recipe_callbacks(context, model, tc, monitor: str, mode: str, best_path: Path, previous_best):
-    """The callbacks of `train.*`: validation SDR, best checkpoint, early stopping, lr schedule."""
+def _recipe_callbacks(context, model, tc, monitor: str, mode: str, best_path: Path, previous_best,
+                      baseline=None):
+    """The callbacks of `train.*`: validation SDR, best checkpoint, early stopping (counting epochs without
+    improving on `baseline` when given), lr schedule."""
     import keras
 
     callbacks = []
@@ -375,7 +377,8 @@ def _recipe_callbacks(context, model, tc, monitor: str, mode: str, best_path: Pa
             str(best_path), monitor=monitor, mode=mode, save_best_only=True, save_weights_only=True,
             initial_value_threshold=previous_best))
     if tc.early_stopping:
-        callbacks.append(keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=tc.patience))
+        callbacks.append(keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=tc.patience,
+                                                       baseline=baseline))
     if tc.lr_schedule == "plateau":
         callbacks.append(keras.callbacks.ReduceLROnPlateau(
             monitor=monitor, mode=mode, patience=tc.lr_decay_patience, factor=tc.lr_decay_gamma, min_lr=tc.lr_min,
@@ -461,7 +464,8 @@ def _finetune(context, model, strategy, valid_ds, work, sacred_logger, monitor, 
                                                                if tc.lr_scaling == "linear" else 1))
     start = len(sacred_logger.history)
     previous_best = _best(sacred_logger.history, monitor, mode)
-    callbacks = _recipe_callbacks(context, model, tc, monitor, mode, best, previous_best)
+    # Training.optimise keeps best_loss across the rounds: a fine-tuning epoch counts as worse unless it beats it
+    callbacks = _recipe_callbacks(context, model, tc, monitor, mode, best, previous_best, baseline=previous_best)
     callbacks = [c for c in callbacks if type(c).__name__ != "ReduceLROnPlateau"]  # the reference keeps lr fixed
     enter, leave = optimizers.ema_window() if tc.ema_momentum is not None else (None, None)
     model.train_model.fit(
