@@ -85,8 +85,11 @@ def prepare_element(element, data, segment_samples: int):
     outcome = prepare_tracks._prepare_or_error(ref, data, segment_samples)
     if isinstance(outcome, StageError):
         return index, {"split": ref.split, "name": ref.name, "error": str(outcome)}
+    # a training track's pitch/tempo-shifted copies follow it, as the local runner writes them
+    examples = [example for track in (outcome, *outcome.copies) for example in track.examples(data.sample_rate)]
     return index, {"split": ref.split, "name": ref.name, "error": None, "entry": outcome.entry,
-                   "examples": list(outcome.examples(data.sample_rate))}
+                   "copies": [{**copy.entry, "augmented_from": outcome.name} for copy in outcome.copies],
+                   "examples": examples}
 
 
 def example_sizes(element):
@@ -208,6 +211,8 @@ def run(context: StageContext) -> dict:
                                      logger)
             continue
         prepare.record_track(manifest, tracks[track["split"]], track["entry"], track["split"], logger)
+        for copy in track.get("copies", []):
+            prepare.record_track(manifest, tracks[track["split"]], copy, track["split"], logger)
     for split in found:
         shards = sorted((s for s in summary["shards"] if s["split"] == split), key=lambda s: s["index"])
         shards = [{key: s[key] for key in ("file", "examples", "bytes", "sha256")} for s in shards]

@@ -46,6 +46,10 @@ def run(context: StageContext) -> dict:
         for serialized in prepared.examples(data.sample_rate):
             writers[split].write(serialized)
         record_track(manifest, tracks[split], prepared.entry, split, logger)
+        for copy in prepared.copies:  # data.pitch_shifts x data.tempo_changes (DTTNet), training tracks only
+            for serialized in copy.examples(data.sample_rate):
+                writers[split].write(serialized)
+            record_track(manifest, tracks[split], {**copy.entry, "augmented_from": prepared.name}, split, logger)
         seconds = prepared.entry["nb_timesteps"] / data.sample_rate
         audio_seconds += seconds
         elapsed = time.time() - started
@@ -123,6 +127,16 @@ def finish(manifest: dict, data, started: float, logger) -> dict:
     logger.info("prepare: %.1f s of audio in %.1f s (%.1f audio s per s), %s MB of shards",
                 audio_seconds, elapsed, figures["audio_seconds_per_second"], figures["megabytes"])
     return {"figures": figures, "manifest": manifest, "result": round(audio_seconds, 3)}
+
+
+def _augmented_copies(track, data):
+    """Pitch/tempo-shifted copies of a training track, named `<track>_p=<P>_t=<T>` as DTTNet's folders."""
+    from components import pitch_tempo
+
+    for semitones, percent in pitch_tempo.variants(data.pitch_shifts, data.tempo_changes):
+        stems = {target: pitch_tempo.shift(audio, semitones, percent) for target, audio in track.stems.items()}
+        yield datasets.Track(name=f"{track.name}_p={semitones}_t={percent}", split=track.split, stems=stems,
+                             paths=track.paths, silent=track.silent)
 
 
 def _track_entry(track, segments: int, sample_rate: int, clipped: int) -> dict:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Sequence, Tuple, Union
 
 from components import records
@@ -28,6 +28,7 @@ class PreparedTrack:
     silent: Tuple[str, ...]
     entry: dict  # the manifest's per-track entry (prepare._track_entry)
     segments: List[Tuple[int, int, Dict[str, bytes]]]  # (offset, valid length, {target: PCM bytes})
+    copies: List["PreparedTrack"] = field(default_factory=list)  # pitch/tempo-shifted copies (training split)
 
     def examples(self, sample_rate: int) -> Iterator[bytes]:
         """The serialized `tf.train.Example` of every segment, in offset order."""
@@ -38,9 +39,18 @@ class PreparedTrack:
 
 def prepare_track(ref, data, segment_samples: int) -> PreparedTrack:
     """Read, validate, resample and segment one `datasets.TrackRef`; StageError when the track is bad."""
-    from components.prepare import _track_entry
+    from components.prepare import _augmented_copies
 
     track = ref.load()
+    prepared = _cut(track, data, segment_samples)
+    if track.split == "train":
+        prepared.copies = [_cut(copy, data, segment_samples) for copy in _augmented_copies(track, data)]
+    return prepared
+
+
+def _cut(track, data, segment_samples: int) -> PreparedTrack:
+    from components.prepare import _track_entry
+
     segments, clipped = [], 0
     for offset, length, blobs, count in records.encode_segments(track.stems, segment_samples=segment_samples,
                                                                 pcm=data.pcm):

@@ -235,6 +235,10 @@ def load_dataset(prepare_artifact: ArtifactLike, split: str, *, seq_samples: int
     augment=True (training): shuffled segments, a random crop of `seq_samples` inside the valid part of
     a segment, per-source gain uniform in `data.gain_range`, per-source random channel swap, optional
     remixing of sources across the examples of a batch (`data.remix_probability`), full batches only.
+    `data.mixing=independent`: every source from its own random track (tracks equally likely) and offset,
+    sources quieter than `data.quiet_threshold` (mean |x|) redrawn; one shuffle buffer per target then.
+    `data.silent_energy` > 0 drops examples with a silent source (M-U-Net). Offsets fall inside segments:
+    make `data.segment_seconds` a few times `train.seq_seconds` for offsets close to uniform over a track.
     augment=False (validation/test): segments in order, cut into consecutive windows, no augmentation.
     The mixture is the sum of the returned sources, so targets and input always agree.
     Same `seed` -> same batches; `seed=None` lets tf.data run nondeterministically (faster).
@@ -271,6 +275,20 @@ def load_dataset(prepare_artifact: ArtifactLike, split: str, *, seq_samples: int
             stems[target] = tf.reshape(values, [segment_samples, nb_channels])
         return stems, example["length"]
 
+    source_features = {"length": tf.io.FixedLenFeature([], tf.int64), "track": tf.io.FixedLenFeature([], tf.string)}
+
+    def parse_source(serialized, target):
+        """One target's stem of a record, still encoded: (PCM bytes, valid length, track name)."""
+        wanted = {**source_features, STEM_KEY.format(target): tf.io.FixedLenFeature([], tf.string)}
+        example = tf.io.parse_single_example(serialized, wanted)
+        return example[STEM_KEY.format(target)], example["length"], example["track"]
+
+    def decode_source(blob):
+        values = tf.cast(tf.io.decode_raw(blob, dtype, little_endian=True), tf.float32)
+        if pcm == "int16":
+            values = values / INT16_SCALE
+        return tf.reshape(values, [segment_samples, nb_channels])
+
     buffer = max(1, min(data_config.shuffle_buffer, nb_examples))
     if augment:  # serialized PCM is the smallest form to hold in the shuffle buffer
         buffer_bytes = buffer * segment_samples * nb_channels * len(targets) * int(PCM_DTYPES[pcm][-1])
@@ -279,68 +297,95 @@ def load_dataset(prepare_artifact: ArtifactLike, split: str, *, seq_samples: int
                 "shuffle buffer of %d segments holds %.1f GB; lower data.shuffle_buffer or data.segment_seconds "
                 "if memory is short", buffer, buffer_bytes / 1e9)
 
-    def one_pass(pass_seed=None):
-        """Every record once; shuffled (shards, then segments) when augmenting."""
+    def one_pass(pass_seed=None, shuffle_records: bool = True):
+        """Every record once; shuffled (shards, then segments unless shuffle_records=False) when augmenting."""
         records = tf.data.Dataset.from_tensor_slices(files)
         if augment:
             records = records.shuffle(len(files), seed=pass_seed, reshuffle_each_iteration=pass_seed is None)
         records = records.interleave(
             lambda path: tf.data.TFRecordDataset(path, compression_type=found["compression"] or None),
             cycle_length=min(len(files), 4), num_parallel_calls=parallel, deterministic=deterministic)
-        if augment:
+        if augment and shuffle_records:
             records = records.shuffle(buffer, seed=pass_seed, reshuffle_each_iteration=pass_seed is None)
         return records
 
-    if augment and seed is not None:
-        # Each pass takes its shuffle seed from its index rather than from a seed generator that every
-        # iterator of this dataset would share (and race on): any two iterators give the same batches.
-        passes = tf.data.Dataset.counter() if repeat else tf.data.Dataset.range(1)
-        records = passes.flat_map(lambda index: one_pass(tf.cast(seed, tf.int64) * 1_000_003 + index))
-    else:
-        records = one_pass()
-        if repeat:
-            records = records.repeat()
+    def shuffled_records(stream: int = 0, prepare=None):
+        """Every record, shuffled, repeated; `stream` > 0: an independent order (its own seeds); `prepare`:
+        maps records before the segment shuffle (one source's bytes: a quarter of the buffer's memory)."""
+        def one(pass_seed=None):
+            if pass_seed is not None:
+                # tf.data's get_seed compares (graph seed, op seed) with (0, 0) in Python, which fails for a
+                # tensor op seed when the global seed is 0: the pass seed alone decides, whatever the global seed
+                graph = tf.compat.v1.get_default_graph()
+                graph_seed, graph.seed = graph.seed, None
+                try:
+                    return unseeded(pass_seed)
+                finally:
+                    graph.seed = graph_seed
+            return unseeded(pass_seed)
+
+        def unseeded(pass_seed):
+            if prepare is None:
+                return one_pass(pass_seed)
+            found_records = one_pass(pass_seed, shuffle_records=False).map(
+                prepare, num_parallel_calls=parallel, deterministic=deterministic)
+            return found_records.shuffle(buffer, seed=pass_seed, reshuffle_each_iteration=pass_seed is None)
+
+        if augment and seed is not None:
+            # Each pass takes its shuffle seed from its index rather than from a seed generator that every
+            # iterator of this dataset would share (and race on): any two iterators give the same batches.
+            base = tf.cast(seed + 7919 * stream, tf.int64) * 1_000_003
+            passes = tf.data.Dataset.counter() if repeat else tf.data.Dataset.range(1)
+            return passes.flat_map(lambda index: one(base + index))
+        found_records = one()
+        return found_records.repeat() if repeat else found_records
+
+    records = shuffled_records()
     examples = records.map(parse, num_parallel_calls=parallel, deterministic=deterministic)
 
     if augment:
-        randomness = tf.data.Dataset.random(seed=seed)
         low, high = (float(v) for v in data_config.gain_range)
         swap = bool(data_config.channel_swap) and nb_channels == 2
+        silent_energy = float(data_config.silent_energy)
 
-        def augment_one(example, key):
-            stems, length = example
-            seeds = lambda index: tf.stack([key, tf.constant(index, tf.int64)])  # noqa: E731
-            # crop inside the valid samples when they are long enough, else from the start
-            last_start = tf.maximum(length - seq_samples, 0)
-            start = tf.random.stateless_uniform([], seeds(0), minval=0, maxval=last_start + 1, dtype=tf.int64)
-            out = {}
-            for index, target in enumerate(targets, start=1):
-                audio = tf.ensure_shape(tf.slice(stems[target], [start, 0], [seq_samples, nb_channels]),
-                                        [seq_samples, nb_channels])
-                audio = audio * tf.random.stateless_uniform([], seeds(2 * index), minval=low, maxval=high)
-                if swap:
-                    flip = tf.random.stateless_uniform([], seeds(2 * index + 1)) < 0.5
-                    audio = tf.cond(flip, lambda a=audio: tf.reverse(a, axis=[1]), lambda a=audio: a)
-                out[target] = audio
-            return out, key
+        def augment_source(audio, seeds, index):
+            """Gain uniform in `data.gain_range`, then a random channel swap (named steps, each a config key)."""
+            audio = random_gain(audio, seeds(2 * index), low, high)
+            return random_channel_swap(audio, seeds(2 * index + 1)) if swap else audio
 
-        examples = tf.data.Dataset.zip((examples, randomness)).map(
-            augment_one, num_parallel_calls=parallel, deterministic=deterministic)
+        if data_config.mixing == "independent":
+            examples = independent_examples(
+                shuffled_records, parse_source, decode_source, targets, seq_samples=seq_samples,
+                nb_channels=nb_channels,
+                seed=seed, quiet_threshold=float(data_config.quiet_threshold), augment_source=augment_source,
+                track_weights=_track_acceptance(found["splits"][split]["tracks"]), parallel=parallel,
+                deterministic=deterministic)
+        else:
+            randomness = tf.data.Dataset.random(seed=seed)
+
+            def augment_one(example, key):
+                stems, length = example
+                seeds = lambda index: tf.stack([key, tf.constant(index, tf.int64)])  # noqa: E731
+                start = crop_start(length, seq_samples, seeds(0))
+                out = {target: random_crop(stems[target], start, seq_samples, nb_channels) for target in targets}
+                return out, key
+
+            examples = tf.data.Dataset.zip((examples, randomness)).map(
+                augment_one, num_parallel_calls=parallel, deterministic=deterministic)
+            if silent_energy > 0:
+                examples = examples.filter(lambda stems, key: has_no_silent_source(stems, silent_energy))
+
+            def augment_all(stems, key):
+                seeds = lambda index: tf.stack([key, tf.constant(index, tf.int64)])  # noqa: E731
+                return {t: augment_source(stems[t], seeds, i) for i, t in enumerate(targets, start=1)}, key
+
+            examples = examples.map(augment_all, num_parallel_calls=parallel, deterministic=deterministic)
+        if data_config.mixing == "independent" and silent_energy > 0:
+            examples = examples.filter(lambda stems, key: has_no_silent_source(stems, silent_energy))
         batches = examples.batch(batch_size, drop_remainder=True)
         probability = float(data_config.remix_probability)
-
-        def remix(stems, keys):
-            if probability <= 0 or batch_size < 2:
-                return stems
-            out = {}
-            for index, target in enumerate(targets):
-                seed_pair = tf.stack([keys[0], tf.constant(1000 + index, tf.int64)])
-                order = tf.argsort(tf.random.stateless_uniform([batch_size], seed_pair))
-                chosen = tf.random.stateless_uniform([batch_size], seed_pair + [0, 500]) < probability
-                out[target] = tf.where(chosen[:, None, None], tf.gather(stems[target], order), stems[target])
-            return out
-
-        batches = batches.map(remix, num_parallel_calls=parallel, deterministic=deterministic)
+        batches = batches.map(lambda stems, keys: remix(stems, keys, targets, probability, batch_size),
+                              num_parallel_calls=parallel, deterministic=deterministic)
     else:
         nb_windows_max = segment_samples // seq_samples
 
@@ -363,3 +408,116 @@ def load_dataset(prepare_artifact: ArtifactLike, split: str, *, seq_samples: int
     options = tf.data.Options()
     options.deterministic = deterministic
     return batches.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+
+# -- named augmentation and mixing steps (training batches) -----------------------------------------------------
+def crop_start(length, seq_samples: int, seed):
+    """A uniform start inside the valid samples of a segment when they are long enough, else 0."""
+    import tensorflow as tf
+
+    last_start = tf.maximum(length - seq_samples, 0)
+    return tf.random.stateless_uniform([], seed, minval=0, maxval=last_start + 1, dtype=tf.int64)
+
+
+def random_crop(audio, start, seq_samples: int, nb_channels: int):
+    """`(segment_samples, nb_channels)` -> the `seq_samples` from `start`."""
+    import tensorflow as tf
+
+    return tf.ensure_shape(tf.slice(audio, [start, 0], [seq_samples, nb_channels]), [seq_samples, nb_channels])
+
+
+def random_gain(audio, seed, low: float, high: float):
+    """Scale a source by a gain uniform in [low, high]."""
+    import tensorflow as tf
+
+    return audio * tf.random.stateless_uniform([], seed, minval=low, maxval=high)
+
+
+def random_channel_swap(audio, seed):
+    """Swap left and right with probability 1/2."""
+    import tensorflow as tf
+
+    flip = tf.random.stateless_uniform([], seed) < 0.5
+    return tf.cond(flip, lambda: tf.reverse(audio, axis=[1]), lambda: audio)
+
+
+def remix(stems, keys, targets, probability: float, batch_size: int):
+    """With `probability`, a source takes the same source of another example of the batch."""
+    import tensorflow as tf
+
+    if probability <= 0 or batch_size < 2:
+        return stems
+    out = {}
+    for index, target in enumerate(targets):
+        seed_pair = tf.stack([keys[0], tf.constant(1000 + index, tf.int64)])
+        order = tf.argsort(tf.random.stateless_uniform([batch_size], seed_pair))
+        chosen = tf.random.stateless_uniform([batch_size], seed_pair + [0, 500]) < probability
+        out[target] = tf.where(chosen[:, None, None], tf.gather(stems[target], order), stems[target])
+    return out
+
+
+def is_loud(audio, threshold: float):
+    """sdx23's quiet-chunk test (`dataset.py`): mean |x| over samples and channels >= threshold."""
+    import tensorflow as tf
+
+    return tf.reduce_mean(tf.abs(audio)) >= threshold
+
+
+def has_no_silent_source(stems, min_energy: float):
+    """M-U-Net's filter (multichannel-unet-bss dataset/preprocessing.py + filter_musdb_split.py: a chunk whose
+    source energy sum |x|^2 rounds to 0 is dropped): every source's energy of its channel mean >= min_energy."""
+    import tensorflow as tf
+
+    energies = [tf.reduce_sum(tf.square(tf.reduce_mean(audio, axis=-1))) for audio in stems.values()]
+    return tf.reduce_all(tf.stack(energies) >= min_energy)
+
+
+def _track_acceptance(tracks) -> Dict[str, float]:
+    """Per track, the chance to keep a drawn segment so that every track is drawn equally often (the references
+    pick a track uniformly, then an offset): min segments / the track's segments."""
+    counts = {t["name"]: max(1, int(t["segments"])) for t in tracks}
+    fewest = min(counts.values()) if counts else 1
+    return {name: fewest / count for name, count in counts.items()}
+
+
+def independent_examples(shuffled_records, parse_source, decode_source, targets, *, seq_samples: int,
+                         nb_channels: int, seed,
+                         quiet_threshold: float, augment_source, track_weights: Mapping[str, float], parallel,
+                         deterministic: bool):
+    """Examples `({target: (seq_samples, nb_channels)}, key)` whose sources come each from its own random track
+    and offset (kuielab/sdx23 `dataset.py` MSSDataset.load_source, DTTNet `musdb.py` MusdbTrainDataset):
+    one independently shuffled stream of segments per target, tracks drawn uniformly (segments of long tracks
+    thinned), a random crop, a quiet source redrawn (mean |x| < quiet_threshold), then `augment_source`."""
+    import tensorflow as tf
+
+    names = tf.constant(list(track_weights) or [""])
+    weights = tf.constant(list(track_weights.values()) or [1.0], tf.float32)
+    table = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(names, weights), default_value=1.0)
+    streams = []
+    for index, target in enumerate(targets):
+        stream_seed = None if seed is None else seed + 7919 * (index + 1)
+        sources = shuffled_records(index + 1, prepare=lambda serialized, t=target: parse_source(serialized, t))
+        keyed = tf.data.Dataset.zip((sources, tf.data.Dataset.random(seed=stream_seed)))
+
+        def draw(source, key):
+            blob, length, track = source
+            audio = decode_source(blob)
+            seeds = lambda i: tf.stack([key, tf.constant(i, tf.int64)])  # noqa: E731
+            keep = tf.random.stateless_uniform([], seeds(0)) < table.lookup(track)
+            excerpt = random_crop(audio, crop_start(length, seq_samples, seeds(1)), seq_samples, nb_channels)
+            return excerpt, keep
+
+        drawn = keyed.map(draw, num_parallel_calls=parallel, deterministic=deterministic)
+        drawn = drawn.filter(lambda excerpt, keep: keep)
+        if quiet_threshold > 0:
+            drawn = drawn.filter(lambda excerpt, keep: is_loud(excerpt, quiet_threshold))
+        streams.append(drawn.map(lambda excerpt, keep: excerpt))
+    keys = tf.data.Dataset.random(seed=None if seed is None else seed + 104729)
+
+    def assemble(*items):
+        *excerpts, key = items
+        seeds = lambda i: tf.stack([key, tf.constant(i, tf.int64)])  # noqa: E731
+        return {t: augment_source(excerpts[i], seeds, i + 1) for i, t in enumerate(targets)}, key
+
+    return tf.data.Dataset.zip((*streams, keys)).map(assemble, num_parallel_calls=parallel,
+                                                     deterministic=deterministic)

@@ -1,7 +1,8 @@
 """The train stage: a registered model family fitted with Keras under a tf.distribute strategy.
 
 Reads the prepare artifact (TFRecords + manifest); writes `model.weights.h5` (last epoch),
-`best.weights.h5` (lowest validation loss), `history.json` and TensorBoard logs. Work in progress
+`best.weights.h5` (best by `train.checkpoint_metric`; with EMA, averaged weights), `history.json` and
+TensorBoard logs. Work in progress
 (BackupAndRestore state, per-epoch checkpoints) lives in `artifacts_dir/.train-work/<fingerprint>/`
 so a killed run resumes from its last completed epoch when started again with the same config.
 """
@@ -75,19 +76,18 @@ def build_model(config, stats):
 
 
 def make_optimizer(train_config, lr: Optional[float] = None, replicas: int = 1):
-    """Adam (decoupled weight decay, optional global clipnorm); `lr_scaling=linear` multiplies the rate by
-    the number of replicas, so a global batch n times larger takes n times larger steps."""
-    import keras
+    """The optimizer `train.optimizer` names (components/optimizers.py), with its betas, epsilon, momentum,
+    weight decay, EMA and optional global clipnorm; `lr_scaling=linear` multiplies the rate by the number of
+    replicas, so a global batch n times larger takes n times larger steps."""
+    from components import optimizers
 
     lr = lr or train_config.lr
     if train_config.lr_scaling == "linear":
         lr *= replicas
-    kwargs = dict(learning_rate=lr)
-    if train_config.weight_decay:
-        kwargs["weight_decay"] = train_config.weight_decay
-    if train_config.clip_norm:
-        kwargs["global_clipnorm"] = train_config.clip_norm
-    return keras.optimizers.Adam(**kwargs)
+    return optimizers.make(train_config.optimizer, learning_rate=lr, weight_decay=train_config.weight_decay,
+                           beta_1=train_config.beta_1, beta_2=train_config.beta_2, epsilon=train_config.epsilon,
+                           momentum=train_config.momentum, nesterov=train_config.nesterov,
+                           ema_momentum=train_config.ema_momentum, clip_norm=train_config.clip_norm)
 
 
 def load_trained(train_artifact, config, weights: str = "best"):
@@ -221,24 +221,56 @@ def _callbacks_module():
             if time.time() - self.started > self.max_seconds:
                 self.model.stop_training = True
 
-    return SacredLogger, ValidationSnapshot, TimeBudget
+    class ValidationSdr(keras.callbacks.Callback):
+        """At the end of every epoch: `val_sdr` in the logs, the mean over validation tracks and targets of the
+        whole-track global SDR (DTTNet's `val/usdr`, src/dp_tdf/abstract.py), for checkpoint selection."""
+
+        def __init__(self, separation_model, tracks, chunk_seconds: float, overlap: float):
+            super().__init__()
+            self.separation_model = separation_model
+            self.tracks = tracks
+            self.chunk_seconds = chunk_seconds
+            self.overlap = overlap
+            self.separate_fn = None
+
+        def on_epoch_end(self, epoch, logs=None):
+            if logs is not None:
+                logs["val_sdr"] = self.measure()
+
+        def measure(self) -> float:
+            from components.metrics import global_sdr
+            from components.separation import compiled, separate_array
+
+            model = self.separation_model
+            if self.separate_fn is None:
+                self.separate_fn = compiled(model.separator, model.nb_channels)
+            scores = []
+            for mixture, stems in self.tracks:
+                estimates = separate_array(self.separate_fn, mixture, sample_rate=model.sample_rate,
+                                           chunk_seconds=self.chunk_seconds, overlap=self.overlap,
+                                           input_samples=model.input_samples)
+                scores.extend(global_sdr(truth, estimates[target]) for target, truth in stems.items())
+            return float(np.mean(scores))
+
+    return SacredLogger, ValidationSnapshot, TimeBudget, ValidationSdr
 
 
-def snapshot_tracks(prepare, config):
-    """The first `snapshot_seconds` of `snapshot_tracks` validation (or training) tracks."""
+def snapshot_tracks(prepare, config, whole: bool = False):
+    """The first `snapshot_seconds` of `snapshot_tracks` validation (or training) tracks; whole=True: every
+    validation track at full length (the validation SDR of `train.checkpoint_metric=val_sdr`)."""
     import numpy as np
 
     from components import records
 
     splits = prepare.meta["manifest"]["splits"]
     split = "valid" if splits.get("valid", {}).get("tracks") else "train"
-    length = int(round(config.train.snapshot_seconds * config.data.sample_rate))
+    length = None if whole else int(round(config.train.snapshot_seconds * config.data.sample_rate))
     found = []
     for name, stems in records.read_tracks(prepare, split):
         stems = {t: s[:length] for t, s in stems.items()}
         mixture = np.sum(list(stems.values()), axis=0).astype("float32")
         found.append((mixture, stems))
-        if len(found) >= config.train.snapshot_tracks:
+        if not whole and len(found) >= config.train.snapshot_tracks:
             break
     return found
 
@@ -301,14 +333,14 @@ def run(context: StageContext) -> dict:
         shutil.copytree(work / "tensorboard", out / "tensorboard")
     shutil.rmtree(work, ignore_errors=True)
 
-    monitor = "val_loss" if valid_ds is not None else "loss"
-    losses = [h[monitor] for h in history if monitor in h and np.isfinite(h[monitor])]
+    monitor, mode = monitored(tc, valid_ds is not None)
+    best_value = _best(history, monitor, mode)
     figures = {
         "parameters": nb_params,
         "replicas": replicas,
         "epochs": len(history),
         "final_loss": history[-1]["loss"] if history else None,
-        "best_" + monitor: min(losses) if losses else None,
+        "best_" + monitor: best_value,
         "seconds": round(seconds, 2),
         "examples_per_second": round(examples / seconds, 2) if seconds else None,
         "seconds_per_step": round(seconds / max(1, examples // tc.batch_size), 4),
@@ -321,35 +353,81 @@ def run(context: StageContext) -> dict:
     }
 
 
+def monitored(train_config, has_valid: bool):
+    """(metric, mode) that picks the best weights (and drives plateau decay and early stopping)."""
+    if train_config.checkpoint_metric == "val_sdr":
+        return "val_sdr", "max"
+    return ("val_loss" if has_valid else "loss"), "min"
+
+
+def _best(history, monitor: str, mode: str):
+    values = [h[monitor] for h in history if monitor in h and math.isfinite(h[monitor])]
+    if not values:
+        return None
+    return max(values) if mode == "max" else min(values)
+
+
+def _recipe_callbacks(context, model, tc, monitor: str, mode: str, best_path: Path, previous_best,
+                      baseline=None):
+    """The callbacks of `train.*`: validation SDR, best checkpoint, early stopping (counting epochs without
+    improving on `baseline` when given), lr schedule."""
+    import keras
+
+    callbacks = []
+    if monitor == "val_sdr":
+        ValidationSdr = _callbacks_module()[3]
+        tracks = snapshot_tracks(context.inputs["prepare"], context.config, whole=True)
+        callbacks.append(ValidationSdr(model, tracks, chunk_seconds=float(model.extra.get("chunk_seconds", 10.0)),
+                                       overlap=float(model.extra.get("overlap", 0.25))))
+    if tc.checkpoint_metric != "last":
+        callbacks.append(keras.callbacks.ModelCheckpoint(
+            str(best_path), monitor=monitor, mode=mode, save_best_only=True, save_weights_only=True,
+            initial_value_threshold=previous_best))
+    if tc.early_stopping:
+        callbacks.append(keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=tc.patience,
+                                                       baseline=baseline))
+    if tc.lr_schedule == "plateau":
+        callbacks.append(keras.callbacks.ReduceLROnPlateau(
+            monitor=monitor, mode=mode, patience=tc.lr_decay_patience, factor=tc.lr_decay_gamma, min_lr=tc.lr_min,
+            cooldown=10 if tc.lr_decay_patience > 10 else 0))
+    return callbacks
+
+
+def _compile(model, strategy, tc, lr=None):
+    with strategy.scope():
+        model.train_model.compile(optimizer=make_optimizer(tc, lr=lr, replicas=strategy.num_replicas_in_sync),
+                                  loss=model.loss, jit_compile=False)
+        # create the optimizer slots now: building them while tracing the first step costs 10+ s
+        model.train_model.optimizer.build(model.train_model.trainable_variables)
+
+
 def _fit_phases(context, model, strategy, train_ds, valid_ds, steps, work: Path):
     """Fit, then (optionally) the fine-tuning phase with a lower lr and a larger batch."""
     import keras
 
+    from components import optimizers
+
     config = context.config
     tc = config.train
-    SacredLogger, ValidationSnapshot, TimeBudget = _callbacks_module()
-    monitor = "val_loss" if valid_ds is not None else "loss"
+    SacredLogger, ValidationSnapshot, TimeBudget, _ = _callbacks_module()
+    monitor, mode = monitored(tc, valid_ds is not None)
     history_path = work / "history.json"
     sacred_logger = SacredLogger(context.log_scalar, history_path)
-    previous_best = min((h[monitor] for h in sacred_logger.history if monitor in h), default=None)
+    previous_best = _best(sacred_logger.history, monitor, mode)
 
-    with strategy.scope():
-        model.train_model.compile(optimizer=make_optimizer(tc, replicas=strategy.num_replicas_in_sync),
-                                  loss=model.loss, jit_compile=False)
-        # create the optimizer slots now: building them while tracing the first step costs 10+ s
-        model.train_model.optimizer.build(model.train_model.trainable_variables)
+    _compile(model, strategy, tc)
+    # with EMA the averaged weights are validated, checkpointed and (after `fit`) left in the model
+    enter, leave = optimizers.ema_window() if tc.ema_momentum is not None else (None, None)
     callbacks = [
         # the chief's backup (work of every worker: .train-work/<fingerprint>/backup); others only restore it
         distribute.backup_callback(str(work.parent / context.fingerprint / "backup"), chief=context.commit),
+        *([enter] if enter else []),
         keras.callbacks.ModelCheckpoint(str(work / "last.weights.h5"), save_weights_only=True),
-        keras.callbacks.ModelCheckpoint(str(work / "best.weights.h5"), monitor=monitor, save_best_only=True,
-                                        save_weights_only=True, initial_value_threshold=previous_best),
-        keras.callbacks.EarlyStopping(monitor=monitor, patience=tc.patience),
-        keras.callbacks.ReduceLROnPlateau(monitor=monitor, patience=tc.lr_decay_patience,
-                                          factor=tc.lr_decay_gamma, cooldown=10 if tc.lr_decay_patience > 10 else 0),
+        *_recipe_callbacks(context, model, tc, monitor, mode, work / "best.weights.h5", previous_best),
         keras.callbacks.TerminateOnNaN(),
         keras.callbacks.TensorBoard(str(work / "tensorboard"), update_freq="epoch"),
         sacred_logger,
+        *([leave] if leave else []),
         *model.callbacks,
     ]
     if tc.max_seconds:
@@ -368,38 +446,45 @@ def _fit_phases(context, model, strategy, train_ds, valid_ds, steps, work: Path)
         raise StageError("training diverged (NaN/Inf loss); lower train.lr or set train.clip_norm")
     examples = (len(sacred_logger.history) - done_before) * steps * tc.batch_size
     if tc.finetune_epochs:
-        examples += _finetune(context, model, strategy, valid_ds, work, sacred_logger, monitor)
+        examples += _finetune(context, model, strategy, valid_ds, work, sacred_logger, monitor, mode)
     return sacred_logger.history, time.time() - started, examples
 
 
-def _finetune(context, model, strategy, valid_ds, work, sacred_logger, monitor) -> int:
+def _finetune(context, model, strategy, valid_ds, work, sacred_logger, monitor, mode) -> int:
+    """Wave-U-Net's second phase. finetune_from=last: the last weights with the optimizer state carried over
+    and only the learning rate changed (f90/Wave-U-Net Training.py restores every global variable, Adam's
+    slots included); best: the best weights with a fresh optimizer (Stoller et al. 2018, Sec. 4.1)."""
     import keras
+
+    from components import optimizers
 
     config = context.config
     tc = config.train
     batch = tc.finetune_batch_size or 2 * tc.batch_size
+    lr = tc.finetune_lr or tc.lr / 10
     train_ds, _, steps = train_datasets(context.inputs["prepare"], config, model, batch,
                                         seed=tc.seed if tc.deterministic else None)
     best = work / "best.weights.h5"
-    if best.is_file():
-        model.train_model.load_weights(str(best))
-    with strategy.scope():
-        model.train_model.compile(optimizer=make_optimizer(tc, lr=tc.finetune_lr or tc.lr / 10,
-                                                           replicas=strategy.num_replicas_in_sync), loss=model.loss)
-        model.train_model.optimizer.build(model.train_model.trainable_variables)
+    if tc.finetune_from == "best" or model.train_model.optimizer is None:
+        if best.is_file():
+            model.train_model.load_weights(str(best))
+        _compile(model, strategy, tc, lr=lr)
+    else:
+        model.train_model.optimizer.learning_rate.assign(lr * (strategy.num_replicas_in_sync
+                                                               if tc.lr_scaling == "linear" else 1))
     if tc.strategy == "multi_worker":
         distribute.build_for_fit(model.train_model, train_ds, strategy)
     start = len(sacred_logger.history)
-    previous_best = min((h[monitor] for h in sacred_logger.history if monitor in h), default=None)
+    previous_best = _best(sacred_logger.history, monitor, mode)
+    # Training.optimise keeps best_loss across the rounds: a fine-tuning epoch counts as worse unless it beats it
+    callbacks = _recipe_callbacks(context, model, tc, monitor, mode, best, previous_best, baseline=previous_best)
+    callbacks = [c for c in callbacks if type(c).__name__ != "ReduceLROnPlateau"]  # the reference keeps lr fixed
+    enter, leave = optimizers.ema_window() if tc.ema_momentum is not None else (None, None)
     model.train_model.fit(
         train_ds, initial_epoch=start, epochs=start + tc.finetune_epochs, steps_per_epoch=steps,
         validation_data=valid_ds, verbose=2,
-        callbacks=[
-            keras.callbacks.ModelCheckpoint(str(best), monitor=monitor, save_best_only=True, save_weights_only=True,
-                                            initial_value_threshold=previous_best),
-            keras.callbacks.EarlyStopping(monitor=monitor, patience=tc.patience),
-            keras.callbacks.TerminateOnNaN(), sacred_logger, *model.callbacks,
-        ])
+        callbacks=[*([enter] if enter else []), *callbacks, keras.callbacks.TerminateOnNaN(), sacred_logger,
+                   *([leave] if leave else []), *model.callbacks])
     return (len(sacred_logger.history) - start) * steps * batch
 
 

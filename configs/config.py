@@ -45,6 +45,18 @@ class DataConfig:
     channel_swap: bool = True
     remix_probability: float = 0.0  # chance that a source comes from a different track
     shuffle_buffer: int = 1024
+    # How a training example is put together (components/records.py, `load_dataset`):
+    #   segment: the sources of one segment of one track (the augmentations below apply on top)
+    #   independent: every source from its own random track and offset, as the TFC-TDF v3 and DTTNet
+    #                references draw them (kuielab/sdx23 `dataset.py`, DTTNet `datasets/musdb.py`)
+    mixing: str = "segment"
+    quiet_threshold: float = 0.0  # independent mixing: redraw a source whose mean |x| is below (sdx23 min_mean_abs)
+    # drop an example when a source's energy (sum of squares of its channel mean) is below this: M-U-Net's
+    # filtering of training chunks with a silent source (0: off)
+    silent_energy: float = 0.0
+    # prepare: extra pitch/tempo-shifted copies of every training track (DTTNet's offline augmentation)
+    pitch_shifts: Tuple[int, ...] = ()  # semitones, e.g. [-2, -1, 0, 1, 2]
+    tempo_changes: Tuple[int, ...] = ()  # percent, e.g. [-20, -10, 0, 10, 20]; 10 = 10 % faster
 
 
 @dataclass(frozen=True)
@@ -108,6 +120,24 @@ class TrainConfig:
     # mirrored: one host's GPUs (or logical CPUs); multi_worker: MultiWorkerMirroredStrategy over the
     # hosts listed in TF_CONFIG (train.batch_size stays the global batch over every worker's replicas)
     strategy: str = "mirrored"
+    # last: continue from the last epoch with the optimizer state (f90/Wave-U-Net Training.py);
+    # best: from the best weights with a fresh optimizer (Stoller et al. 2018, Sec. 4.1)
+    finetune_from: str = "last"
+    # the optimizer (components/optimizers.py): adam = torch.optim.Adam (weight_decay as an L2 term in the
+    # gradient), adam_tf = TF1/Keras Adam (epsilon-hat), adamw = decoupled weight decay, sgd = torch.optim.SGD
+    optimizer: str = "adam"
+    beta_1: float = 0.9
+    beta_2: float = 0.999
+    epsilon: float = 1e-8  # PyTorch's default (open-unmix); Keras/TF2 use 1e-7, TF1's AdamOptimizer 1e-8
+    momentum: float = 0.9  # sgd
+    nesterov: bool = False  # sgd
+    ema_momentum: Optional[float] = None  # e.g. 0.999: evaluate and export an exponential moving average of the weights
+    lr_schedule: str = "plateau"  # plateau (ReduceLROnPlateau) | constant
+    lr_min: float = 0.0  # plateau: the rate never decays below this
+    early_stopping: bool = True  # stop after `patience` epochs without improvement
+    # val_loss | val_sdr: the best weights by loss or by whole-track validation SDR; last: the final weights are
+    # the model (recipes without model selection: the sdx23 and Spleeter scripts save the last step)
+    checkpoint_metric: str = "val_loss"
 
 
 @dataclass(frozen=True)
@@ -279,6 +309,10 @@ def _check(obj, prefix):
                               f"got '{bad[0]}'")
     if isinstance(obj, TrainConfig) and obj.strategy not in TRAIN_STRATEGIES:
         raise ConfigError(f"train.strategy must be one of {', '.join(TRAIN_STRATEGIES)}; got '{obj.strategy}'")
+    if isinstance(obj, TrainConfig):
+        _check_recipe(obj)
+    if isinstance(obj, DataConfig):
+        _check_mixing(obj)
     if isinstance(obj, ModelConfig):
         from models import registry  # late: keeps `--help` free of TensorFlow
 
@@ -286,3 +320,32 @@ def _check(obj, prefix):
             raise ConfigError(
                 f"model.name '{obj.name}' is not a registered model; choose one of {', '.join(registry.names())}"
             )
+
+
+TRAIN_CHOICES = {"optimizer": ("adam", "adam_tf", "adamw", "sgd"), "lr_schedule": ("plateau", "constant"),
+                 "checkpoint_metric": ("val_loss", "val_sdr", "last"), "finetune_from": ("last", "best")}
+
+
+def _check_recipe(train: TrainConfig) -> None:
+    for key, choices in TRAIN_CHOICES.items():
+        if getattr(train, key) not in choices:
+            raise ConfigError(f"train.{key} must be one of {', '.join(choices)}; got '{getattr(train, key)}'")
+    if not (0 <= train.beta_1 < 1 and 0 <= train.beta_2 < 1):
+        raise ConfigError(f"train.beta_1 and train.beta_2 must lie in [0, 1); got {train.beta_1}, {train.beta_2}")
+    if train.epsilon <= 0:
+        raise ConfigError(f"train.epsilon must be positive; got {train.epsilon}")
+    if not 0 <= train.momentum < 1:
+        raise ConfigError(f"train.momentum must lie in [0, 1); got {train.momentum}")
+    if train.ema_momentum is not None and not 0 < train.ema_momentum < 1:
+        raise ConfigError(f"train.ema_momentum must lie in (0, 1) or be null; got {train.ema_momentum}")
+
+
+def _check_mixing(data: DataConfig) -> None:
+    if data.mixing not in ("segment", "independent"):
+        raise ConfigError(f"data.mixing must be segment or independent; got '{data.mixing}'")
+    if data.quiet_threshold < 0 or data.silent_energy < 0:
+        raise ConfigError("data.quiet_threshold and data.silent_energy must be >= 0")
+    if data.quiet_threshold > 0 and data.mixing != "independent":
+        raise ConfigError("data.quiet_threshold redraws sources and needs data.mixing=independent")
+    if any(abs(p) > 12 for p in data.pitch_shifts) or any(not -50 <= t <= 100 for t in data.tempo_changes):
+        raise ConfigError("data.pitch_shifts must lie in [-12, 12] semitones and data.tempo_changes in [-50, 100] %")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import math
 from typing import Any, Mapping
 
 from configs.config import ConfigError
@@ -49,17 +48,3 @@ def family_config(model_config) -> Any:
 def build(model_config, *, data, stats: Mapping[str, Any]):
     family = module(model_config.name)
     return family.build(family_config(model_config), data=data, stats=stats)
-
-
-def describe(config) -> str:
-    """The family, each network's trainable parameter count and the total, from a validated `Config`
-    (`python pipeline/run.py --describe-model with ...`); builds the model, trains nothing."""
-    model = build(config.model, data=config.data, stats={})
-    lines = [f"family: {config.model.name} ({FAMILIES[config.model.name].replace('.', '/')}.py)"]
-    for layer in model.train_model.layers:
-        count = sum(int(math.prod(weight.shape)) for weight in layer.trainable_weights)
-        if count:
-            lines.append(f"  {layer.name}: {count:,}")
-    total = sum(int(math.prod(weight.shape)) for weight in model.train_model.trainable_weights)
-    lines.append(f"total trainable parameters: {total:,}")
-    return "\n".join(lines)

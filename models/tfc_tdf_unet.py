@@ -62,6 +62,10 @@ class Config:
     num_overlap: int = 8  # inference chunks overlap so that hop = chunk / num_overlap
     loss: str = "mse"  # mse | quantile_coarse | quantile_element
     quantile: Optional[float] = None  # q of the quantile losses; None: 0.4 coarse, 0.93 element
+    # waveform: the loss compares waveforms after the ISTFT (seed 000 §3.2.2; kuielab/sdx23 src/train.py applies
+    # `masked_loss` to the model's waveform output), the quantile mask then acting on samples along time;
+    # spectrogram: on the complex STFT bins (our earlier variant)
+    loss_domain: str = "waveform"
 
     def __post_init__(self):
         key = "model.tfc_tdf_v3."
@@ -91,6 +95,8 @@ class Config:
             raise ConfigError(f"{key}loss must be one of {', '.join(LOSSES)}; got '{self.loss}'")
         if self.quantile is not None and not 0.0 < self.quantile < 1.0:
             raise ConfigError(f"{key}quantile must lie in (0, 1), got {self.quantile}")
+        if self.loss_domain not in ("waveform", "spectrogram"):
+            raise ConfigError(f"{key}loss_domain must be waveform or spectrogram; got '{self.loss_domain}'")
 
 
 # ----------------------------------------------------------------------------------------------- loss
@@ -232,6 +238,23 @@ class SourceSpectrograms(keras.layers.Layer):
         return {**super().get_config(), "nb_bins": self.nb_bins}
 
 
+class PadBins(keras.layers.Layer):
+    """`(nb_samples, nb_frames, dim_f, nb_channels, 2)` -> `(..., nb_bins, nb_channels, 2)`, bins above dim_f zero."""
+
+    def __init__(self, nb_bins: int, **kwargs):
+        super().__init__(**kwargs)
+        self.nb_bins = nb_bins
+
+    def call(self, x):
+        return tf.pad(x, [[0, 0], [0, 0], [0, self.nb_bins - tf.shape(x)[2]], [0, 0], [0, 0]])
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:2], self.nb_bins, *input_shape[3:])
+
+    def get_config(self):
+        return {**super().get_config(), "nb_bins": self.nb_bins}
+
+
 class PadFrames(keras.layers.Layer):
     """Zero-pads axis 1 (frames) at the end to a multiple of `multiple`."""
 
@@ -356,18 +379,31 @@ def spectral_graphs(config: Config, targets, nb_channels: int, net: keras.Model)
     mixture = keras.Input((None, nb_channels), name="mixture")
     train_model = keras.Model(mixture, train_outputs(mixture), name="tfc_tdf_v3")
 
+    istft_layer = ISTFT(config.n_fft, config.hop_length, name="istft")
+    source_spectrograms = SourceSpectrograms(nb_bins, name="source_spectrograms")
+
+    pad_bins = PadBins(nb_bins, name="pad_bins")
+
+    def waveform_outputs(waveform):
+        if config.loss_domain == "spectrogram":  # one ISTFT over every source
+            waveforms = istft_layer(source_spectrograms(sources(waveform)), waveform)
+            return {target: waveforms[..., index] for index, target in enumerate(targets)}
+        # one ISTFT per target on 5-D tensors (TFLite's Pad takes at most 5 dimensions): the mobile graph too
+        return {target: istft_layer(pad_bins(spectrogram), waveform)
+                for target, spectrogram in train_outputs(waveform).items()}
+
     waveform = keras.Input((None, nb_channels), name="mixture")
-    spectrograms = SourceSpectrograms(nb_bins, name="source_spectrograms")(sources(waveform))
-    waveforms = ISTFT(config.n_fft, config.hop_length, name="istft")(spectrograms, waveform)
-    separator = keras.Model(waveform, {target: waveforms[..., index] for index, target in enumerate(targets)},
-                            name="tfc_tdf_v3_separator")
+    separator = keras.Model(waveform, waveform_outputs(waveform), name="tfc_tdf_v3_separator")
+    if config.loss_domain == "waveform":
+        train_model = separator  # the loss is on waveforms: training and separating are one graph
 
     def make_mobile(chunk: int) -> keras.Model:
         if valid_samples(config, chunk) != chunk:
             raise ValueError(f"chunk of {chunk} samples is not a valid TFC-TDF-UNet input; use input_samples() "
                              f"(e.g. {valid_samples(config, chunk)})")
         static = keras.Input((chunk, nb_channels), batch_size=1, name="mixture")
-        return keras.Model(static, train_outputs(static), name="tfc_tdf_v3_mobile")
+        outputs = waveform_outputs(static) if config.loss_domain == "waveform" else train_outputs(static)
+        return keras.Model(static, outputs, name="tfc_tdf_v3_mobile")
 
     return train_model, separator, make_mobile
 
@@ -380,7 +416,9 @@ def build(config: Config, *, data, stats=None) -> SeparationModel:
     train_model, separator, make_mobile = spectral_graphs(config, targets, nb_channels, net)
 
     def train_targets(stems):
-        """Stems -> their STFTs `(nb_samples, nb_frames, dim_f, nb_channels, 2)`: the loss is on spectrograms."""
+        """Stems (loss_domain=waveform) or their STFTs `(nb_samples, nb_frames, dim_f, nb_channels, 2)`."""
+        if config.loss_domain == "waveform":
+            return {target: stems[target] for target in targets}
         return {target: stft(stems[target], config.n_fft, config.hop_length)[:, :, : config.dim_f]
                 for target in targets}
 
@@ -403,7 +441,7 @@ def build(config: Config, *, data, stats=None) -> SeparationModel:
         config=config,
         input_samples=lambda n: valid_samples(config, n),
         mobile=make_mobile,
-        postprocess=postprocess,
+        postprocess=postprocess if config.loss_domain == "spectrogram" else None,
         extra={
             # the reference's chunks: training excerpts of dim_t frames; inference chunks of inference_dim_t
             # frames overlapping so that their hop is chunk / num_overlap (evaluate.overlap = 1 - 1/num_overlap)

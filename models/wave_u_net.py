@@ -51,6 +51,12 @@ class Config:
     output_type: str = "difference"  # direct | difference (last target = mixture - the others)
     output_activation: str = "tanh"  # tanh | linear (identity in training, clipped to [-1, 1] at inference)
     context: bool = True  # valid convolutions, output = centre of the input; False: same padding
+    # learned upsampling's weights: glorot_uniform on the F logits, U(±sqrt(3/F)), as the reference's
+    # tf.get_variable default (f90/Wave-U-Net Models/InterpolationLayer.py); zeros: start as linear interpolation
+    interpolation_init: str = "glorot_uniform"
+    # difference output clipped to [-1, 1] outside training (validation, evaluation, export), as the reference's
+    # Utils.AudioClip in Models/OutputLayer.py `difference_output`; False: estimates sum to the mixture exactly
+    clip_difference: bool = True
 
 
 def check(config: Config) -> None:
@@ -66,7 +72,8 @@ def check(config: Config) -> None:
                           f"{config.merge_filter_size}")
     for key, value, allowed in (("upsampling", config.upsampling, UPSAMPLING),
                                 ("output_type", config.output_type, OUTPUT_TYPES),
-                                ("output_activation", config.output_activation, OUTPUT_ACTIVATIONS)):
+                                ("output_activation", config.output_activation, OUTPUT_ACTIVATIONS),
+                                ("interpolation_init", config.interpolation_init, ("glorot_uniform", "zeros"))):
         if value not in allowed:
             raise ConfigError(f"{prefix}{key} must be one of {', '.join(allowed)}; got '{value}'")
 
@@ -171,20 +178,22 @@ def _layers():
         """Time ×2: between neighbours v_t, v_t+1 goes w·v_t + (1 − w)·v_t+1, originals at even steps.
 
         `linear`: w = 1/2. `learned`: w = sigmoid(a), one trainable a per feature (the paper's learned
-        upsampling), initialised at 0, i.e. starting from linear interpolation.
+        upsampling), initialised by `initializer` (glorot_uniform as the reference; zeros = linear at first).
         valid=True: `(nb_samples, n, F)` -> `(nb_samples, 2n − 1, F)` (the reference's
         `align_corners=True` resize); valid=False: -> `2n`, the last in-between step repeating the last
         step (as TF1's `resize_bilinear`; the reference's learned layer zero-pads there instead).
         """
 
-        def __init__(self, learned: bool = False, valid: bool = True, **kwargs):
+        def __init__(self, learned: bool = False, valid: bool = True, initializer: str = "zeros", **kwargs):
             super().__init__(**kwargs)
             self.learned = learned
             self.valid = valid
+            self.initializer = initializer
 
         def build(self, shape):
             if self.learned:
-                self.logit = self.add_weight(shape=(shape[-1],), initializer="zeros", name="interpolation_logit")
+                self.logit = self.add_weight(shape=(shape[-1],), initializer=self.initializer,
+                                             name="interpolation_logit")
 
         def call(self, x):
             if self.valid:
@@ -208,7 +217,8 @@ def _layers():
             return (shape[0], None if n is None else 2 * n - (1 if self.valid else 0), shape[2])
 
         def get_config(self):
-            return {**super().get_config(), "learned": self.learned, "valid": self.valid}
+            return {**super().get_config(), "learned": self.learned, "valid": self.valid,
+                    "initializer": self.initializer}
 
     @keras.saving.register_keras_serializable(package="wave_u_net")
     class CentreCrop(keras.layers.Layer):
@@ -310,7 +320,8 @@ def wave_u_net(config: Config, targets, nb_channels: int, name: str = "wave_u_ne
             for i in range(1, config.num_layers + 1)]
     bottleneck = (conv(filters * (config.num_layers + 1), config.filter_size, "bottleneck_conv"),
                   leaky("bottleneck_act"))
-    up = {i: (L["Upsample"](learned=config.upsampling == "learned", valid=config.context, name=f"up_{i}_upsample"),
+    up = {i: (L["Upsample"](learned=config.upsampling == "learned", valid=config.context,
+                            initializer=config.interpolation_init, name=f"up_{i}_upsample"),
               L["CentreCrop"](name=f"up_{i}_crop"), keras.layers.Concatenate(name=f"up_{i}_concat"),
               conv(filters * i, config.merge_filter_size, f"up_{i}_conv"), leaky(f"up_{i}_act"))
           for i in range(config.num_layers, 0, -1)}
@@ -344,6 +355,8 @@ def wave_u_net(config: Config, targets, nb_channels: int, name: str = "wave_u_ne
         else:
             total = others[0] if len(others) == 1 else keras.layers.Add(name="sum_of_others")(others)
             rest = keras.layers.Subtract(name=f"output_{targets[-1]}")([mixture_centre, total])
+        if config.clip_difference:
+            rest = L["AudioClip"](name=f"output_{targets[-1]}_clip")(rest)
         outputs[targets[-1]] = rest
     outputs = {t: keras.layers.Identity(name=t)(outputs[t]) for t in targets}  # output names = targets
     return keras.Model(mixture, outputs, name=name)

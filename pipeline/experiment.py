@@ -143,11 +143,6 @@ def run_stages(experiment, args, updates: dict, named: list) -> int:
     if args.print_config:
         print(json.dumps(config.to_dict(), indent=2))
         return 0
-    if getattr(args, "describe_model", False):
-        from models import registry
-
-        print(registry.describe(config))
-        return 0
     try:
         stages = pipeline.create_pipeline(args.stage)
         for stage in stages:

@@ -70,12 +70,52 @@ def main(argv=None) -> int:
 
     from pipeline.experiment import UserError, build_experiment, run_stages
 
+    if args.describe_model:
+        try:
+            print(describe_model(updates, named))
+        except UserError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        return 0
     try:
         experiment = build_experiment(args)
         return run_stages(experiment, args, updates, named)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+
+
+def network_parameters(model) -> dict:
+    """{network name: trainable parameters} of a built SeparationModel: the family's `networks` (one per
+    target), else the Keras sub-models of `train_model`, else `train_model` itself."""
+    import keras
+
+    from components.train import count_params
+
+    networks = dict(model.extra.get("networks") or {})
+    if not networks:
+        networks = {layer.name: layer for layer in model.train_model.layers
+                    if isinstance(layer, keras.Model) and layer.trainable_weights}
+    if not networks:
+        networks = {model.train_model.name: model.train_model}
+    return {name: count_params(network) for name, network in networks.items()}
+
+
+def describe_model(updates: dict, named: list) -> str:
+    """The text of `--describe-model`: family, targets, each network's parameter count and the total."""
+    from components.train import build_model, count_params
+    from pipeline.experiment import resolve
+
+    config = resolve(updates, named)
+    model = build_model(config, {})
+    lines = [f"family: {config.model.name} (presets: {', '.join(named)}; targets: {', '.join(model.targets)}; "
+             f"{model.sample_rate} Hz, {model.nb_channels} channel(s))"]
+    counts = network_parameters(model)
+    width = max(len(name) for name in counts)
+    for name, count in counts.items():
+        lines.append(f"  {name:<{width}}  {count:>14,} trainable parameters")
+    lines.append(f"total: {count_params(model.train_model):,} trainable parameters")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

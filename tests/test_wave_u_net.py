@@ -169,8 +169,17 @@ def test_separator_is_the_train_model_on_the_zero_padded_mixture():
         np.testing.assert_array_equal(np.asarray(separated[target]), np.asarray(direct[target]))
 
 
+def test_difference_output_is_clipped_outside_training_as_the_reference():
+    model = build(tiny(output_type="difference"))  # clip_difference=True by default (Utils.AudioClip)
+    mixture = 10.0 * noise((1, wun.input_samples(tiny(), 40), 2), 5)
+    trained = np.asarray(model.train_model(mixture, training=True)[MUSDB.targets[-1]])
+    inferred = np.asarray(model.train_model(mixture, training=False)[MUSDB.targets[-1]])
+    assert np.max(np.abs(trained)) > 1.5
+    np.testing.assert_allclose(inferred, np.clip(trained, -1.0, 1.0), atol=1e-6)
+
+
 def test_difference_output_sums_exactly_to_the_mixture():
-    config = tiny(output_type="difference")
+    config = tiny(output_type="difference", clip_difference=False)
     model = build(config)
     mixture = noise((2, 777, 2), 3)
     estimates = model.separator(mixture, training=False)
@@ -215,9 +224,17 @@ def test_learned_upsampling_interpolates_with_sigmoid_weights():
     assert keras.ops.shape(same(x))[1] == 6
 
 
+def test_learned_upsampling_weights_start_glorot_uniform_as_the_reference():
+    learned = build(tiny(upsampling="learned"))  # tf.get_variable's default: glorot_uniform, fans = F for shape [F]
+    logits = [w.numpy() for w in learned.train_model.weights if "interpolation_logit" in w.path]
+    for logit in logits:
+        limit = np.sqrt(3.0 / logit.shape[0])
+        assert np.all(np.abs(logit) <= limit) and np.std(logit) > 0.3 * limit
+
+
 def test_learned_upsampling_starts_linear_adds_one_weight_per_feature_and_trains():
     linear = build(tiny())
-    learned = build(tiny(upsampling="learned"))
+    learned = build(tiny(upsampling="learned", interpolation_init="zeros"))
     # F_c·(L+1) for the bottleneck + F_c·(2 + ... + L) for up blocks L..2: 4·4 + 4·(2 + 3) = 36
     assert learned.train_model.count_params() - linear.train_model.count_params() == 36
     logits = [w for w in learned.train_model.weights if "interpolation_logit" in w.path]
@@ -249,8 +266,9 @@ def _batch(model, n_output=200, seed=0):
 
 
 def _loss(model, mixture, targets) -> float:
-    """The paper's loss, written out: the mean over sources of each source's waveform MSE."""
-    estimates = model.train_model(mixture, training=False)
+    """The paper's loss, written out: the mean over sources of each source's waveform MSE (training outputs:
+    the difference output is not clipped in training)."""
+    estimates = model.train_model(mixture, training=True)
     return float(np.mean([np.mean((np.asarray(estimates[t]) - targets[t]) ** 2) for t in model.targets]))
 
 
@@ -326,7 +344,8 @@ def test_paper_presets_state_the_published_recipe_and_fit_their_segments():
     train = config.train
     assert (train.lr, train.batch_size, train.steps_per_epoch, train.patience) == (1e-4, 16, 2000, 20)
     assert (train.finetune_lr, train.finetune_batch_size, train.weight_decay) == (1e-5, 32, 0.0)
-    assert train.finetune_epochs > 0 and train.lr_decay_patience > train.epochs  # no lr schedule in the paper
+    assert train.finetune_epochs > 0 and train.lr_schedule == "constant"  # no lr schedule in the paper
+    assert (train.optimizer, train.epsilon, train.finetune_from) == ("adam_tf", 1e-8, "last")  # TF1 AdamOptimizer
     assert config.data.sample_rate == 22050 and config.data.targets[-1] == "vocals"
     seq = wun.input_samples(family, int(round(train.seq_seconds * config.data.sample_rate)))
     assert seq == 147_443 <= int(round(config.data.segment_seconds * config.data.sample_rate))

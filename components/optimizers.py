@@ -1,0 +1,158 @@
+"""Optimizers of the published recipes, as Keras optimizers, and the exponential moving average of the weights.
+
+`make(...)` builds what `train.optimizer` names:
+
+    adam    torch.optim.Adam: m̂ / (sqrt(v̂) + eps), weight_decay as an L2 term added to the gradient
+    adam_tf TF1's AdamOptimizer / Keras's Adam: the same step with eps scaled by sqrt(1 - beta_2^t)
+            (the "epsilon hat" of Kingma & Ba, Sec. 2), weight_decay as an L2 term
+    adamw   torch.optim.AdamW: adam's step, then w <- w - lr * weight_decay * w (decoupled)
+    sgd     torch.optim.SGD: b <- momentum * b + g; w <- w - lr * b (nesterov: w <- w - lr * (g + momentum * b)),
+            weight_decay as an L2 term; unlike Keras's SGD, lr is not folded into the momentum buffer
+
+EMA (`ema_momentum`): after every step a <- mu * a + (1 - mu) * w, the averages starting at the initial
+weights, as kuielab/sdx23 `src/ema.py` (EMAHelper: register, then update after each optimizer step).
+Keras's own `use_ema` differs: its first step copies w. `ema_window()` swaps the averages into the model
+for validation and checkpoints; `fit` ends with the averages written into the model (finalize).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+OPTIMIZERS = ("adam", "adam_tf", "adamw", "sgd")
+
+
+def _classes():
+    import keras
+    from keras import ops
+
+    class _ReferenceEma:
+        """Mixin: the sdx23 EMA rule (averages start at the weights, no first-step special case)."""
+
+        def build(self, variables):
+            if self.built:
+                return
+            super().build(variables)
+            if self.use_ema:
+                for var, average in zip(variables, self._model_variables_moving_average):
+                    average.assign(var)
+
+        def _update_model_variables_moving_average(self, trainable_variables):
+            if not self.use_ema:
+                return
+            for var, average in zip(trainable_variables, self._model_variables_moving_average):
+                if average is not None:
+                    momentum = ops.cast(self.ema_momentum, var.dtype)
+                    average.assign(momentum * average + (1.0 - momentum) * var)
+
+    class ReferenceAdam(_ReferenceEma, keras.optimizers.Adam):
+        """Adam with PyTorch's (`torch_eps=True`) or TF1's placement of epsilon and an optional L2 term."""
+
+        def __init__(self, *, l2: float = 0.0, torch_eps: bool = True, **kwargs):
+            super().__init__(**kwargs)
+            self.l2 = float(l2)
+            self.torch_eps = bool(torch_eps)
+
+        def update_step(self, gradient, variable, learning_rate):
+            lr = ops.cast(learning_rate, variable.dtype)
+            gradient = ops.cast(gradient, variable.dtype)
+            if self.l2:
+                gradient = gradient + ops.cast(self.l2, variable.dtype) * variable
+            if not self.torch_eps:
+                return super().update_step(gradient, variable, learning_rate)
+            step = ops.cast(self.iterations + 1, variable.dtype)
+            beta_1 = ops.cast(self.beta_1, variable.dtype)
+            beta_2 = ops.cast(self.beta_2, variable.dtype)
+            m = self._momentums[self._get_variable_index(variable)]
+            v = self._velocities[self._get_variable_index(variable)]
+            self.assign(m, beta_1 * m + (1.0 - beta_1) * gradient)
+            self.assign(v, beta_2 * v + (1.0 - beta_2) * ops.square(gradient))
+            m_hat = m / (1.0 - ops.power(beta_1, step))
+            v_hat = v / (1.0 - ops.power(beta_2, step))
+            self.assign_sub(variable, lr * m_hat / (ops.sqrt(v_hat) + ops.cast(self.epsilon, variable.dtype)))
+
+        def get_config(self):
+            return {**super().get_config(), "l2": self.l2, "torch_eps": self.torch_eps}
+
+    class TorchSGD(_ReferenceEma, keras.optimizers.SGD):
+        """SGD with momentum as torch.optim.SGD (dampening 0), optional nesterov and L2 term."""
+
+        def __init__(self, *, l2: float = 0.0, **kwargs):
+            super().__init__(**kwargs)
+            self.l2 = float(l2)
+
+        def update_step(self, gradient, variable, learning_rate):
+            lr = ops.cast(learning_rate, variable.dtype)
+            gradient = ops.cast(gradient, variable.dtype)
+            if self.l2:
+                gradient = gradient + ops.cast(self.l2, variable.dtype) * variable
+            if not self.momentum:
+                self.assign_sub(variable, lr * gradient)
+                return
+            momentum = ops.cast(self.momentum, variable.dtype)
+            buffer = self.momentums[self._get_variable_index(variable)]
+            self.assign(buffer, momentum * buffer + gradient)
+            direction = gradient + momentum * buffer if self.nesterov else buffer
+            self.assign_sub(variable, lr * direction)
+
+        def get_config(self):
+            return {**super().get_config(), "l2": self.l2}
+
+    return ReferenceAdam, TorchSGD
+
+
+def make(name: str, *, learning_rate: float, weight_decay: float = 0.0, beta_1: float = 0.9, beta_2: float = 0.999,
+         epsilon: float = 1e-8, momentum: float = 0.9, nesterov: bool = False, ema_momentum: Optional[float] = None,
+         clip_norm: Optional[float] = None):
+    """A Keras optimizer for `train.optimizer` (see the module docstring for the update rules)."""
+    ReferenceAdam, TorchSGD = _classes()
+    common = dict(learning_rate=learning_rate)
+    if clip_norm:
+        common["global_clipnorm"] = clip_norm
+    if ema_momentum is not None:
+        common.update(use_ema=True, ema_momentum=float(ema_momentum))
+    if name in ("adam", "adam_tf"):
+        return ReferenceAdam(l2=weight_decay, torch_eps=name == "adam", beta_1=beta_1, beta_2=beta_2,
+                             epsilon=epsilon, **common)
+    if name == "adamw":
+        # Keras's decoupled decay is torch.optim.AdamW's: w <- w - lr * weight_decay * w before the step
+        return ReferenceAdam(torch_eps=True, beta_1=beta_1, beta_2=beta_2, epsilon=epsilon,
+                             weight_decay=weight_decay or None, **common)
+    if name == "sgd":
+        return TorchSGD(l2=weight_decay, momentum=momentum, nesterov=nesterov, **common)
+    raise ValueError(f"unknown optimizer '{name}'; choose one of {', '.join(OPTIMIZERS)}")
+
+
+def swap_average(model) -> None:
+    """Exchange the model's trainable weights with the optimizer's moving averages (twice = no change)."""
+    import tensorflow as tf
+
+    optimizer = model.optimizer
+    for var, average in zip(model.trainable_variables, optimizer._model_variables_moving_average):
+        raw = tf.identity(var)
+        var.assign(average)
+        average.assign(raw)
+
+
+def ema_window():
+    """(enter, leave) Keras callbacks: between them, and during validation, the model holds the averages.
+
+    Put `enter` before the callbacks that must see the averaged weights at the end of an epoch (checkpoints,
+    the validation SDR) and `leave` after them; the backup callback stays outside the window.
+    """
+    import keras
+
+    class EmaEnter(keras.callbacks.Callback):
+        def on_test_begin(self, logs=None):
+            swap_average(self.model)
+
+        def on_test_end(self, logs=None):
+            swap_average(self.model)
+
+        def on_epoch_end(self, epoch, logs=None):
+            swap_average(self.model)
+
+    class EmaLeave(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            swap_average(self.model)
+
+    return EmaEnter(), EmaLeave()
