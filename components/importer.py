@@ -140,7 +140,7 @@ def run(context: StageContext) -> dict:
              for f in released.files]
     parameters = count_params(model.train_model)
     context.logger.info("import: %s -> %s (%s parameters, %d tensors mapped, %d ignored)", released.description,
-                        context.output_dir.name, f"{parameters:,}", mapping["tensors_mapped"],
+                        "the train artifact", f"{parameters:,}", mapping["tensors_mapped"],
                         len(mapping["tensors_ignored"]))
     figures = {"parameters": parameters, "tensors_mapped": mapping["tensors_mapped"],
                "weights_assigned": mapping["weights_assigned"], "tensors_ignored": len(mapping["tensors_ignored"]),

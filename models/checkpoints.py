@@ -363,10 +363,16 @@ def _load_zip(path: Path):
 
 def _load_legacy(handle, path: Path):
     """torch < 1.6 files: magic, protocol, sys info, the pickled object, storage keys, raw storages."""
-    if pickle.load(handle) != _LEGACY_MAGIC:
+    def no_storage(pid):
+        raise CheckpointError("a storage outside the tensor pickle; the file is corrupt")
+
+    def restricted_load():  # every pickle in the file goes through the restricted unpickler
+        return _Unpickler(handle, no_storage).load()
+
+    if restricted_load() != _LEGACY_MAGIC:
         raise CheckpointError("neither a zip nor a legacy torch.save file (bad magic number)")
-    pickle.load(handle)  # protocol version
-    sys_info = pickle.load(handle)
+    restricted_load()  # protocol version
+    sys_info = restricted_load()
     byteorder = "little" if not isinstance(sys_info, dict) or sys_info.get("little_endian", True) else "big"
     storages: Dict[str, _Storage] = {}
     views: Dict[str, Tuple[str, int, int]] = {}
@@ -387,7 +393,7 @@ def _load_legacy(handle, path: Path):
         return storages[root_key]
 
     result = _Unpickler(handle, storage).load()
-    keys = pickle.load(handle)
+    keys = restricted_load()
     for key in keys:
         item = storages[key]
         size = np.dtype(np.uint16 if item.dtype == "bfloat16" else item.dtype).itemsize
