@@ -189,3 +189,33 @@ def test_import_cli_writes_the_train_artifact_and_refuses_conflicts(tmp_path):
     run = json.loads((runs / "1" / "run.json").read_text())
     assert run["command"] == "import" and run["status"] == "COMPLETED"
     assert json.loads((runs / "1" / "config.json").read_text())["import"]["path"] == str(folder)
+
+
+# ------------------------------------------------------------------------------------ TFC-TDF-UNet v3
+@pytest.mark.parametrize("release, tensors", [("multi", 80), ("single", 203)])
+def test_tfc_tdf_v3_network_and_forward_match_kuielab(release, tensors):
+    reference = np.load(FIXTURES / "tfc_tdf_v3" / "reference.npz")
+    config, model, mapping = imported(FIXTURES / "tfc_tdf_v3" / release, "tfc_tdf_v3")
+    assert mapping["tensors_mapped"] == mapping["weights_assigned"] == tensors and not mapping["tensors_ignored"]
+    assert config.model.tfc_tdf_v3["num_scales"] == (2 if release == "multi" else 3)
+    assert config.data.targets == (("vocals", "drums", "bass", "other") if release == "multi" else ("vocals",))
+    folded = np.transpose(reference[f"{release}/net_input"], (0, 3, 2, 1))  # (1, dim_c, f, t) -> (1, t, f, dim_c)
+    ours = np.asarray(model.extra["net"](folded, training=False))
+    theirs = np.transpose(reference[f"{release}/net_output"], (0, 3, 2, 1))
+    assert np.max(np.abs(ours - theirs)) <= 1e-4 * np.max(np.abs(theirs))
+    estimates = model.separator(np.transpose(reference[f"{release}/mixture"], (0, 2, 1)), training=False)
+    separated = reference[f"{release}/separated"][0]  # (targets, channels, samples), or (channels, samples)
+    separated = separated if separated.ndim == 3 else separated[None]
+    for index, target in enumerate(model.targets):
+        assert sdr(separated[index], np.asarray(estimates[target])[0].T) >= 80, target
+
+
+def test_tfc_tdf_v3_wrong_family_and_missing_config_are_one_line_errors(tmp_path):
+    shutil.copy(FIXTURES / "tfc_tdf_v3" / "multi" / "model.ckpt", tmp_path / "model.ckpt")
+    with pytest.raises(StageError, match=r"no yaml config beside the checkpoint; pass the release's config with "
+                                         r"import.config=<file.yaml>"):
+        imported(tmp_path / "model.ckpt", "tfc_tdf_v3")
+    with pytest.raises(StageError, match=r"umx/unidirectional/vocals.pth: vocals.pth has no 'first_conv.weight'; it is not a "
+                                         r"TFC-TDF-UNet v3 checkpoint"):
+        imported(UMX / "unidirectional" / "vocals.pth", "tfc_tdf_v3",
+                 **{"import.config": str(FIXTURES / "tfc_tdf_v3" / "multi" / "config.yaml")})
