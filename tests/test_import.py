@@ -219,3 +219,32 @@ def test_tfc_tdf_v3_wrong_family_and_missing_config_are_one_line_errors(tmp_path
                                          r"TFC-TDF-UNet v3 checkpoint"):
         imported(UMX / "unidirectional" / "vocals.pth", "tfc_tdf_v3",
                  **{"import.config": str(FIXTURES / "tfc_tdf_v3" / "multi" / "config.yaml")})
+
+
+# ------------------------------------------------------------------------------------ DTTNet
+DTTNET = FIXTURES / "dttnet"
+
+
+def test_dttnet_networks_and_chunk_separator_match_the_reference():
+    reference = np.load(DTTNET / "reference.npz")
+    config, model, mapping = imported(DTTNET, "dttnet", **{"import.config": str(DTTNET / "vocals.yaml")})
+    # per target: 6 (first conv + BN) + 3 blocks x 28 + 6 + 6 (down / up + BN) + 2 x 12 (dual path) + 2 (final)
+    assert mapping["tensors_mapped"] == mapping["weights_assigned"] == 2 * 128
+    assert len(mapping["tensors_ignored"]) == 2 * (2 + 18)  # window, freq_pad and 18 BN step counters
+    assert config.data.targets == ("vocals", "bass") and config.data.sample_rate == 8000
+    settings = config.model.dttnet
+    assert (settings["dim_f"], settings["bass_dim_f"], settings["num_heads"], settings["growth"]) == (32, 16, 2, 16)
+    for target in model.targets:
+        network = model.extra["networks"][target]
+        ours = np.asarray(network(np.transpose(reference[f"{target}/net_input"], (0, 3, 2, 1)), training=False))
+        theirs = np.transpose(reference[f"{target}/net_output"], (0, 3, 2, 1))
+        assert np.max(np.abs(ours - theirs)) <= 1e-4 * np.max(np.abs(theirs)), target
+        estimates = model.separator(np.transpose(reference[f"{target}/mixture"], (0, 2, 1)), training=False)
+        assert sdr(reference[f"{target}/separated"][0], np.asarray(estimates[target])[0].T) >= 80, target
+
+
+def test_dttnet_single_checkpoint_without_config_assumes_the_published_rate():
+    overrides = importer.release_overrides(resolve({"import": {"path": str(DTTNET / "bass.ckpt")},
+                                                    "model": {"name": "dttnet"}}, ["unittest"]))
+    assert overrides["data.targets"] == ["bass"] and overrides["data.sample_rate"] == 44100
+    assert overrides["model.dttnet.hop_length"] == 1024 and overrides["model.dttnet.bass_dim_f"] == 16
