@@ -44,7 +44,7 @@ def read(config):
     path = config.import_.path
     if not path:
         raise StageError("import: no checkpoint given; set import.path=<released file or folder>")
-    if not Path(path).exists():
+    if not Path(path).exists() and not Path(f"{path}.index").exists():  # a TF checkpoint is named by its prefix
         raise StageError(f"import: {path} does not exist; set import.path to the released file or folder")
     family = _family(config)
     try:
@@ -109,9 +109,10 @@ def merge_overrides(updates: dict, overrides: Mapping[str, Any], source: str) ->
 def input_payload(config) -> Any:
     """Size and mtime of every file under `import.path`: a changed release is imported again."""
     path = Path(config.import_.path or "")
-    if not path.exists():
-        return None
-    files = sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file())
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+    else:  # a file, or a TF checkpoint prefix (<prefix>.index, <prefix>.data-*)
+        files = sorted(p for p in [path, *path.parent.glob(path.name + ".*")] if p.is_file())
     return [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
 
 

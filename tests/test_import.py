@@ -248,3 +248,46 @@ def test_dttnet_single_checkpoint_without_config_assumes_the_published_rate():
                                                     "model": {"name": "dttnet"}}, ["unittest"]))
     assert overrides["data.targets"] == ["bass"] and overrides["data.sample_rate"] == 44100
     assert overrides["model.dttnet.hop_length"] == 1024 and overrides["model.dttnet.bass_dim_f"] == 16
+
+
+# ------------------------------------------------------------------------------------ Wave-U-Net
+WAVE_U_NET = FIXTURES / "wave_u_net"
+
+
+def predict_track(network, song, input_length, output_length):
+    """The reference's `Evaluate.predict_track` (its full separator) around a network: zero-pad by the context,
+    predict output-length chunks on the output grid, the last one moved to end at the song's end."""
+    pad = (input_length - output_length) // 2
+    padded = np.pad(song, [(pad, pad), (0, 0)])
+    estimates = {}
+    for position in list(range(0, len(song) - output_length, output_length)) + [len(song) - output_length]:
+        parts = network(padded[None, position:position + input_length], training=False)
+        for target, part in parts.items():
+            estimates.setdefault(target, np.zeros_like(song))[position:position + output_length] = np.asarray(part)[0]
+    return estimates
+
+
+@pytest.mark.parametrize("release, tensors, ignored", [("m4", 16, 35), ("m5/full_tiny-1", 18, 39)])
+def test_wave_u_net_tf1_checkpoint_matches_the_reference_graph(release, tensors, ignored):
+    key = release.split("/")[0]
+    reference = np.load(WAVE_U_NET / "reference.npz")
+    config, model, mapping = imported(WAVE_U_NET / release, "wave_u_net")
+    # every variable of the checkpoint is either mapped or optimizer state (Adam slots, beta powers, step)
+    assert mapping["tensors_mapped"] == mapping["weights_assigned"] == tensors
+    assert len(mapping["tensors_ignored"]) == ignored
+    assert config.model.wave_u_net["upsampling"] == ("linear" if key == "m4" else "learned")
+    assert config.data.targets == (("accompaniment", "vocals") if key == "m4" else ("bass", "drums", "other", "vocals"))
+    network_input = reference[f"{key}/network_input"]
+    outputs = model.train_model(network_input, training=False)
+    for target in model.targets:  # incl. the difference output (mixture - the others, clipped at inference)
+        theirs = reference[f"{key}/network/{target}"]
+        assert np.max(np.abs(np.asarray(outputs[target]) - theirs)) <= 1e-4 * np.max(np.abs(theirs)), target
+    song = reference[f"{key}/song"]
+    output_length = np.asarray(outputs[model.targets[0]]).shape[1]
+    estimates = predict_track(model.train_model, song, network_input.shape[1], output_length)
+    ours = model.separator(song[None], training=False)
+    for target in model.targets:
+        assert sdr(reference[f"{key}/separated/{target}"], estimates[target]) >= 80, target
+        # our separator runs the song in one pass: its decimation grid differs from the reference's chunk
+        # grid, so it is a different (equally valid) separation with the same weights
+        assert 10 < sdr(reference[f"{key}/separated/{target}"], np.asarray(ours[target])[0]) < 40, target
