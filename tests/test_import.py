@@ -291,3 +291,44 @@ def test_wave_u_net_tf1_checkpoint_matches_the_reference_graph(release, tensors,
         # our separator runs the song in one pass: its decimation grid differs from the reference's chunk
         # grid, so it is a different (equally valid) separation with the same weights
         assert 10 < sdr(reference[f"{key}/separated/{target}"], np.asarray(ours[target])[0]) < 40, target
+
+
+# ------------------------------------------------------------------------------------ end to end
+def test_imported_model_through_prepare_evaluate_export_and_separate(tmp_path):
+    """`--stage import`, then the unchanged stages and `separate` on the imported TFC-TDF-UNet v3: they take the
+    imported settings from the train artifact (8 kHz, the four targets, the network sizes)."""
+    import subprocess
+    import sys
+
+    import soundfile
+
+    root = tmp_path / "artifacts"
+    release = FIXTURES / "tfc_tdf_v3" / "multi"
+    cli("--stage", "import", "--no-file-observer", "-q", "with", "unittest", "model.name=tfc_tdf_v3",
+        f"import.path={release}", f"artifacts_dir={root}")
+    imported_meta = json.loads((root / "train" / "artifact.json").read_text())
+    for stage in ("prepare", "evaluate", "export"):
+        cli("--stage", stage, "--no-file-observer", "-q", "with", "unittest", f"artifacts_dir={root}")
+    evaluated = json.loads((root / "evaluate" / "artifact.json").read_text())
+    assert evaluated["inputs"]["train"]["fingerprint"] == imported_meta["fingerprint"]
+    assert evaluated["config"]["model"]["tfc_tdf_v3"]["num_scales"] == 2 and evaluated["config"]["data"]["sample_rate"] == 8000
+    assert set(evaluated["figures"]["targets"]) == {"vocals", "drums", "bass", "other"}
+    assert np.isfinite(evaluated["figures"]["SDR"])
+    exported = json.loads((root / "export" / "artifact.json").read_text())["figures"]
+    assert exported["parameters"] == imported_meta["figures"]["parameters"] == 10_808
+    assert exported["saved_model_max_abs_diff"] < 1e-5 and exported["tflite_float32_parity_db"] > 80
+    sidecar = json.loads((root / "export" / "model.json").read_text())
+    assert sidecar["train_fingerprint"] == imported_meta["fingerprint"] and sidecar["sample_rate"] == 8000
+
+    rate = 8000
+    t = np.arange(3 * rate) / rate
+    song = np.stack([0.3 * np.sin(2 * np.pi * 220 * t), 0.2 * np.sin(2 * np.pi * 330 * t)], axis=1).astype(np.float32)
+    soundfile.write(str(tmp_path / "song.wav"), song, rate)
+    separate = [sys.executable, str(Path(__file__).resolve().parents[1] / "pipeline" / "separate.py")]
+    result = subprocess.run([*separate, str(tmp_path / "song.wav"), "--artifacts-dir", str(root), "-o",
+                             str(tmp_path / "stems"), "-q"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for target in ("vocals", "drums", "bass", "other"):
+        stem, stem_rate = soundfile.read(str(tmp_path / "stems" / "song" / f"{target}.wav"), dtype="float32")
+        assert stem_rate == rate and stem.shape == song.shape and np.all(np.isfinite(stem))
+        assert np.sqrt(np.mean(stem ** 2)) > 1e-4, target
