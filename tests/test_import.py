@@ -332,3 +332,33 @@ def test_imported_model_through_prepare_evaluate_export_and_separate(tmp_path):
         stem, stem_rate = soundfile.read(str(tmp_path / "stems" / "song" / f"{target}.wav"), dtype="float32")
         assert stem_rate == rate and stem.shape == song.shape and np.all(np.isfinite(stem))
         assert np.sqrt(np.mean(stem ** 2)) > 1e-4, target
+
+
+def test_missing_extra_and_misshapen_tensors_are_one_line_errors_and_nothing_is_assigned():
+    import dataclasses
+
+    from components.train import build_model
+    from models.tfc_tdf_unet import assign_released
+
+    base = {"import": {"path": str(FIXTURES / "tfc_tdf_v3" / "multi")}, "model": {"name": "tfc_tdf_v3"}}
+    config = resolve(importer.merge_overrides(base, importer.release_overrides(resolve(base, ["unittest"])), "t"),
+                     ["unittest"])
+    released = importer.read(config)
+    model = build_model(config, stats={})
+    before = [w.numpy().copy() for w in model.train_model.weights]
+    cases = {
+        "missing": ({k: v for k, v in released.tensors.items() if k != "final_conv.2.weight"},
+                    r"^import tfc_tdf_v3: the released files have no tensor 'final_conv.2.weight' \(needed for "
+                    r"final_conv2/kernel\); import a complete checkpoint of this family$"),
+        "extra": ({**released.tensors, "decoder_blocks.9.upscale.conv.2.weight": np.zeros((4, 4, 2, 2), np.float32)},
+                  r"^import tfc_tdf_v3: tensor 'decoder_blocks.9.upscale.conv.2.weight' \(4, 4, 2, 2\) of the released "
+                  r"files is not used \(1 unused\); the files are not a tfc_tdf_v3 checkpoint of this configuration$"),
+        "shape": ({**released.tensors, "first_conv.weight": np.zeros((4, 8, 3, 3), np.float32)},
+                  r"^import tfc_tdf_v3: tensor 'first_conv.weight' \(4, 8, 3, 3\) does not fit Keras weight "
+                  r"first_conv/kernel \(1, 1, 8, 4\);"),
+    }
+    for name, (tensors, message) in cases.items():
+        with pytest.raises(CheckpointError, match=message):
+            assign_released(model, dataclasses.replace(released, tensors=tensors))
+    for old, weight in zip(before, model.train_model.weights):  # nothing was assigned
+        np.testing.assert_array_equal(old, weight.numpy())
