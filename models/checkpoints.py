@@ -441,8 +441,9 @@ def plain(value: Any) -> Any:
 
 
 def set_option_keys(options: Mapping[str, Any], known: Sequence[str], where: str) -> None:
-    """Refuse `import.*` options a family does not understand (one line naming the option)."""
+    """Refuse the `import.*` options a family's `read_released` has no parameter for (`options` holds only
+    those); `known` names the ones it takes, for the message."""
     for key, value in options.items():
-        if value not in (None, "", (), []) and key not in known:
+        if value not in (None, "", (), []):
             raise CheckpointError(f"{where}: import.{key} does not apply to this family; "
                                   f"it takes {', '.join('import.' + k for k in known) or 'no options'}")

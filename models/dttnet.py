@@ -399,7 +399,7 @@ def read_released(path, config: Optional[str] = None, targets=(), **options):
     from models.tfc_tdf_unet import _load_yaml
 
     where = f"import {path}"
-    set_option_keys(options, (), where)
+    set_option_keys(options, ("config", "targets"), where)
     path = Path(path)
     yaml_settings = _load_yaml(Path(config)) if config else {}
     if config and not Path(config).is_file():

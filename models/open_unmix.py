@@ -380,7 +380,7 @@ def read_released(path, model: Optional[str] = None, targets=(), **options):
     from models.checkpoints import CheckpointError, ReleasedCheckpoint, load_torch, set_option_keys, state_dict_of
 
     where = f"import {path}"
-    set_option_keys(options, (), where)
+    set_option_keys(options, ("model", "targets"), where)
     path = Path(path)
     folder = path if path.is_dir() else path.parent
     if model is not None and model not in PUBLISHED:
@@ -448,6 +448,10 @@ def read_released(path, model: Optional[str] = None, targets=(), **options):
         raise CheckpointError(f"{where}: the weights say {sample_rates[0]:g} Hz but the configuration "
                               f"{settings['sample_rate']} Hz; import.model names another model")
     first = next(iter(files))
+    for target, file in files.items():
+        if f"{target}/fc1.weight" not in tensors or f"{target}/lstm.weight_ih_l0" not in tensors:
+            raise CheckpointError(f"{where}: {file.name} has no 'fc1.weight' / 'lstm.weight_ih_l0'; it is not an "
+                                  "Open-Unmix state dict (model.name names the family of the file)")
     if "unidirectional" not in settings:
         settings["unidirectional"] = f"{first}/lstm.weight_ih_l0_reverse" not in tensors
     nb_layers = len([k for k in tensors if k.startswith(f"{first}/lstm.weight_ih_l") and "reverse" not in k])

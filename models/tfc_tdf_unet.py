@@ -466,7 +466,7 @@ def read_released(path, config: Optional[str] = None, targets=(), **options):
     from models.checkpoints import CheckpointError, ReleasedCheckpoint, load_torch, set_option_keys, state_dict_of
 
     where = f"import {path}"
-    set_option_keys(options, (), where)
+    set_option_keys(options, ("config", "targets"), where)
     weights, yaml_file = _release_config(Path(path), config)
     settings = _load_yaml(yaml_file)
     try:

@@ -458,7 +458,7 @@ def read_released(path, model: Optional[str] = None, config: Optional[str] = Non
     from models.checkpoints import CheckpointError, ReleasedCheckpoint, set_option_keys
 
     where = f"import {path}"
-    set_option_keys(options, (), where)
+    set_option_keys(options, ("model", "config", "targets"), where)
     prefix = _checkpoint_prefix(Path(path))
     try:
         reader = tf.train.load_checkpoint(str(prefix))
