@@ -96,7 +96,7 @@ def test_reader_turns_unknown_classes_into_inert_placeholders(tmp_path):
 UMX = FIXTURES / "umx"
 
 
-@pytest.mark.parametrize("folder, window", [("bidirectional", 50), ("bidirectional", 0), ("unidirectional", 40)])
+@pytest.mark.parametrize("folder, window", [("bidirectional", 50), ("bidirectional", 0), ("unidirectional", 25)])
 def test_open_unmix_network_and_separator_match_openunmix(folder, window):
     reference = np.load(UMX / "reference.npz")
     config, model, mapping = imported(UMX / folder, "umx", **{"model.umx.wiener_win_len": window})
