@@ -100,6 +100,16 @@ def load_trained(train_artifact, config, weights: str = "best"):
     return model
 
 
+def save_weights(model, out: Path, best: Optional[Path] = None) -> None:
+    """The weight files of a train artifact: `model.weights.h5` (these weights) and `best.weights.h5`
+    (`best` when given, else the same weights). The import stage writes the same pair."""
+    model.train_model.save_weights(str(out / "model.weights.h5"))
+    if best is not None and best.is_file():
+        shutil.copy2(best, out / "best.weights.h5")
+    else:
+        shutil.copy2(out / "model.weights.h5", out / "best.weights.h5")
+
+
 def count_params(keras_model) -> int:
     return int(sum(int(math.prod(w.shape)) for w in keras_model.trainable_weights))
 
@@ -322,12 +332,7 @@ def run(context: StageContext) -> dict:
     history, seconds, examples = _fit_phases(context, model, strategy, train_ds, valid_ds, steps, work)
 
     out = context.output_dir
-    model.train_model.save_weights(str(out / "model.weights.h5"))
-    best = work / "best.weights.h5"
-    if best.is_file():
-        shutil.copy2(best, out / "best.weights.h5")
-    else:
-        shutil.copy2(out / "model.weights.h5", out / "best.weights.h5")
+    save_weights(model, out, best=work / "best.weights.h5")
     (out / "history.json").write_text(json.dumps(history, indent=1))
     if (work / "tensorboard").is_dir():
         shutil.copytree(work / "tensorboard", out / "tensorboard")

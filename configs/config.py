@@ -158,6 +158,20 @@ class ExportConfig:
 
 
 @dataclass(frozen=True)
+class ImportConfig:
+    """`--stage import`: the authors' released files -> the train artifact (components/importer.py).
+
+    The user-facing section is `import` (`import.path=...`); `import` is a Python keyword, so the
+    field is `Config.import_`.
+    """
+
+    path: Optional[str] = None  # the released file or folder, as downloaded
+    model: Optional[str] = None  # published model name where the files do not say (open-unmix: umxhq, umx, umxl)
+    config: Optional[str] = None  # the release's config file when it is not beside the weights (yaml/json)
+    targets: Tuple[str, ...] = ()  # targets to import, in this order (default: every target released)
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -167,16 +181,22 @@ class Config:
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     artifacts_dir: str = "artifacts"
     seed: int = 0  # Sacred's seed; the training seed is train.seed
+    import_: ImportConfig = field(default_factory=ImportConfig)  # the `import` section
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> "Config":
-        return _build(cls, raw, prefix="")
+        raw = dict(raw)
+        imported = raw.pop("import", None) or {}
+        config = _build(cls, raw, prefix="")
+        return dataclasses.replace(config, import_=_build(ImportConfig, imported, prefix="import."))
 
     def to_dict(self) -> dict:
-        return to_plain(self)
+        plain = to_plain(self)
+        plain["import"] = plain.pop("import_")
+        return plain
 
     def section(self, name: str) -> dict:
-        return to_plain(getattr(self, name))
+        return to_plain(getattr(self, "import_" if name == "import" else name))
 
 
 def to_plain(value: Any) -> Any:

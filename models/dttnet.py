@@ -26,6 +26,7 @@ Trainable parameters per target (the "4.97M" of the paper, derivation in tests/t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import keras
@@ -350,3 +351,176 @@ def build(config: Config, *, data, stats=None) -> SeparationModel:
             "networks": nets,
         },
     )
+
+
+# ------------------------------------------------------------------------------ released checkpoints
+def _count(state, prefix: str) -> int:
+    """How many numbered children `prefix.<i>.` the state dict has."""
+    found = {name[len(prefix):].split(".", 1)[0] for name in state if name.startswith(prefix)}
+    return len([index for index in found if index.isdigit()])
+
+
+def _network_settings(state: dict, where: str) -> dict:
+    """The DPTDFNet hyper-parameters a released state dict implies (the reference never saves them)."""
+    from models.checkpoints import CheckpointError
+
+    try:
+        n_fft = int(state["window"].shape[0])
+        dim_f = n_fft // 2 + 1 - int(state["freq_pad"].shape[2])
+        growth = int(state["first_conv.0.weight"].shape[0])
+        num_scales = _count(state, "encoding_blocks.")
+        tdf = state["encoding_blocks.0.tdf.0.weight"]
+        settings = {
+            "n_fft": n_fft, "dim_f": dim_f, "nb_channels": int(state["freq_pad"].shape[1]) // 2, "growth": growth,
+            "num_scales": num_scales, "tfc_layers": _count(state, "encoding_blocks.0.tfc1.H."),
+            "kernel_size": int(state["encoding_blocks.0.tfc1.H.0.0.weight"].shape[-1]),
+            "bottleneck_factor": dim_f // int(tdf.shape[0]),
+            "num_dual_path_layers": _count(state, "bottleneck_block2.bsrnn."),
+            "num_heads": growth * (num_scales + 1) // int(state["bottleneck_block2.bsrnn.0.0.groupnorm.weight"].shape[0]),
+        }
+    except KeyError as error:
+        raise CheckpointError(f"{where}: no tensor {error}; not a DTTNet (DPTDFNet) checkpoint "
+                              "(model.name names the family of the file)") from None
+    if "encoding_blocks.0.tdf.3.weight" not in state or "encoding_blocks.0.tdf.0.bias" in state:
+        raise CheckpointError(f"{where}: the TDF is not the published one (two linear layers without bias, bn > 0); "
+                              "it cannot be imported")
+    if "encoding_blocks.0.tfc2.H.0.0.weight" not in state or "first_conv.1.running_mean" not in state:
+        raise CheckpointError(f"{where}: not a TFC_TDF_Res2 network with BatchNorm (block_type / bn_norm differ "
+                              "from the published DTTNet); it cannot be imported")
+    return settings
+
+
+def read_released(path, config: Optional[str] = None, targets=(), **options):
+    """DTTNet's released Lightning checkpoints: `<target>.ckpt` files (one network each; a folder of them or
+    one file), the network read from `state_dict`. The sizes come from the tensors themselves (the reference
+    does not save its hyper-parameters); the hop length and chunk (`dim_t`) from the model yaml of the
+    reference (`configs/model/<target>.yaml`, import.config) when given, else the published 1024 / 256."""
+    from models.checkpoints import CheckpointError, ReleasedCheckpoint, load_torch, set_option_keys, state_dict_of
+    from models.tfc_tdf_unet import _load_yaml
+
+    where = f"import {path}"
+    set_option_keys(options, ("config", "targets"), where)
+    path = Path(path)
+    yaml_settings = _load_yaml(Path(config)) if config else {}
+    if config and not Path(config).is_file():
+        raise CheckpointError(f"{where}: import.config={config} does not exist; pass the reference's model yaml")
+    if path.is_dir():
+        files = {p.stem.split("-")[0].split("_")[0]: p for p in sorted(path.glob("*.ckpt"))}
+        if targets:
+            missing = [t for t in targets if t not in files]
+            if missing:
+                raise CheckpointError(f"{where}: no {missing[0]}.ckpt in the folder; import.targets names the "
+                                      "checkpoints to import")
+            files = {t: files[t] for t in targets}
+        files = dict(sorted(files.items(), key=lambda item: (MUSDB_ORDER.index(item[0]) if item[0] in MUSDB_ORDER
+                                                             else len(MUSDB_ORDER), item[0])))
+    else:
+        target = (targets[0] if len(targets) == 1 else yaml_settings.get("target_name")
+                  or path.stem.split("-")[0].split("_")[0])
+        files = {target: path}
+    if not files:
+        raise CheckpointError(f"{where}: no .ckpt files; pass DTTNet's released <target>.ckpt files")
+    tensors, per_target = {}, {}
+    for target, file in files.items():
+        loaded = load_torch(file)
+        state = state_dict_of(loaded, file)
+        per_target[target] = _network_settings(state, f"{where}: {file.name}")
+        tensors.update({f"{target}/{name}": value for name, value in state.items()})
+    shared = {k: v for k, v in next(iter(per_target.values())).items() if k not in ("dim_f", "bottleneck_factor")}
+    for target, settings in per_target.items():
+        clash = [k for k in shared if settings[k] != shared[k]]
+        if clash:
+            raise CheckpointError(f"{where}: {files[target].name} has {clash[0]}={settings[clash[0]]} but "
+                                  f"{next(iter(files.values())).name} has {shared[clash[0]]}; import them separately")
+    bands = {("bass" if t == "bass" else "other"): (s["dim_f"], s["bottleneck_factor"]) for t, s in per_target.items()}
+    for target, settings in per_target.items():
+        if (settings["dim_f"], settings["bottleneck_factor"]) != bands["bass" if target == "bass" else "other"]:
+            raise CheckpointError(f"{where}: {files[target].name} has dim_f={settings['dim_f']} but the other "
+                                  "non-bass targets differ; our DTTNet shares one band setting across them")
+    main = bands.get("other", bands.get("bass"))
+    bass = bands.get("bass", main)
+    hop = int(yaml_settings.get("hop_length", 1024))
+    dim_t = int(yaml_settings.get("dim_t", 256))
+    overrides = {"model.name": "dttnet", "data.nb_channels": shared.pop("nb_channels"), "data.targets": list(files),
+                 **{f"model.dttnet.{k}": v for k, v in shared.items()},
+                 "model.dttnet.hop_length": hop, "model.dttnet.dim_t": dim_t,
+                 "model.dttnet.inference_dim_t": 2 * dim_t,  # the reference's inference chunk: hop * (2 dim_t - 1)
+                 "model.dttnet.dim_f": main[0], "model.dttnet.bottleneck_factor": main[1],
+                 "model.dttnet.bass_dim_f": bass[0], "model.dttnet.bass_bottleneck_factor": bass[1]}
+    # the checkpoints do not record the rate: the published models are 44.1 kHz (MUSDB18-HQ); a yaml may say otherwise
+    overrides["data.sample_rate"] = int(yaml_settings.get("sample_rate", 44100))
+    ignorable = {}
+    for target in files:
+        ignorable[f"{target}/window"] = "the STFT's Hann window (a frozen parameter; ours is computed)"
+        ignorable[f"{target}/freq_pad"] = "zeros padding the bins above dim_f before the ISTFT (frozen)"
+        for name in tensors:
+            if name.startswith(f"{target}/") and name.endswith("num_batches_tracked"):
+                ignorable[name] = "PyTorch's BatchNorm step counter (unused with momentum 0.1)"
+    read = list(files.values()) + ([Path(config)] if config else [])
+    return ReleasedCheckpoint(family="dttnet", config_overrides=overrides, tensors=tensors, files=read,
+                              description=f"DTTNet Lightning checkpoints ({', '.join(files)})", ignorable=ignorable)
+
+
+MUSDB_ORDER = ("vocals", "drums", "bass", "other")
+
+
+def assign_released(model: SeparationModel, released) -> dict:
+    """DTTNet-Pytorch's DPTDFNet state dicts -> one Keras network per target: the one mapping table of this family."""
+    from models.checkpoints import Assign, assign_table, transpose
+    from models.tfc_tdf_unet import _conv_kernel, _transposed_kernel
+
+    config = model.config
+    rows = []
+    for target, net in model.extra["networks"].items():
+        def conv(source, layer, convert=_conv_kernel):
+            layer = net.get_layer(layer)
+            return [Assign((f"{target}/{source}.weight",), layer.kernel, convert),
+                    Assign((f"{target}/{source}.bias",), layer.bias)]
+
+        def bn(source, layer):
+            layer = net.get_layer(layer)
+            return [Assign((f"{target}/{source}.{name}",), variable) for name, variable in
+                    (("weight", layer.gamma), ("bias", layer.beta), ("running_mean", layer.moving_mean),
+                     ("running_var", layer.moving_variance))]
+
+        def tfc(source, name, layers):
+            found = []
+            for index in range(layers):
+                found += conv(f"{source}.H.{index}.0", f"{name}_{index}_conv") + bn(f"{source}.H.{index}.1",
+                                                                                  f"{name}_{index}_bn")
+            return found
+
+        def block(source, name):
+            found = tfc(f"{source}.res", f"{name}_res", 1) + tfc(f"{source}.tfc1", f"{name}_tfc1", config.tfc_layers)
+            for index, (linear, norm) in enumerate(((0, 1), (3, 4))):
+                found.append(Assign((f"{target}/{source}.tdf.{linear}.weight",),
+                                    net.get_layer(f"{name}_tdf_fc{index}").kernel, transpose))
+                found += bn(f"{source}.tdf.{norm}", f"{name}_tdf_bn{index}")
+            return found + tfc(f"{source}.tfc2", f"{name}_tfc2", config.tfc_layers)
+
+        rows += conv("first_conv.0", "first_conv") + bn("first_conv.1", "first_bn")
+        for scale in range(config.num_scales):
+            rows += block(f"encoding_blocks.{scale}", f"encoder{scale}")
+            rows += conv(f"ds.{scale}.0", f"encoder{scale}_down") + bn(f"ds.{scale}.1", f"encoder{scale}_down_bn")
+        rows += block("bottleneck_block1", "latent")
+        dual_path = net.get_layer("dual_path")
+        for index, path in enumerate(dual_path.paths):
+            for along, axis in ((0, "time"), (1, "freq")):  # the reference's rnn_across_t, then rnn_across_k
+                norm, lstm, dense = path[axis]
+                source = f"{target}/bottleneck_block2.bsrnn.{index}.{along}"
+                rows += [Assign((f"{source}.groupnorm.weight",), norm.gamma),
+                         Assign((f"{source}.groupnorm.bias",), norm.beta),
+                         Assign((f"{source}.fc.weight",), dense.kernel, transpose),
+                         Assign((f"{source}.fc.bias",), dense.bias)]
+                for direction, suffix in zip(lstm.directions, ("", "_reverse")):
+                    rows += [Assign((f"{source}.rnn.weight_ih_l0{suffix}",), direction["kernel"], transpose),
+                             Assign((f"{source}.rnn.weight_hh_l0{suffix}",), direction["recurrent_kernel"], transpose),
+                             Assign((f"{source}.rnn.bias_ih_l0{suffix}",), direction["bias"]),
+                             Assign((f"{source}.rnn.bias_hh_l0{suffix}",), direction["recurrent_bias"])]
+        for index in range(config.num_scales):  # the reference's us[i] / decoding_blocks[i] work at scale n - 1 - i
+            scale = config.num_scales - 1 - index
+            rows += conv(f"us.{index}.0", f"decoder{scale}_up", _transposed_kernel) + bn(f"us.{index}.1",
+                                                                                         f"decoder{scale}_up_bn")
+            rows += block(f"decoding_blocks.{index}", f"decoder{scale}")
+        rows += conv("final_conv.0", "final_conv")
+    return assign_table(rows, released, model.train_model.weights, where="import dttnet")

@@ -58,6 +58,32 @@ def wiener(target_magnitudes, mix_stft, niter: int = 1, residual: bool = False, 
     return y * max_abs[..., None, None]
 
 
+def blockwise_wiener(target_magnitudes, mix_stft, win_len: int, niter: int = 1, residual: bool = False,
+                     eps: float = 1e-10, scale_factor: float = 10.0) -> tf.Tensor:
+    """`wiener` on consecutive blocks of `win_len` frames, each filtered on its own (own scaling and
+    spatial covariances), as open-unmix's `Separator(wiener_win_len=...)`; `win_len` 0 = one block.
+
+    Inputs `(B, F, K, C, J)` and `(B, F, K, C, 2)`. The frames are zero-padded to whole blocks:
+    silent frames add nothing to the covariance sums or the scaling maximum and come out silent,
+    so every block equals open-unmix's filtering of the same frames; the padding is cut off after.
+    """
+    if not win_len:
+        return wiener(target_magnitudes, mix_stft, niter, residual, eps, scale_factor)
+    v = tf.convert_to_tensor(target_magnitudes, tf.float32)
+    mix_stft = tf.convert_to_tensor(mix_stft, tf.float32)
+    nb_frames = tf.shape(v)[1]
+    nb_blocks = (nb_frames + win_len - 1) // win_len
+    pad = nb_blocks * win_len - nb_frames
+
+    def blocks(x):  # (B, F, ...) -> (B, nb_blocks, win_len, ...)
+        x = tf.pad(x, [[0, 0], [0, pad]] + [[0, 0]] * (len(x.shape) - 2))
+        return tf.reshape(x, tf.concat([tf.shape(x)[:1], [nb_blocks, win_len], tf.shape(x)[2:]], 0))
+
+    y = wiener(blocks(v), blocks(mix_stft), niter, residual, eps, scale_factor)  # (B, blocks, win, K, C, J', 2)
+    y = tf.reshape(y, tf.concat([tf.shape(y)[:1], [nb_blocks * win_len], tf.shape(y)[3:]], 0))
+    return y[:, :nb_frames]
+
+
 def expectation_maximization(y, mix_stft, niter: int = 2, eps: float = 1e-10) -> tf.Tensor:
     """`niter` EM updates of the source estimates `y` `(..., F, K, C, J, 2)` given the mixture `(..., F, K, C, 2)`.
 
@@ -170,15 +196,17 @@ class WienerFilter(keras.layers.Layer):
     """[target magnitudes `(B, F, K, C, J)`, mixture STFT `(B, F, K, C, 2)`] -> `(B, F, K, C, J [+1], 2)`."""
 
     def __init__(self, niter: int = 1, residual: bool = False, eps: float = 1e-10, scale_factor: float = 10.0,
-                 **kwargs):
+                 win_len: int = 0, **kwargs):
         super().__init__(**kwargs)
         self.niter = niter
         self.residual = residual
         self.eps = eps
         self.scale_factor = scale_factor
+        self.win_len = win_len  # frames per independently filtered block; 0: the whole input
 
     def call(self, target_magnitudes, mix_stft):
-        return wiener(target_magnitudes, mix_stft, self.niter, self.residual, self.eps, self.scale_factor)
+        return blockwise_wiener(target_magnitudes, mix_stft, self.win_len, self.niter, self.residual, self.eps,
+                                self.scale_factor)
 
     def compute_output_shape(self, target_magnitudes_shape, mix_stft_shape):
         shape = tuple(target_magnitudes_shape)
@@ -187,4 +215,4 @@ class WienerFilter(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "niter": self.niter, "residual": self.residual, "eps": self.eps,
-                "scale_factor": self.scale_factor}
+                "scale_factor": self.scale_factor, "win_len": self.win_len}

@@ -19,14 +19,16 @@ filter (`wiener_iterations` EM steps, 0 = ratio masks) -> ISTFT to the input len
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable, Optional
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from configs.config import ConfigError
+from configs.config import MUSDB_TARGETS, ConfigError
 from models.base import SeparationModel
 from models.filtering import WienerFilter
 from models.layers import LSTM
@@ -44,6 +46,9 @@ class Config:
     unidirectional: bool = False
     bandwidth: float = 16000.0  # Hz; bins above are not fed to the network (but are estimated)
     wiener_iterations: int = 1  # EM iterations in the separator; 0: ratio masks
+    # frames per independently Wiener-filtered block; 0: the whole chunk the separator gets. open-unmix's
+    # Separator uses 300; 0 is kept here because evaluate / separate already cut songs into bounded chunks
+    wiener_win_len: int = 0
     residual: bool = False  # add a `residual` output: mixture minus the sum of the targets
     unroll: bool = False  # unrolled LSTMs (static frame count at call time); TFLite builtins need it
 
@@ -61,6 +66,8 @@ class Config:
             raise ConfigError(f"{key}bandwidth must be positive (Hz), got {self.bandwidth}")
         if self.wiener_iterations < 0:
             raise ConfigError(f"{key}wiener_iterations must be >= 0, got {self.wiener_iterations}")
+        if self.wiener_win_len < 0:
+            raise ConfigError(f"{key}wiener_win_len must be >= 0 frames (0: whole chunk), got {self.wiener_win_len}")
 
 
 # --------------------------------------------------------------------------------------------- layers
@@ -216,7 +223,8 @@ def build(config: Config, *, data, stats=None) -> SeparationModel:
         mix_stft = stft_layer(waveform)
         mix_magnitude = norm_layer(mix_stft)
         estimates = keras.ops.stack([networks[target](mix_magnitude) for target in targets], axis=-1)
-        sources = WienerFilter(wiener_iterations, residual, name="wiener")(estimates, mix_stft)
+        sources = WienerFilter(wiener_iterations, residual, win_len=config.wiener_win_len,
+                               name="wiener")(estimates, mix_stft)
         waveforms = ISTFT(config.n_fft, config.hop_length, name="istft")(sources, waveform)  # (B, T, C, J)
         names = targets + (("residual",) if residual else ())
         return keras.Model(waveform, {name: waveforms[..., index] for index, name in enumerate(names)},
@@ -250,3 +258,166 @@ def build(config: Config, *, data, stats=None) -> SeparationModel:
         mobile=mobile,
         extra={"make_separator": make_separator, "networks": networks, "max_bin": max_bin, "nb_bins": nb_bins},
     )
+
+
+# ------------------------------------------------------------------------------ released checkpoints
+# The published open-unmix models (openunmix/__init__.py, `<name>_spec`): STFT 4096/1024 at 44.1 kHz,
+# stereo, 16 kHz bandwidth, 3 BLSTM layers; UMX-L has hidden size 1024. UMX-SE is the 16 kHz mono speech model.
+PUBLISHED = {
+    "umxhq": {"sample_rate": 44100, "nb_channels": 2, "n_fft": 4096, "hop_length": 1024, "hidden_size": 512,
+              "bandwidth": 16000.0, "targets": ("vocals", "drums", "bass", "other")},
+    "umx": {"sample_rate": 44100, "nb_channels": 2, "n_fft": 4096, "hop_length": 1024, "hidden_size": 512,
+            "bandwidth": 16000.0, "targets": ("vocals", "drums", "bass", "other")},
+    "umxl": {"sample_rate": 44100, "nb_channels": 2, "n_fft": 4096, "hop_length": 1024, "hidden_size": 1024,
+             "bandwidth": 16000.0, "targets": ("vocals", "drums", "bass", "other")},
+    "umxse": {"sample_rate": 16000, "nb_channels": 1, "n_fft": 1024, "hop_length": 512, "hidden_size": 256,
+              "bandwidth": 16000.0, "targets": ("speech", "noise")},
+}
+# `<target>-<hash>.pth` as published on Zenodo (records 3370489, 3370486, 5069601, 3786908)
+PUBLISHED_FILES = {
+    "bass-8d85a5bd": "umxhq", "drums-9619578f": "umxhq", "other-b52fbbf7": "umxhq", "vocals-b62c91ce": "umxhq",
+    "bass-646024d3": "umx", "drums-5a48008b": "umx", "other-f8e132cc": "umx", "vocals-c8df74a5": "umx",
+    "bass-2ca1ce51": "umxl", "drums-69e0ebd4": "umxl", "other-c8c5b3e6": "umxl", "vocals-bccbd9aa": "umxl",
+    "speech-f5ae7c4c": "umxse", "noise-2ccb2e32": "umxse",
+}
+# in state dicts of open-unmix < 1.1 (the 2019 UMX / UMX-HQ files), not parameters of the network
+_IGNORABLE = {
+    "stft.window": "the STFT window of open-unmix 1.0's model (a fixed Hann window; ours is computed)",
+    "transform.0.window": "the same STFT window under open-unmix 1.0's transform alias",
+    "sample_rate": "a buffer of open-unmix 1.0's model; checked against the model's rate",
+    "bn1.num_batches_tracked": "PyTorch's BatchNorm step counter (unused with momentum 0.1)",
+    "bn2.num_batches_tracked": "PyTorch's BatchNorm step counter (unused with momentum 0.1)",
+    "bn3.num_batches_tracked": "PyTorch's BatchNorm step counter (unused with momentum 0.1)",
+}
+
+
+def _target_file(folder: Path, target: str) -> Optional[Path]:
+    exact = folder / f"{target}.pth"
+    if exact.is_file():
+        return exact
+    found = sorted(folder.glob(f"{target}-*.pth"))
+    return found[0] if found else None
+
+
+def read_released(path, model: Optional[str] = None, targets=(), **options):
+    """Open-Unmix weights as published: a model folder (`<target>.pth` + `<target>.json` +
+    `separator.json`, as open-unmix's `scripts/train.py` writes it) or bare `<target>[-<hash>].pth`
+    files (a folder of them or one file) with the configuration of a published model (`import.model`
+    = umxhq, umx, umxl or umxse; recognised from the published file names when not given)."""
+    from models.checkpoints import CheckpointError, ReleasedCheckpoint, load_torch, set_option_keys, state_dict_of
+
+    where = f"import {path}"
+    set_option_keys(options, ("model", "targets"), where)
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    if model is not None and model not in PUBLISHED:
+        raise CheckpointError(f"{where}: import.model={model} is not a published open-unmix model; "
+                              f"choose one of {', '.join(PUBLISHED)}")
+    if path.is_file():
+        stem = path.name[: -len(".pth")] if path.name.endswith(".pth") else path.stem
+        files = {stem.split("-")[0]: path}
+    else:
+        if targets:
+            files = {t: _target_file(folder, t) for t in targets}
+        else:
+            names = sorted({p.name[:-5] for p in folder.glob("*.json") if p.name != "separator.json"}
+                           | {p.name[:-4].split("-")[0] for p in folder.glob("*.pth")},
+                           key=lambda t: (MUSDB_TARGETS.index(t) if t in MUSDB_TARGETS else len(MUSDB_TARGETS), t))
+            files = {t: _target_file(folder, t) for t in names}
+        missing = [t for t, f in files.items() if f is None]
+        if missing or not files:
+            raise CheckpointError(f"{where}: no weights for target '{missing[0] if missing else '?'}' "
+                                  f"(expected {missing[0] if missing else '<target>'}.pth or <target>-<hash>.pth); "
+                                  "pass the model folder open-unmix wrote or a published <target>-<hash>.pth")
+    if targets and path.is_file() and tuple(targets) != tuple(files):
+        raise CheckpointError(f"{where}: the file holds target '{next(iter(files))}' but import.targets="
+                              f"{list(targets)}; pass the folder to import several targets")
+    read_files = list(files.values())
+    settings = {}
+    separator_json = folder / "separator.json"
+    if separator_json.is_file():
+        separator = json.loads(separator_json.read_text())
+        settings.update(sample_rate=int(separator["sample_rate"]), n_fft=int(separator["nfft"]),
+                        hop_length=int(separator["nhop"]), nb_channels=int(separator["nb_channels"]))
+        read_files.append(separator_json)
+    for target in files:
+        target_json = folder / f"{target}.json"
+        if target_json.is_file() and model is None:
+            arguments = json.loads(target_json.read_text()).get("args", {})
+            found = dict(n_fft=int(arguments["nfft"]), hop_length=int(arguments["nhop"]),
+                         hidden_size=int(arguments["hidden_size"]), nb_channels=int(arguments["nb_channels"]),
+                         bandwidth=float(arguments.get("bandwidth", 16000)),
+                         unidirectional=bool(arguments.get("unidirectional", False)))
+            clash = [k for k in found if k in settings and settings[k] != found[k]]
+            if clash:
+                raise CheckpointError(f"{where}: {target_json.name} has {clash[0]}={found[clash[0]]} but the other "
+                                      f"files have {settings[clash[0]]}; every target must share one configuration")
+            settings.update(found)
+            read_files.append(target_json)
+    if "hidden_size" not in settings:  # bare published files
+        if model is None:
+            names = {PUBLISHED_FILES.get(f.name[:-4]) for f in files.values()}
+            if len(names) != 1 or None in names:
+                raise CheckpointError(f"{where}: no {next(iter(files))}.json beside the weights; name the published "
+                                      f"model with import.model=umxhq|umx|umxl|umxse")
+            model = names.pop()
+        published = PUBLISHED[model]
+        settings = {k: v for k, v in published.items() if k != "targets"} | settings
+    tensors, sample_rates = {}, []
+    for target, file in files.items():
+        state = state_dict_of(load_torch(file), file)
+        if "sample_rate" in state:
+            sample_rates.append(float(np.asarray(state["sample_rate"])))
+        tensors.update({f"{target}/{name}": value for name, value in state.items()})
+    if "sample_rate" not in settings:
+        settings["sample_rate"] = int(sample_rates[0]) if sample_rates else 44100
+    if any(rate != settings["sample_rate"] for rate in sample_rates):
+        raise CheckpointError(f"{where}: the weights say {sample_rates[0]:g} Hz but the configuration "
+                              f"{settings['sample_rate']} Hz; import.model names another model")
+    first = next(iter(files))
+    for target, file in files.items():
+        if f"{target}/fc1.weight" not in tensors or f"{target}/lstm.weight_ih_l0" not in tensors:
+            raise CheckpointError(f"{where}: {file.name} has no 'fc1.weight' / 'lstm.weight_ih_l0'; it is not an "
+                                  "Open-Unmix state dict (model.name names the family of the file)")
+    if "unidirectional" not in settings:
+        settings["unidirectional"] = f"{first}/lstm.weight_ih_l0_reverse" not in tensors
+    nb_layers = len([k for k in tensors if k.startswith(f"{first}/lstm.weight_ih_l") and "reverse" not in k])
+    overrides = {"data.sample_rate": settings["sample_rate"], "data.nb_channels": settings["nb_channels"],
+                 "data.targets": list(files), "model.name": "umx",
+                 **{f"model.umx.{key}": settings[key] for key in
+                    ("n_fft", "hop_length", "hidden_size", "bandwidth", "unidirectional")},
+                 "model.umx.nb_layers": nb_layers}
+    ignorable = {f"{t}/{name}": reason for t in files for name, reason in _IGNORABLE.items()}
+    kind = model or "model folder"
+    return ReleasedCheckpoint(family="umx", config_overrides=overrides, tensors=tensors, files=read_files,
+                              description=f"open-unmix {kind} ({', '.join(files)}), hidden {settings['hidden_size']}"
+                                          f"{', unidirectional' if settings['unidirectional'] else ''}",
+                              ignorable=ignorable)
+
+
+def assign_released(model: SeparationModel, released) -> dict:
+    """Open-Unmix state dicts -> the Keras networks: the one mapping table of this family."""
+    from models.checkpoints import Assign, assign_table, transpose
+
+    rows = []
+    for target, network in model.extra["networks"].items():
+        def source(name):
+            return (f"{target}/{name}",)
+
+        rows += [Assign(source("input_mean"), network.input_mean), Assign(source("input_scale"), network.input_scale),
+                 Assign(source("output_mean"), network.output_mean),
+                 Assign(source("output_scale"), network.output_scale)]
+        for dense in ("fc1", "fc2", "fc3"):
+            rows.append(Assign(source(f"{dense}.weight"), getattr(network, dense).kernel, transpose))
+        for norm in ("bn1", "bn2", "bn3"):
+            layer = getattr(network, norm)
+            rows += [Assign(source(f"{norm}.weight"), layer.gamma), Assign(source(f"{norm}.bias"), layer.beta),
+                     Assign(source(f"{norm}.running_mean"), layer.moving_mean),
+                     Assign(source(f"{norm}.running_var"), layer.moving_variance)]
+        for index, lstm in enumerate(network.lstms):
+            for direction, suffix in zip(lstm.directions, ("", "_reverse")):
+                rows += [Assign(source(f"lstm.weight_ih_l{index}{suffix}"), direction["kernel"], transpose),
+                         Assign(source(f"lstm.weight_hh_l{index}{suffix}"), direction["recurrent_kernel"], transpose),
+                         Assign(source(f"lstm.bias_ih_l{index}{suffix}"), direction["bias"]),
+                         Assign(source(f"lstm.bias_hh_l{index}{suffix}"), direction["recurrent_bias"])]
+    return assign_table(rows, released, model.train_model.weights, where="import umx")

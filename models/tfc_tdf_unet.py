@@ -30,6 +30,7 @@ tests/test_tfc_tdf_unet.py.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import keras
@@ -452,3 +453,153 @@ def build(config: Config, *, data, stats=None) -> SeparationModel:
             "net": net,
         },
     )
+
+
+# ------------------------------------------------------------------------------ released checkpoints
+def _release_config(path: Path, config: Optional[str]):
+    """(checkpoint file, yaml file) of an MDX23C release: the .ckpt/.pth and its yaml (import.config, the
+    yaml of the same name, or the only yaml in the folder)."""
+    from models.checkpoints import CheckpointError
+
+    where = f"import {path}"
+    if path.is_dir():
+        weights = sorted(p for p in path.iterdir() if p.suffix in (".ckpt", ".pth", ".pt"))
+        if len(weights) != 1:
+            raise CheckpointError(f"{where}: expected one .ckpt/.pth file in the folder, found {len(weights)}; "
+                                  "pass the checkpoint file itself")
+        weights = weights[0]
+    else:
+        weights = path
+    if config:
+        yaml_file = Path(config)
+    else:
+        candidates = [weights.with_suffix(".yaml"), weights.with_suffix(".yml")]
+        yamls = sorted(weights.parent.glob("*.yaml")) + sorted(weights.parent.glob("*.yml"))
+        found = [c for c in candidates if c.is_file()] or (yamls if len(yamls) == 1 else [])
+        if not found:
+            raise CheckpointError(f"{where}: no yaml config beside the checkpoint; pass the release's config with "
+                                  "import.config=<file.yaml>")
+        yaml_file = found[0]
+    if not yaml_file.is_file():
+        raise CheckpointError(f"{where}: import.config={yaml_file} does not exist; pass the release's yaml config")
+    return weights, yaml_file
+
+
+def _load_yaml(path: Path) -> dict:
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        """Safe YAML plus the `!!python/tuple` tags some releases carry (read as lists)."""
+
+    Loader.add_constructor("tag:yaml.org,2002:python/tuple", lambda loader, node: loader.construct_sequence(node))
+    with open(path) as handle:
+        return yaml.load(handle, Loader=Loader) or {}
+
+
+def read_released(path, config: Optional[str] = None, targets=(), **options):
+    """An MDX23C / TFC-TDF-UNet v3 release: the checkpoint (`.ckpt`/`.pth`: the network's state dict, or a
+    checkpoint dict holding it under `state_dict`) and its yaml config (audio / model / training / inference
+    sections, as KUIELab's and ZFTurbo's code read them). Targets are `training.instruments`, or
+    `[training.target_instrument]` when the model has one output."""
+    from models.checkpoints import CheckpointError, ReleasedCheckpoint, load_torch, set_option_keys, state_dict_of
+
+    where = f"import {path}"
+    set_option_keys(options, ("config", "targets"), where)
+    weights, yaml_file = _release_config(Path(path), config)
+    settings = _load_yaml(yaml_file)
+    try:
+        audio, model, training = settings["audio"], settings["model"], settings["training"]
+        unsupported = {"norm": (model.get("norm"), "InstanceNorm"), "act": (model.get("act", "gelu"), "gelu"),
+                       "scale": (list(model.get("scale", [2, 2])), [2, 2])}
+        for key, (value, ours) in unsupported.items():
+            if value != ours:
+                raise CheckpointError(f"{where}: {yaml_file.name} has model.{key}={value}; our TFC-TDF-UNet v3 is the "
+                                      f"published {ours} network (no other setting can be imported)")
+        released_targets = ([training["target_instrument"]] if training.get("target_instrument")
+                            else list(training["instruments"]))
+        overrides = {
+            "model.name": "tfc_tdf_v3",
+            "data.sample_rate": int(audio["sample_rate"]), "data.nb_channels": int(audio["num_channels"]),
+            "data.targets": released_targets,
+            "model.tfc_tdf_v3.n_fft": int(audio["n_fft"]), "model.tfc_tdf_v3.hop_length": int(audio["hop_length"]),
+            "model.tfc_tdf_v3.dim_f": int(audio["dim_f"]), "model.tfc_tdf_v3.dim_t": int(audio["dim_t"]),
+            **{f"model.tfc_tdf_v3.{key}": int(model[key]) for key in
+               ("num_subbands", "num_scales", "num_blocks_per_scale", "num_channels", "growth", "bottleneck_factor")},
+        }
+    except (KeyError, TypeError) as error:
+        raise CheckpointError(f"{where}: {yaml_file.name} is not a TFC-TDF-UNet v3 config (no {error}); "
+                              "pass the yaml released with the checkpoint") from None
+    inference = settings.get("inference") or {}
+    if "dim_t" in inference:
+        overrides["model.tfc_tdf_v3.inference_dim_t"] = int(inference["dim_t"])
+    if "num_overlap" in inference:
+        overrides["model.tfc_tdf_v3.num_overlap"] = int(inference["num_overlap"])
+    if targets and list(targets) != released_targets:
+        raise CheckpointError(f"{where}: the model has the outputs {released_targets} in this order; "
+                              f"import.targets={list(targets)} cannot select among them, drop it")
+    state = state_dict_of(load_torch(weights), weights)
+    prefixes = {name.split(".", 1)[0] for name in state}
+    if prefixes == {"model"}:  # a Lightning module holding the network as `model`
+        state = {name.split(".", 1)[1]: value for name, value in state.items()}
+    if "first_conv.weight" not in state:
+        raise CheckpointError(f"{where}: {weights.name} has no 'first_conv.weight'; it is not a TFC-TDF-UNet v3 "
+                              "checkpoint (model.name names the family of the file)")
+    return ReleasedCheckpoint(family="tfc_tdf_v3", config_overrides=overrides, tensors=state,
+                              files=[weights, yaml_file],
+                              description=f"TFC-TDF-UNet v3 {weights.name} ({', '.join(released_targets)})")
+
+
+def _conv_kernel(weight):
+    """PyTorch Conv2d `(out, in, kh, kw)` over the reference's `(t, f)` plane -> Keras `(kh, kw, in, out)`."""
+    return np.ascontiguousarray(np.transpose(weight, (2, 3, 1, 0)))
+
+
+def _transposed_kernel(weight):
+    """PyTorch ConvTranspose2d `(in, out, kh, kw)` -> Keras Conv2DTranspose `(kh, kw, out, in)`."""
+    return np.ascontiguousarray(np.transpose(weight, (2, 3, 1, 0)))
+
+
+def tfc_tdf_rows(net, config: Config, prefix: str = "") -> list:
+    """The mapping table of KUIELab's `TFC_TDF_net` state dict onto `tfc_tdf_net` (shared with DTTNet's TFC-TDF
+    parts where names agree). `prefix` is prepended to every source name."""
+    from models.checkpoints import Assign, transpose
+
+    def norm(source, layer):
+        layer = net.get_layer(layer)
+        return [Assign((f"{prefix}{source}.weight",), layer.gamma), Assign((f"{prefix}{source}.bias",), layer.beta)]
+
+    def conv(source, layer, convert=_conv_kernel):
+        return [Assign((f"{prefix}{source}.weight",), net.get_layer(layer).kernel, convert)]
+
+    def blocks(source, name):
+        rows = []
+        for index in range(config.num_blocks_per_scale):
+            s, n = f"{source}.blocks.{index}", f"{name}_{index}"
+            rows += norm(f"{s}.tfc1.0", f"{n}_tfc1_norm") + conv(f"{s}.tfc1.2", f"{n}_tfc1_conv")
+            rows += norm(f"{s}.tdf.0", f"{n}_tdf1_norm") + conv(f"{s}.tdf.2", f"{n}_tdf_fc1", transpose)
+            rows += norm(f"{s}.tdf.3", f"{n}_tdf2_norm") + conv(f"{s}.tdf.5", f"{n}_tdf_fc2", transpose)
+            rows += norm(f"{s}.tfc2.0", f"{n}_tfc2_norm") + conv(f"{s}.tfc2.2", f"{n}_tfc2_conv")
+            rows += conv(f"{s}.shortcut", f"{n}_shortcut")
+        return rows
+
+    rows = conv("first_conv", "first_conv")
+    for scale in range(config.num_scales):
+        rows += blocks(f"encoder_blocks.{scale}.tfc_tdf", f"encoder{scale}")
+        rows += norm(f"encoder_blocks.{scale}.downscale.conv.0", f"encoder{scale}_downscale_norm")
+        rows += conv(f"encoder_blocks.{scale}.downscale.conv.2", f"encoder{scale}_downscale")
+    rows += blocks("bottleneck_block", "bottleneck")
+    for index in range(config.num_scales):  # the reference's decoder_blocks[i] works at scale n - 1 - i
+        scale = config.num_scales - 1 - index
+        rows += norm(f"decoder_blocks.{index}.upscale.conv.0", f"decoder{scale}_upscale_norm")
+        rows += conv(f"decoder_blocks.{index}.upscale.conv.2", f"decoder{scale}_upscale", _transposed_kernel)
+        rows += blocks(f"decoder_blocks.{index}.tfc_tdf", f"decoder{scale}")
+    rows += conv("final_conv.0", "final_conv1") + conv("final_conv.2", "final_conv2")
+    return rows
+
+
+def assign_released(model: SeparationModel, released) -> dict:
+    """KUIELab's TFC_TDF_net state dict -> our network: the one mapping table of this family."""
+    from models.checkpoints import assign_table
+
+    return assign_table(tfc_tdf_rows(model.extra["net"], model.config), released, model.train_model.weights,
+                        where="import tfc_tdf_v3")

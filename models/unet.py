@@ -256,16 +256,7 @@ def build(config: Config, *, data, stats=None):
 
 # ------------------------------------------------------------------------------ Spleeter checkpoint import
 
-try:
-    from models.checkpoints import ReleasedCheckpoint
-except ImportError:  # the import stage's shared definition is not on this branch yet: the same fields
-    @dataclass
-    class ReleasedCheckpoint:
-        """A released checkpoint in memory: config overrides (dotted keys), tensors by source name, files read."""
-
-        config_overrides: dict
-        tensors: dict
-        files: list
+from models.checkpoints import Assign, CheckpointError, ReleasedCheckpoint, assign_table  # noqa: E402
 
 
 # Spleeter's released models (spleeter/resources/{2,4,5}stems.json): instruments in graph order, activations
@@ -326,26 +317,29 @@ def read_released(path: pathlib.Path, **options) -> ReleasedCheckpoint:
     """A Spleeter 2/4/5-stem TF1 checkpoint (a directory holding `checkpoint`, `model.index`, `model.data-*`, or a
     checkpoint prefix) -> tensors by Spleeter name and the config that builds the matching model.
 
-    Optimizer slots and counters are left out. The number of stems comes from the number of conv layers.
+    Optimizer slots and counters are left out; the bottleneck BNs Spleeter's graph creates but never uses are
+    listed as ignorable. The number of stems comes from the number of conv layers.
     """
+    from models.checkpoints import set_option_keys
+
+    set_option_keys(options, (), "import (unet)")
     path = pathlib.Path(path)
     prefix = tf.train.latest_checkpoint(str(path)) if path.is_dir() else str(path)
     if not prefix or not pathlib.Path(prefix + ".index").exists():
-        raise ConfigError(f"unet.read_released: no TF checkpoint at {path}; pass a Spleeter model directory "
-                          "(e.g. pretrained_models/4stems) holding checkpoint, model.index and model.data-*")
+        raise CheckpointError(f"unet.read_released: no TF checkpoint at {path}; pass a Spleeter model directory "
+                              "(e.g. pretrained_models/4stems) holding checkpoint, model.index and model.data-*")
     reader = tf.train.load_checkpoint(prefix)
     names = [name for name in reader.get_variable_to_shape_map() if not _TRAINING_STATE.search(name)]
     nb_convs = sum(1 for name in names if re.fullmatch(r"conv2d(_\d+)?/kernel", name))
     nb_stems = nb_convs // CONVS
     if nb_convs % CONVS or nb_stems not in SPLEETER_RELEASES:
-        raise ConfigError(f"unet.read_released: {prefix} holds {nb_convs} conv2d kernels, not 7 per stem of a "
-                          f"2, 4 or 5-stem Spleeter model; pass one of Spleeter's released checkpoints")
+        raise CheckpointError(f"unet.read_released: {prefix} holds {nb_convs} conv2d kernels, not 7 per stem of a "
+                              f"2, 4 or 5-stem Spleeter model; pass one of Spleeter's released checkpoints")
     release = SPLEETER_RELEASES[nb_stems]
     first_kernel = reader.get_tensor("conv2d/kernel")
     overrides = {
         "data.targets": list(release["targets"]), "data.sample_rate": 44100,
         "data.nb_channels": int(first_kernel.shape[2]),
-        "model.name": "unet",
         **{f"model.unet.{key}": value for key, value in {
             "network": "spleeter", "n_fft": 4096, "hop_length": 1024, "max_bin": 1024, "patch_frames": 512,
             "first_filters": int(first_kernel.shape[3]), "conv_activation": release["conv_activation"],
@@ -354,54 +348,22 @@ def read_released(path: pathlib.Path, **options) -> ReleasedCheckpoint:
             "mask_extension": "zeros"}.items()},
     }
     tensors = {name: reader.get_tensor(name) for name in names}
-    files = sorted(str(p) for p in pathlib.Path(prefix).parent.glob(pathlib.Path(prefix).name + ".*"))
-    return ReleasedCheckpoint(config_overrides=overrides, tensors=tensors, files=files)
+    files = sorted(pathlib.Path(p) for p in pathlib.Path(prefix).parent.glob(pathlib.Path(prefix).name + ".*"))
+    ignorable = {name: "the bottleneck BN Spleeter's graph creates but never uses"
+                 for index in range(nb_stems) for name in unused_tensors(index)}
+    return ReleasedCheckpoint(family="unet", config_overrides=overrides, tensors=tensors, files=files,
+                              description=f"Spleeter {nb_stems} stems", ignorable=ignorable)
 
 
-def assign_released(model, released: ReleasedCheckpoint) -> Dict[str, int]:
-    """Copies every Spleeter tensor into `model` (built from `released.config_overrides`) through `spleeter_mapping`.
-
-    Every source tensor is used exactly once (the unused bottleneck BNs are accepted and skipped), every weight
-    of every target network assigned exactly once; a missing tensor, a leftover or a shape mismatch is an error.
-    Returns {"assigned": n, "ignored": n}.
-    """
-    networks = model.extra["networks"]
-    tensors = dict(released.tensors)
-    used, assigned, ignored = set(), 0, 0
+def assign_released(model, released: ReleasedCheckpoint) -> dict:
+    """Copies every Spleeter tensor into `model` (built from `released.config_overrides`) through
+    `spleeter_mapping`, checked by `models.checkpoints.assign_table`: every source tensor used once (the unused
+    bottleneck BNs are ignorable), every weight of every target network assigned once, shapes equal."""
+    rows = []
     for index, target in enumerate(model.targets):
-        net = networks[target]
-        name = net.name
-        weights = {}
-        for layer in net.layers:
-            for weight in layer.weights:
-                weights[(layer.name, weight.name)] = weight
-        rows = spleeter_mapping(index, name)
-        for source, layer_name, weight_name in rows:
-            if source not in tensors:
-                raise ValueError(f"unet.assign_released: tensor {source} (for {layer_name}/{weight_name}) is not in "
-                                 f"the checkpoint; is it a {len(model.targets)}-stem Spleeter model?")
-            if source in used:
-                raise ValueError(f"unet.assign_released: tensor {source} mapped twice")
-            key = (layer_name, weight_name)
-            if key not in weights:
-                raise ValueError(f"unet.assign_released: {target} network has no weight {layer_name}/{weight_name}")
-            weight = weights.pop(key)
-            value = tensors[source]
-            if tuple(weight.shape) != tuple(value.shape):
-                raise ValueError(f"unet.assign_released: shape of {source} {tuple(value.shape)} != "
-                                 f"{layer_name}/{weight_name} {tuple(weight.shape)}")
-            weight.assign(value)
-            used.add(source)
-            assigned += 1
-        if weights:
-            raise ValueError(f"unet.assign_released: {target} weights without a source tensor: "
-                             f"{sorted('/'.join(k) for k in weights)}")
-        for source in unused_tensors(index):
-            if source in tensors:
-                used.add(source)
-                ignored += 1
-    leftover = sorted(set(tensors) - used)
-    if leftover:
-        raise ValueError(f"unet.assign_released: checkpoint tensors not mapped: {leftover[:8]}"
-                         f"{' ...' if len(leftover) > 8 else ''}")
-    return {"assigned": assigned, "ignored": ignored}
+        net = model.extra["networks"][target]
+        for source, layer_name, weight_name in spleeter_mapping(index, net.name):
+            layer = net.get_layer(layer_name)
+            variable = next(w for w in layer.weights if w.name == weight_name)
+            rows.append(Assign((source,), variable))
+    return assign_table(rows, released, model.train_model.weights, "unet.assign_released")

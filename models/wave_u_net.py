@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Dict, Mapping
+from pathlib import Path
+from typing import Dict, Mapping, Optional
 
 from configs.config import ConfigError
 from models.base import SeparationModel
@@ -418,3 +419,140 @@ def build(config: Config, *, data, stats: Mapping) -> SeparationModel:
         mobile=mobile,
         extra={"context_samples": context, "output_samples": functools.partial(output_samples, config)},
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Released checkpoints (TF1, github.com/f90/Wave-U-Net)
+# --------------------------------------------------------------------------------------------
+# The reference's named configurations with released weights (Config.py; README "pretrained models"):
+# all use difference output, input context, stereo and tanh; they differ in upsampling, task and rate.
+PUBLISHED = {
+    "baseline_stereo": {"upsampling": "linear", "task": "voice", "expected_sr": 22050},  # M4
+    "full": {"upsampling": "learned", "task": "voice", "expected_sr": 22050},  # M5
+    "full_44KHz": {"upsampling": "learned", "task": "voice", "expected_sr": 44100},  # M5-HighSR
+    "full_multi_instrument": {"upsampling": "linear", "task": "multi_instrument", "expected_sr": 22050},  # M6
+}
+SOURCE_NAMES = {"voice": ["accompaniment", "vocals"], "multi_instrument": ["bass", "drums", "other", "vocals"]}
+
+
+def _checkpoint_prefix(path: Path) -> Path:
+    from models.checkpoints import CheckpointError
+
+    if path.is_dir():
+        indexes = sorted(path.glob("*.index"))
+        state = path / "checkpoint"
+        if state.is_file():  # TF's bookkeeping file names the latest checkpoint
+            for line in state.read_text().splitlines():
+                if line.startswith("model_checkpoint_path:"):
+                    name = line.split(":", 1)[1].strip().strip('"')
+                    return Path(name) if Path(name).is_absolute() else path / Path(name).name
+        if len(indexes) != 1:
+            raise CheckpointError(f"import {path}: expected one TF checkpoint (<name>.index) in the folder, found "
+                                  f"{len(indexes)}; pass the checkpoint prefix, e.g. import.path=<folder>/<name>-<step>")
+        return indexes[0].with_suffix("")
+    if path.suffix == ".index" or ".data-" in path.name:
+        return path.parent / path.name.split(".index")[0].split(".data-")[0]
+    return path
+
+
+def read_released(path, model: Optional[str] = None, config: Optional[str] = None, targets=(), **options):
+    """A TF1 checkpoint of the reference implementation (`<name>-<step>.index/.data-*`, a folder holding one,
+    or the prefix), read with `tf.train.load_checkpoint`. The network's sizes come from the tensors; the
+    settings the tensors cannot show (rate, context, output type and activation) from the reference's
+    Sacred `config.json` (`model_config`; import.config or beside the checkpoint), else from the named
+    published configuration (import.model, or the checkpoint's name: baseline_stereo, full, full_44KHz,
+    full_multi_instrument), else the reference's defaults with input context and difference output."""
+    import json
+
+    import numpy as np
+    import tensorflow as tf
+
+    from models.checkpoints import CheckpointError, ReleasedCheckpoint, set_option_keys
+
+    where = f"import {path}"
+    set_option_keys(options, ("model", "config", "targets"), where)
+    prefix = _checkpoint_prefix(Path(path))
+    try:
+        reader = tf.train.load_checkpoint(str(prefix))
+    except (tf.errors.OpError, ValueError) as error:
+        raise CheckpointError(f"{where}: not a readable TF checkpoint ({type(error).__name__}); pass the released "
+                              "<name>-<step> checkpoint") from None
+    tensors = {name: np.asarray(reader.get_tensor(name)) for name in reader.get_variable_to_shape_map()}
+    settings = {"context": True, "output_type": "difference", "output_activation": "tanh", "expected_sr": 22050}
+    name = model or next((n for n in sorted(PUBLISHED, key=len, reverse=True)
+                          if prefix.name.startswith(n) or prefix.parent.name == n), None)
+    if model is not None and model not in PUBLISHED:
+        raise CheckpointError(f"{where}: import.model={model} is not a released Wave-U-Net configuration; choose "
+                              f"one of {', '.join(PUBLISHED)}")
+    if name:
+        settings.update(PUBLISHED[name])
+    config_file = Path(config) if config else prefix.parent / "config.json"
+    files = [Path(f"{prefix}.index"), *sorted(prefix.parent.glob(prefix.name + ".data-*"))]
+    if config_file.is_file():
+        model_config = json.loads(config_file.read_text()).get("model_config", {})
+        settings.update({k: v for k, v in model_config.items() if k in ("context", "output_type", "output_activation",
+                                                                        "expected_sr", "upsampling", "task",
+                                                                        "source_names", "mono_downmix")})
+        files.append(config_file)
+    elif config:
+        raise CheckpointError(f"{where}: import.config={config} does not exist; pass the run's config.json")
+    kernels = []
+    while f"separator/conv1d{'_' + str(len(kernels)) if kernels else ''}/kernel" in tensors:
+        kernels.append(tensors[f"separator/conv1d{'_' + str(len(kernels)) if kernels else ''}/kernel"])
+    if not kernels:
+        raise CheckpointError(f"{where}: no 'separator/conv1d/kernel'; not a Wave-U-Net checkpoint of the reference "
+                              "implementation (model.name names the family of the file)")
+    width, nb_channels, filters = kernels[0].shape
+    depth = 0
+    while depth < len(kernels) and kernels[depth].shape[2] == filters * (depth + 1):
+        depth += 1
+    num_layers = depth - 1
+    nb_outputs = len(kernels) - (2 * num_layers + 1)
+    if num_layers < 1 or nb_outputs < 1 or any(k.shape[0] != 1 for k in kernels[2 * num_layers + 1:]):
+        raise CheckpointError(f"{where}: the separator's convolutions do not form a Wave-U-Net with 1x1 output "
+                              "layers; it cannot be imported")
+    task = settings.get("task") or ("voice" if nb_outputs in (1, 2) else "multi_instrument")
+    sources = list(settings.get("source_names") or SOURCE_NAMES[task])
+    expected = len(sources) - (1 if settings["output_type"] == "difference" else 0)
+    if nb_outputs != expected:
+        raise CheckpointError(f"{where}: {nb_outputs} output layers but {settings['output_type']} output for "
+                              f"{sources} needs {expected}; name the configuration with import.model or import.config")
+    if targets and list(targets) != sources:
+        raise CheckpointError(f"{where}: the model separates {sources} in this order; drop import.targets")
+    upsampling = "learned" if "separator/interp_0" in tensors else "linear"
+    overrides = {"model.name": "wave_u_net", "data.sample_rate": int(settings["expected_sr"]),
+                 "data.nb_channels": int(nb_channels), "data.targets": sources,
+                 "model.wave_u_net.num_layers": num_layers, "model.wave_u_net.num_initial_filters": int(filters),
+                 "model.wave_u_net.filter_size": int(width),
+                 "model.wave_u_net.merge_filter_size": int(kernels[num_layers + 1].shape[0]),
+                 "model.wave_u_net.upsampling": upsampling, "model.wave_u_net.output_type": settings["output_type"],
+                 "model.wave_u_net.output_activation": settings["output_activation"],
+                 "model.wave_u_net.context": bool(settings["context"])}
+    ignorable = {n: "optimizer state of the reference's training (Adam slots, beta powers, step)"
+                 for n in tensors if n.startswith("separator_solver/") or n == "global_step"}
+    return ReleasedCheckpoint(family="wave_u_net", config_overrides=overrides, tensors=tensors, files=files,
+                              description=f"Wave-U-Net TF1 checkpoint {prefix.name} ({name or 'custom'}: "
+                                          f"{', '.join(sources)})", ignorable=ignorable)
+
+
+def assign_released(model: SeparationModel, released) -> dict:
+    """The reference's TF1 variables -> our layers: the one mapping table of this family. `tf.layers.conv1d`
+    names its layers conv1d, conv1d_1, ... in creation order (down blocks, bottleneck, up blocks, outputs);
+    the learned upsampling of up step i is `interp_i`. Conv1D kernels share Keras' layout `(width, in, out)`."""
+    from models.checkpoints import Assign, assign_table
+
+    config = model.config
+    network = model.train_model
+    order = ([f"down_{i}_conv" for i in range(1, config.num_layers + 1)] + ["bottleneck_conv"]
+             + [f"up_{i}_conv" for i in range(config.num_layers, 0, -1)]
+             + [f"output_{t}" for t in (model.targets[:-1] if config.output_type == "difference" else model.targets)])
+    rows = []
+    for index, layer_name in enumerate(order):
+        source = f"separator/conv1d{'_' + str(index) if index else ''}"
+        layer = network.get_layer(layer_name)
+        rows += [Assign((f"{source}/kernel",), layer.kernel), Assign((f"{source}/bias",), layer.bias)]
+    if config.upsampling == "learned":
+        for step in range(config.num_layers):  # up step i works at level num_layers - i
+            rows.append(Assign((f"separator/interp_{step}",),
+                               network.get_layer(f"up_{config.num_layers - step}_upsample").logit))
+    return assign_table(rows, released, network.weights, where="import wave_u_net")

@@ -62,7 +62,7 @@ def build_experiment(args):
 
     SETTINGS.CAPTURE_MODE = "sys"
     SETTINGS.DISCOVER_SOURCES = "imported"
-    for stage in pipeline.STAGES:  # import built stages first so Sacred records their sources
+    for stage in pipeline.STAGES + pipeline.EXTRA_STAGES:  # import built stages first so Sacred records their sources
         try:
             pipeline.component(stage)
         except pipeline.NotBuiltError:
@@ -72,7 +72,7 @@ def build_experiment(args):
     for name, preset in PRESETS.items():
         experiment.add_named_config(name, preset)
     experiment.observers.extend(observers(args))
-    for stage in pipeline.STAGES:
+    for stage in pipeline.STAGES + pipeline.EXTRA_STAGES:
         experiment.command(_stage_command(stage), unobserved=False)
     experiment.logger = logging.getLogger("sacred")
     return experiment
@@ -138,7 +138,34 @@ def _flat(figures, prefix=""):
             yield f"{prefix}{key}", float(value)
 
 
+def release_updates(stages: list, updates: dict, named: list) -> dict:
+    """`updates` plus the settings a released checkpoint fixes (rate, targets, STFT, sizes).
+
+    `--stage import`: from the released files themselves; evaluate/export (and prepare) after an
+    import: from the imported train artifact, so those stages rebuild the same model. A key given
+    on the command line with another value is a one-line error; preset values give way.
+    """
+    if "train" in stages:
+        return updates
+    from components import importer
+
+    try:
+        if "import" in stages:
+            overrides, source = importer.release_overrides(resolve(updates, named)), "the released checkpoint"
+        else:
+            overrides = importer.imported_overrides(resolve(updates, named).artifacts_dir)
+            source = "the imported model in the train artifact"
+        return importer.merge_overrides(updates, overrides, source)
+    except StageError as error:
+        raise UserError(str(error)) from None
+
+
 def run_stages(experiment, args, updates: dict, named: list) -> int:
+    try:
+        planned = pipeline.create_pipeline(args.stage)
+    except StageError as error:
+        raise UserError(str(error)) from None
+    updates = release_updates(planned, updates, named)
     config = resolve(updates, named)
     if args.print_config:
         print(json.dumps(config.to_dict(), indent=2))

@@ -16,6 +16,10 @@ from components.artifacts import Artifact, StageError
 from components.base import ComponentSpec, StageContext
 
 STAGES = ("prepare", "train", "evaluate", "export")
+# stages outside `all`: `import` writes the train artifact from released weights (components/importer.py;
+# `import` is a Python keyword, hence the module name)
+EXTRA_STAGES = ("import",)
+MODULES = {"import": "importer"}
 
 log = logging.getLogger("pipeline")
 
@@ -26,12 +30,13 @@ class NotBuiltError(StageError):
 
 def component(stage: str) -> ComponentSpec:
     """The ComponentSpec of a stage; each lives in `components/<stage>.py` as `SPEC`."""
-    if stage not in STAGES:
-        raise StageError(f"unknown stage '{stage}'; choose one of {', '.join(STAGES)} or all")
+    if stage not in STAGES + EXTRA_STAGES:
+        raise StageError(f"unknown stage '{stage}'; choose one of {', '.join(STAGES + EXTRA_STAGES)} or all")
+    name = MODULES.get(stage, stage)
     try:
-        module = importlib.import_module(f"components.{stage}")
+        module = importlib.import_module(f"components.{name}")
     except ModuleNotFoundError as error:
-        if error.name == f"components.{stage}":
+        if error.name == f"components.{name}":
             raise NotBuiltError(f"stage '{stage}' is not built yet (no components/{stage}.py)") from None
         raise
     return module.SPEC
@@ -41,8 +46,8 @@ def create_pipeline(stage: str) -> List[str]:
     """Stage names to run, in order, for `--stage <stage>` (`all` = every stage)."""
     if stage == "all":
         return list(STAGES)
-    if stage not in STAGES:
-        raise StageError(f"unknown stage '{stage}'; choose one of {', '.join(STAGES)} or all")
+    if stage not in STAGES + EXTRA_STAGES:
+        raise StageError(f"unknown stage '{stage}'; choose one of {', '.join(STAGES + EXTRA_STAGES)} or all")
     return [stage]
 
 

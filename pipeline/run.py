@@ -24,7 +24,7 @@ elif sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve()
 elif str(PROJECT_ROOT) not in sys.path:
     sys.path.insert(0, str(PROJECT_ROOT))
 
-STAGE_CHOICES = ("prepare", "train", "evaluate", "export", "all")
+STAGE_CHOICES = ("prepare", "train", "evaluate", "export", "all", "import")
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -33,7 +33,8 @@ def get_parser() -> argparse.ArgumentParser:
         description="Music source separation pipeline: prepare -> train -> evaluate -> export.",
         epilog="Configuration follows Sacred: `with unittest model.name=umx data.root=/path artifacts_dir=/tmp/a`.",
     )
-    parser.add_argument("--stage", choices=STAGE_CHOICES, default="all", help="stage to run (default: all)")
+    parser.add_argument("--stage", choices=STAGE_CHOICES, default="all", help="stage to run (default: all = prepare, train, evaluate, "
+                        "export); `import` writes the train artifact from released weights (import.path=...)")
     parser.add_argument("--force", action="store_true", help="redo stages even when a matching artifact exists")
     parser.add_argument("--runs-dir", default="runs", help="FileStorageObserver directory (default: runs)")
     parser.add_argument("--no-file-observer", action="store_true", help="do not record runs under --runs-dir")

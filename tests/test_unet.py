@@ -10,6 +10,7 @@ import pytest
 import tensorflow as tf
 
 from configs.config import ConfigError, DataConfig, to_plain
+from models.checkpoints import CheckpointError
 from models import c_unet, loss_weighting, m_unet, registry, unet, unet_core
 from models.transforms import complex_norm
 from tests import model_harness as harness
@@ -112,7 +113,7 @@ def test_c_unet_parameter_counts_and_authors_layer_settings():
 
 
 @pytest.mark.parametrize("preset,networks,total", [
-    ("unet_44k", {f"unet_{t}": 9_822_725 for t in ("vocals", "drums", "bass", "other")}, 39_290_900),
+    ("unet_44k", {t: 9_822_725 for t in ("vocals", "drums", "bass", "other")}, 39_290_900),
     ("m_unet_paper", {"m_unet": 124_448_772}, 124_448_772),
 ])
 def test_describe_model_prints_the_paper_presets_published_sizes(preset, networks, total):
@@ -531,7 +532,8 @@ def test_spleeter_checkpoint_import_matches_spleeter_output(case, tmp_path):
     config = harness.tiny_config("unet", preset=overrides)
     model = registry.build(config.model, data=config.data, stats={})
     nb_stems = len(model.targets)
-    assert unet.assign_released(model, released) == {"assigned": 70 * nb_stems, "ignored": 4 * nb_stems}
+    mapping = unet.assign_released(model, released)
+    assert (mapping["tensors_mapped"], len(mapping["tensors_ignored"])) == (70 * nb_stems, 4 * nb_stems)
 
     waveform = script.seeded_waveform(details["nb_timesteps"], details["seed"])
     separated = model.separator(waveform[None], training=False)
@@ -557,19 +559,21 @@ def test_spleeter_mapping_uses_every_tensor_once_and_reports_mismatches(tmp_path
         for source, layer, weight in unet.spleeter_mapping(index, net.name):
             names[source] = next(w for w in net.get_layer(layer).weights if w.name == weight)
     tensors = {source: np.full(tuple(weight.shape), 0.5, np.float32) for source, weight in names.items()}
-    released = unet.ReleasedCheckpoint(config_overrides={}, tensors=tensors, files=[])
-    assert unet.assign_released(model, released) == {"assigned": 140, "ignored": 0}
-    extra = unet.ReleasedCheckpoint({}, {**tensors, "conv2d_99/kernel": np.zeros(1)}, [])
-    with pytest.raises(ValueError, match="not mapped: \\['conv2d_99/kernel'\\]"):
-        unet.assign_released(model, extra)
+    def release(found):
+        return unet.ReleasedCheckpoint(family="unet", config_overrides={}, tensors=found, files=[])
+
+    mapping = unet.assign_released(model, release(tensors))
+    assert (mapping["tensors_mapped"], mapping["weights_assigned"]) == (140, 140)
+    with pytest.raises(CheckpointError, match="'conv2d_99/kernel' .* is not used"):
+        unet.assign_released(model, release({**tensors, "conv2d_99/kernel": np.zeros(1)}))
     short = dict(tensors)
     del short["conv2d_7/bias"]
-    with pytest.raises(ValueError, match="conv2d_7/bias .*not in the checkpoint"):
-        unet.assign_released(model, unet.ReleasedCheckpoint({}, short, []))
+    with pytest.raises(CheckpointError, match="no tensor 'conv2d_7/bias'"):
+        unet.assign_released(model, release(short))
     wrong = {**tensors, "conv2d/kernel": np.zeros((5, 5, 2, 8), np.float32)}
-    with pytest.raises(ValueError, match="shape of conv2d/kernel"):
-        unet.assign_released(model, unet.ReleasedCheckpoint({}, wrong, []))
-    with pytest.raises(ConfigError, match="no TF checkpoint"):
+    with pytest.raises(CheckpointError, match="'conv2d/kernel' \\(5, 5, 2, 8\\) does not fit"):
+        unet.assign_released(model, release(wrong))
+    with pytest.raises(CheckpointError, match="no TF checkpoint"):
         unet.read_released(tmp_path)
     with pytest.raises(ConfigError, match="model.unet.separation=ratio .* set model.unet.separation=direct"):
         tiny("unet", targets=("vocals",))

@@ -185,6 +185,12 @@ def test_difference_output_sums_exactly_to_the_mixture():
     estimates = model.separator(mixture, training=False)
     total = sum(np.asarray(v, dtype=np.float64) for v in estimates.values())
     assert np.max(np.abs(total - mixture)) < 1e-5
+    # the rest of the mixture is clipped to [-1, 1] at inference, as the reference's difference_output does
+    loud = 12.0 * mixture
+    estimates = model.separator(loud, training=False)
+    others = sum(np.asarray(estimates[t], dtype=np.float64) for t in MUSDB.targets[:-1])
+    assert np.max(np.abs(loud - others)) > 1.5
+    np.testing.assert_allclose(np.asarray(estimates[MUSDB.targets[-1]]), np.clip(loud - others, -1, 1), atol=1e-5)
     # with the learned heads silenced, the last source is exactly the (centred) mixture
     for target in MUSDB.targets[:-1]:
         layer = model.train_model.get_layer(f"output_{target}")
