@@ -18,6 +18,7 @@ setup(
         "musdb>=0.4.2",
         "museval>=0.4.1",
         "sacred>=0.8.5",
+        "setuptools<81",  # sacred imports pkg_resources, which setuptools 81 removed
         "matplotlib>=3.7",  # evaluation box plots
         "tensorboard>=2.16",  # training logs (keras.callbacks.TensorBoard)
         "ai-edge-litert>=1.2",  # runs exported .tflite models
