@@ -74,6 +74,8 @@ def main(argv=None) -> int:
         # full-size published recipes (the dataclass defaults), `with unittest` the tiny one
         named = named or ["default"]
         config = resolve(updates, named)  # every key checked before anything is written or connected to
+        # Sacred's "Failed after 0:00:01!": the one-line error (or the traceback) that follows says what failed
+        _drop_sacred_notice("Failed after ")
         if args.no_file_observer and not (args.sql or args.mongo):
             _drop_sacred_notice("No observers have been added to this run")  # the user asked for none
         experiment = build_experiment(args)
@@ -89,7 +91,7 @@ def main(argv=None) -> int:
 
 def _drop_sacred_notice(text: str) -> None:
     for handler in logging.getLogger().handlers:
-        handler.addFilter(lambda record: text not in record.getMessage())
+        handler.addFilter(lambda record: not (record.name.startswith("sacred") and text in record.getMessage()))
 
 
 if __name__ == "__main__":

@@ -237,7 +237,7 @@ def separate_file(separator, path: Path, out: Path, *, fmt: str, chunk_seconds: 
     remove_parts(destination)  # what a killed run (SIGKILL) left
     # float32 stems at the model rate (while separating) and at the file's rate (the final files)
     needed = 4 * len(files) * (mixture.shape[0] * separator.nb_channels * (0 if same_rate else 1)
-                               + nb_timesteps * nb_channels) + (1 << 20)
+                               + nb_timesteps * nb_channels) + (1 << 16)
     free = shutil.disk_usage(destination).free
     if free < needed:
         _cleanup_destination(destination, created)
@@ -343,7 +343,8 @@ def write_problem(path: Path, error: BaseException) -> str:
     if isinstance(error, OSError) and error.errno is not None:
         if error.errno in (errno.ENOSPC, errno.EDQUOT):
             return "no space left on the device"
-        return error.strerror or str(error)
+        reason = error.strerror or str(error)
+        return reason[:1].lower() + reason[1:]
     folder = Path(path)
     while not folder.is_dir() and folder != folder.parent:
         folder = folder.parent
