@@ -243,7 +243,7 @@ def separate_file(separator, path: Path, out: Path, *, fmt: str, chunk_seconds: 
         _cleanup_destination(destination, created)
         raise SeparateError(f"{path}: {destination} has {free / 1e6:.1f} MB free, the stems need about "
                             f"{needed / 1e6:.1f} MB; free some space or choose another -o")
-    if existing:
+    if 0 < len(existing) < len(files):
         print(f"{path}: {destination} has {len(existing)} of {len(files)} stems; finishing the track",
               file=sys.stderr)
 
