@@ -162,9 +162,30 @@ def staging(artifacts_dir: Path, stage: str) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+    except Exception as error:
+        problem = disk_problem(tmp)  # measured now, before the partial output is removed
+        if problem is None:
+            raise
+        raise StageError(f"stage {stage}: cannot write {artifacts_dir} ({problem}; {type(error).__name__}); free "
+                         "some space or choose another artifacts_dir (the stage left nothing behind)") from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def disk_problem(path: Path) -> Optional[str]:
+    """"read-only file system" or "the disk is full" for the file system of `path`, else None. libsndfile,
+    HDF5 and TensorFlow report a failed write in their own words (often "System error"): this names it."""
+    try:
+        stats = os.statvfs(path)
+    except OSError:
+        return None
+    if stats.f_flag & os.ST_RDONLY:
+        return "read-only file system"
+    free = stats.f_bavail * stats.f_frsize
+    if free < (1 << 20):
+        return f"the disk is full, {free // 1024} KB free"
+    return None
 
 
 def commit(artifacts_dir: Path, stage: str, staging_dir: Path, meta: Mapping[str, Any],
@@ -231,8 +252,14 @@ def exclusive(artifacts_dir: Path) -> Iterator[None]:
     share staging and `.train-work` directories. Re-entrant within one process. flock is local to a host;
     on network file systems that do not forward it, runs on different hosts are not excluded."""
     artifacts_dir = Path(artifacts_dir)
-    artifacts_dir.mkdir(parents=True, exist_ok=True)
-    key = str(artifacts_dir.resolve())
+    try:
+        artifacts_dir.mkdir(parents=True, exist_ok=True)
+        key = str(artifacts_dir.resolve())
+        handle = None if key in _held else open(artifacts_dir / LOCK_FILE, "a+")
+    except OSError as error:
+        reason = "exists and is not a directory" if artifacts_dir.is_file() else (error.strerror or str(error))
+        raise StageError(f"artifacts_dir {artifacts_dir}: {reason[:1].lower() + reason[1:]}; choose another "
+                         "artifacts_dir") from None
     if key in _held:
         _held[key][1] += 1
         try:
@@ -240,7 +267,6 @@ def exclusive(artifacts_dir: Path) -> Iterator[None]:
         finally:
             _held[key][1] -= 1
         return
-    handle = open(artifacts_dir / LOCK_FILE, "a+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import errno
 import json
 import logging
 from pathlib import Path
@@ -83,6 +84,7 @@ def build_experiment(args):
     return experiment
 
 
+WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)  # the user's disk, not our bug
 CONNECT_TIMEOUT = 5.0  # seconds for a database observer to answer before the run starts
 
 
@@ -101,8 +103,15 @@ def observers(args) -> list:
     return found
 
 
+def _hide_password(url: str) -> str:
+    """`scheme://user:secret@host` -> `scheme://user:***@host`: messages and logs never show a password."""
+    import re
+
+    return re.sub(r"(://[^/:@]*:)[^@/]*@", r"\1***@", url)
+
+
 def sql_observer(url: str):
-    where = f"--sql {url}"
+    where = f"--sql {_hide_password(url)}"
     try:
         import sqlalchemy
         from sacred.observers import SqlObserver
@@ -135,14 +144,14 @@ def sql_observer(url: str):
 def mongo_observer(url: str):
     import importlib.util
 
-    where = f"--mongo {url}"
+    where = f"--mongo {_hide_password(url)}"
     if importlib.util.find_spec("pymongo") is None:
         raise UserError(f"{where}: needs pymongo, which is not installed; pip install 'music-separation[db]'")
     import pymongo
     from sacred.observers import MongoObserver
 
     timeout_ms = int(CONNECT_TIMEOUT * 1000)
-    options = dict(serverSelectionTimeoutMS=timeout_ms, connectTimeoutMS=timeout_ms, socketTimeoutMS=timeout_ms)
+    options = dict(serverSelectionTimeoutMS=timeout_ms, connectTimeoutMS=timeout_ms)
     try:
         client = pymongo.MongoClient(url, **options)
     except Exception as error:  # bad URL, bad options
@@ -254,9 +263,19 @@ def _run_stage(experiment, args, updates, named, stage) -> None:
                              options={"--loglevel": "WARNING" if args.quiet else "INFO"})
     except (StageError, ConfigError) as error:
         raise UserError(str(error)) from None
-    except Exception as error:  # Sacred's own config errors are user errors too
-        if type(error).__module__.startswith("sacred"):
+    except Exception as error:
+        if type(error).__module__.startswith("sacred"):  # Sacred's own config errors are user errors too
             raise UserError(" ".join(str(error).split())) from None
+        if isinstance(error, OSError) and error.errno in WRITE_ERRORS:
+            reason = error.strerror[:1].lower() + error.strerror[1:]
+            raise UserError(f"stage {stage}: cannot write {error.filename or 'the artifacts directory'} ({reason}); "
+                            "free some space or choose another artifacts_dir (the stage left nothing behind)") from None
         raise
+    if stats.f_flag & os.ST_RDONLY:
+        return f"cannot write {artifacts_dir} (read-only file system; {type(error).__name__})"
+    free = stats.f_bavail * stats.f_frsize
+    if free < (1 << 20):
+        return f"cannot write {artifacts_dir} (the disk is full: {free // 1024} KB free; {type(error).__name__})"
+    return None
     log.info("stage %s: %s (Sacred run %s)", stage,
              "skipped, up to date" if run.info.get("skipped") else "done", run._id)

@@ -282,11 +282,12 @@ def test_unreachable_postgresql_is_refused_in_seconds(monkeypatch, silent_server
     pytest.importorskip("psycopg")
     url = f"postgresql+psycopg://user:secret@127.0.0.1:{closed_port()}/runs"
     message = refused_quickly(monkeypatch, 5, sql=url)
-    assert message.startswith(f"--sql {url}: cannot reach the database (")
+    shown = url.replace(":secret@", ":***@")  # never the password
+    assert message.startswith(f"--sql {shown}: cannot reach the database (") and "secret" not in message
     assert message.endswith("); start it, fix the URL, or drop the option")
     url = f"postgresql+psycopg://user:secret@127.0.0.1:{silent_server}/runs"  # accepts, never answers
     message = refused_quickly(monkeypatch, 6, sql=url)
-    assert message.startswith(f"--sql {url}: cannot reach the database (")
+    assert message.startswith(f"--sql {url.replace(':secret@', ':***@')}: cannot reach the database (")
 
 
 def test_a_sqlite_database_in_a_missing_folder_or_without_its_driver_is_refused(monkeypatch, tmp_path):
@@ -438,6 +439,17 @@ def test_a_read_only_output_is_one_line_per_file_and_keeps_the_stems_it_has(expo
         "no stems of this track were written",  # libsndfile's own reason is only "System error"
         f"error: {songs[1]}: cannot create {point / 'song1'} (read-only file system)"]
     assert {p.name: p.read_bytes() for p in (point / "song0").iterdir()} == before  # the old stems, whole
+
+
+def test_a_full_disk_under_the_pipeline_is_one_line_and_leaves_nothing_half_written(small_mount):
+    point, _ = small_mount  # 1 MB: the unittest data set alone takes 2.6 MB
+    folder = point / "artifacts"
+    result = cli("--stage", "prepare", *unittest_run(folder), check=False)
+    assert result.returncode == 2
+    (line,) = error_lines(result.stderr)
+    assert line.startswith("error: stage prepare: cannot write ") and "the disk is full, " in line
+    assert line.endswith("; free some space or choose another artifacts_dir (the stage left nothing behind)")
+    assert sorted(p.name for p in folder.iterdir()) == [artifacts.LOCK_FILE]
 
 
 # --------------------------------------------------------------------------------------------
