@@ -271,11 +271,5 @@ def _run_stage(experiment, args, updates, named, stage) -> None:
             raise UserError(f"stage {stage}: cannot write {error.filename or 'the artifacts directory'} ({reason}); "
                             "free some space or choose another artifacts_dir (the stage left nothing behind)") from None
         raise
-    if stats.f_flag & os.ST_RDONLY:
-        return f"cannot write {artifacts_dir} (read-only file system; {type(error).__name__})"
-    free = stats.f_bavail * stats.f_frsize
-    if free < (1 << 20):
-        return f"cannot write {artifacts_dir} (the disk is full: {free // 1024} KB free; {type(error).__name__})"
-    return None
     log.info("stage %s: %s (Sacred run %s)", stage,
              "skipped, up to date" if run.info.get("skipped") else "done", run._id)
