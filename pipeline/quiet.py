@@ -5,7 +5,7 @@ its oneDNN / CUDA-stub / CPU-feature lines, nor the `cuInit` error a CPU machine
 are first listed. `import_tensorflow` imports TensorFlow and lists the devices with the process's stderr
 (file descriptor 2) captured, then writes back every line that is not one of those known notices, so
 real warnings and errors still show. Keras' `shuffle=True ... tf.data.Dataset` notice (our datasets
-are shuffled by tf.data on purpose) is filtered by message.
+are shuffled by tf.data on purpose) and Sacred's `pkg_resources` deprecation notice are filtered by message.
 """
 from __future__ import annotations
 
@@ -56,7 +56,10 @@ def filtered_stderr():
 
 
 def quiet_keras_notices() -> None:
+    """Keras' shuffle notice, and Sacred's import of the deprecated `pkg_resources` (setuptools >= 81 warns
+    on it; nothing a user of this project can act on)."""
     warnings.filterwarnings("ignore", message=r"`shuffle=True` was passed, but will be ignored", category=UserWarning)
+    warnings.filterwarnings("ignore", message=r"pkg_resources is deprecated as an API", category=UserWarning)
 
 
 def import_tensorflow():
