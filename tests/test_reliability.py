@@ -106,6 +106,26 @@ def test_the_lock_names_its_holder_is_reentrant_and_dies_with_its_process(tmp_pa
     assert (tmp_path / artifacts.LOCK_FILE).read_text() == ""
 
 
+def test_ctrl_c_during_a_stage_exits_130_without_a_traceback_and_keeps_the_previous_artifact(exported, tmp_path):
+    folder = tmp_path / "artifacts"
+    shutil.copytree(exported[0], folder)
+    process = subprocess.Popen([*RUN, "--stage", "train", "--force", *unittest_run(folder)], cwd=ROOT, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None and not list(folder.glob(".train.staging-*")):
+        time.sleep(0.05)
+    assert process.poll() is None, "finished before it could be interrupted"
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 130
+    assert "Traceback" not in err
+    assert error_lines(err)[-1] == ("interrupted; finished stages are kept, the interrupted one resumes (train) or "
+                                    "restarts on the next run")
+    assert not list(folder.glob(".train.staging-*"))
+    artifacts.verify(artifacts.load(folder, "train"))  # the previous train artifact, whole
+    assert (folder / artifacts.LOCK_FILE).read_text() == ""
+
+
 # --------------------------------------------------------------------------------------------
 # 6. Damaged weights and shards
 # --------------------------------------------------------------------------------------------
