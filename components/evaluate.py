@@ -649,6 +649,7 @@ def run(context: StageContext) -> dict:
         raise StageError(f"the evaluate split '{settings.split}' of the prepare artifact has no tracks; choose a split "
                          f"that has some ({', '.join(having) or 'none'}), e.g. `with evaluate.split=train` "
                          f"(the MUSDB sample has only train)")
+    records.verify_shards(prepare, (settings.split,))
     model = train.load_trained(context.inputs["train"], config)
     if int(model.sample_rate) != int(config.data.sample_rate):
         raise StageError(f"the model works at {model.sample_rate} Hz but the data is at {config.data.sample_rate} Hz; "

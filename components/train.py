@@ -94,9 +94,9 @@ def load_trained(train_artifact, config, weights: str = "best"):
     """The SeparationModel of a train artifact with its weights (`best` or `last`) loaded."""
     model = build_model(config, train_artifact.meta.get("stats", {}))
     path = train_artifact.file("best.weights.h5" if weights == "best" else "model.weights.h5")
-    if not path.is_file():
-        path = train_artifact.file("model.weights.h5")
-    model.train_model.load_weights(str(path))
+    if not path.is_file() and "best.weights.h5" not in (train_artifact.meta.get("files") or {}):
+        path = train_artifact.file("model.weights.h5")  # artifacts written before best.weights.h5 existed
+    load_weights_checked(model, path, train_artifact)
     return model
 
 
@@ -108,6 +108,23 @@ def save_weights(model, out: Path, best: Optional[Path] = None) -> None:
         shutil.copy2(best, out / "best.weights.h5")
     else:
         shutil.copy2(out / "model.weights.h5", out / "best.weights.h5")
+
+
+def load_weights_checked(model, path: Path, train_artifact=None) -> None:
+    """`load_weights`, with a missing, changed (sha256 in artifact.json) or unreadable file as a one-line
+    StageError naming it and the fix."""
+    from components import artifacts
+
+    fix = "redo the train stage with `python pipeline/run.py --stage train --force`"
+    if not path.is_file():
+        raise StageError(f"{path}: weights file missing; {fix}")
+    if train_artifact is not None:
+        artifacts.verify(train_artifact, [path.name])
+    try:
+        model.train_model.load_weights(str(path))
+    except Exception as error:  # h5py/keras: OSError, ValueError, KeyError... by the kind of damage
+        reason = " ".join(str(error).split())[:160] or type(error).__name__
+        raise StageError(f"{path}: unreadable weights ({reason}); {fix}") from None
 
 
 def count_params(keras_model) -> int:
@@ -318,6 +335,9 @@ def run(context: StageContext) -> dict:
         raise StageError(f"train.batch_size={tc.batch_size} must be a multiple of the {replicas} replicas")
     with strategy.scope():
         model = build_model(config, stats)
+    from components.records import verify_shards
+
+    verify_shards(prepare, ("train", "valid"))
     train_ds, valid_ds, steps = train_datasets(prepare, config, model, tc.batch_size,
                                                seed=tc.seed if tc.deterministic or tc.strategy == "multi_worker"
                                                else None)
@@ -333,6 +353,8 @@ def run(context: StageContext) -> dict:
 
     out = context.output_dir
     save_weights(model, out, best=work / "best.weights.h5")
+    for name in ("model.weights.h5", "best.weights.h5"):
+        load_weights_checked(model, out / name)  # never commit weights that do not load
     (out / "history.json").write_text(json.dumps(history, indent=1))
     if (work / "tensorboard").is_dir():
         shutil.copytree(work / "tensorboard", out / "tensorboard")

@@ -21,42 +21,107 @@ class ConfigError(ValueError):
     """A user-caused configuration problem; its message names the key and the fix."""
 
 
+# -- validation: every section (and model family) checks itself in `__post_init__`; single-key limits are
+# declared on the field (`choice`, `bounded`) and checked by `check_fields`, rules across keys are code.
+def choice(default, allowed):
+    """A field whose value must be one of `allowed`."""
+    return field(default=default, metadata={"choices": tuple(allowed)})
+
+
+def bounded(default, low=None, high=None, *, low_open=False, high_open=False, each=False):
+    """A number field (or, with `each`, every entry of a tuple field) within [low, high]; `*_open` excludes
+    that end. None (for Optional fields) is always allowed."""
+    return field(default=default, metadata={"bounds": (low, high, low_open, high_open), "each": each})
+
+
+def _bounds_text(low, high, low_open, high_open) -> str:
+    if high is None:
+        return f"{'>' if low_open else '>='} {low}"
+    if low is None:
+        return f"{'<' if high_open else '<='} {high}"
+    return f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+
+
+def _within(value, low, high, low_open, high_open) -> bool:
+    if low is not None and (value < low or (low_open and value == low)):
+        return False
+    return high is None or not (value > high or (high_open and value == high))
+
+
+def check_fields(obj, prefix: str) -> None:
+    """ConfigError `<prefix><key> must be ...; got ...` for the first field outside its declared choices/bounds."""
+    for spec in dataclasses.fields(obj):
+        value, key = getattr(obj, spec.name), prefix + spec.name
+        if value is None:
+            continue
+        if "choices" in spec.metadata and value not in spec.metadata["choices"]:
+            allowed = ", ".join(repr(c) if c == "" else str(c) for c in spec.metadata["choices"])
+            raise ConfigError(f"config key '{key}' must be one of {allowed}; got {value!r}")
+        if "bounds" in spec.metadata:
+            values = value if spec.metadata["each"] else (value,)
+            for item in values:
+                if isinstance(item, bool) or not isinstance(item, (int, float)) or not _within(
+                        item, *spec.metadata["bounds"]):
+                    raise ConfigError(f"config key '{key}' must be {'all entries ' if spec.metadata['each'] else ''}"
+                                      f"{_bounds_text(*spec.metadata['bounds'])}; got {_show(value)}")
+
+
+def _show(value):
+    return list(value) if isinstance(value, tuple) else repr(value)
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where the audio comes from and how it is cut into TFRecord segments."""
 
-    format: str = "default"  # one of DATA_FORMATS
+    format: str = choice("default", DATA_FORMATS)
     root: Optional[str] = None  # data set root; `default` generates into artifacts_dir when None
     targets: Tuple[str, ...] = MUSDB_TARGETS
-    sample_rate: int = 44100
-    nb_channels: int = 2
-    segment_seconds: float = 6.0  # length of one TFRecord example
-    pcm: str = "int16"  # int16 | float16 | float32
-    shard_megabytes: float = 64.0  # approximate uncompressed size of one shard
-    compression: str = ""  # "" | GZIP | ZLIB
+    sample_rate: int = bounded(44100, 1)
+    nb_channels: int = choice(2, (1, 2))
+    segment_seconds: float = bounded(6.0, 0, low_open=True)  # length of one TFRecord example
+    pcm: str = choice("int16", ("int16", "float16", "float32"))
+    shard_megabytes: float = bounded(64.0, 0, low_open=True)  # approximate uncompressed size of one shard
+    compression: str = choice("", ("", "GZIP", "ZLIB"))
     skip_bad_tracks: bool = False  # skip (and list in the manifest) tracks that fail validation
     splits: Tuple[str, ...] = ("train", "valid", "test")
     # The embedded default data set (data.format=default): a deterministic synthesizer.
-    synth_tracks: Tuple[int, int, int] = (12, 2, 3)  # train, valid, test
-    synth_seconds: float = 20.0
+    synth_tracks: Tuple[int, int, int] = bounded((12, 2, 3), 0, each=True)  # train, valid, test
+    synth_seconds: float = bounded(20.0, 0, low_open=True)
     synth_seed: int = 42
     # tf.data augmentation (training split only)
     gain_range: Tuple[float, float] = (0.25, 1.25)
     channel_swap: bool = True
-    remix_probability: float = 0.0  # chance that a source comes from a different track
-    shuffle_buffer: int = 1024
+    remix_probability: float = bounded(0.0, 0, 1)  # chance that a source comes from a different track
+    shuffle_buffer: int = bounded(1024, 1)
     # How a training example is put together (components/records.py, `load_dataset`):
     #   segment: the sources of one segment of one track (the augmentations below apply on top)
     #   independent: every source from its own random track and offset, as the TFC-TDF v3 and DTTNet
     #                references draw them (kuielab/sdx23 `dataset.py`, DTTNet `datasets/musdb.py`)
-    mixing: str = "segment"
-    quiet_threshold: float = 0.0  # independent mixing: redraw a source whose mean |x| is below (sdx23 min_mean_abs)
+    mixing: str = choice("segment", ("segment", "independent"))
+    # independent mixing: redraw a source whose mean |x| is below (sdx23 min_mean_abs)
+    quiet_threshold: float = bounded(0.0, 0)
     # drop an example when a source's energy (sum of squares of its channel mean) is below this: M-U-Net's
     # filtering of training chunks with a silent source (0: off)
-    silent_energy: float = 0.0
+    silent_energy: float = bounded(0.0, 0)
     # prepare: extra pitch/tempo-shifted copies of every training track (DTTNet's offline augmentation)
-    pitch_shifts: Tuple[int, ...] = ()  # semitones, e.g. [-2, -1, 0, 1, 2]
-    tempo_changes: Tuple[int, ...] = ()  # percent, e.g. [-20, -10, 0, 10, 20]; 10 = 10 % faster
+    pitch_shifts: Tuple[int, ...] = bounded((), -12, 12, each=True)  # semitones, e.g. [-2, -1, 0, 1, 2]
+    # percent, e.g. [-20, -10, 0, 10, 20]; 10 = 10 % faster
+    tempo_changes: Tuple[int, ...] = bounded((), -50, 100, each=True)
+
+    def __post_init__(self):
+        check_fields(self, "data.")
+        if self.format in ("musdb", "musdb-hq", "folder") and not self.root:
+            raise ConfigError(f"data.format={self.format} needs data.root=/path/to/the/data/set")
+        if not self.targets or len(set(self.targets)) != len(self.targets):
+            raise ConfigError(f"data.targets must be a non-empty list of distinct names; got {list(self.targets)}")
+        if not self.splits or len(set(self.splits)) != len(self.splits):
+            raise ConfigError(f"data.splits must be a non-empty list of distinct names; got {list(self.splits)}")
+        lo, hi = self.gain_range
+        if not 0 < lo <= hi:
+            raise ConfigError(f"data.gain_range must be [low, high] with 0 < low <= high; got {list(self.gain_range)}")
+        if self.quiet_threshold > 0 and self.mixing != "independent":
+            raise ConfigError("data.quiet_threshold redraws sources and needs data.mixing=independent")
 
 
 @dataclass(frozen=True)
@@ -64,12 +129,20 @@ class PrepareConfig:
     """How the prepare stage (and, with `beam`, evaluation) is executed; never what it produces, so
     these keys are not part of any stage fingerprint: every runner writes the same artifact."""
 
-    runner: str = "local"  # local: in-process, tracks in parallel processes | beam: an Apache Beam pipeline
-    workers: int = 0  # local: track processes (0: every core, one per 64 MB of source files); beam: DirectRunner
-    # workers (0: every core)
+    # local: in-process, tracks in parallel processes | beam: an Apache Beam pipeline
+    runner: str = choice("local", PREPARE_RUNNERS)
+    # local: track processes (0: every core, one per 64 MB of source files); beam: DirectRunner workers (0: every core)
+    workers: int = bounded(0, 0)
     # any Beam pipeline option, e.g. ["--runner=FlinkRunner", "--flink_master=host:8081"]; the default is
     # the DirectRunner in multi-processing mode
     beam_options: Tuple[str, ...] = ()
+
+    def __post_init__(self):
+        check_fields(self, "prepare.")
+        bad = [o for o in self.beam_options if not o.startswith("--")]
+        if bad:
+            raise ConfigError(f"prepare.beam_options takes Beam pipeline flags like '--runner=FlinkRunner'; "
+                              f"got '{bad[0]}'")
 
 
 @dataclass(frozen=True)
@@ -85,6 +158,14 @@ class ModelConfig:
     tfc_tdf_v3: Mapping[str, Any] = field(default_factory=dict)
     dttnet: Mapping[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self):
+        from models import registry  # late: keeps `--help` free of TensorFlow
+
+        if self.name not in registry.names():
+            raise ConfigError(
+                f"model.name '{self.name}' is not a registered model; choose one of {', '.join(registry.names())}"
+            )
+
     def family_params(self) -> Mapping[str, Any]:
         return dict(getattr(self, self.name, {}) or {})
 
@@ -93,68 +174,84 @@ class ModelConfig:
 class TrainConfig:
     """Defaults follow open-unmix's training script."""
 
-    epochs: int = 1000
-    batch_size: int = 16  # global batch; split over the replicas
-    steps_per_epoch: Optional[int] = None  # None: samples_per_track * nb_train_tracks / batch_size
-    samples_per_track: int = 64
-    seq_seconds: float = 6.0  # length of a training excerpt (<= data.segment_seconds)
-    lr: float = 1e-3
-    lr_scaling: str = "none"  # none | linear: lr x replicas (the linear scaling rule for larger global batches)
-    weight_decay: float = 1e-5
-    lr_decay_patience: int = 80
-    lr_decay_gamma: float = 0.3
-    patience: int = 140  # early stopping, in epochs
-    clip_norm: Optional[float] = None
-    workers: int = 4  # tf.data parallel calls
+    epochs: int = bounded(1000, 1)
+    batch_size: int = bounded(16, 1)  # global batch; split over the replicas
+    steps_per_epoch: Optional[int] = bounded(None, 1)  # None: samples_per_track * nb_train_tracks / batch_size
+    samples_per_track: int = bounded(64, 1)
+    seq_seconds: float = bounded(6.0, 0, low_open=True)  # length of a training excerpt (<= data.segment_seconds)
+    lr: float = bounded(1e-3, 0, low_open=True)
+    # none | linear: lr x replicas (the linear scaling rule for larger global batches)
+    lr_scaling: str = choice("none", ("none", "linear"))
+    weight_decay: float = bounded(1e-5, 0)
+    lr_decay_patience: int = bounded(80, 0)
+    lr_decay_gamma: float = bounded(0.3, 0, 1, low_open=True, high_open=True)
+    patience: int = bounded(140, 0)  # early stopping, in epochs
+    clip_norm: Optional[float] = bounded(None, 0, low_open=True)
+    workers: int = bounded(4, 1)  # tf.data parallel calls
     seed: int = 42
     deterministic: bool = False
-    replicas: int = 0  # 0: every visible GPU (or 1 CPU); n > 1 on CPU: n logical CPU devices
-    max_seconds: Optional[float] = None  # wall-clock training budget: stop after the step that exceeds it
-    snapshot_every_steps: int = 0  # quick validation SDR every N steps (0: off)
-    snapshot_tracks: int = 1
-    snapshot_seconds: float = 10.0
+    replicas: int = bounded(0, 0)  # 0: every visible GPU (or 1 CPU); n > 1 on CPU: n logical CPU devices
+    # wall-clock training budget: stop after the step that exceeds it
+    max_seconds: Optional[float] = bounded(None, 0, low_open=True)
+    snapshot_every_steps: int = bounded(0, 0)  # quick validation SDR every N steps (0: off)
+    snapshot_tracks: int = bounded(1, 1)
+    snapshot_seconds: float = bounded(10.0, 0, low_open=True)
     # optional second phase (Wave-U-Net): fine-tune with lr * factor and batch * factor
-    finetune_epochs: int = 0
-    finetune_lr: Optional[float] = None
-    finetune_batch_size: Optional[int] = None
+    finetune_epochs: int = bounded(0, 0)
+    finetune_lr: Optional[float] = bounded(None, 0, low_open=True)
+    finetune_batch_size: Optional[int] = bounded(None, 1)
     # mirrored: one host's GPUs (or logical CPUs); multi_worker: MultiWorkerMirroredStrategy over the
     # hosts listed in TF_CONFIG (train.batch_size stays the global batch over every worker's replicas)
-    strategy: str = "mirrored"
+    strategy: str = choice("mirrored", TRAIN_STRATEGIES)
     # last: continue from the last epoch with the optimizer state (f90/Wave-U-Net Training.py);
     # best: from the best weights with a fresh optimizer (Stoller et al. 2018, Sec. 4.1)
-    finetune_from: str = "last"
+    finetune_from: str = choice("last", ("last", "best"))
     # the optimizer (components/optimizers.py): adam = torch.optim.Adam (weight_decay as an L2 term in the
     # gradient), adam_tf = TF1/Keras Adam (epsilon-hat), adamw = decoupled weight decay, sgd = torch.optim.SGD
-    optimizer: str = "adam"
-    beta_1: float = 0.9
-    beta_2: float = 0.999
-    epsilon: float = 1e-8  # PyTorch's default (open-unmix); Keras/TF2 use 1e-7, TF1's AdamOptimizer 1e-8
-    momentum: float = 0.9  # sgd
+    optimizer: str = choice("adam", ("adam", "adam_tf", "adamw", "sgd"))
+    beta_1: float = bounded(0.9, 0, 1, high_open=True)
+    beta_2: float = bounded(0.999, 0, 1, high_open=True)
+    # PyTorch's default (open-unmix); Keras/TF2 use 1e-7, TF1's AdamOptimizer 1e-8
+    epsilon: float = bounded(1e-8, 0, low_open=True)
+    momentum: float = bounded(0.9, 0, 1, high_open=True)  # sgd
     nesterov: bool = False  # sgd
-    ema_momentum: Optional[float] = None  # e.g. 0.999: evaluate and export an exponential moving average of the weights
-    lr_schedule: str = "plateau"  # plateau (ReduceLROnPlateau) | constant
-    lr_min: float = 0.0  # plateau: the rate never decays below this
+    # e.g. 0.999: evaluate and export an exponential moving average of the weights
+    ema_momentum: Optional[float] = bounded(None, 0, 1, low_open=True, high_open=True)
+    lr_schedule: str = choice("plateau", ("plateau", "constant"))  # plateau (ReduceLROnPlateau) | constant
+    lr_min: float = bounded(0.0, 0)  # plateau: the rate never decays below this
     early_stopping: bool = True  # stop after `patience` epochs without improvement
     # val_loss | val_sdr: the best weights by loss or by whole-track validation SDR; last: the final weights are
     # the model (recipes without model selection: the sdx23 and Spleeter scripts save the last step)
-    checkpoint_metric: str = "val_loss"
+    checkpoint_metric: str = choice("val_loss", ("val_loss", "val_sdr", "last"))
+
+    def __post_init__(self):
+        check_fields(self, "train.")
+        if self.replicas > 1 and self.batch_size % self.replicas:
+            raise ConfigError(f"train.batch_size={self.batch_size} must be a multiple of train.replicas="
+                              f"{self.replicas} (the global batch is split over the replicas)")
 
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    split: str = "test"
-    max_tracks: Optional[int] = None
-    chunk_seconds: float = 30.0  # separation chunk; bounded memory on full tracks
-    overlap: float = 0.25  # fraction of a chunk shared by neighbours (overlap-add)
-    window_seconds: float = 1.0  # BSSEval v4 window and hop
-    workers: int = 2  # museval processes
+    split: str = "test"  # one of data.splits
+    max_tracks: Optional[int] = bounded(None, 1)
+    chunk_seconds: float = bounded(30.0, 0, low_open=True)  # separation chunk; bounded memory on full tracks
+    overlap: float = bounded(0.25, 0, 1, high_open=True)  # fraction of a chunk shared by neighbours (overlap-add)
+    window_seconds: float = bounded(1.0, 0, low_open=True)  # BSSEval v4 window and hop
+    workers: int = bounded(2, 1)  # museval processes
+
+    def __post_init__(self):
+        check_fields(self, "evaluate.")
 
 
 @dataclass(frozen=True)
 class ExportConfig:
-    version: int = 1
-    tflite_chunk_seconds: float = 3.0
-    quantize: str = "float16"  # float16 | dynamic
+    version: int = bounded(1, 1)  # TF Serving version folder
+    tflite_chunk_seconds: float = bounded(3.0, 0, low_open=True)
+    quantize: str = choice("float16", ("float16", "dynamic"))
+
+    def __post_init__(self):
+        check_fields(self, "export.")
 
 
 @dataclass(frozen=True)
@@ -182,6 +279,13 @@ class Config:
     artifacts_dir: str = "artifacts"
     seed: int = 0  # Sacred's seed; the training seed is train.seed
     import_: ImportConfig = field(default_factory=ImportConfig)  # the `import` section
+
+    def __post_init__(self):
+        if not self.artifacts_dir:
+            raise ConfigError("config key 'artifacts_dir' must name a directory; got ''")
+        if self.evaluate.split not in self.data.splits:
+            raise ConfigError(f"config key 'evaluate.split' must be one of data.splits "
+                              f"({', '.join(self.data.splits)}); got '{self.evaluate.split}'")
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> "Config":
@@ -229,9 +333,7 @@ def _build(cls, raw: Mapping[str, Any], prefix: str):
         if name not in raw:
             continue
         values[name] = _coerce(hints[name], raw[name], prefix + name)
-    obj = cls(**values)
-    _check(obj, prefix)
-    return obj
+    return cls(**values)  # each dataclass validates itself in __post_init__
 
 
 def _coerce(hint, value, key):
@@ -295,77 +397,3 @@ class FrozenDict(dict):
 
     def __hash__(self):
         return hash(tuple(sorted(self.items())))
-
-
-def _check(obj, prefix):
-    if isinstance(obj, DataConfig):
-        if obj.format not in DATA_FORMATS:
-            raise ConfigError(f"data.format must be one of {', '.join(DATA_FORMATS)}; got '{obj.format}'")
-        if obj.format in ("musdb", "musdb-hq", "folder") and not obj.root:
-            raise ConfigError(f"data.format={obj.format} needs data.root=/path/to/the/data/set")
-        if obj.pcm not in ("int16", "float16", "float32"):
-            raise ConfigError(f"data.pcm must be int16, float16 or float32; got '{obj.pcm}'")
-        if obj.compression not in ("", "GZIP", "ZLIB"):
-            raise ConfigError(f"data.compression must be '', GZIP or ZLIB; got '{obj.compression}'")
-        if not obj.targets or len(set(obj.targets)) != len(obj.targets):
-            raise ConfigError(f"data.targets must be a non-empty list of distinct names; got {list(obj.targets)}")
-        if obj.sample_rate <= 0 or obj.nb_channels not in (1, 2):
-            raise ConfigError("data.sample_rate must be positive and data.nb_channels 1 or 2")
-        if not 0 <= obj.remix_probability <= 1:
-            raise ConfigError("data.remix_probability must lie in [0, 1]")
-        lo, hi = obj.gain_range
-        if not 0 < lo <= hi:
-            raise ConfigError(f"data.gain_range must be [low, high] with 0 < low <= high; got {list(obj.gain_range)}")
-    if isinstance(obj, TrainConfig) and obj.lr_scaling not in ("none", "linear"):
-        raise ConfigError(f"train.lr_scaling must be none or linear; got '{obj.lr_scaling}'")
-    if isinstance(obj, PrepareConfig):
-        if obj.runner not in PREPARE_RUNNERS:
-            raise ConfigError(f"prepare.runner must be one of {', '.join(PREPARE_RUNNERS)}; got '{obj.runner}'")
-        if obj.workers < 0:
-            raise ConfigError(f"prepare.workers must be >= 0 (0: every core); got {obj.workers}")
-        bad = [o for o in obj.beam_options if not o.startswith("--")]
-        if bad:
-            raise ConfigError(f"prepare.beam_options takes Beam pipeline flags like '--runner=FlinkRunner'; "
-                              f"got '{bad[0]}'")
-    if isinstance(obj, TrainConfig) and obj.strategy not in TRAIN_STRATEGIES:
-        raise ConfigError(f"train.strategy must be one of {', '.join(TRAIN_STRATEGIES)}; got '{obj.strategy}'")
-    if isinstance(obj, TrainConfig):
-        _check_recipe(obj)
-    if isinstance(obj, DataConfig):
-        _check_mixing(obj)
-    if isinstance(obj, ModelConfig):
-        from models import registry  # late: keeps `--help` free of TensorFlow
-
-        if obj.name not in registry.names():
-            raise ConfigError(
-                f"model.name '{obj.name}' is not a registered model; choose one of {', '.join(registry.names())}"
-            )
-
-
-TRAIN_CHOICES = {"optimizer": ("adam", "adam_tf", "adamw", "sgd"), "lr_schedule": ("plateau", "constant"),
-                 "checkpoint_metric": ("val_loss", "val_sdr", "last"), "finetune_from": ("last", "best")}
-
-
-def _check_recipe(train: TrainConfig) -> None:
-    for key, choices in TRAIN_CHOICES.items():
-        if getattr(train, key) not in choices:
-            raise ConfigError(f"train.{key} must be one of {', '.join(choices)}; got '{getattr(train, key)}'")
-    if not (0 <= train.beta_1 < 1 and 0 <= train.beta_2 < 1):
-        raise ConfigError(f"train.beta_1 and train.beta_2 must lie in [0, 1); got {train.beta_1}, {train.beta_2}")
-    if train.epsilon <= 0:
-        raise ConfigError(f"train.epsilon must be positive; got {train.epsilon}")
-    if not 0 <= train.momentum < 1:
-        raise ConfigError(f"train.momentum must lie in [0, 1); got {train.momentum}")
-    if train.ema_momentum is not None and not 0 < train.ema_momentum < 1:
-        raise ConfigError(f"train.ema_momentum must lie in (0, 1) or be null; got {train.ema_momentum}")
-
-
-def _check_mixing(data: DataConfig) -> None:
-    if data.mixing not in ("segment", "independent"):
-        raise ConfigError(f"data.mixing must be segment or independent; got '{data.mixing}'")
-    if data.quiet_threshold < 0 or data.silent_energy < 0:
-        raise ConfigError("data.quiet_threshold and data.silent_energy must be >= 0")
-    if data.quiet_threshold > 0 and data.mixing != "independent":
-        raise ConfigError("data.quiet_threshold redraws sources and needs data.mixing=independent")
-    if any(abs(p) > 12 for p in data.pitch_shifts) or any(not -50 <= t <= 100 for t in data.tempo_changes):
-        raise ConfigError("data.pitch_shifts must lie in [-12, 12] semitones and data.tempo_changes in [-50, 100] %")

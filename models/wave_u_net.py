@@ -59,6 +59,9 @@ class Config:
     # Utils.AudioClip in Models/OutputLayer.py `difference_output`; False: estimates sum to the mixture exactly
     clip_difference: bool = True
 
+    def __post_init__(self):
+        check(self)  # when the configuration is resolved, as the other families and sections do
+
 
 def check(config: Config) -> None:
     """ConfigError naming the key for values the architecture cannot take."""
@@ -399,11 +402,11 @@ def build(config: Config, *, data, stats: Mapping) -> SeparationModel:
         return out
 
     def mobile(chunk: int):
-        """Static `(1, chunk, nb_channels)` -> the train model's outputs; chunk must be a valid length."""
-        if not is_valid_input(config, chunk):
-            raise ValueError(f"chunk of {chunk} samples is not a valid Wave-U-Net input; use input_samples()")
+        """Static `(1, chunk, nb_channels)` -> {target: `(1, chunk, nb_channels)`}: the separator over a fixed
+        chunk (zero context at its ends, as for the SavedModel), so an app overlap-adds whole chunks. The
+        train model alone would return only the centre, 2 * context_samples shorter than the chunk."""
         mixture = keras.Input((chunk, nb_channels), batch_size=1, name="mixture")
-        return keras.Model(mixture, train_model(mixture), name="wave_u_net_mobile")
+        return keras.Model(mixture, separator(mixture), name="wave_u_net_mobile")
 
     loss_class = _layers()["SourceMeanSquaredError"]
     return SeparationModel(

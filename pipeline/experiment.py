@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import errno
 import json
 import logging
 from pathlib import Path
 
 from configs import PRESETS, Config, ConfigError
 from configs.config import defaults
+from components import artifacts
 from components.artifacts import StageError
 from pipeline import pipeline
 
@@ -51,7 +54,10 @@ def resolve(updates: dict, named: list) -> Config:
         config = Config.from_dict(merged)
         from models import registry
 
-        registry.family_config(config.model)  # validates `model.<name>.*` against the family's dataclass
+        # every family's `model.<name>.*` against its dataclass, not only the selected one's: a bad value
+        # fails now rather than in a later run that selects that family
+        for name in registry.names():
+            registry.family_config(dataclasses.replace(config.model, name=name))
     except ConfigError as error:
         raise UserError(str(error)) from None
     return config
@@ -78,34 +84,119 @@ def build_experiment(args):
     return experiment
 
 
+WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)  # the user's disk, not our bug
+CONNECT_TIMEOUT = 5.0  # seconds for a database observer to answer before the run starts
+
+
 def observers(args) -> list:
+    """The observers the CLI asks for; each database is reached once now (seconds, not minutes), so an
+    unreachable one is a one-line UserError before any stage runs."""
     found = []
     if not args.no_file_observer:
         from sacred.observers import FileStorageObserver
 
         found.append(FileStorageObserver(args.runs_dir))
     if args.sql:
-        try:
-            from sacred.observers import SqlObserver
-        except ImportError:
-            raise UserError("--sql needs SQLAlchemy: pip install 'music-separation[db]'") from None
-        try:
-            found.append(SqlObserver(args.sql))
-        except Exception as error:  # SQLAlchemy: unparsable URL, missing driver, server down
-            reason = " ".join(str(error).split())[:200]
-            raise UserError(f"--sql {args.sql}: cannot open the database ({reason}); use a SQLAlchemy URL such "
-                            "as sqlite:///runs.db or postgresql://user:password@host/db") from None
+        found.append(sql_observer(args.sql))
     if args.mongo:
-        try:
-            from sacred.observers import MongoObserver
-        except ImportError:
-            raise UserError("--mongo needs pymongo: pip install 'music-separation[db]'") from None
-        try:
-            found.append(MongoObserver(url=args.mongo))
-        except Exception as error:
-            reason = " ".join(str(error).split())[:200]
-            raise UserError(f"--mongo {args.mongo}: cannot reach MongoDB ({reason})") from None
+        found.append(mongo_observer(args.mongo))
     return found
+
+
+def _hide_password(url: str) -> str:
+    """`scheme://user:secret@host` -> `scheme://user:***@host`: messages and logs never show a password."""
+    import re
+
+    return re.sub(r"(://[^/:@]*:)[^@/]*@", r"\1***@", url)
+
+
+def sql_observer(url: str):
+    where = f"--sql {_hide_password(url)}"
+    try:
+        import sqlalchemy
+        from sacred.observers import SqlObserver
+    except ImportError:
+        raise UserError(f"{where}: needs SQLAlchemy; pip install 'music-separation[db]'") from None
+    try:
+        parsed = sqlalchemy.engine.make_url(url)
+    except Exception:
+        raise UserError(f"{where}: not a database URL; use a SQLAlchemy URL such as sqlite:///runs.db or "
+                        "postgresql+psycopg://user:password@host/db") from None
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        folder = Path(parsed.database).expanduser().resolve().parent
+        if not folder.is_dir():
+            raise UserError(f"{where}: the folder {folder} does not exist; create it or choose another path")
+    try:
+        engine = sqlalchemy.create_engine(url, **_connect_args(parsed))
+    except ModuleNotFoundError as error:
+        raise UserError(f"{where}: the database driver is not installed (no module '{error.name}'); install it, "
+                        "e.g. pip install 'psycopg[binary]' and use postgresql+psycopg://...") from None
+    except Exception as error:
+        raise UserError(f"{where}: cannot use this URL ({_one_line(error)})") from None
+    _within_timeout(lambda: engine.connect().close(), where, "cannot reach the database")
+    engine.dispose()
+    try:
+        return SqlObserver(url)
+    except Exception as error:
+        raise UserError(f"{where}: cannot open the database ({_one_line(error)})") from None
+
+
+def mongo_observer(url: str):
+    import importlib.util
+
+    where = f"--mongo {_hide_password(url)}"
+    if importlib.util.find_spec("pymongo") is None:
+        raise UserError(f"{where}: needs pymongo, which is not installed; pip install 'music-separation[db]'")
+    import pymongo
+    from sacred.observers import MongoObserver
+
+    timeout_ms = int(CONNECT_TIMEOUT * 1000)
+    options = dict(serverSelectionTimeoutMS=timeout_ms, connectTimeoutMS=timeout_ms)
+    try:
+        client = pymongo.MongoClient(url, **options)
+    except Exception as error:  # bad URL, bad options
+        raise UserError(f"{where}: not a MongoDB URL ({_one_line(error)}); e.g. mongodb://host:27017/db") from None
+    _within_timeout(lambda: client.admin.command("ping"), where, "cannot reach MongoDB")
+    try:
+        return MongoObserver(client=client)
+    except Exception as error:
+        raise UserError(f"{where}: cannot use MongoDB ({_one_line(error)})") from None
+
+
+def _connect_args(parsed) -> dict:
+    backend = parsed.get_backend_name()
+    if backend in ("postgresql", "mysql", "mariadb"):
+        return {"connect_args": {"connect_timeout": int(CONNECT_TIMEOUT)}, "pool_pre_ping": True}
+    if backend == "sqlite":
+        return {"connect_args": {"timeout": CONNECT_TIMEOUT}}
+    return {}
+
+
+def _within_timeout(call, where: str, problem: str) -> None:
+    """Run `call` in a daemon thread; UserError when it fails or takes more than CONNECT_TIMEOUT (+1 s)."""
+    import threading
+
+    outcome = {}
+
+    def target():
+        try:
+            call()
+            outcome["ok"] = True
+        except BaseException as error:  # noqa: BLE001 - reported to the user below
+            outcome["error"] = error
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(CONNECT_TIMEOUT + 1)
+    if "ok" in outcome:
+        return
+    reason = _one_line(outcome["error"]) if "error" in outcome else f"no answer within {CONNECT_TIMEOUT:g} s"
+    raise UserError(f"{where}: {problem} ({reason}); start it, fix the URL, or drop the option")
+
+
+def _one_line(error) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text[:200]
 
 
 def _stage_command(stage: str):
@@ -160,13 +251,14 @@ def release_updates(stages: list, updates: dict, named: list) -> dict:
         raise UserError(str(error)) from None
 
 
-def run_stages(experiment, args, updates: dict, named: list) -> int:
+def run_stages(experiment, args, updates: dict, named: list, config: Config = None) -> int:
     try:
         planned = pipeline.create_pipeline(args.stage)
     except StageError as error:
         raise UserError(str(error)) from None
-    updates = release_updates(planned, updates, named)
-    config = resolve(updates, named)
+    released = release_updates(planned, updates, named)
+    if config is None or released != updates:
+        updates, config = released, resolve(released, named)
     if args.print_config:
         print(json.dumps(config.to_dict(), indent=2))
         return 0
@@ -183,17 +275,30 @@ def run_stages(experiment, args, updates: dict, named: list) -> int:
             configure_devices(config.train.replicas)  # logical CPU devices must exist before TF starts
         except StageError as error:
             raise UserError(str(error)) from None
-    for stage in stages:
-        try:
-            run = experiment.run(stage, config_updates=updates, named_configs=named,
-                                 meta_info={"force": args.force},
-                                 options={"--loglevel": "WARNING" if args.quiet else "INFO"})
-        except (StageError, ConfigError) as error:
-            raise UserError(str(error)) from None
-        except Exception as error:  # Sacred's own config errors are user errors too
-            if type(error).__module__.startswith("sacred"):
-                raise UserError(" ".join(str(error).split())) from None
-            raise
-        log.info("stage %s: %s (Sacred run %s)", stage,
-                 "skipped, up to date" if run.info.get("skipped") else "done", run._id)
+    try:
+        # one run owns the artifacts directory for all its stages (see artifacts.exclusive)
+        with artifacts.exclusive(Path(config.artifacts_dir)):
+            for stage in stages:
+                _run_stage(experiment, args, updates, named, stage)
+    except StageError as error:  # the lock
+        raise UserError(str(error)) from None
     return 0
+
+
+def _run_stage(experiment, args, updates, named, stage) -> None:
+    try:
+        run = experiment.run(stage, config_updates=updates, named_configs=named,
+                             meta_info={"force": args.force},
+                             options={"--loglevel": "WARNING" if args.quiet else "INFO"})
+    except (StageError, ConfigError) as error:
+        raise UserError(str(error)) from None
+    except Exception as error:
+        if type(error).__module__.startswith("sacred"):  # Sacred's own config errors are user errors too
+            raise UserError(" ".join(str(error).split())) from None
+        if isinstance(error, OSError) and error.errno in WRITE_ERRORS:
+            reason = error.strerror[:1].lower() + error.strerror[1:]
+            raise UserError(f"stage {stage}: cannot write {error.filename or 'the artifacts directory'} ({reason}); "
+                            "free some space or choose another artifacts_dir (the stage left nothing behind)") from None
+        raise
+    log.info("stage %s: %s (Sacred run %s)", stage,
+             "skipped, up to date" if run.info.get("skipped") else "done", run._id)

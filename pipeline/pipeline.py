@@ -68,7 +68,15 @@ def run_component(
     force: bool = False,
     log_scalar: Optional[Callable] = None,
 ) -> tuple[Artifact, bool]:
-    """Run one stage into `config.artifacts_dir/<stage>/`. Returns (artifact, skipped)."""
+    """Run one stage into `config.artifacts_dir/<stage>/`. Returns (artifact, skipped).
+
+    Holds the artifacts directory's lock throughout (`artifacts.exclusive`; re-entrant, so the driver may
+    already hold it for all stages)."""
+    with artifacts.exclusive(Path(config.artifacts_dir)):
+        return _run_component(spec, config, force, log_scalar)
+
+
+def _run_component(spec, config, force, log_scalar):
     root = Path(config.artifacts_dir)
     removed = artifacts.clean_stale(root)
     if removed:
@@ -79,7 +87,9 @@ def run_component(
         if found is not None:
             upstream[name] = found
     fingerprint = stage_fingerprint(spec, config, upstream)
-    existing = artifacts.load(root, spec.name)
+    existing, problem = artifacts._load(root, spec.name)
+    if problem:
+        log.warning("stage %s: the existing artifact is damaged (%s); redoing it", spec.name, problem)
     if existing is not None and existing.fingerprint == fingerprint and not force:
         log.info("stage %s: complete artifact with fingerprint %s exists in %s; skipping (use --force to redo)",
                  spec.name, fingerprint, existing.path)
@@ -99,6 +109,13 @@ def run_component(
             inputs={name: {"fingerprint": art.fingerprint, "path": str(art.path)} for name, art in upstream.items()},
             seconds=round(time.time() - started, 3),
         )
-        artifact = artifacts.commit(root, spec.name, staging_dir, meta)
+        artifact = artifacts.commit(root, spec.name, staging_dir, meta, known_digests=_shard_digests(meta))
     log.info("stage %s: wrote %s in %.1f s", spec.name, artifact.path, time.time() - started)
     return artifact, False
+
+
+def _shard_digests(meta) -> dict:
+    """TFRecord shards were hashed as they were written (the prepare manifest): no second pass over them."""
+    splits = (meta.get("manifest") or {}).get("splits") or {}
+    return {shard["file"]: shard["sha256"] for split in splits.values() for shard in split.get("shards", [])
+            if shard.get("sha256")}

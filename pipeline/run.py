@@ -17,10 +17,6 @@ if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().p
     # run as `python pipeline/<script>.py`: the script's folder would shadow the `pipeline` package
     # with pipeline/pipeline.py, so the project root takes its place
     sys.path[0] = str(PROJECT_ROOT)
-elif sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
-    # run as `python pipeline/<script>.py`: the script's folder would shadow the `pipeline` package
-    # with pipeline/pipeline.py, so the project root takes its place
-    sys.path[0] = str(PROJECT_ROOT)
 elif str(PROJECT_ROOT) not in sys.path:
     sys.path.insert(0, str(PROJECT_ROOT))
 
@@ -53,10 +49,16 @@ def split_updates(tokens):
     """`with unittest a.b=1` -> (config updates dict, [named presets]) using Sacred's own parser."""
     from sacred.arg_parser import get_config_updates
 
+    from pipeline.experiment import UserError
+
     if not tokens:
         return {}, []
     if tokens[0] != "with":
-        raise SystemExit(f"error: unexpected arguments {' '.join(tokens)!r}; configuration goes after `with`")
+        raise UserError(f"unexpected arguments {' '.join(tokens)!r}; configuration goes after `with`")
+    options = [token for token in tokens[1:] if token.startswith("-")]
+    if options:
+        raise UserError(f"{options[0]} after `with` is read as configuration; put options before `with`, e.g. "
+                        f"`python pipeline/run.py --stage all {options[0]} with unittest`")
     return get_config_updates(tokens[1:])
 
 
@@ -64,26 +66,38 @@ def main(argv=None) -> int:
     args = get_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    updates, named = split_updates(args.updates)
-    # no preset named: the `default` preset (the 10-minute CPU pipeline); `with paper` gives the full-size
-    # published recipes (the dataclass defaults), `with unittest` the tiny one
-    named = named or ["default"]
+    from pipeline.quiet import import_tensorflow
 
-    from pipeline.experiment import UserError, build_experiment, run_stages
+    import_tensorflow()  # without the CPU-machine start-up notices
+    from pipeline.experiment import UserError, build_experiment, resolve, run_stages
 
-    if args.describe_model:
-        try:
-            print(describe_model(updates, named))
-        except UserError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
-        return 0
     try:
+        updates, named = split_updates(args.updates)
+        # no preset named: the `default` preset (the 10-minute CPU pipeline); `with paper` gives the
+        # full-size published recipes (the dataclass defaults), `with unittest` the tiny one
+        named = named or ["default"]
+        if args.describe_model:
+            print(describe_model(updates, named))
+            return 0
+        config = resolve(updates, named)  # every key checked before anything is written or connected to
+        # Sacred's "Failed after 0:00:01!": the one-line error (or the traceback) that follows says what failed
+        _drop_sacred_notice("Failed after ")
+        if args.no_file_observer and not (args.sql or args.mongo):
+            _drop_sacred_notice("No observers have been added to this run")  # the user asked for none
         experiment = build_experiment(args)
-        return run_stages(experiment, args, updates, named)
+        return run_stages(experiment, args, updates, named, config)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished stages are kept, the interrupted one resumes (train) or restarts on the "
+              "next run", file=sys.stderr)
+        return 130
+
+
+def _drop_sacred_notice(text: str) -> None:
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(lambda record: not (record.name.startswith("sacred") and text in record.getMessage()))
 
 
 def network_parameters(model) -> dict:

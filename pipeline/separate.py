@@ -202,6 +202,12 @@ def safe_name(name: str) -> str:
 
 def separate_file(separator, path: Path, out: Path, *, fmt: str, chunk_seconds: float, overlap: float,
                   force: bool, progress: bool) -> Path:
+    """Separate one file into `out/<track>/<target>.<fmt>`.
+
+    The stems are written as hidden `.part` files and renamed into place together at the end (with
+    SIGINT/SIGTERM held back for those few renames), so a track has all its stems or none; on any error
+    or interruption the `.part` files are removed. A track with only some of its stems (a run killed
+    with SIGKILL between two renames) is finished without --force."""
     import numpy as np
     import soundfile
 
@@ -214,9 +220,12 @@ def separate_file(separator, path: Path, out: Path, *, fmt: str, chunk_seconds: 
         raise SeparateError(f"{path}: track name would write outside {out}")
     files = {t: destination / f"{t}.{fmt}" for t in separator.targets}
     existing = [f for f in files.values() if f.exists()]
-    if existing and not force:
+    if len(existing) == len(files) and not force:
         raise SeparateError(f"{path}: {existing[0]} exists; use --force to overwrite")
     audio, rate = read_any(path)
+    if not np.all(np.isfinite(audio)):
+        bad = int(np.count_nonzero(~np.isfinite(audio)))
+        raise SeparateError(f"{path}: {bad} NaN/Inf samples; re-export the file from its source")
     nb_timesteps, nb_channels = audio.shape
     try:
         mixture = conform(audio, rate, path, sample_rate=separator.sample_rate, nb_channels=separator.nb_channels)
@@ -231,9 +240,25 @@ def separate_file(separator, path: Path, out: Path, *, fmt: str, chunk_seconds: 
         return result
 
     counter.total = _count_chunks(mixture.shape[0], separator, chunk_seconds, overlap)
-    destination.mkdir(parents=True, exist_ok=True)
     same_rate = rate == separator.sample_rate
     subtype = "FLOAT" if fmt == "wav" else "PCM_24"
+    created = not destination.exists()
+    try:
+        destination.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise SeparateError(f"{path}: cannot create {destination} ({write_problem(destination, error)})") from None
+    remove_parts(destination)  # what a killed run (SIGKILL) left
+    # float32 stems at the model rate (while separating) and at the file's rate (the final files)
+    needed = 4 * len(files) * (mixture.shape[0] * separator.nb_channels * (0 if same_rate else 1)
+                               + nb_timesteps * nb_channels) + (1 << 16)
+    free = shutil.disk_usage(destination).free
+    if free < needed:
+        _cleanup_destination(destination, created)
+        raise SeparateError(f"{path}: {destination} has {free / 1e6:.1f} MB free, the stems need about "
+                            f"{needed / 1e6:.1f} MB; free some space or choose another -o")
+    if 0 < len(existing) < len(files):
+        print(f"{path}: {destination} has {len(existing)} of {len(files)} stems; finishing the track",
+              file=sys.stderr)
 
     def channels(stem):
         if nb_channels == stem.shape[1]:
@@ -243,35 +268,110 @@ def separate_file(separator, path: Path, out: Path, *, fmt: str, chunk_seconds: 
     # Stems stream to disk as the chunks finish: memory holds the mixture and one chunk of estimates, not
     # four whole stems. At another rate they go to model-rate float files first, resampled one at a time.
     parts = {t: destination / f".{t}.part.{fmt if same_rate else 'wav'}" for t in separator.targets}
-    writers = {t: soundfile.SoundFile(str(parts[t]), "w", samplerate=rate if same_rate else separator.sample_rate,
-                                      channels=nb_channels if same_rate else separator.nb_channels,
-                                      subtype=subtype if same_rate else "FLOAT") for t in separator.targets}
+    writing = destination
+    writers = {}
     try:
-        for _, _, blocks in iter_separate(separate_fn, mixture, sample_rate=separator.sample_rate,
-                                          chunk_seconds=separator.chunk_seconds or chunk_seconds, overlap=overlap):
-            for target, block in blocks.items():
-                if target in writers:
-                    block = channels(block) if same_rate else block
-                    writers[target].write(np.clip(block, -1, 1) if same_rate and fmt == "flac" else block)
-    finally:
-        for writer in writers.values():
-            writer.close()
-    counter.done()
-    del mixture
-    for target in separator.targets:
-        if not same_rate:
-            stem, _ = soundfile.read(str(parts[target]), dtype="float32", always_2d=True)
-            stem = resample(stem, separator.sample_rate, rate)[:nb_timesteps]
-            if len(stem) < nb_timesteps:
-                stem = np.pad(stem, ((0, nb_timesteps - len(stem)), (0, 0)))
-            stem = channels(stem)
-            final_part = files[target].with_name(f".{target}.final.{fmt}")
-            soundfile.write(str(final_part), np.clip(stem, -1, 1) if fmt == "flac" else stem, rate, subtype=subtype)
-            parts[target].unlink()
-            parts[target] = final_part
-            del stem
-        parts[target].replace(files[target])
+        for target in separator.targets:
+            writing = parts[target]
+            writers[target] = soundfile.SoundFile(
+                str(parts[target]), "w", samplerate=rate if same_rate else separator.sample_rate,
+                channels=nb_channels if same_rate else separator.nb_channels,
+                subtype=subtype if same_rate else "FLOAT")
+        try:
+            for _, _, blocks in iter_separate(separate_fn, mixture, sample_rate=separator.sample_rate,
+                                              chunk_seconds=separator.chunk_seconds or chunk_seconds, overlap=overlap):
+                for target, block in blocks.items():
+                    if target in writers:
+                        block = channels(block) if same_rate else block
+                        writing = parts[target]
+                        writers[target].write(np.clip(block, -1, 1) if same_rate and fmt == "flac" else block)
+        finally:
+            for target, writer in writers.items():
+                writing = parts[target]
+                writer.close()
+        counter.done()
+        del mixture
+        for target in separator.targets:
+            if not same_rate:
+                stem, _ = soundfile.read(str(parts[target]), dtype="float32", always_2d=True)
+                stem = resample(stem, separator.sample_rate, rate)[:nb_timesteps]
+                if len(stem) < nb_timesteps:
+                    stem = np.pad(stem, ((0, nb_timesteps - len(stem)), (0, 0)))
+                stem = channels(stem)
+                final_part = destination / f".{target}.part.final.{fmt}"
+                writing = final_part
+                soundfile.write(str(final_part), np.clip(stem, -1, 1) if fmt == "flac" else stem, rate,
+                                subtype=subtype)
+                parts[target].unlink()
+                parts[target] = final_part
+                del stem
+        _rename_together(parts, files)
+    except BaseException as error:
+        counter.abort()
+        remove_parts(destination)
+        _cleanup_destination(destination, created)
+        if isinstance(error, (OSError, soundfile.SoundFileError)):
+            raise SeparateError(f"{path}: cannot write {writing} ({write_problem(writing, error)}); "
+                                "no stems of this track were written") from None
+        raise
     return destination
+
+
+PART_MARK = ".part."
+
+
+def remove_parts(destination: Path) -> None:
+    """Delete the hidden `.<target>.part.*` files of an unfinished separation in `destination`."""
+    if destination.is_dir():
+        for leftover in destination.glob(f".*{PART_MARK}*"):
+            leftover.unlink(missing_ok=True)
+
+
+def _cleanup_destination(destination: Path, created: bool) -> None:
+    if created:
+        try:
+            destination.rmdir()  # only when empty: never removes stems or the user's files
+        except OSError:
+            pass
+
+
+def _rename_together(parts: dict, files: dict) -> None:
+    """Rename every part to its final name with SIGINT and SIGTERM held back: a Ctrl-C arriving now takes
+    effect after the last rename, so the track is complete rather than half-renamed."""
+    import signal
+
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        for target, part in parts.items():
+            os.replace(part, files[target])
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def write_problem(path: Path, error: BaseException) -> str:
+    """Why writing `path` failed, in words: libsndfile reports only "System error"."""
+    import errno
+
+    if isinstance(error, OSError) and error.errno is not None:
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return "no space left on the device"
+        reason = error.strerror or str(error)
+        return reason[:1].lower() + reason[1:]
+    folder = Path(path)
+    while not folder.is_dir() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        stats = os.statvfs(folder)
+    except OSError:
+        return " ".join(str(error).split()) or type(error).__name__
+    if stats.f_flag & os.ST_RDONLY:
+        return "read-only file system"
+    if not os.access(folder, os.W_OK):
+        return "permission denied"
+    if stats.f_bavail * stats.f_frsize < (1 << 20):
+        return "no space left on the device"
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 def _count_chunks(nb_timesteps, separator, chunk_seconds, overlap) -> int:
@@ -296,6 +396,11 @@ class _Progress:
     def done(self):
         if self.enabled:
             print(file=sys.stderr)
+
+    def abort(self):
+        if self.enabled and self.count:
+            print(file=sys.stderr)  # end the progress line before any message
+            self.enabled = False
 
 
 # --------------------------------------------------------------------------------------------
@@ -500,16 +605,52 @@ def _stream_stdin(streamer, args, out: Path) -> Path:
 
 
 def main(argv=None) -> int:
+    """Exit codes: 0 all files separated, 1 some file failed (each reported on one line), 2 the model or
+    the output folder is unusable, 130 interrupted (Ctrl-C) and 143 terminated (SIGTERM): tracks already
+    finished are kept, the one in progress leaves nothing."""
+    import signal
+
     args = get_parser().parse_args(argv)
     if args.stream:
         return stream_main(args)
+    signal.signal(signal.SIGTERM, _terminated)
+    try:
+        return _main(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted; finished tracks are kept, the unfinished one left no files", file=sys.stderr)
+        return 130
+    except _Terminated:
+        print("terminated; finished tracks are kept, the unfinished one left no files", file=sys.stderr)
+        return 143
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised like KeyboardInterrupt so that the same cleanup runs."""
+
+
+def _terminated(signum, frame):
+    raise _Terminated()
+
+
+def _main(args) -> int:
+    from pipeline.quiet import import_tensorflow
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        print(f"error: -o {out}: exists and is not a directory; choose a folder for the stems", file=sys.stderr)
+        return 2
+    import_tensorflow()  # without the CPU-machine start-up notices
     try:
         separator = load_separator(args.model, args.artifacts_dir)
     except SeparateError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        print(f"error: -o {out}: cannot create it ({write_problem(out, error)}); choose another folder",
+              file=sys.stderr)
+        return 2
     failed = 0
     for name in args.files:
         try:

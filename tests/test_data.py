@@ -35,9 +35,9 @@ needs_shared_data = pytest.mark.skipif(
 SUBPROCESS_ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
 
 
-def make_config(artifacts_dir, **data) -> Config:
+def make_config(artifacts_dir, evaluate=None, **data) -> Config:
     raw = deep_merge(defaults(), PRESETS["unittest"])
-    raw = deep_merge(raw, {"artifacts_dir": str(artifacts_dir), "data": data})
+    raw = deep_merge(raw, {"artifacts_dir": str(artifacts_dir), "data": data, "evaluate": evaluate or {}})
     return Config.from_dict(raw)
 
 

@@ -112,10 +112,11 @@ def test_fit_with_ema_validates_and_leaves_the_averaged_weights():
 def test_train_keys_are_validated():
     from pipeline.experiment import UserError, resolve
 
-    for key, value, words in (("optimizer", "rmsprop", "train.optimizer must be one of"),
-                              ("lr_schedule", "cosine", "train.lr_schedule"),
-                              ("checkpoint_metric", "val_bss", "train.checkpoint_metric"),
-                              ("ema_momentum", 1.5, "train.ema_momentum"), ("beta_2", 1.0, "train.beta_1")):
+    for key, value, words in (("optimizer", "rmsprop", "'train.optimizer' must be one of adam, adam_tf, adamw, sgd"),
+                              ("lr_schedule", "cosine", "'train.lr_schedule'"),
+                              ("checkpoint_metric", "val_bss", "'train.checkpoint_metric'"),
+                              ("ema_momentum", 1.5, "'train.ema_momentum' must be in \\(0, 1\\)"),
+                              ("beta_2", 1.0, "'train.beta_2' must be in \\[0, 1\\)")):
         with pytest.raises(UserError, match=words):
             resolve({"train": {key: value}}, ["unittest"])
     with pytest.raises(UserError, match="data.quiet_threshold redraws sources"):
@@ -156,7 +157,7 @@ def labelled(tmp_path_factory):
             value = 0.002 if (k, target) == (1, "bass") else _value(k, j)
             soundfile.write(str(folder / f"{target}.wav"), np.full((8000 * seconds, 2), value), 8000, subtype="FLOAT")
     config = make_config(root / "artifacts", format="folder", root=str(root / "data"), splits=["train"],
-                         segment_seconds=2.0, gain_range=[1.0, 1.0], channel_swap=False)
+                         segment_seconds=2.0, gain_range=[1.0, 1.0], channel_swap=False, evaluate={"split": "train"})
     artifact, _ = prepare(config)
     return config, artifact
 
