@@ -536,7 +536,9 @@ def _checkpoint_prefix(path: Path) -> Path:
             for line in state.read_text().splitlines():
                 if line.startswith("model_checkpoint_path:"):
                     name = line.split(":", 1)[1].strip().strip('"')
-                    return Path(name) if Path(name).is_absolute() else path / Path(name).name
+                    # an absolute path is the writer's machine's: the checkpoint of that name in this folder wins
+                    named, local = Path(name), path / Path(name).name
+                    return named if named.is_absolute() and not Path(f"{local}.index").is_file() else local
         if len(indexes) != 1:
             raise CheckpointError(f"import {path}: expected one TF checkpoint (<name>.index) in the folder, found "
                                   f"{len(indexes)}; pass the checkpoint prefix, e.g. import.path=<folder>/<name>-<step>")
@@ -549,7 +551,8 @@ def _checkpoint_prefix(path: Path) -> Path:
 def read_released(path, model: Optional[str] = None, config: Optional[str] = None, targets=(), **options):
     """A TF1 checkpoint of the reference implementation (`<name>-<step>.index/.data-*`, a folder holding one,
     or the prefix), read with `tf.train.load_checkpoint`. The network's sizes come from the tensors; the
-    settings the tensors cannot show (rate, context, output type and activation) from the reference's
+    settings the tensors cannot show (rate, context, output type and activation, predict_track's chunk
+    `num_frames`) from the reference's
     Sacred `config.json` (`model_config`; import.config or beside the checkpoint), else from the named
     published configuration (import.model, or the checkpoint's name: baseline_stereo, full, full_44KHz,
     full_multi_instrument), else the reference's defaults with input context and difference output."""
@@ -583,7 +586,7 @@ def read_released(path, model: Optional[str] = None, config: Optional[str] = Non
         model_config = json.loads(config_file.read_text()).get("model_config", {})
         settings.update({k: v for k, v in model_config.items() if k in ("context", "output_type", "output_activation",
                                                                         "expected_sr", "upsampling", "task",
-                                                                        "source_names", "mono_downmix")})
+                                                                        "source_names", "mono_downmix", "num_frames")})
         files.append(config_file)
     elif config:
         raise CheckpointError(f"{where}: import.config={config} does not exist; pass the run's config.json")
@@ -618,7 +621,9 @@ def read_released(path, model: Optional[str] = None, config: Optional[str] = Non
                  "model.wave_u_net.merge_filter_size": int(kernels[num_layers + 1].shape[0]),
                  "model.wave_u_net.upsampling": upsampling, "model.wave_u_net.output_type": settings["output_type"],
                  "model.wave_u_net.output_activation": settings["output_activation"],
-                 "model.wave_u_net.context": bool(settings["context"])}
+                 "model.wave_u_net.context": bool(settings["context"]),
+                 # predict_track's chunk: num_frames of the run's config (Config.py's 16384 for every release)
+                 "model.wave_u_net.predict_frames": int(settings.get("num_frames", Config.predict_frames))}
     ignorable = {n: "optimizer state of the reference's training (Adam slots, beta powers, step)"
                  for n in tensors if n.startswith("separator_solver/") or n == "global_step"}
     return ReleasedCheckpoint(family="wave_u_net", config_overrides=overrides, tensors=tensors, files=files,
