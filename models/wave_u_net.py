@@ -23,6 +23,12 @@ The paper's setting (L=12, f=15, m=5) has x=9: input 147,443 -> output 16,389 sa
 (2.97 s at 22,050 Hz) of context on each side. Without context (`same` convolutions) the input must be a
 multiple of 2^L and the output has the input's length.
 
+The separator (any length -> the same length) predicts a song as the reference's `Evaluate.predict_track`:
+zero-padded by the context, in chunks of `predict_frames` (rounded up to an output length) output samples on
+the output grid, the last chunk moved to end at the song's end. The decimation grid follows the chunk starts,
+so only this reproduces the reference's separations with the same weights (`predict=one_pass`: one pass
+over the whole song, a different separation).
+
 Defaults are the paper's multi-instrument model M6 (M4 = difference output + input context + stereo,
 applied to bass/drums/other/vocals), as in the reference code's `full_multi_instrument`.
 """
@@ -491,8 +497,9 @@ def build(config: Config, *, data, stats: Mapping) -> SeparationModel:
 
     def mobile(chunk: int):
         """Static `(1, chunk, nb_channels)` -> {target: `(1, chunk, nb_channels)`}: the separator over a fixed
-        chunk (zero context at its ends, as for the SavedModel), so an app overlap-adds whole chunks. The
-        train model alone would return only the centre, 2 * context_samples shorter than the chunk."""
+        chunk (zero context at its ends, as for the SavedModel; with predict=chunks its network chunks unrolled
+        into plain slices), so an app overlap-adds whole chunks. The train model alone would return only the
+        centre, 2 * context_samples shorter than the chunk."""
         mixture = keras.Input((chunk, nb_channels), batch_size=1, name="mixture")
         return keras.Model(mixture, separator(mixture), name="wave_u_net_mobile")
 
