@@ -23,6 +23,12 @@ The paper's setting (L=12, f=15, m=5) has x=9: input 147,443 -> output 16,389 sa
 (2.97 s at 22,050 Hz) of context on each side. Without context (`same` convolutions) the input must be a
 multiple of 2^L and the output has the input's length.
 
+The separator (any length -> the same length) predicts a song as the reference's `Evaluate.predict_track`:
+zero-padded by the context, in chunks of `predict_frames` (rounded up to an output length) output samples on
+the output grid, the last chunk moved to end at the song's end. The decimation grid follows the chunk starts,
+so only this reproduces the reference's separations with the same weights (`predict=one_pass`: one pass
+over the whole song, a different separation).
+
 Defaults are the paper's multi-instrument model M6 (M4 = difference output + input context + stereo,
 applied to bass/drums/other/vocals), as in the reference code's `full_multi_instrument`.
 """
@@ -40,6 +46,7 @@ LEAKY_RELU_SLOPE = 0.2  # the reference code's LeakyReLU (Keras' own default slo
 UPSAMPLING = ("linear", "learned")
 OUTPUT_TYPES = ("direct", "difference")
 OUTPUT_ACTIVATIONS = ("tanh", "linear")
+PREDICTIONS = ("chunks", "one_pass")
 
 
 @dataclass(frozen=True)
@@ -58,6 +65,14 @@ class Config:
     # difference output clipped to [-1, 1] outside training (validation, evaluation, export), as the reference's
     # Utils.AudioClip in Models/OutputLayer.py `difference_output`; False: estimates sum to the mixture exactly
     clip_difference: bool = True
+    # how the separator runs a song: `chunks` as the reference's Evaluate.predict_track (zero-pad by the context,
+    # predict chunks of `predict_frames` output samples on the output grid, the last one moved to end at the
+    # song's end; the decimation grid follows the chunks, so this is the only way to reproduce its output);
+    # `one_pass`: the whole song through the network at once (a different, equally valid separation)
+    predict: str = "chunks"
+    # output samples per chunk asked for, rounded up to the next length the network outputs (`input_samples`):
+    # the reference's `num_frames` (Config.py, 16384 -> 16389 output / 147443 input samples for the paper's M6)
+    predict_frames: int = 16384
 
     def __post_init__(self):
         check(self)  # when the configuration is resolved, as the other families and sections do
@@ -68,6 +83,8 @@ def check(config: Config) -> None:
     prefix = "model.wave_u_net."
     if config.num_layers < 1 or config.num_initial_filters < 1:
         raise ConfigError(f"{prefix}num_layers and {prefix}num_initial_filters must be at least 1")
+    if config.predict_frames < 1:
+        raise ConfigError(f"{prefix}predict_frames must be at least 1; got {config.predict_frames}")
     if config.filter_size < 1 or config.merge_filter_size < 1:
         raise ConfigError(f"{prefix}filter_size and {prefix}merge_filter_size must be at least 1")
     if config.context and (config.filter_size % 2 == 0 or config.merge_filter_size % 2 == 0):
@@ -77,7 +94,8 @@ def check(config: Config) -> None:
     for key, value, allowed in (("upsampling", config.upsampling, UPSAMPLING),
                                 ("output_type", config.output_type, OUTPUT_TYPES),
                                 ("output_activation", config.output_activation, OUTPUT_ACTIVATIONS),
-                                ("interpolation_init", config.interpolation_init, ("glorot_uniform", "zeros"))):
+                                ("interpolation_init", config.interpolation_init, ("glorot_uniform", "zeros")),
+                                ("predict", config.predict, PREDICTIONS)):
         if value not in allowed:
             raise ConfigError(f"{prefix}{key} must be one of {', '.join(allowed)}; got '{value}'")
 
@@ -279,6 +297,67 @@ def _layers():
             return {**super().get_config(), "num_layers": g.num_layers, "filter_size": g.filter_size,
                     "merge_filter_size": g.merge_filter_size, "context": g.context}
 
+    class PredictTrack(keras.layers.Layer):
+        """The reference's `Evaluate.predict_track` around `network` (the train model): mixture `(nb_samples,
+        n, nb_channels)` of any length -> {target: `(nb_samples, n, nb_channels)`}.
+
+        The song is zero-padded at its end to at least one network input (`input_length`), then by the context
+        on both sides; chunks of `input_length` samples are cut at output positions 0, O, 2O, ... (O =
+        `output_length`), the last one moved to end at the song's end, and each chunk's prediction written to
+        its O output samples (a later chunk overwrites the overlap). A static length is unrolled in Python
+        (plain slices and a gather: TFLite built-ins); a dynamic one maps over the chunks one at a time, so
+        memory grows with the chunk, not the song. Holds no weights of its own (not serialisable: the
+        separator is rebuilt from the config and the train model's weights).
+        """
+
+        def __init__(self, network, input_length: int, output_length: int, targets, **kwargs):
+            super().__init__(**kwargs)
+            self.network = network
+            self.input_length = int(input_length)
+            self.output_length = int(output_length)
+            self.targets = tuple(targets)
+
+        def call(self, x, training=None):
+            inputs, outputs = self.input_length, self.output_length
+            context = (inputs - outputs) // 2
+            n = x.shape[1]
+            static = n is not None
+            if not static:
+                n = ops.shape(x)[1]
+            total = max(n, inputs) if static else ops.maximum(n, inputs)  # song padded to >= one input
+            padded = ops.pad(x, [[0, 0], [context, total - n + context], [0, 0]])
+            if static:
+                positions = [min(p, total - outputs) for p in range(0, total, outputs)]
+                parts = [self.network(padded[:, p:p + inputs], training=training) for p in positions]
+                stacked = {t: ops.stack([part[t] for part in parts]) for t in self.targets}  # (chunks, b, O, c)
+                positions = ops.convert_to_tensor(positions, "int32")
+            else:
+                nb_chunks = (total + outputs - 1) // outputs
+                positions = ops.minimum(ops.arange(nb_chunks, dtype="int32") * outputs, total - outputs)
+
+                def chunk(position):
+                    estimates = self.network(padded[:, position:position + inputs], training=training)
+                    return {t: estimates[t] for t in self.targets}
+
+                import tensorflow as tf  # tf.map_fn: keras.ops.map would trace the network once more for the signature
+
+                spec = tf.TensorSpec([None, None, x.shape[2]], x.dtype)
+                stacked = tf.map_fn(chunk, positions, fn_output_signature={t: spec for t in self.targets})
+            # output sample s comes from chunk s // O, or from the last chunk once s reaches its start
+            samples = ops.arange(n, dtype="int32")
+            last = ops.shape(positions)[0] - 1
+            chunk_of = ops.where(samples < total - outputs, samples // outputs, last)
+            index = chunk_of * outputs + samples - ops.take(positions, chunk_of)
+            out = {}
+            for target, value in stacked.items():
+                shape = ops.shape(value)
+                flat = ops.reshape(ops.transpose(value, (1, 0, 2, 3)), (shape[1], shape[0] * outputs, shape[3]))
+                out[target] = ops.take(flat, index, axis=1)
+            return out
+
+        def compute_output_shape(self, shape):
+            return {t: tuple(shape) for t in self.targets}
+
     @keras.saving.register_keras_serializable(package="wave_u_net")
     class SourceMeanSquaredError(keras.losses.Loss):
         """MSE of one source divided by the number of sources: Keras sums the per-output losses, so the
@@ -295,7 +374,7 @@ def _layers():
             return {**super().get_config(), "nb_sources": self.nb_sources}
 
     return dict(Decimate=Decimate, Upsample=Upsample, CentreCrop=CentreCrop, TakeFirst=TakeFirst,
-                AudioClip=AudioClip, PadToValid=PadToValid, SourceMeanSquaredError=SourceMeanSquaredError)
+                AudioClip=AudioClip, PadToValid=PadToValid, PredictTrack=PredictTrack, SourceMeanSquaredError=SourceMeanSquaredError)
 
 
 # --------------------------------------------------------------------------------------------
@@ -367,17 +446,32 @@ def wave_u_net(config: Config, targets, nb_channels: int, name: str = "wave_u_ne
 
 
 def separator_model(train_model, config: Config, targets, nb_channels: int):
-    """Mixture of any length `(nb_samples, nb_timesteps, nb_channels)` -> {target: same shape}: zero-pad by
-    the context (and to a valid length), run `train_model` (shared weights), keep the first nb_timesteps."""
+    """Mixture of any length `(nb_samples, nb_timesteps, nb_channels)` -> {target: same shape}, sharing
+    `train_model`'s weights. `predict=chunks`: the reference's chunked prediction (`PredictTrack`) with chunks
+    of `chunk_lengths(config)`; `one_pass`: zero-pad by the context (and to a valid length), run `train_model`
+    once, keep the first nb_timesteps."""
     import keras
 
     L = _layers()
     mixture = keras.Input((None, nb_channels), name="mixture")
+    if config.predict == "chunks":
+        input_length, output_length = chunk_lengths(config)
+        estimates = L["PredictTrack"](train_model, input_length, output_length, targets,
+                                      name="predict_track")(mixture)
+        outputs = {t: keras.layers.Identity(name=f"{t}_trim")(estimates[t]) for t in targets}
+        return keras.Model(mixture, outputs, name="wave_u_net_separator")
     padded = L["PadToValid"](config.num_layers, config.filter_size, config.merge_filter_size, config.context,
                              name="pad_to_valid")(mixture)
     estimates = train_model(padded)
     outputs = {t: L["TakeFirst"](name=f"{t}_trim")([estimates[t], mixture]) for t in targets}
     return keras.Model(mixture, outputs, name="wave_u_net_separator")
+
+
+def chunk_lengths(config: Config):
+    """(input, output) samples of one chunk of the chunked prediction: the reference's `get_padding` for
+    `num_frames` = predict_frames (same padding: input = output, a multiple of 2^L)."""
+    input_length = input_samples(config, config.predict_frames)
+    return input_length, input_length - 2 * context_samples(config)
 
 
 # --------------------------------------------------------------------------------------------
@@ -403,8 +497,9 @@ def build(config: Config, *, data, stats: Mapping) -> SeparationModel:
 
     def mobile(chunk: int):
         """Static `(1, chunk, nb_channels)` -> {target: `(1, chunk, nb_channels)`}: the separator over a fixed
-        chunk (zero context at its ends, as for the SavedModel), so an app overlap-adds whole chunks. The
-        train model alone would return only the centre, 2 * context_samples shorter than the chunk."""
+        chunk (zero context at its ends, as for the SavedModel; with predict=chunks its network chunks unrolled
+        into plain slices), so an app overlap-adds whole chunks. The train model alone would return only the
+        centre, 2 * context_samples shorter than the chunk."""
         mixture = keras.Input((chunk, nb_channels), batch_size=1, name="mixture")
         return keras.Model(mixture, separator(mixture), name="wave_u_net_mobile")
 
@@ -448,7 +543,9 @@ def _checkpoint_prefix(path: Path) -> Path:
             for line in state.read_text().splitlines():
                 if line.startswith("model_checkpoint_path:"):
                     name = line.split(":", 1)[1].strip().strip('"')
-                    return Path(name) if Path(name).is_absolute() else path / Path(name).name
+                    # an absolute path is the writer's machine's: the checkpoint of that name in this folder wins
+                    named, local = Path(name), path / Path(name).name
+                    return named if named.is_absolute() and not Path(f"{local}.index").is_file() else local
         if len(indexes) != 1:
             raise CheckpointError(f"import {path}: expected one TF checkpoint (<name>.index) in the folder, found "
                                   f"{len(indexes)}; pass the checkpoint prefix, e.g. import.path=<folder>/<name>-<step>")
@@ -461,7 +558,8 @@ def _checkpoint_prefix(path: Path) -> Path:
 def read_released(path, model: Optional[str] = None, config: Optional[str] = None, targets=(), **options):
     """A TF1 checkpoint of the reference implementation (`<name>-<step>.index/.data-*`, a folder holding one,
     or the prefix), read with `tf.train.load_checkpoint`. The network's sizes come from the tensors; the
-    settings the tensors cannot show (rate, context, output type and activation) from the reference's
+    settings the tensors cannot show (rate, context, output type and activation, predict_track's chunk
+    `num_frames`) from the reference's
     Sacred `config.json` (`model_config`; import.config or beside the checkpoint), else from the named
     published configuration (import.model, or the checkpoint's name: baseline_stereo, full, full_44KHz,
     full_multi_instrument), else the reference's defaults with input context and difference output."""
@@ -495,7 +593,7 @@ def read_released(path, model: Optional[str] = None, config: Optional[str] = Non
         model_config = json.loads(config_file.read_text()).get("model_config", {})
         settings.update({k: v for k, v in model_config.items() if k in ("context", "output_type", "output_activation",
                                                                         "expected_sr", "upsampling", "task",
-                                                                        "source_names", "mono_downmix")})
+                                                                        "source_names", "mono_downmix", "num_frames")})
         files.append(config_file)
     elif config:
         raise CheckpointError(f"{where}: import.config={config} does not exist; pass the run's config.json")
@@ -530,7 +628,9 @@ def read_released(path, model: Optional[str] = None, config: Optional[str] = Non
                  "model.wave_u_net.merge_filter_size": int(kernels[num_layers + 1].shape[0]),
                  "model.wave_u_net.upsampling": upsampling, "model.wave_u_net.output_type": settings["output_type"],
                  "model.wave_u_net.output_activation": settings["output_activation"],
-                 "model.wave_u_net.context": bool(settings["context"])}
+                 "model.wave_u_net.context": bool(settings["context"]),
+                 # predict_track's chunk: num_frames of the run's config (Config.py's 16384 for every release)
+                 "model.wave_u_net.predict_frames": int(settings.get("num_frames", Config.predict_frames))}
     ignorable = {n: "optimizer state of the reference's training (Adam slots, beta powers, step)"
                  for n in tensors if n.startswith("separator_solver/") or n == "global_step"}
     return ReleasedCheckpoint(family="wave_u_net", config_overrides=overrides, tensors=tensors, files=files,

@@ -285,6 +285,11 @@ def predict_track(network, song, input_length, output_length):
 
 @pytest.mark.parametrize("release, tensors, ignored", [("m4", 16, 35), ("m5/full_tiny-1", 18, 39)])
 def test_wave_u_net_tf1_checkpoint_matches_the_reference_graph(release, tensors, ignored):
+    import dataclasses
+
+    from components.separation import compiled
+    from models import wave_u_net as wun
+
     key = release.split("/")[0]
     reference = np.load(WAVE_U_NET / "reference.npz")
     config, model, mapping = imported(WAVE_U_NET / release, "wave_u_net")
@@ -300,13 +305,20 @@ def test_wave_u_net_tf1_checkpoint_matches_the_reference_graph(release, tensors,
         assert np.max(np.abs(np.asarray(outputs[target]) - theirs)) <= 1e-4 * np.max(np.abs(theirs)), target
     song = reference[f"{key}/song"]
     output_length = np.asarray(outputs[model.targets[0]]).shape[1]
+    assert model.config.predict == "chunks" and model.config.predict_frames == 200  # num_frames of config.json
+    assert wun.chunk_lengths(model.config) == (network_input.shape[1], output_length)
     estimates = predict_track(model.train_model, song, network_input.shape[1], output_length)
-    ours = model.separator(song[None], training=False)
+    ours = model.separator(song[None], training=False)  # the full separator: the reference's chunked prediction
+    served = compiled(model.separator, model.nb_channels)(song[None])  # traced with a dynamic length
+    one_pass = wun.separator_model(model.train_model, dataclasses.replace(model.config, predict="one_pass"),
+                                   model.targets, model.nb_channels)(song[None], training=False)
     for target in model.targets:
-        assert sdr(reference[f"{key}/separated/{target}"], estimates[target]) >= 80, target
-        # our separator runs the song in one pass: its decimation grid differs from the reference's chunk
-        # grid, so it is a different (equally valid) separation with the same weights
-        assert 10 < sdr(reference[f"{key}/separated/{target}"], np.asarray(ours[target])[0]) < 40, target
+        theirs = reference[f"{key}/separated/{target}"]
+        assert sdr(theirs, estimates[target]) >= 80, target
+        assert sdr(theirs, np.asarray(ours[target])[0]) >= 80, target
+        assert sdr(theirs, served[target][0]) >= 80, target
+        # one pass over the song decimates on another grid than the reference's chunks: a different separation
+        assert 10 < sdr(theirs, np.asarray(one_pass[target])[0]) < 40, target
 
 
 # ------------------------------------------------------------------------------------ end to end

@@ -131,6 +131,10 @@ def test_config_round_trips_through_the_registry_and_keras():
         build(tiny(upsampling="cubic"))
     with pytest.raises(ConfigError, match="odd"):
         build(tiny(filter_size=4))
+    with pytest.raises(ConfigError, match=r"^model.wave_u_net.predict must be one of chunks, one_pass; got 'whole'$"):
+        tiny(predict="whole")
+    with pytest.raises(ConfigError, match=r"^model.wave_u_net.predict_frames must be at least 1; got 0$"):
+        tiny(predict_frames=0)
 
     # keras: get_config -> from_config rebuilds the same graph; same weights give the same outputs
     model = build(config).train_model
@@ -156,8 +160,47 @@ def test_separator_keeps_any_odd_length_and_shares_weights(context, nb_channels)
         assert {tuple(v.shape) for v in estimates.values()} == {(2, length, nb_channels)}
 
 
-def test_separator_is_the_train_model_on_the_zero_padded_mixture():
-    config = tiny()
+def predict_track(network, song, input_length, output_length):
+    """numpy `Evaluate.predict_track` (f90/Wave-U-Net) around a network, song `(nb_timesteps, nb_channels)`: pad the
+    song to at least one input, then by the context; output-length chunks, the last one ending at the song's end."""
+    n = len(song)
+    song = np.pad(song, [(0, max(0, input_length - n)), (0, 0)])
+    context = (input_length - output_length) // 2
+    padded = np.pad(song, [(context, context), (0, 0)])
+    estimates = {}
+    for position in range(0, len(song), output_length):
+        position = min(position, len(song) - output_length)
+        parts = network(padded[None, position:position + input_length], training=False)
+        for target, part in parts.items():
+            estimates.setdefault(target, np.zeros_like(song))[position:position + output_length] = np.asarray(part)[0]
+    return {t: v[:n] for t, v in estimates.items()}
+
+
+@pytest.mark.parametrize("context", [True, False])
+def test_separator_is_the_references_chunked_prediction_for_static_and_dynamic_lengths(context):
+    from components.separation import compiled
+
+    config = tiny(context=context, predict_frames=100)
+    model = build(config)
+    input_length, output_length = wun.chunk_lengths(config)
+    if context:  # x = 3 + ceil(97 / 8) = 16: I = 8 (16 + 7) - 3 = 181, O = 8 (16 - 3) + 3 = 107
+        assert (input_length, output_length) == (181, 107)
+    else:  # same padding: one chunk is predict_frames rounded up to a multiple of 2^L
+        assert (input_length, output_length) == (104, 104)
+    served = compiled(model.separator, 2)  # traced once with a dynamic length, as evaluate and the SavedModel
+    for length in (50, output_length, 3 * output_length, 1001):  # shorter than a chunk, whole chunks, a moved last
+        mixture = noise((2, length, 2), length)
+        eager = model.separator(mixture, training=False)
+        graph = served(mixture)
+        for b in range(2):
+            reference = predict_track(model.train_model, mixture[b], input_length, output_length)
+            for target in MUSDB.targets:
+                np.testing.assert_allclose(np.asarray(eager[target])[b], reference[target], atol=1e-6)
+                np.testing.assert_allclose(graph[target][b], reference[target], atol=1e-6)
+
+
+def test_one_pass_separator_is_the_train_model_on_the_zero_padded_mixture():
+    config = tiny(predict="one_pass")
     model = build(config)
     context = wun.context_samples(config)
     n = wun.output_samples(config, wun.input_samples(config, 300))  # a length the model outputs exactly
@@ -185,9 +228,11 @@ def test_difference_output_sums_exactly_to_the_mixture():
     estimates = model.separator(mixture, training=False)
     total = sum(np.asarray(v, dtype=np.float64) for v in estimates.values())
     assert np.max(np.abs(total - mixture)) < 1e-5
-    # the rest of the mixture is clipped to [-1, 1] at inference, as the reference's difference_output does
+    # by default the rest of the mixture is clipped to [-1, 1] at inference, as the reference's difference_output
     loud = 12.0 * mixture
-    estimates = model.separator(loud, training=False)
+    clipped = build(tiny(output_type="difference"))
+    clipped.train_model.set_weights(model.train_model.get_weights())
+    estimates = clipped.separator(loud, training=False)
     others = sum(np.asarray(estimates[t], dtype=np.float64) for t in MUSDB.targets[:-1])
     assert np.max(np.abs(loud - others)) > 1.5
     np.testing.assert_allclose(np.asarray(estimates[MUSDB.targets[-1]]), np.clip(loud - others, -1, 1), atol=1e-5)
@@ -368,3 +413,32 @@ def test_unittest_preset_builds_a_tiny_model_whose_excerpt_fits_the_segments():
     assert model.train_model.count_params() < 5000
     seq = model.input_samples(int(round(config.train.seq_seconds * config.data.sample_rate)))
     assert seq == 8077 <= int(round(config.data.segment_seconds * config.data.sample_rate))
+
+
+# --------------------------------------------------------------------------------------------
+# Export: the chunked separator as a SavedModel (any length) and as a static TFLite chunk model
+# --------------------------------------------------------------------------------------------
+def test_chunked_separator_exports_to_saved_model_and_builtin_only_tflite(tmp_path):
+    import tensorflow as tf
+
+    from components.export import INPUT_NAME, SIGNATURE, convert_tflite, run_tflite, tflite_ops, write_saved_model
+
+    model = build(tiny(predict_frames=100))
+    write_saved_model(model.separator, tmp_path / "sm", 2)
+    loaded = tf.saved_model.load(str(tmp_path / "sm"))
+    for length in (50, 1001):  # shorter than one chunk; several chunks with the last one moved
+        mixture = noise((2, length, 2), length)
+        served = loaded.signatures[SIGNATURE](**{INPUT_NAME: tf.constant(mixture)})
+        expected = model.separator(mixture, training=False)
+        for target in MUSDB.targets:
+            assert served[target].shape == (2, length, 2)
+            assert float(np.max(np.abs(np.asarray(served[target]) - np.asarray(expected[target])))) <= 1e-5
+    chunk = 300  # three chunks of 107 output samples, the last one moved: unrolled into plain slices
+    blob = convert_tflite(model.mobile(chunk), chunk, 2)
+    ops = tflite_ops(blob)
+    assert not [op for op in ops if op.startswith("Flex") or op in ("CUSTOM", "DELEGATE", "WHILE")], ops
+    mixture = noise((1, chunk, 2), 7)
+    outputs = run_tflite(blob, mixture)
+    expected = model.separator(mixture, training=False)
+    for target in MUSDB.targets:
+        assert float(np.max(np.abs(outputs[target] - np.asarray(expected[target])))) < 1e-4, target
