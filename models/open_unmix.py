@@ -241,7 +241,7 @@ class StackedOpenUnmix(keras.layers.Layer):
             lstms = [n.lstms[layer] for n in nets]
             nb_directions = len(lstms[0].directions)
             # group = target * nb_directions + direction; the reverse direction reads time backwards
-            sequences = tf.stack([hidden, tf.reverse(hidden, axis=[1])][:nb_directions], axis=1)
+            sequences = tf.stack([hidden, tf.reverse(hidden, axis=[1])] if nb_directions == 2 else [hidden], axis=1)
             sequences = tf.reshape(sequences, tf.concat([[nb_targets * nb_directions], tf.shape(hidden)[1:]], 0))
             weights = [direction for lstm in lstms for direction in lstm.directions]
             projected = _batched_dense(sequences, [w["kernel"] for w in weights]) + tf.reshape(
@@ -251,8 +251,8 @@ class StackedOpenUnmix(keras.layers.Layer):
             states = tf.reshape(tf.transpose(states, [1, 0, 2, 3]),
                                 tf.concat([[nb_targets, nb_directions], tf.shape(states)[0:1],
                                            tf.shape(states)[2:]], 0))
-            directions = [states[:, 0], tf.reverse(states[:, 1], axis=[1])][:nb_directions]
-            hidden = tf.concat(directions, axis=-1)
+            hidden = states[:, 0] if nb_directions == 1 else tf.concat(
+                [states[:, 0], tf.reverse(states[:, 1], axis=[1])], axis=-1)
         x = tf.concat([x, hidden], axis=-1)
         x = tf.nn.relu(_batch_norm_inference([n.bn2 for n in nets], _batched_dense(x, [n.fc2.kernel for n in nets])))
         x = _batch_norm_inference([n.bn3 for n in nets], _batched_dense(x, [n.fc3.kernel for n in nets]))
