@@ -171,10 +171,14 @@ def _batch_norm_inference(layers, x):
 
 
 def _batched_dense(x, kernels):
-    """`x` `(groups, ..., in)` times one kernel `(in, out)` per group -> `(groups, ..., out)`, one BatchMatMul."""
+    """`x` `(groups, ..., in)` times one kernel `(in, out)` per group -> `(groups, ..., out)`.
+
+    One 2-D matmul per group (outside the recurrence, so no per-step cost): TFLite maps each to a
+    FULLY_CONNECTED that XNNPACK runs on weights unpacked once (a BATCH_MATMUL over stacked float16
+    weights would dequantize them on every call)."""
     shape = tf.shape(x)
     flat = tf.reshape(x, [x.shape[0], -1, x.shape[-1]])
-    out = tf.matmul(flat, _stack(kernels))
+    out = tf.stack([tf.matmul(flat[index], kernel) for index, kernel in enumerate(kernels)])
     return tf.reshape(out, tf.concat([shape[:-1], [kernels[0].shape[-1]]], 0))
 
 
