@@ -188,9 +188,11 @@ class StackedOpenUnmix(keras.layers.Layer):
     -> estimates `(nb_samples, nb_frames, nb_bins, nb_channels, nb_targets)`.
 
     The weights are those of `networks` (nothing new is created) and the numbers are theirs; only the
-    schedule changes: each dense layer is one batched matmul over targets, and per LSTM layer the
-    `nb_targets x nb_directions` recurrences run as ONE scan whose step is one batched matmul (with the
-    input projections hoisted out of the loop). 24 sequential scans of UMX-HQ become 3.
+    schedule changes: per LSTM layer the `nb_targets x nb_directions` recurrences run as ONE loop whose
+    step is one batched matmul (input projections hoisted out of the loop), so the unrolled TFLite graph
+    of UMX-HQ has 3 recurrences instead of 24 (8x fewer ops: faster to convert and to run). The
+    SavedModel keeps the per-target networks: TensorFlow runs their 24 scans concurrently, which
+    measured faster on CPU than this schedule (pipeline/benchmark.py `part:networks, ...`).
     """
 
     def __init__(self, networks=(), **kwargs):
@@ -331,7 +333,10 @@ def build(config: Config, *, data, stats=None) -> SeparationModel:
         waveform = keras.Input((nb_timesteps, nb_channels), name="mixture")
         mix_stft = stft_layer(waveform)
         mix_magnitude = norm_layer(mix_stft)
-        estimates = StackedOpenUnmix([networks[target] for target in targets], name="networks")(mix_magnitude)
+        if config.unroll:  # TFLite: one unrolled recurrence per layer instead of one per target and direction
+            estimates = StackedOpenUnmix([networks[target] for target in targets], name="networks")(mix_magnitude)
+        else:  # TensorFlow runs the per-target scans concurrently: measured faster than the stacked schedule
+            estimates = keras.ops.stack([networks[target](mix_magnitude) for target in targets], axis=-1)
         sources = WienerFilter(wiener_iterations, residual, name="wiener")(estimates, mix_stft)
         waveforms = ISTFT(config.n_fft, config.hop_length, name="istft")(sources, waveform)  # (B, T, C, J)
         names = targets + (("residual",) if residual else ())
