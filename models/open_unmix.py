@@ -205,7 +205,7 @@ class StackedOpenUnmix(keras.layers.Layer):
                 network.build(input_shape)
 
     def _recurrence(self, projected, recurrent_kernels, unroll):
-        """`projected` `(nb_frames, groups, nb_samples, 4 * units)` -> hidden states `(nb_frames, groups, nb_samples, units)`."""
+        """`projected` `(nb_frames, groups, nb_samples, 4 * units)` -> hidden states, same layout with `units`."""
         kernel = _stack(recurrent_kernels)  # (groups, units, 4 * units)
         units = kernel.shape[1]
 

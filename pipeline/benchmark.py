@@ -165,21 +165,23 @@ def benchmark_train_step(config, batch_size: int, repeats: int, threads: int, wi
     targets = {name: np.asarray(value) for name, value in model.train_targets(
         {name: tf.constant(value) for name, value in stems.items()}).items()}
     model.train_model.compile(optimizer=make_optimizer(config.train), loss=model.loss)
-    step = lambda: model.train_model.train_on_batch(mixture, targets)  # noqa: E731
-    step()  # tracing
-    report = {"model": config.model.name, "batch": list(shape), "threads": threads,
-              "seconds": {"ours": round(_best_of(repeats, step), 3)}}
+    runs = {"ours": lambda: model.train_model.train_on_batch(mixture, targets)}
+    runs["ours"]()  # tracing
     reference = open_unmix_reference() if with_reference and config.model.name == "umx" else None
+    if reference is not None:  # timed in turn with ours, so that both see the same load
+        runs["open_unmix_pytorch"] = _reference_train_step(reference, model, config, mixture, stems, threads)
+        runs["open_unmix_pytorch"]()  # warm-up
+    seconds = _best_of_alternating(repeats, runs)
+    report = {"model": config.model.name, "batch": list(shape), "threads": threads,
+              "seconds": {name: round(value, 3) for name, value in seconds.items()}}
     if reference is not None:
-        report["seconds"]["open_unmix_pytorch"] = round(_reference_train_step(
-            reference, model, config, mixture, stems, repeats, threads), 3)
-        report["open_unmix_over_ours"] = round(report["seconds"]["open_unmix_pytorch"] / report["seconds"]["ours"], 2)
+        report["open_unmix_over_ours"] = round(seconds["open_unmix_pytorch"] / seconds["ours"], 2)
     return report
 
 
-def _reference_train_step(reference, model, config, mixture, stems, repeats: int, threads: int) -> float:
-    """open-unmix `train.py`'s loop body for every target (it trains one target per run): encoder on the
-    mixture and the target, forward, MSE, backward, Adam step (`lr`, `weight_decay` from `train`)."""
+def _reference_train_step(reference, model, config, mixture, stems, threads: int):
+    """A callable running open-unmix `train.py`'s loop body for every target (it trains one target per run):
+    encoder on the mixture and the target, forward, MSE, backward, Adam step (`lr`, `weight_decay` of `train`)."""
     import numpy as np
     import torch
 
@@ -203,8 +205,19 @@ def _reference_train_step(reference, model, config, mixture, stems, repeats: int
             loss = torch.nn.functional.mse_loss(network(encoder(x)), encoder(ys[target]))
             loss.backward()
             optimizers[target].step()
-    step()  # warm-up
-    return _best_of(repeats, step)
+    return step
+
+
+def _best_of_alternating(repeats: int, runs: dict) -> dict:
+    """Best seconds of each callable in `runs`, run in turn within every repeat (ours, reference, ours, ...):
+    a change of load on a shared machine then hits both sides of a ratio alike."""
+    best = {name: float("inf") for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            started = time.perf_counter()
+            run()
+            best[name] = min(best[name], time.perf_counter() - started)
+    return best
 
 
 def _best_of(repeats: int, run) -> float:
@@ -240,8 +253,13 @@ def benchmark_separate(config, seconds: float, repeats: int, threads: int, tflit
         serving = tf.saved_model.load(str(saved)).signatures[export.SIGNATURE]
         batch = tf.constant(mixture[None])
         serving(waveform=batch)  # warm-up: tracing, allocations
-        elapsed = _best_of(repeats, lambda: serving(waveform=batch))
-        rows["saved_model"] = elapsed
+        runs = {"saved_model": lambda: serving(waveform=batch)}
+        reference = open_unmix_reference() if with_reference and config.model.name == "umx" else None
+        if reference is not None:  # timed in turn with the SavedModel, so that both see the same load
+            runs["open_unmix_pytorch"] = _reference_separate(reference, model, config, mixture, threads)
+            runs["open_unmix_pytorch"]()
+            report["open_unmix"] = _open_unmix_versions()
+        rows.update(_best_of_alternating(repeats, runs))
         # where the time goes: the same graph pieces as Keras functions on the whole input
         parts = _separator_parts(model, mixture)
         for name, function in parts.items():
@@ -269,12 +287,6 @@ def benchmark_separate(config, seconds: float, repeats: int, threads: int, tflit
                 rows[f"tflite_{variant}"] = _best_of(repeats, run)
                 report[f"tflite_{variant}_megabytes"] = round(len(blob) / 1e6, 2)
             report["tflite_chunk_seconds"] = chunk / rate
-    reference = open_unmix_reference() if with_reference and config.model.name == "umx" else None
-    if reference is not None:
-        run = _reference_separate(reference, model, config, mixture, threads)
-        run()
-        rows["open_unmix_pytorch"] = _best_of(repeats, run)
-        report["open_unmix"] = _open_unmix_versions()
     report["seconds"] = {k: round(v, 3) for k, v in rows.items()}
     report["x_realtime"] = {k: round(seconds / v, 2) for k, v in rows.items() if not k.startswith("part:")}
     if reference is not None:  # > 1: faster than open-unmix on the same input, same run
