@@ -161,6 +161,124 @@ class OpenUnmix(keras.layers.Layer):
                 "unidirectional": self.unidirectional, "max_bin": self.max_bin, "unroll": self.unroll}
 
 
+def _stack(tensors):
+    """Keras variables (or tensors) of one shape -> one tensor, new leading axis."""
+    return tf.stack([tf.convert_to_tensor(tensor) for tensor in tensors])
+
+
+def _batch_norm_inference(layers, x):
+    """Inference BatchNorm of `layers` (one per target) on `x` `(nb_targets, ..., features)`."""
+    def stacked(name):
+        value = _stack([getattr(layer, name) for layer in layers])
+        return tf.reshape(value, [len(layers)] + [1] * (len(x.shape) - 2) + [-1])
+
+    epsilon = layers[0].epsilon
+    return (x - stacked("moving_mean")) / tf.sqrt(stacked("moving_variance") + epsilon) * stacked("gamma") \
+        + stacked("beta")
+
+
+def _batched_dense(x, kernels):
+    """`x` `(groups, ..., in)` times one kernel `(in, out)` per group -> `(groups, ..., out)`.
+
+    One 2-D matmul per group (outside the recurrence, so no per-step cost): TFLite maps each to a
+    FULLY_CONNECTED that XNNPACK runs on weights unpacked once (a BATCH_MATMUL over stacked float16
+    weights would dequantize them on every call)."""
+    shape = tf.shape(x)
+    flat = tf.reshape(x, [x.shape[0], -1, x.shape[-1]])
+    out = tf.stack([tf.matmul(flat[index], kernel) for index, kernel in enumerate(kernels)])
+    return tf.reshape(out, tf.concat([shape[:-1], [kernels[0].shape[-1]]], 0))
+
+
+@keras.saving.register_keras_serializable(package="musicsep")
+class StackedOpenUnmix(keras.layers.Layer):
+    """Every target's network at inference as one graph: magnitude `(nb_samples, nb_frames, nb_bins, nb_channels)`
+    -> estimates `(nb_samples, nb_frames, nb_bins, nb_channels, nb_targets)`.
+
+    The weights are those of `networks` (nothing new is created) and the numbers are theirs; only the
+    schedule changes: per LSTM layer the `nb_targets x nb_directions` recurrences run as ONE loop whose
+    step is one batched matmul (input projections hoisted out of the loop), so the unrolled TFLite graph
+    of UMX-HQ has 3 recurrences instead of 24 (8x fewer ops: faster to convert and to run). The
+    SavedModel keeps the per-target networks: TensorFlow runs their 24 scans concurrently, which
+    measured faster on CPU than this schedule (pipeline/benchmark.py `part:networks, ...`).
+    """
+
+    def __init__(self, networks=(), **kwargs):
+        super().__init__(**kwargs)
+        self.networks = list(networks)
+
+    def build(self, input_shape=None):
+        for network in self.networks:
+            if not network.built:
+                network.build(input_shape)
+
+    def _recurrence(self, projected, recurrent_kernels, unroll):
+        """`projected` `(nb_frames, groups, nb_samples, 4 * units)` -> hidden states, same layout with `units`."""
+        kernel = _stack(recurrent_kernels)  # (groups, units, 4 * units)
+        units = kernel.shape[1]
+
+        def step(state, z):
+            h, c = state
+            gates = z + tf.matmul(h, kernel)
+            i, f, g, o = tf.split(gates, 4, axis=-1)
+            c = tf.sigmoid(f) * c + tf.sigmoid(i) * tf.tanh(g)
+            h = tf.sigmoid(o) * tf.tanh(c)
+            return h, c
+
+        zeros = tf.zeros(tf.concat([tf.shape(projected)[1:3], [units]], 0), projected.dtype)
+        if unroll:
+            nb_frames = projected.shape[0]
+            if nb_frames is None:
+                raise ValueError("StackedOpenUnmix(unroll=True) needs a static number of frames (fixed input length)")
+            state, outputs = (zeros, zeros), []
+            for z in tf.unstack(projected, num=nb_frames, axis=0):
+                state = step(state, z)
+                outputs.append(state[0])
+            return tf.stack(outputs, axis=0)
+        return tf.scan(step, projected, initializer=(zeros, zeros))[0]
+
+    def call(self, magnitude, training=None):
+        if training:  # dropout and batch statistics: the per-target networks themselves
+            return tf.stack([network(magnitude, training=True) for network in self.networks], axis=-1)
+        nets = self.networks
+        first = nets[0]
+        nb_targets, nb_channels, max_bin, nb_bins = len(nets), first.nb_channels, first.max_bin, first.nb_bins
+        frames_samples = tf.stack([tf.shape(magnitude)[1], tf.shape(magnitude)[0]])  # (nb_frames, nb_samples)
+        # time major from here on: (targets, frames, samples, features)
+        x = tf.transpose(magnitude, [1, 0, 3, 2])[None, ..., :max_bin]  # (1, frames, samples, channels, max_bin)
+        x = (x + tf.reshape(_stack([n.input_mean for n in nets]), [nb_targets, 1, 1, 1, max_bin])) \
+            * tf.reshape(_stack([n.input_scale for n in nets]), [nb_targets, 1, 1, 1, max_bin])
+        x = tf.reshape(x, tf.concat([[nb_targets], frames_samples, [nb_channels * max_bin]], 0))
+        x = tf.tanh(_batch_norm_inference([n.bn1 for n in nets], _batched_dense(x, [n.fc1.kernel for n in nets])))
+        hidden = x
+        for layer in range(first.nb_layers):
+            lstms = [n.lstms[layer] for n in nets]
+            nb_directions = len(lstms[0].directions)
+            # group = target * nb_directions + direction; the reverse direction reads time backwards
+            sequences = tf.stack([hidden, tf.reverse(hidden, axis=[1])] if nb_directions == 2 else [hidden], axis=1)
+            sequences = tf.reshape(sequences, tf.concat([[nb_targets * nb_directions], tf.shape(hidden)[1:]], 0))
+            weights = [direction for lstm in lstms for direction in lstm.directions]
+            projected = _batched_dense(sequences, [w["kernel"] for w in weights]) + tf.reshape(
+                _stack([w["bias"] + w["recurrent_bias"] for w in weights]), [len(weights), 1, 1, -1])
+            states = self._recurrence(tf.transpose(projected, [1, 0, 2, 3]), [w["recurrent_kernel"] for w in weights],
+                                      first.unroll)
+            states = tf.reshape(tf.transpose(states, [1, 0, 2, 3]),
+                                tf.concat([[nb_targets, nb_directions], tf.shape(states)[0:1],
+                                           tf.shape(states)[2:]], 0))
+            hidden = states[:, 0] if nb_directions == 1 else tf.concat(
+                [states[:, 0], tf.reverse(states[:, 1], axis=[1])], axis=-1)
+        x = tf.concat([x, hidden], axis=-1)
+        x = tf.nn.relu(_batch_norm_inference([n.bn2 for n in nets], _batched_dense(x, [n.fc2.kernel for n in nets])))
+        x = _batch_norm_inference([n.bn3 for n in nets], _batched_dense(x, [n.fc3.kernel for n in nets]))
+        x = tf.reshape(x, tf.concat([[nb_targets], frames_samples, [nb_channels, nb_bins]], 0))
+        x = x * tf.reshape(_stack([n.output_scale for n in nets]), [nb_targets, 1, 1, 1, nb_bins]) \
+            + tf.reshape(_stack([n.output_mean for n in nets]), [nb_targets, 1, 1, 1, nb_bins])
+        mask = tf.transpose(tf.nn.relu(x), [2, 1, 4, 3, 0])  # (samples, frames, bins, channels, targets)
+        return mask * magnitude[..., None]
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape) + (len(self.networks),)
+
+
 # ---------------------------------------------------------------------------------------------- build
 
 
@@ -222,7 +340,10 @@ def build(config: Config, *, data, stats=None) -> SeparationModel:
         waveform = keras.Input((nb_timesteps, nb_channels), name="mixture")
         mix_stft = stft_layer(waveform)
         mix_magnitude = norm_layer(mix_stft)
-        estimates = keras.ops.stack([networks[target](mix_magnitude) for target in targets], axis=-1)
+        if config.unroll:  # TFLite: one unrolled recurrence per layer instead of one per target and direction
+            estimates = StackedOpenUnmix([networks[target] for target in targets], name="networks")(mix_magnitude)
+        else:  # TensorFlow runs the per-target scans concurrently: measured faster than the stacked schedule
+            estimates = keras.ops.stack([networks[target](mix_magnitude) for target in targets], axis=-1)
         sources = WienerFilter(wiener_iterations, residual, win_len=config.wiener_win_len,
                                name="wiener")(estimates, mix_stft)
         waveforms = ISTFT(config.n_fft, config.hop_length, name="istft")(sources, waveform)  # (B, T, C, J)

@@ -10,6 +10,18 @@ separate: seconds and x real-time to separate the same 30 s stereo input with th
 stream:   the real-time streaming model (unidirectional Open-Unmix, models/streaming.py) on ONE thread by
           default: latency and compute time per hop, SavedModel and TFLite, as a real-time factor
           (`python pipeline/benchmark.py stream with paper model.umx.unidirectional=True`: UMX size).
+
+Against the reference: when the open-unmix PyTorch package is installed, both commands also run it on
+the same input with random weights of the same size (Open-Unmix only) and print ratios (> 1: we are
+faster). `separate`: open-unmix's `Separator` (same targets, n_fft/hop, hidden size, layers, bandwidth,
+Wiener iterations; its default `wiener_win_len` 300) versus every backend. `train`: one optimizer step
+on the same random batch (`--step-batch-size` x `train.seq_seconds` stereo): our `train_on_batch` versus
+open-unmix's training loop body (STFT encoder, one `OpenUnmix` and one Adam per target, MSE, backward,
+step). Install the reference without CUDA and without torchaudio (open-unmix's package `__init__`
+imports torchaudio; the benchmark loads `openunmix.model` without it):
+
+    pip install torch==2.13.0
+    pip install --no-deps openunmix==1.3.0
 """
 from __future__ import annotations
 
@@ -43,6 +55,12 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tflite-chunk-seconds", type=float, default=None,
                         help="separate: TFLite chunk (default export.tflite_chunk_seconds)")
     parser.add_argument("--no-tflite", action="store_true", help="separate: SavedModel only")
+    parser.add_argument("--no-reference", action="store_true",
+                        help="skip the open-unmix PyTorch comparison even when the package is installed")
+    parser.add_argument("--step-batch-size", type=int, default=4,
+                        help="train: batch of the step comparison with open-unmix (default 4)")
+    parser.add_argument("--step-only", action="store_true",
+                        help="train: only the step comparison on a random batch (no prepared data needed)")
     parser.epilog = "Configuration after `with`, as for pipeline/run.py: `with default model.name=umx`."
     return parser
 
@@ -82,6 +100,130 @@ def benchmark_train(config, steps: int, warmup: int) -> dict:
     }
 
 
+def open_unmix_reference():
+    """open-unmix's `openunmix.model` module, or None when torch / open-unmix are not installed.
+
+    Loaded without the package's `__init__` (it imports `openunmix.utils`, which needs torchaudio, which has
+    no wheel for every torch); `openunmix.transforms` imports torchaudio at the top but its `torch` STFT
+    path never uses it, so an empty stand-in module is registered when torchaudio is missing.
+    """
+    import importlib
+    import importlib.util
+    import types
+
+    try:
+        if importlib.util.find_spec("torch") is None or importlib.util.find_spec("openunmix") is None:
+            return None
+    except ValueError:
+        return None
+    if "openunmix" not in sys.modules:
+        spec = importlib.util.find_spec("openunmix")
+        package = types.ModuleType("openunmix")
+        package.__path__ = list(spec.submodule_search_locations)
+        sys.modules["openunmix"] = package
+    if importlib.util.find_spec("torchaudio") is None:
+        sys.modules.setdefault("torchaudio", types.ModuleType("torchaudio"))
+    return importlib.import_module("openunmix.model")
+
+
+def _reference_networks(reference, model, config):
+    """One open-unmix `OpenUnmix` per target, sized as our model, random (PyTorch default) weights."""
+    cfg = model.config
+    return {target: reference.OpenUnmix(nb_bins=cfg.n_fft // 2 + 1, nb_channels=config.data.nb_channels,
+                                        hidden_size=cfg.hidden_size, nb_layers=cfg.nb_layers,
+                                        unidirectional=cfg.unidirectional, max_bin=model.extra["max_bin"])
+            for target in model.targets}
+
+
+def _reference_separate(reference, model, config, mixture, threads: int):
+    """A callable running open-unmix's `Separator` on `mixture` `(nb_timesteps, nb_channels)`."""
+    import torch
+
+    torch.set_num_threads(threads)
+    cfg = model.config
+    separator = reference.Separator(_reference_networks(reference, model, config), niter=cfg.wiener_iterations,
+                                    softmask=False, residual=cfg.residual, sample_rate=float(config.data.sample_rate),
+                                    n_fft=cfg.n_fft, n_hop=cfg.hop_length, nb_channels=config.data.nb_channels)
+    separator.freeze()
+    audio = torch.from_numpy(mixture.T.copy())[None]  # (nb_samples, nb_channels, nb_timesteps)
+
+    def run():
+        with torch.inference_mode():
+            return separator(audio).numpy()
+    return run
+
+
+def benchmark_train_step(config, batch_size: int, repeats: int, threads: int, with_reference: bool) -> dict:
+    """Seconds of one optimizer step on the same random batch: ours, and open-unmix's when installed."""
+    import numpy as np
+    import tensorflow as tf
+
+    from components.train import build_model, make_optimizer
+
+    model = build_model(config, {})
+    nb_timesteps = model.input_samples(int(round(config.train.seq_seconds * config.data.sample_rate)))
+    rng = np.random.default_rng(0)
+    shape = (batch_size, nb_timesteps, config.data.nb_channels)
+    stems = {target: (0.1 * rng.standard_normal(shape)).astype(np.float32) for target in model.targets}
+    mixture = np.sum(list(stems.values()), axis=0).astype(np.float32)
+    targets = {name: np.asarray(value) for name, value in model.train_targets(
+        {name: tf.constant(value) for name, value in stems.items()}).items()}
+    model.train_model.compile(optimizer=make_optimizer(config.train), loss=model.loss)
+    runs = {"ours": lambda: model.train_model.train_on_batch(mixture, targets)}
+    runs["ours"]()  # tracing
+    reference = open_unmix_reference() if with_reference and config.model.name == "umx" else None
+    if reference is not None:  # timed in turn with ours, so that both see the same load
+        runs["open_unmix_pytorch"] = _reference_train_step(reference, model, config, mixture, stems, threads)
+        runs["open_unmix_pytorch"]()  # warm-up
+    seconds = _best_of_alternating(repeats, runs)
+    report = {"model": config.model.name, "batch": list(shape), "threads": threads,
+              "seconds": {name: round(value, 3) for name, value in seconds.items()}}
+    if reference is not None:
+        report["open_unmix_over_ours"] = round(seconds["open_unmix_pytorch"] / seconds["ours"], 2)
+    return report
+
+
+def _reference_train_step(reference, model, config, mixture, stems, threads: int):
+    """A callable running open-unmix `train.py`'s loop body for every target (it trains one target per run):
+    encoder on the mixture and the target, forward, MSE, backward, Adam step (`lr`, `weight_decay` of `train`)."""
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(threads)
+    cfg = model.config
+    stft, _ = reference.make_filterbanks(n_fft=cfg.n_fft, n_hop=cfg.hop_length,
+                                         sample_rate=float(config.data.sample_rate))
+    encoder = torch.nn.Sequential(stft, reference.ComplexNorm(mono=config.data.nb_channels == 1))
+    networks = _reference_networks(reference, model, config)
+    optimizers = {target: torch.optim.Adam(network.parameters(), lr=config.train.lr,
+                                           weight_decay=config.train.weight_decay)
+                  for target, network in networks.items()}
+    x = torch.from_numpy(np.ascontiguousarray(np.transpose(mixture, (0, 2, 1))))
+    ys = {target: torch.from_numpy(np.ascontiguousarray(np.transpose(stem, (0, 2, 1))))
+          for target, stem in stems.items()}
+
+    def step():
+        for target, network in networks.items():
+            network.train()
+            optimizers[target].zero_grad()
+            loss = torch.nn.functional.mse_loss(network(encoder(x)), encoder(ys[target]))
+            loss.backward()
+            optimizers[target].step()
+    return step
+
+
+def _best_of_alternating(repeats: int, runs: dict) -> dict:
+    """Best seconds of each callable in `runs`, run in turn within every repeat (ours, reference, ours, ...):
+    a change of load on a shared machine then hits both sides of a ratio alike."""
+    best = {name: float("inf") for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            started = time.perf_counter()
+            run()
+            best[name] = min(best[name], time.perf_counter() - started)
+    return best
+
+
 def _best_of(repeats: int, run) -> float:
     best = float("inf")
     for _ in range(repeats):
@@ -92,7 +234,7 @@ def _best_of(repeats: int, run) -> float:
 
 
 def benchmark_separate(config, seconds: float, repeats: int, threads: int, tflite_chunk: float,
-                       with_tflite: bool) -> dict:
+                       with_tflite: bool, with_reference: bool = True) -> dict:
     import tempfile
 
     import numpy as np
@@ -115,8 +257,13 @@ def benchmark_separate(config, seconds: float, repeats: int, threads: int, tflit
         serving = tf.saved_model.load(str(saved)).signatures[export.SIGNATURE]
         batch = tf.constant(mixture[None])
         serving(waveform=batch)  # warm-up: tracing, allocations
-        elapsed = _best_of(repeats, lambda: serving(waveform=batch))
-        rows["saved_model"] = elapsed
+        runs = {"saved_model": lambda: serving(waveform=batch)}
+        reference = open_unmix_reference() if with_reference and config.model.name == "umx" else None
+        if reference is not None:  # timed in turn with the SavedModel, so that both see the same load
+            runs["open_unmix_pytorch"] = _reference_separate(reference, model, config, mixture, threads)
+            runs["open_unmix_pytorch"]()
+            report["open_unmix"] = _open_unmix_versions()
+        rows.update(_best_of_alternating(repeats, runs))
         # where the time goes: the same graph pieces as Keras functions on the whole input
         parts = _separator_parts(model, mixture)
         for name, function in parts.items():
@@ -127,7 +274,9 @@ def benchmark_separate(config, seconds: float, repeats: int, threads: int, tflit
             mobile = model.mobile(chunk)
             variants = {"float32": "", config.export.quantize: config.export.quantize}
             for variant, quantize in variants.items():
+                started = time.perf_counter()
                 blob = export.convert_tflite(mobile, chunk, config.data.nb_channels, quantize)
+                report[f"tflite_{variant}_convert_seconds"] = round(time.perf_counter() - started, 1)
                 from ai_edge_litert.interpreter import Interpreter
 
                 interpreter = Interpreter(model_content=blob, num_threads=threads)
@@ -144,7 +293,16 @@ def benchmark_separate(config, seconds: float, repeats: int, threads: int, tflit
             report["tflite_chunk_seconds"] = chunk / rate
     report["seconds"] = {k: round(v, 3) for k, v in rows.items()}
     report["x_realtime"] = {k: round(seconds / v, 2) for k, v in rows.items() if not k.startswith("part:")}
+    if reference is not None:  # > 1: faster than open-unmix on the same input, same run
+        report["open_unmix_over_ours"] = {k: round(rows["open_unmix_pytorch"] / v, 2) for k, v in rows.items()
+                                          if not k.startswith("part:") and k != "open_unmix_pytorch"}
     return report
+
+
+def _open_unmix_versions() -> dict:
+    from importlib.metadata import version
+
+    return {"openunmix": version("openunmix"), "torch": version("torch")}
 
 
 def _separator_parts(model, mixture):
@@ -156,6 +314,18 @@ def _separator_parts(model, mixture):
     make = model.extra.get("make_separator") if model.extra else None
     batch = tf.constant(mixture[None])
     parts = {"stft+networks": tf.function(lambda x: model.train_model(x, training=False))}
+    networks = model.extra.get("networks") if model.extra else None
+    if networks is not None and hasattr(model.config, "n_fft"):
+        # the networks alone on the mixture magnitude: one graph per target (as training runs them) versus
+        # the separator's stacked graph (models/open_unmix.py StackedOpenUnmix), same weights
+        from models.open_unmix import StackedOpenUnmix
+        from models.transforms import complex_norm, stft
+
+        magnitude = complex_norm(stft(batch, model.config.n_fft, model.config.hop_length))
+        stacked = StackedOpenUnmix(list(networks.values()))
+        parts["networks, per target"] = tf.function(  # the mixture is ignored: the magnitude is precomputed
+            lambda mixture: tf.stack([network(magnitude, training=False) for network in networks.values()], -1))
+        parts["networks, stacked"] = tf.function(lambda mixture: stacked(magnitude, training=False))
     if make is not None:
         soft = make(wiener_iterations=0)
         parts["separator, soft masks"] = tf.function(lambda x: soft(x, training=False))
@@ -235,7 +405,15 @@ def main(argv=None) -> int:
 
             configure_devices(config.train.replicas)
         if args.what == "train":
-            print(json.dumps(benchmark_train(config, args.steps, args.warmup), indent=1))
+            import tensorflow as tf
+
+            threads = args.threads or 2
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(threads)
+            print(json.dumps({"step": benchmark_train_step(config, args.step_batch_size, args.repeats, threads,
+                                                           not args.no_reference)}, indent=1), flush=True)
+            if not args.step_only:
+                print(json.dumps(benchmark_train(config, args.steps, args.warmup), indent=1))
         elif args.what == "stream":
             import tensorflow as tf
 
@@ -251,7 +429,7 @@ def main(argv=None) -> int:
             tf.config.threading.set_inter_op_parallelism_threads(args.threads)
             chunk = args.tflite_chunk_seconds or config.export.tflite_chunk_seconds
             print(json.dumps(benchmark_separate(config, args.seconds, args.repeats, args.threads, chunk,
-                                                not args.no_tflite), indent=1))
+                                                not args.no_tflite, not args.no_reference), indent=1))
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

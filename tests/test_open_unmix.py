@@ -135,3 +135,22 @@ def test_unrolled_lstm_matches_loop():
     got = static(mixture, training=False)
     for target in looped.targets:
         assert np.max(np.abs(np.asarray(got[target]) - np.asarray(expected[target]))) < 1e-5
+
+
+@pytest.mark.parametrize("changes", [{"unroll": False}, {"unroll": True}, {"unidirectional": True}])
+def test_stacked_networks_match_per_target_networks(changes):
+    # the separator's one-graph schedule (batched matmuls, one scan per layer over targets x directions)
+    # computes exactly what every target's own network computes, on the same (non-trivial) weights
+    model = harness.build_tiny("umx", overrides={"data": {"targets": ["vocals", "drums", "bass"]},
+                                                 "model": {"umx": {"nb_layers": 2, "bandwidth": 3000.0, **changes}}})
+    networks = list(model.extra["networks"].values())
+    rng = np.random.default_rng(1)
+    for network in networks:
+        for weight in network.weights:
+            weight.assign(rng.uniform(0.5, 1.5, weight.shape) if "variance" in weight.path or "scale" in weight.path
+                          else rng.normal(0, 0.3, weight.shape))
+    magnitude = rng.uniform(0, 2, (2, 9, 129, 2)).astype(np.float32)
+    expected = np.stack([np.asarray(network(magnitude, training=False)) for network in networks], axis=-1)
+    got = np.asarray(open_unmix.StackedOpenUnmix(networks)(magnitude, training=False))
+    assert got.shape == (2, 9, 129, 2, 3)
+    assert np.max(np.abs(got - expected)) < 1e-6 * np.max(np.abs(expected))
