@@ -10,7 +10,6 @@ from pathlib import Path
 
 from configs import PRESETS, Config, ConfigError
 from configs.config import defaults
-from components import artifacts
 from components.artifacts import StageError
 from pipeline import pipeline
 
@@ -277,7 +276,7 @@ def run_stages(experiment, args, updates: dict, named: list, config: Config = No
             raise UserError(str(error)) from None
     try:
         # one run owns the artifacts directory for all its stages (see artifacts.exclusive)
-        with artifacts.exclusive(Path(config.artifacts_dir)):
+        with pipeline.artifacts_lock(config):
             for stage in stages:
                 _run_stage(experiment, args, updates, named, stage)
     except StageError as error:  # the lock

@@ -5,6 +5,8 @@ artifacts directory: fingerprint, skip-if-complete, staging, atomic commit.
 """
 from __future__ import annotations
 
+import contextlib
+
 import importlib
 import logging
 import time
@@ -72,8 +74,25 @@ def run_component(
 
     Holds the artifacts directory's lock throughout (`artifacts.exclusive`; re-entrant, so the driver may
     already hold it for all stages)."""
-    with artifacts.exclusive(Path(config.artifacts_dir)):
+    with artifacts_lock(config):
         return _run_component(spec, config, force, log_scalar)
+
+
+def artifacts_lock(config):
+    """The artifacts directory's run lock (`artifacts.exclusive`). The workers of one multi-worker training
+    job share the directory by design: the chief holds the lock for the job, the other workers (which
+    commit nothing) run under it."""
+    if config.train.strategy == "multi_worker":
+        from components import distribute
+
+        try:
+            cluster, task_type, index = distribute.cluster_from_env()
+        except StageError:
+            pass  # the train stage reports the unusable TF_CONFIG
+        else:
+            if not distribute.is_chief_task(cluster, task_type, index):
+                return contextlib.nullcontext()
+    return artifacts.exclusive(Path(config.artifacts_dir))
 
 
 def _run_component(spec, config, force, log_scalar):

@@ -83,12 +83,12 @@ def _bad_folder_data(root: Path) -> Path:
 # -- configuration ----------------------------------------------------------------------------------------------
 def test_runner_and_strategy_are_validated():
     assert make_config("/tmp/a").prepare.runner == "local"
-    with pytest.raises(ConfigError, match="prepare.runner must be one of local, beam; got 'spark'"):
+    with pytest.raises(ConfigError, match="'prepare.runner' must be one of local, beam; got 'spark'"):
         make_config("/tmp/a", prepare={"runner": "spark"})
     with pytest.raises(ConfigError, match="prepare.beam_options takes Beam pipeline flags"):
         make_config("/tmp/a", prepare={"beam_options": ["runner=FlinkRunner"]})
     raw = deep_merge(deep_merge(defaults(), PRESETS["unittest"]), {"train": {"strategy": "parameter_server"}})
-    with pytest.raises(ConfigError, match="train.strategy must be one of mirrored, multi_worker"):
+    with pytest.raises(ConfigError, match="'train.strategy' must be one of mirrored, multi_worker"):
         Config.from_dict(raw)
 
 
