@@ -165,6 +165,22 @@ class SplitTargets(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="musicsep")
+def recur(step, projected, zeros, unroll: bool, where: str):
+    """The hidden states of an LSTM cell `step((h, c), z) -> (h, c)` run over time-major inputs `projected`
+    `(nb_frames, ...)` from the state `(zeros, zeros)`: one `tf.scan`, or (`unroll`, for TFLite built-ins) a
+    Python loop over the static frame count."""
+    if not unroll:
+        return tf.scan(step, projected, initializer=(zeros, zeros))[0]
+    nb_frames = projected.shape[0]
+    if nb_frames is None:
+        raise ValueError(f"{where}(unroll=True) needs a static number of frames (fixed input length)")
+    state, outputs = (zeros, zeros), []
+    for z in tf.unstack(projected, num=nb_frames, axis=0):
+        state = step(state, z)
+        outputs.append(state[0])
+    return tf.stack(outputs, axis=0)
+
+
 class LSTM(keras.layers.Layer):
     """One PyTorch-style LSTM layer, `(nb_samples, nb_frames, features)` -> `(nb_samples, nb_frames, units * dirs)`.
 
@@ -207,16 +223,7 @@ class LSTM(keras.layers.Layer):
             return h, c
 
         zeros = tf.zeros(tf.stack([tf.shape(projected)[1], units]), projected.dtype)
-        if self.unroll:
-            nb_frames = projected.shape[0]
-            if nb_frames is None:
-                raise ValueError("LSTM(unroll=True) needs a static number of frames (fixed input length)")
-            state, outputs = (zeros, zeros), []
-            for z in tf.unstack(projected, num=nb_frames, axis=0):
-                state = step(state, z)
-                outputs.append(state[0])
-            return tf.stack(outputs, axis=0)
-        return tf.scan(step, projected, initializer=(zeros, zeros))[0]
+        return recur(step, projected, zeros, self.unroll, "LSTM")
 
     def call(self, inputs):
         time_major = tf.transpose(inputs, [1, 0, 2])

@@ -31,7 +31,7 @@ import tensorflow as tf
 from configs.config import MUSDB_TARGETS, ConfigError
 from models.base import SeparationModel
 from models.filtering import WienerFilter
-from models.layers import LSTM
+from models.layers import LSTM, recur
 from models.transforms import STFT, ISTFT, ComplexNorm, bandwidth_to_max_bin, complex_norm, stft
 
 
@@ -225,16 +225,7 @@ class StackedOpenUnmix(keras.layers.Layer):
             return h, c
 
         zeros = tf.zeros(tf.concat([tf.shape(projected)[1:3], [units]], 0), projected.dtype)
-        if unroll:
-            nb_frames = projected.shape[0]
-            if nb_frames is None:
-                raise ValueError("StackedOpenUnmix(unroll=True) needs a static number of frames (fixed input length)")
-            state, outputs = (zeros, zeros), []
-            for z in tf.unstack(projected, num=nb_frames, axis=0):
-                state = step(state, z)
-                outputs.append(state[0])
-            return tf.stack(outputs, axis=0)
-        return tf.scan(step, projected, initializer=(zeros, zeros))[0]
+        return recur(step, projected, zeros, unroll, "StackedOpenUnmix")
 
     def call(self, magnitude, training=None):
         if training:  # dropout and batch statistics: the per-target networks themselves
