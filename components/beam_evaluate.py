@@ -4,8 +4,8 @@
     hold it, separate it with the trained model (loaded once per worker), compute the MIX/IRM baselines
     unless cached, score everything with museval -> the driver aggregates with `evaluate.finish_metrics`
 
-The per-track steps are the building blocks of `evaluate.evaluate_tracks` in the same order, and the
-aggregation is the same function, so metrics.json is the process pool's. Runner and flags as for prepare
+The per-track steps are `evaluate.separate_track`, `baselines.estimates` and `scoring.score_track`, as in
+`evaluate.evaluate_tracks`, and the aggregation is the same function, so metrics.json is the process pool's. Runner and flags as for prepare
 (`prepare.beam_options`); on a cluster `artifacts_dir` must be storage every worker reads.
 """
 from __future__ import annotations
@@ -15,46 +15,26 @@ import pickle
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Mapping, Sequence, Tuple
+from typing import Dict, Mapping, Sequence, Tuple
 
 import numpy as np
 
+from components import baselines, records, scoring
 from components import evaluate as local
 from components.artifacts import META_FILE, Artifact
+from components.manifest import Manifest
 
 
 # -- reading one track without scanning the whole split --------------------------------------------------------
-def track_shards(manifest: Mapping, split: str, name: str) -> List[str]:
-    """Shard files holding `name`: shards hold the split's segments in track-list order (either runner)."""
-    entry = manifest["splits"][split]
-    first = 0
-    for track in entry["tracks"]:
-        if track["name"] == name:
-            break
-        first += track["segments"]
-    else:
-        raise KeyError(name)
-    last = first + next(t["segments"] for t in entry["tracks"] if t["name"] == name)
-    files, start = [], 0
-    for shard in entry["shards"]:
-        end = start + shard["examples"]
-        if start < last and end > first:
-            files.append(shard["file"])
-        start = end
-    return files
-
-
 def read_track(prepare: Artifact, split: str, name: str) -> Dict[str, np.ndarray]:
     """{target: float32 (nb_timesteps, nb_channels)} of one track, as `records.read_tracks` assembles it."""
     import tensorflow as tf
 
-    from components import records
-
-    manifest = prepare.meta["manifest"]
-    files = [str(prepare.path / f) for f in track_shards(manifest, split, name)]
-    pcm, nb_channels, targets = manifest["pcm"], manifest["nb_channels"], manifest["targets"]
+    manifest = Manifest.read(prepare)
+    files = [str(prepare.path / f) for f in manifest.splits[split].shards_holding(name)]
+    pcm, nb_channels, targets = manifest.pcm, manifest.nb_channels, manifest.targets
     segments = []
-    dataset = tf.data.TFRecordDataset(files, compression_type=manifest["compression"] or None)
+    dataset = tf.data.TFRecordDataset(files, compression_type=manifest.compression or None)
     for serialized in dataset.as_numpy_iterator():
         feature = tf.train.Example.FromString(serialized).features.feature
         if feature["track"].bytes_list.value[0].decode() != name:
@@ -71,31 +51,18 @@ def evaluate_track(index: int, track: str, stems: Mapping[str, np.ndarray], sepa
                    sample_rate: int, settings, input_samples, with_baselines: bool) -> dict:
     """What `evaluate.evaluate_tracks` does for one track: separate, check, score model (and baselines)."""
     started = time.time()
-    local.check_references(track, stems, targets, sample_rate=sample_rate, window_seconds=settings.window_seconds)
-    mixture = np.zeros(np.shape(stems[targets[0]]), dtype=np.float32)
-    for stem in stems.values():
-        mixture += np.asarray(stem, dtype=np.float32)
-    shape = mixture.shape
-    estimates = local.separate_array(separate_fn, mixture, sample_rate=sample_rate,
-                                     chunk_seconds=settings.chunk_seconds, overlap=settings.overlap,
-                                     input_samples=input_samples)
-    warnings = []
-    for target in local.check_estimates(track, "model", estimates, targets, shape):
-        warnings.append(f"track '{track}', target '{target}': the model estimate is silent; scored "
-                        f"with a -180 dBFS noise floor")
-        estimates[target] = local._dither(estimates[target], seed=index)
+    mixture, estimates, warnings = local.separate_track(index, track, stems, separate_fn, targets=targets,
+                                                        sample_rate=sample_rate, settings=settings,
+                                                        input_samples=input_samples)
     references = {t: np.asarray(stems[t], dtype=np.float32) for t in targets}
     sets = {"model": {t: np.asarray(estimates[t], dtype=np.float32) for t in targets}}
     if with_baselines:
-        sets["mix"] = local.mix_estimates(mixture, targets)
-        sets["irm"] = {t: e for t, e in local.irm_estimates(stems, sample_rate=sample_rate).items() if t in targets}
-        for method in local.BASELINES:
-            local.check_estimates(track, method, sets[method], targets, shape)
+        sets.update(baselines.estimates(track, stems, mixture, targets, sample_rate=sample_rate))
     usdrs, scores = {}, {}
     for method, method_estimates in sets.items():
-        usdrs[method] = {t: local.usdr(stems[t], method_estimates[t]) for t in targets}
-        scores[method] = local.score_track(references, method_estimates, sample_rate=sample_rate,
-                                           window_seconds=settings.window_seconds)
+        usdrs[method] = {t: scoring.usdr(stems[t], method_estimates[t]) for t in targets}
+        scores[method] = scoring.score_track(references, method_estimates, sample_rate=sample_rate,
+                                             window_seconds=settings.window_seconds)
     return {"index": index, "track": track, "usdrs": usdrs, "scores": scores, "warnings": warnings,
             "fresh": with_baselines, "seconds": time.time() - started}
 
@@ -149,11 +116,11 @@ def evaluate(context, *, targets: Sequence[str], key: Mapping) -> dict:
     config, logger = context.config, context.logger
     settings = config.evaluate
     prepare, train = context.inputs["prepare"], context.inputs["train"]
-    names = [t["name"] for t in prepare.meta["manifest"]["splits"][settings.split]["tracks"]]
+    names = Manifest.read(prepare).splits[settings.split].names
     if settings.max_tracks is not None:
         names = names[: settings.max_tracks]
-    cache_path = local.baseline_cache_path(config.artifacts_dir, key)
-    cached = local.load_baselines(cache_path, key)
+    cache_path = baselines.baseline_cache_path(config.artifacts_dir, key)
+    cached = baselines.load_baselines(cache_path, key)
     options = beam_prepare.pipeline_options(config.prepare)
     logger.info("evaluate: %d tracks of '%s' on Apache Beam %s", len(names), settings.split, " ".join(options))
     output_dir = Path(context.output_dir).resolve()
@@ -175,7 +142,7 @@ def evaluate(context, *, targets: Sequence[str], key: Mapping) -> dict:
     scratch.rmdir()
 
     results: Dict[Tuple[str, str], Dict] = {}
-    usdrs: Dict[str, Dict[str, Dict[str, float]]] = {method: {} for method in local.METHODS}
+    usdrs: Dict[str, Dict[str, Dict[str, float]]] = {method: {} for method in baselines.METHODS}
     warnings, fresh = [], []
     for record in done:
         logger.info("evaluate: track %d/%d '%s': separated and scored in %.1f s", record["index"] + 1, len(names),

@@ -15,6 +15,7 @@ cluster, `artifacts_dir` must be a path every worker can write (shared file syst
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ from typing import Dict, Iterable, List, Sequence, Tuple
 from components import datasets, prepare_tracks, records
 from components.artifacts import StageError, file_digest
 from components.base import StageContext
+from components.manifest import Shard, TrackEntry
 
 SUMMARY_FILE = ".beam-summary.json"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -87,8 +89,9 @@ def prepare_element(element, data, segment_samples: int):
         return index, {"split": ref.split, "name": ref.name, "error": str(outcome)}
     # a training track's pitch/tempo-shifted copies follow it, as the local runner writes them
     examples = [example for track in (outcome, *outcome.copies) for example in track.examples(data.sample_rate)]
-    return index, {"split": ref.split, "name": ref.name, "error": None, "entry": outcome.entry,
-                   "copies": [{**copy.entry, "augmented_from": outcome.name} for copy in outcome.copies],
+    return index, {"split": ref.split, "name": ref.name, "error": None, "entry": outcome.entry.to_dict(),
+                   "copies": [dataclasses.replace(copy.entry, augmented_from=outcome.name).to_dict()
+                              for copy in outcome.copies],
                    "examples": examples}
 
 
@@ -210,11 +213,12 @@ def run(context: StageContext) -> dict:
             prepare.record_bad_track(manifest, track["split"], track["name"], StageError(track["error"]), data,
                                      logger)
             continue
-        prepare.record_track(manifest, tracks[track["split"]], track["entry"], track["split"], logger)
+        prepare.record_track(manifest, tracks[track["split"]], TrackEntry.from_dict(track["entry"]), track["split"],
+                             logger)
         for copy in track.get("copies", []):
-            prepare.record_track(manifest, tracks[track["split"]], copy, track["split"], logger)
+            prepare.record_track(manifest, tracks[track["split"]], TrackEntry.from_dict(copy), track["split"], logger)
     for split in found:
         shards = sorted((s for s in summary["shards"] if s["split"] == split), key=lambda s: s["index"])
-        shards = [{key: s[key] for key in ("file", "examples", "bytes", "sha256")} for s in shards]
-        manifest["splits"][split] = prepare._split_entry(tracks[split], shards, data.targets)
+        shards = [Shard.from_dict(s) for s in shards]
+        manifest.splits[split] = prepare._split_entry(tracks[split], shards, data.targets)
     return prepare.finish(manifest, data, started, logger)

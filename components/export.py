@@ -23,6 +23,7 @@ import numpy as np
 
 from components.artifacts import StageError
 from components.base import ComponentSpec, StageContext
+from components.manifest import Manifest
 
 log = logging.getLogger("pipeline.export")
 
@@ -222,16 +223,14 @@ def _probe_chunk(context: StageContext, samples: int) -> np.ndarray:
     from components import records
 
     prepare = context.inputs["prepare"]
-    splits = prepare.meta["manifest"]["splits"]
-    for split in ("test", "valid", "train"):
-        if splits.get(split, {}).get("tracks"):
-            for _, stems in records.read_tracks(prepare, split):
-                mixture = np.sum(list(stems.values()), axis=0).astype(np.float32)
-                start = max(0, (len(mixture) - samples) // 2)
-                mixture = mixture[start:start + samples]
-                if len(mixture) == samples:
-                    return mixture[None]
-                break
+    split = Manifest.read(prepare).first_split_with_tracks(("test", "valid", "train"))
+    if split is not None:
+        _, stems = next(iter(records.read_tracks(prepare, split)))
+        mixture = np.sum(list(stems.values()), axis=0).astype(np.float32)
+        start = max(0, (len(mixture) - samples) // 2)
+        mixture = mixture[start:start + samples]
+        if len(mixture) == samples:
+            return mixture[None]
     rng = np.random.default_rng(0)
     return rng.normal(0, 0.1, (1, samples, context.config.data.nb_channels)).astype(np.float32)
 

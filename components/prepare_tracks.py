@@ -15,6 +15,7 @@ from typing import Dict, Iterator, List, Sequence, Tuple, Union
 
 from components import records
 from components.artifacts import StageError
+from components.manifest import TrackEntry
 
 
 @dataclass
@@ -26,7 +27,7 @@ class PreparedTrack:
     nb_channels: int
     clipped: int
     silent: Tuple[str, ...]
-    entry: dict  # the manifest's per-track entry (prepare._track_entry)
+    entry: TrackEntry  # the manifest's per-track entry (prepare._track_entry)
     segments: List[Tuple[int, int, Dict[str, bytes]]]  # (offset, valid length, {target: PCM bytes})
     copies: List["PreparedTrack"] = field(default_factory=list)  # pitch/tempo-shifted copies (training split)
 

@@ -19,7 +19,6 @@ Readers:
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -27,7 +26,8 @@ from typing import Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
-from components.artifacts import META_FILE, Artifact, StageError, file_digest
+from components.artifacts import Artifact, StageError, file_digest
+from components.manifest import Manifest, Shard
 
 PCM_DTYPES = {"int16": "<i2", "float16": "<f2", "float32": "<f4"}
 INT16_SCALE = 32768.0  # x -> round(x * 32768), decoded as q / 32768: 16-bit wav values round-trip exactly
@@ -132,8 +132,8 @@ class ShardWriter:
             self._writer.close()
             self._writer = None
 
-    def close(self) -> List[dict]:
-        """Final names `<split>-00000-of-000NN<suffix>`; returns [{file, examples, bytes, sha256}]."""
+    def close(self) -> List[Shard]:
+        """Final names `<split>-00000-of-000NN<suffix>`; returns the shards (file, examples, bytes, sha256)."""
         if self._writer is not None:
             self._writer.close()
             self._writer = None
@@ -141,8 +141,8 @@ class ShardWriter:
         for index, (path, count) in enumerate(self._written):
             final = self.output_dir / f"{self.split}-{index:05d}-of-{total:05d}{SUFFIXES[self.compression]}"
             os.replace(path, final)
-            shards.append({"file": final.name, "examples": count, "bytes": final.stat().st_size,
-                           "sha256": file_digest(final)})
+            shards.append(Shard(file=final.name, examples=count, bytes=final.stat().st_size,
+                                sha256=file_digest(final)))
         return shards
 
 
@@ -150,20 +150,14 @@ class ShardWriter:
 ArtifactLike = Union[Artifact, str, Path]
 
 
-def manifest(prepare_artifact: ArtifactLike) -> dict:
+def manifest(prepare_artifact: ArtifactLike) -> Manifest:
     """The manifest of a prepare artifact (an Artifact, or the path of its directory)."""
-    meta = _meta(prepare_artifact)
-    if "manifest" not in meta:
-        raise StageError(f"{_path(prepare_artifact)}: not a prepare artifact (no manifest); run --stage prepare")
-    return meta["manifest"]
+    return Manifest.read(prepare_artifact)
 
 
 def shard_paths(prepare_artifact: ArtifactLike, split: str) -> List[str]:
-    found = manifest(prepare_artifact)
-    if split not in found["splits"]:
-        raise StageError(f"{_path(prepare_artifact)}: split '{split}' was not prepared "
-                         f"(prepared: {', '.join(found['splits'])}); add it to data.splits and rerun prepare")
-    return [str(_path(prepare_artifact) / shard["file"]) for shard in found["splits"][split]["shards"]]
+    entry = manifest(prepare_artifact).split(split, _path(prepare_artifact))
+    return [str(_path(prepare_artifact) / shard.file) for shard in entry.shards]
 
 
 def verify_shards(prepare_artifact: ArtifactLike, splits) -> None:
@@ -173,13 +167,13 @@ def verify_shards(prepare_artifact: ArtifactLike, splits) -> None:
     sequential read of the shards (about 1 GB/s)."""
     found = manifest(prepare_artifact)
     for split in splits:
-        for shard in found["splits"].get(split, {}).get("shards", []):
-            path = _path(prepare_artifact) / shard["file"]
+        for shard in (found.splits[split].shards if split in found.splits else ()):
+            path = _path(prepare_artifact) / shard.file
             if not path.is_file():
                 problem = "missing"
-            elif path.stat().st_size != shard["bytes"]:
-                problem = f"{path.stat().st_size} bytes, {shard['bytes']} when written"
-            elif shard.get("sha256") and file_digest(path) != shard["sha256"]:
+            elif path.stat().st_size != shard.bytes:
+                problem = f"{path.stat().st_size} bytes, {shard.bytes} when written"
+            elif shard.sha256 and file_digest(path) != shard.sha256:
                 problem = "sha256 differs from the prepare manifest"
             else:
                 continue
@@ -189,20 +183,11 @@ def verify_shards(prepare_artifact: ArtifactLike, splits) -> None:
 
 def target_energy(prepare_artifact: ArtifactLike, split: str = "train") -> Dict[str, float]:
     """Mean energy (mean square) per target over a split: the figure used for loss weighting."""
-    return dict(manifest(prepare_artifact)["splits"][split]["energy"])
+    return dict(manifest(prepare_artifact).splits[split].energy)
 
 
 def _path(prepare_artifact: ArtifactLike) -> Path:
     return prepare_artifact.path if isinstance(prepare_artifact, Artifact) else Path(prepare_artifact)
-
-
-def _meta(prepare_artifact: ArtifactLike) -> Mapping:
-    if isinstance(prepare_artifact, Artifact):
-        return prepare_artifact.meta
-    meta_path = Path(prepare_artifact) / META_FILE
-    if not meta_path.is_file():
-        raise StageError(f"{prepare_artifact}: no {META_FILE}; run `python pipeline/run.py --stage prepare` first")
-    return json.loads(meta_path.read_text())
 
 
 def _nonempty_shards(prepare_artifact, split) -> List[str]:
@@ -219,9 +204,9 @@ def read_tracks(prepare_artifact: ArtifactLike, split: str) -> Iterator[Tuple[st
     import tensorflow as tf
 
     found = manifest(prepare_artifact)
-    pcm, nb_channels, targets = found["pcm"], found["nb_channels"], found["targets"]
+    pcm, nb_channels, targets = found.pcm, found.nb_channels, found.targets
     files = _nonempty_shards(prepare_artifact, split)
-    records = tf.data.TFRecordDataset(files, compression_type=found["compression"] or None)
+    records = tf.data.TFRecordDataset(files, compression_type=found.compression or None)
     current, segments, seen = None, [], set()
 
     def assemble():
@@ -267,11 +252,11 @@ def load_dataset(prepare_artifact: ArtifactLike, split: str, *, seq_samples: int
     import tensorflow as tf
 
     found = manifest(prepare_artifact)
-    targets = tuple(found["targets"])
+    targets = found.targets
     if tuple(data_config.targets) != targets:
         raise StageError(f"data.targets={list(data_config.targets)} but the prepare artifact holds {list(targets)}; "
                          f"rerun prepare with these targets")
-    segment_samples, nb_channels, pcm = found["segment_samples"], found["nb_channels"], found["pcm"]
+    segment_samples, nb_channels, pcm = found.segment_samples, found.nb_channels, found.pcm
     seq_samples = int(seq_samples)
     if not 0 < seq_samples <= segment_samples:
         raise StageError(f"excerpt of {seq_samples} samples does not fit a prepared segment of {segment_samples}; "
@@ -279,7 +264,7 @@ def load_dataset(prepare_artifact: ArtifactLike, split: str, *, seq_samples: int
     files = _nonempty_shards(prepare_artifact, split)
     parallel = workers or tf.data.AUTOTUNE
     deterministic = seed is not None or not augment
-    nb_examples = sum(s["examples"] for s in found["splits"][split]["shards"])
+    nb_examples = found.splits[split].nb_examples
 
     features = {"length": tf.io.FixedLenFeature([], tf.int64)}
     features.update({STEM_KEY.format(t): tf.io.FixedLenFeature([], tf.string) for t in targets})
@@ -324,7 +309,7 @@ def load_dataset(prepare_artifact: ArtifactLike, split: str, *, seq_samples: int
         if augment:
             records = records.shuffle(len(files), seed=pass_seed, reshuffle_each_iteration=pass_seed is None)
         records = records.interleave(
-            lambda path: tf.data.TFRecordDataset(path, compression_type=found["compression"] or None),
+            lambda path: tf.data.TFRecordDataset(path, compression_type=found.compression or None),
             cycle_length=min(len(files), 4), num_parallel_calls=parallel, deterministic=deterministic)
         if augment and shuffle_records:
             records = records.shuffle(buffer, seed=pass_seed, reshuffle_each_iteration=pass_seed is None)
@@ -379,7 +364,7 @@ def load_dataset(prepare_artifact: ArtifactLike, split: str, *, seq_samples: int
                 shuffled_records, parse_source, decode_source, targets, seq_samples=seq_samples,
                 nb_channels=nb_channels,
                 seed=seed, quiet_threshold=float(data_config.quiet_threshold), augment_source=augment_source,
-                track_weights=_track_acceptance(found["splits"][split]["tracks"]), parallel=parallel,
+                track_weights=_track_acceptance(found.splits[split].tracks), parallel=parallel,
                 deterministic=deterministic)
         else:
             randomness = tf.data.Dataset.random(seed=seed)
@@ -496,7 +481,7 @@ def has_no_silent_source(stems, min_energy: float):
 def _track_acceptance(tracks) -> Dict[str, float]:
     """Per track, the chance to keep a drawn segment so that every track is drawn equally often (the references
     pick a track uniformly, then an offset): min segments / the track's segments."""
-    counts = {t["name"]: max(1, int(t["segments"])) for t in tracks}
+    counts = {t.name: max(1, int(t.segments)) for t in tracks}
     fewest = min(counts.values()) if counts else 1
     return {name: fewest / count for name, count in counts.items()}
 

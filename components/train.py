@@ -20,6 +20,7 @@ from typing import Optional
 from components import distribute
 from components.artifacts import StageError
 from components.base import ComponentSpec, StageContext
+from components.manifest import Manifest
 
 log = logging.getLogger("pipeline.train")
 
@@ -140,9 +141,8 @@ def train_datasets(prepare, config, model, batch_size: int, seed: Optional[int])
 
     from components import records
 
-    manifest = prepare.meta["manifest"]
-    splits = manifest["splits"]
-    nb_train = len(splits.get("train", {}).get("tracks", []))
+    manifest = Manifest.read(prepare)
+    nb_train = manifest.nb_tracks("train")
     if nb_train == 0:
         raise StageError(f"the prepare artifact {prepare.path} has no training tracks; prepare a data set "
                          "with a train split (data.root=...)")
@@ -161,7 +161,7 @@ def train_datasets(prepare, config, model, batch_size: int, seed: Optional[int])
                                  data_config=config.data, seed=seed, repeat=True)
     train = train.map(to_training_domain, num_parallel_calls=config.train.workers).prefetch(tf.data.AUTOTUNE)
     valid = None
-    if len(splits.get("valid", {}).get("tracks", [])):
+    if manifest.nb_tracks("valid"):
         valid = records.load_dataset(prepare, "valid", seq_samples=seq, batch_size=batch_size, augment=False,
                                      data_config=config.data, seed=seed, repeat=False)
         valid = valid.map(to_training_domain, num_parallel_calls=config.train.workers).cache()
@@ -289,8 +289,7 @@ def snapshot_tracks(prepare, config, whole: bool = False):
 
     from components import records
 
-    splits = prepare.meta["manifest"]["splits"]
-    split = "valid" if splits.get("valid", {}).get("tracks") else "train"
+    split = "valid" if Manifest.read(prepare).nb_tracks("valid") else "train"
     length = None if whole else int(round(config.train.snapshot_seconds * config.data.sample_rate))
     found = []
     for name, stems in records.read_tracks(prepare, split):
@@ -313,8 +312,7 @@ def run(context: StageContext) -> dict:
     config = context.config
     tc = config.train
     prepare = context.inputs["prepare"]
-    manifest = prepare.meta["manifest"]
-    stats = manifest.get("stats", {})
+    stats = Manifest.read(prepare).stats_dict()
     if tc.deterministic:
         keras.utils.set_random_seed(tc.seed)
         tf.config.experimental.enable_op_determinism()

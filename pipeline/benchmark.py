@@ -69,6 +69,7 @@ def benchmark_train(config, steps: int, warmup: int) -> dict:
     import keras
 
     from components import artifacts
+    from components.manifest import Manifest
     from components.train import build_model, count_params, make_optimizer, make_strategy, train_datasets
     from pipeline import pipeline
 
@@ -77,7 +78,7 @@ def benchmark_train(config, steps: int, warmup: int) -> dict:
         prepare, _ = pipeline.run_component(pipeline.component("prepare"), config)
     strategy = make_strategy(config.train.replicas)
     with strategy.scope():
-        model = build_model(config, prepare.meta["manifest"].get("stats", {}))
+        model = build_model(config, Manifest.read(prepare).stats_dict())
         model.train_model.compile(optimizer=make_optimizer(config.train), loss=model.loss)
     train, _, _ = train_datasets(prepare, config, model, config.train.batch_size, seed=config.train.seed)
     iterator = iter(train.repeat())

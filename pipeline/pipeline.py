@@ -16,6 +16,7 @@ from typing import Callable, List, Optional
 from components import artifacts
 from components.artifacts import Artifact, StageError
 from components.base import ComponentSpec, StageContext
+from components.manifest import Manifest
 
 STAGES = ("prepare", "train", "evaluate", "export")
 # stages outside `all`: `import` writes the train artifact from released weights (components/importer.py;
@@ -135,6 +136,4 @@ def _run_component(spec, config, force, log_scalar):
 
 def _shard_digests(meta) -> dict:
     """TFRecord shards were hashed as they were written (the prepare manifest): no second pass over them."""
-    splits = (meta.get("manifest") or {}).get("splits") or {}
-    return {shard["file"]: shard["sha256"] for split in splits.values() for shard in split.get("shards", [])
-            if shard.get("sha256")}
+    return Manifest.parse(meta, "the prepare stage's meta").shard_digests if "manifest" in meta else {}

@@ -6,17 +6,16 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy.signal import butter, sosfilt
 
-from components import evaluate
+from components import baselines, evaluate, records, scoring, train
 from components.artifacts import Artifact, StageError
 from components.base import StageContext
+from components.manifest import Manifest, Split, TrackEntry
 from components.separation import chunk_layout, chunk_weights, separate_array
 from configs.config import Config, EvaluateConfig
 
@@ -121,21 +120,21 @@ def test_separate_array_rejects_bad_outputs_and_settings():
 # --------------------------------------------------------------------------------------------
 def test_museval_true_stems_score_very_high_and_mix_scores_the_energy_ratio():
     stems = synthetic_track(0)
-    perfect = evaluate.score_track(stems, stems, sample_rate=SAMPLE_RATE, window_seconds=1.0)
+    perfect = scoring.score_track(stems, stems, sample_rate=SAMPLE_RATE, window_seconds=1.0)
     for target in TARGETS:
         frames = perfect[target]["SDR"]
         assert len(frames) == 3 and np.all((frames > 60) | np.isposinf(frames))
     # museval stores +inf as NaN: a track whose every frame is perfect has no median
-    assert math.isnan(evaluate.frame_median(perfect["bass"]["SDR"]))
+    assert math.isnan(scoring.frame_median(perfect["bass"]["SDR"]))
 
     noisy = {t: s + 1e-4 * np.random.default_rng(1).standard_normal(s.shape).astype(np.float32)
              for t, s in stems.items()}
-    close = evaluate.score_track(stems, noisy, sample_rate=SAMPLE_RATE, window_seconds=1.0)
+    close = scoring.score_track(stems, noisy, sample_rate=SAMPLE_RATE, window_seconds=1.0)
     assert min(close[t]["SDR"].min() for t in TARGETS) > 60
 
     # with the mixture as estimate, BSSEval v4's SDR is exactly 10 log10(|s|^2 / |other stem|^2) per frame
     mixture = stems["bass"] + stems["vocals"]
-    mix = evaluate.score_track(stems, evaluate.mix_estimates(mixture, TARGETS), sample_rate=SAMPLE_RATE,
+    mix = scoring.score_track(stems, baselines.mix_estimates(mixture, TARGETS), sample_rate=SAMPLE_RATE,
                                window_seconds=1.0)
     for target, other in (("bass", "vocals"), ("vocals", "bass")):
         expected = [10 * np.log10(np.sum(stems[target][f * 8000:(f + 1) * 8000].astype(np.float64) ** 2)
@@ -148,25 +147,25 @@ def test_museval_true_stems_score_very_high_and_mix_scores_the_energy_ratio():
 def test_irm_oracle_beats_mix_on_random_sources():
     stems = synthetic_track(3, nb_channels=2)
     mixture = stems["bass"] + stems["vocals"]
-    irm = evaluate.irm_estimates(stems, sample_rate=SAMPLE_RATE)
-    assert evaluate.irm_fft_size(SAMPLE_RATE) == 512 and evaluate.irm_fft_size(44100) == 2048
+    irm = baselines.irm_estimates(stems, sample_rate=SAMPLE_RATE)
+    assert baselines.irm_fft_size(SAMPLE_RATE) == 512 and baselines.irm_fft_size(44100) == 2048
     np.testing.assert_allclose(irm["bass"] + irm["vocals"], mixture, atol=1e-4)  # masks sum to one
-    irm_scores = evaluate.score_track(stems, irm, sample_rate=SAMPLE_RATE, window_seconds=1.0)
-    mix_scores = evaluate.score_track(stems, evaluate.mix_estimates(mixture, TARGETS), sample_rate=SAMPLE_RATE,
+    irm_scores = scoring.score_track(stems, irm, sample_rate=SAMPLE_RATE, window_seconds=1.0)
+    mix_scores = scoring.score_track(stems, baselines.mix_estimates(mixture, TARGETS), sample_rate=SAMPLE_RATE,
                                       window_seconds=1.0)
     for target in TARGETS:
         assert np.median(irm_scores[target]["SDR"]) > np.median(mix_scores[target]["SDR"]) + 15
-        assert evaluate.usdr(stems[target], irm[target]) > evaluate.usdr(stems[target], mixture) + 15
+        assert scoring.usdr(stems[target], irm[target]) > scoring.usdr(stems[target], mixture) + 15
 
 
 # --------------------------------------------------------------------------------------------
 # Aggregation and q, against hand-computed numbers
 # --------------------------------------------------------------------------------------------
 def test_frame_median_ignores_nan_and_inf_frames():
-    assert evaluate.frame_median([1.0, np.nan, 3.0, np.inf]) == 2.0
-    assert evaluate.frame_median([5.0, 1.0, 2.0]) == 2.0
-    assert evaluate.frame_median([1.123456789]) == 1.12346  # museval's 1e-5 quantisation
-    assert math.isnan(evaluate.frame_median([np.nan, np.inf]))
+    assert scoring.frame_median([1.0, np.nan, 3.0, np.inf]) == 2.0
+    assert scoring.frame_median([5.0, 1.0, 2.0]) == 2.0
+    assert scoring.frame_median([1.123456789]) == 1.12346  # museval's 1e-5 quantisation
+    assert math.isnan(scoring.frame_median([np.nan, np.inf]))
 
 
 def test_aggregate_is_median_of_medians_and_mean_over_targets():
@@ -178,7 +177,7 @@ def test_aggregate_is_median_of_medians_and_mean_over_targets():
         "b": {"bass": row(3.0, 2.0), "vocals": row(np.nan, 5.0)},  # a track without a scorable frame
         "c": {"bass": row(8.0, 6.0), "vocals": row(20.0, 9.0)},
     }
-    result = evaluate.aggregate(per_track, TARGETS)
+    result = scoring.aggregate(per_track, TARGETS)
     assert result["bass"]["SDR"] == 3.0  # median(1, 3, 8)
     assert result["vocals"]["SDR"] == 15.0  # median(10, 20), the NaN track ignored
     assert result["bass"]["SAR"] == 6.0
@@ -191,18 +190,18 @@ def test_aggregate_is_median_of_medians_and_mean_over_targets():
 def test_usdr_formula():
     reference = np.array([[1.0], [1.0], [0.0]])
     estimate = np.array([[1.0], [0.0], [0.0]])
-    assert evaluate.usdr(reference, estimate) == pytest.approx(10 * np.log10(2.0), abs=1e-6)
-    assert evaluate.usdr(reference, 0.5 * reference) == pytest.approx(10 * np.log10(2.0 / 0.5), abs=1e-6)
-    assert evaluate.usdr(reference, reference) > 80  # eps keeps it finite
+    assert scoring.usdr(reference, estimate) == pytest.approx(10 * np.log10(2.0), abs=1e-6)
+    assert scoring.usdr(reference, 0.5 * reference) == pytest.approx(10 * np.log10(2.0 / 0.5), abs=1e-6)
+    assert scoring.usdr(reference, reference) > 80  # eps keeps it finite
 
 
 def test_normalized_score():
-    assert evaluate.normalized_score(5.0, 1.0, 9.0) == 0.5
-    assert evaluate.normalized_score(1.0, 1.0, 9.0) == 0.0
-    assert evaluate.normalized_score(9.0, 1.0, 9.0) == 1.0
-    assert evaluate.normalized_score(-1.0, 1.0, 5.0) == -0.5
-    assert math.isnan(evaluate.normalized_score(5.0, 3.0, 3.0))
-    assert math.isnan(evaluate.normalized_score(np.nan, 1.0, 3.0))
+    assert scoring.normalized_score(5.0, 1.0, 9.0) == 0.5
+    assert scoring.normalized_score(1.0, 1.0, 9.0) == 0.0
+    assert scoring.normalized_score(9.0, 1.0, 9.0) == 1.0
+    assert scoring.normalized_score(-1.0, 1.0, 5.0) == -0.5
+    assert math.isnan(scoring.normalized_score(5.0, 3.0, 3.0))
+    assert math.isnan(scoring.normalized_score(np.nan, 1.0, 3.0))
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,13 +211,13 @@ def test_evaluate_writes_metrics_and_reuses_the_baseline_cache(tmp_path, monkeyp
     import museval
 
     calls = []
-    real_score = evaluate.score_track
+    real_score = scoring.score_track
 
     def counting(references, estimates, **kwargs):
         calls.append(id(estimates))
         return real_score(references, estimates, **kwargs)
 
-    monkeypatch.setattr(evaluate, "score_track", counting)
+    monkeypatch.setattr(scoring, "score_track", counting)
     tracks = [(f"song {i}", synthetic_track(10 + i)) for i in range(2)]
     cache = tmp_path / "baselines" / "key.json"
     first = run_tracks(tracks, tmp_path / "first", cache=cache)
@@ -307,6 +306,19 @@ def test_silent_estimate_is_scored_not_fatal(tmp_path):
     assert abs(metrics["model"]["vocals"]["SDR"]) < 0.01  # "no estimate": |s|^2 / |0 - s|^2 = 0 dB
 
 
+def prepare_meta(splits):
+    """The meta of a prepare artifact whose manifest lists `splits` {split: [track name]} (3 s tracks, no shards)."""
+    zero = {t: 0.0 for t in TARGETS}
+    tracks = {split: tuple(TrackEntry(name=name, nb_timesteps=3 * SAMPLE_RATE, seconds=3.0, segments=0, energy=zero,
+                                      rms=zero, peak=zero, silent=(), clipped_samples=0, sources=())
+                           for name in names) for split, names in splits.items()}
+    manifest = Manifest(format="synth", root=None, targets=TARGETS, sample_rate=SAMPLE_RATE, nb_channels=1,
+                        segment_samples=SAMPLE_RATE, pcm="int16", compression="",
+                        splits={split: Split(tracks=entries, seconds=3.0 * len(entries), segments=0, energy=zero,
+                                             rms=zero, shards=()) for split, entries in tracks.items()})
+    return {"fingerprint": "p1", "manifest": manifest.to_dict()}
+
+
 def test_stage_executor_uses_records_and_train(tmp_path, monkeypatch):
     """`run` with stand-ins for records.read_tracks and train.load_trained (their own tests cover them)."""
     from models.base import SeparationModel
@@ -324,13 +336,13 @@ def test_stage_executor_uses_records_and_train(tmp_path, monkeypatch):
         return SeparationModel(targets=TARGETS, sample_rate=SAMPLE_RATE, nb_channels=1, train_model=None,
                                train_targets=None, loss=None, separator=separator, config=None)
 
-    monkeypatch.setitem(sys.modules, "components.records",
-                        types.SimpleNamespace(read_tracks=read_tracks, verify_shards=lambda *args: None))
-    monkeypatch.setitem(sys.modules, "components.train", types.SimpleNamespace(load_trained=load_trained))
+    monkeypatch.setattr(records, "read_tracks", read_tracks)
+    monkeypatch.setattr(records, "verify_shards", lambda *args: None)
+    monkeypatch.setattr(train, "load_trained", load_trained)
     config = Config.from_dict({"artifacts_dir": str(tmp_path / "artifacts"),
                                "data": {"sample_rate": SAMPLE_RATE, "nb_channels": 1, "targets": list(TARGETS)},
                                "evaluate": {"chunk_seconds": 1.0, "workers": 1, "max_tracks": 1}})
-    inputs = {"prepare": Artifact("prepare", tmp_path / "prepare", {"fingerprint": "p1", "manifest": {}}),
+    inputs = {"prepare": Artifact("prepare", tmp_path / "prepare", prepare_meta({"test": ["one", "two"]})),
               "train": Artifact("train", tmp_path / "train", {"fingerprint": "t1"})}
     logged = {}
     context = StageContext(config=config, inputs=inputs, output_dir=tmp_path / "out",
@@ -349,13 +361,10 @@ def test_stage_executor_uses_records_and_train(tmp_path, monkeypatch):
     assert len(caches) == 1 and json.loads(caches[0].read_text())["key"]["prepare"] == "p1"
 
     # the MUSDB sample has only `train`: the message says how to evaluate on it
-    inputs["prepare"] = Artifact("prepare", tmp_path / "prepare",
-                                 {"fingerprint": "p1", "manifest": {"splits": {"train": {"tracks": [{}]},
-                                                                               "test": {"tracks": []}}}})
+    inputs["prepare"] = Artifact("prepare", tmp_path / "prepare", prepare_meta({"train": ["one"], "test": []}))
     with pytest.raises(StageError, match=r"split 'test' .* has no tracks; .*\(train\).*evaluate.split=train"):
         evaluate.run(context)
-    inputs["prepare"] = Artifact("prepare", tmp_path / "prepare",
-                                 {"fingerprint": "p1", "manifest": {"splits": {"train": {"tracks": [{}]}}}})
+    inputs["prepare"] = Artifact("prepare", tmp_path / "prepare", prepare_meta({"train": ["one"]}))
     with pytest.raises(StageError, match=r"split 'test' was not prepared \(prepared: train\)"):
         evaluate.run(context)
 
@@ -370,13 +379,13 @@ def test_real_excerpt_irm_beats_mix():
                            frames=length)[0] for name in ("vocals", "drums", "bass", "other")}
     pair = {"vocals": stems["vocals"], "accompaniment": stems["drums"] + stems["bass"] + stems["other"]}
     mixture = pair["vocals"] + pair["accompaniment"]
-    irm = evaluate.irm_estimates(pair, sample_rate=44100)
-    irm_scores = evaluate.score_track(pair, irm, sample_rate=44100, window_seconds=1.0)
-    mix_scores = evaluate.score_track(pair, evaluate.mix_estimates(mixture, pair), sample_rate=44100,
+    irm = baselines.irm_estimates(pair, sample_rate=44100)
+    irm_scores = scoring.score_track(pair, irm, sample_rate=44100, window_seconds=1.0)
+    mix_scores = scoring.score_track(pair, baselines.mix_estimates(mixture, pair), sample_rate=44100,
                                       window_seconds=1.0)
     for target in pair:
-        irm_sdr = evaluate.frame_median(irm_scores[target]["SDR"])
-        mix_sdr = evaluate.frame_median(mix_scores[target]["SDR"])
+        irm_sdr = scoring.frame_median(irm_scores[target]["SDR"])
+        mix_sdr = scoring.frame_median(mix_scores[target]["SDR"])
         assert irm_sdr > mix_sdr + 5, (target, irm_sdr, mix_sdr)
         # MIX: the estimate error is the other source, so SDR is their energy ratio per 1 s frame
         other = pair["accompaniment" if target == "vocals" else "vocals"].astype(np.float64)

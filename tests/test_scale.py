@@ -115,7 +115,7 @@ def test_shard_plan_cuts_where_the_shard_writer_cuts(tmp_path):
     plan = plan_shards(reversed(sizes), ["train", "valid"], 700)  # arrival order does not matter
     assert plan["total"] == {"train": len(shards), "valid": 0}
     assigned = [shard for index, _, _ in sizes for shard in plan["shard"][index]]
-    assert [assigned.count(shard) for shard in range(len(shards))] == [s["examples"] for s in shards]
+    assert [assigned.count(shard) for shard in range(len(shards))] == [s.examples for s in shards]
     assert assigned == sorted(assigned)
 
 
