@@ -54,13 +54,12 @@ def ebw_weights(energies: Sequence[float], power: float = 1.0) -> np.ndarray:
 def target_energies(stats: Optional[Mapping], targets: Sequence[str]) -> Optional[np.ndarray]:
     """Mean energy per target over the training set from the train stage's `stats`, or None when absent.
 
-    Accepted: `stats["energy"][target]`, or a whole prepare manifest, whose training split has
-    `splits.train.energy[target]` (the duration-weighted mean square of each stem).
+    `stats["energy"][target]` is the duration-weighted mean square of each stem over the training split:
+    the prepare manifest's `stats` (`components.manifest.Manifest.stats_dict()`).
     """
-    stats = stats or {}
-    for energy in (stats.get("energy"), (stats.get("splits") or {}).get("train", {}).get("energy")):
-        if isinstance(energy, Mapping) and all(target in energy for target in targets):
-            return np.asarray([float(energy[target]) for target in targets], np.float64)
+    energy = (stats or {}).get("energy")
+    if isinstance(energy, Mapping) and all(target in energy for target in targets):
+        return np.asarray([float(energy[target]) for target in targets], np.float64)
     return None
 
 

@@ -403,8 +403,9 @@ def test_ebw_weights_match_hand_computed_values():
         loss_weighting.ebw_weights([1.0, 0.0])
     targets = ("vocals", "drums")
     assert loss_weighting.target_energies({"energy": {"vocals": 2.0, "drums": 1.0}}, targets).tolist() == [2.0, 1.0]
-    manifest = {"splits": {"train": {"energy": {"vocals": 3.0, "drums": 6.0, "bass": 1.0}}}}
-    assert loss_weighting.target_energies(manifest, targets).tolist() == [3.0, 6.0]
+    stats = {"split": "train", "energy": {"vocals": 3.0, "drums": 6.0, "bass": 1.0}, "rms": {}}  # Manifest.stats_dict()
+    assert loss_weighting.target_energies(stats, targets).tolist() == [3.0, 6.0]
+    assert loss_weighting.target_energies({"energy": {"vocals": 3.0}}, targets) is None
     assert loss_weighting.target_energies({}, targets) is None
 
 
