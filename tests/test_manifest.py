@@ -113,3 +113,18 @@ def test_shards_holding_a_track_follow_the_track_list_order():
     assert split.names == ["a", "b", "c"] and split.nb_examples == 6
     with pytest.raises(KeyError):
         split.shards_holding("d")
+
+
+def test_the_driver_reports_a_damaged_manifest_in_one_line(tmp_path):
+    from tests.cli import cli
+
+    run = ["--no-file-observer", "-q", "with", "unittest", f"artifacts_dir={tmp_path}"]
+    cli("--stage", "prepare", *run)
+    meta_path = tmp_path / "prepare" / META_FILE
+    meta = json.loads(meta_path.read_text())
+    del meta["manifest"]["splits"]["train"]["shards"][0]["examples"]
+    meta_path.write_text(json.dumps(meta))
+    result = cli("--stage", "train", *run, check=False)
+    assert result.returncode == 2
+    assert [line for line in result.stderr.splitlines() if line.strip()] == [
+        f"error: {meta_path}: damaged or older prepare manifest (no 'splits.train.shards[0].examples'); {REDO}"]
