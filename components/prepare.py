@@ -79,8 +79,8 @@ def segment_samples_of(data) -> int:
 class Draft:
     """The manifest while the tracks arrive: per-split entries, bad tracks, silent stems, clipped samples."""
 
-    data: object  # the DataConfig the tracks are prepared with
     segment_samples: int
+    pcm: str  # data.pcm, named when samples are clipped
     splits: Dict[str, Split] = field(default_factory=dict)
     skipped: List[Skipped] = field(default_factory=list)
     silent: List[SilentStem] = field(default_factory=list)
@@ -88,7 +88,7 @@ class Draft:
 
 
 def new_manifest(data, segment_samples: int) -> Draft:
-    return Draft(data=data, segment_samples=segment_samples)
+    return Draft(segment_samples=segment_samples, pcm=data.pcm)
 
 
 def record_bad_track(manifest: Draft, split: str, name: str, error: StageError, data, logger) -> None:
@@ -104,7 +104,7 @@ def record_track(manifest: Draft, split_tracks: list, entry: TrackEntry, split: 
     clipped = entry.clipped_samples
     if clipped:
         logger.warning("prepare: %s/%s: %d samples beyond full scale were clipped to %s range",
-                       split, entry.name, clipped, manifest.data.pcm)
+                       split, entry.name, clipped, manifest.pcm)
     manifest.clipped_samples += clipped
     manifest.silent.extend(SilentStem(track=entry.name, split=split, target=t) for t in entry.silent)
     split_tracks.append(entry)

@@ -150,13 +150,8 @@ class ShardWriter:
 ArtifactLike = Union[Artifact, str, Path]
 
 
-def manifest(prepare_artifact: ArtifactLike) -> Manifest:
-    """The manifest of a prepare artifact (an Artifact, or the path of its directory)."""
-    return Manifest.read(prepare_artifact)
-
-
 def shard_paths(prepare_artifact: ArtifactLike, split: str) -> List[str]:
-    entry = manifest(prepare_artifact).split(split, _path(prepare_artifact))
+    entry = Manifest.read(prepare_artifact).split(split, _path(prepare_artifact))
     return [str(_path(prepare_artifact) / shard.file) for shard in entry.shards]
 
 
@@ -165,7 +160,7 @@ def verify_shards(prepare_artifact: ArtifactLike, splits) -> None:
 
     Run before a stage reads them: TensorFlow's own error for a damaged record names no file. Costs one
     sequential read of the shards (about 1 GB/s)."""
-    found = manifest(prepare_artifact)
+    found = Manifest.read(prepare_artifact)
     for split in splits:
         for shard in (found.splits[split].shards if split in found.splits else ()):
             path = _path(prepare_artifact) / shard.file
@@ -183,7 +178,7 @@ def verify_shards(prepare_artifact: ArtifactLike, splits) -> None:
 
 def target_energy(prepare_artifact: ArtifactLike, split: str = "train") -> Dict[str, float]:
     """Mean energy (mean square) per target over a split: the figure used for loss weighting."""
-    return dict(manifest(prepare_artifact).splits[split].energy)
+    return dict(Manifest.read(prepare_artifact).splits[split].energy)
 
 
 def _path(prepare_artifact: ArtifactLike) -> Path:
@@ -203,7 +198,7 @@ def read_tracks(prepare_artifact: ArtifactLike, split: str) -> Iterator[Tuple[st
     """(track name, {target: float32 (nb_timesteps, nb_channels)}) per track, at its exact original length."""
     import tensorflow as tf
 
-    found = manifest(prepare_artifact)
+    found = Manifest.read(prepare_artifact)
     pcm, nb_channels, targets = found.pcm, found.nb_channels, found.targets
     files = _nonempty_shards(prepare_artifact, split)
     records = tf.data.TFRecordDataset(files, compression_type=found.compression or None)
@@ -251,7 +246,7 @@ def load_dataset(prepare_artifact: ArtifactLike, split: str, *, seq_samples: int
     """
     import tensorflow as tf
 
-    found = manifest(prepare_artifact)
+    found = Manifest.read(prepare_artifact)
     targets = found.targets
     if tuple(data_config.targets) != targets:
         raise StageError(f"data.targets={list(data_config.targets)} but the prepare artifact holds {list(targets)}; "
