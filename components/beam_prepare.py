@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Sequence, Tuple
 
 from components import datasets, prepare_tracks, records
-from components.artifacts import StageError, file_digest
+from components.artifacts import file_digest
+from configs.errors import StageError
 from components.base import StageContext
 
 SUMMARY_FILE = ".beam-summary.json"

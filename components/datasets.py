@@ -25,7 +25,7 @@ from typing import Callable, Dict, Iterator, List, Mapping, Tuple
 import numpy as np
 
 from components import audio, synth
-from components.artifacts import StageError
+from configs.errors import StageError
 
 log = logging.getLogger("pipeline")
 

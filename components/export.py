@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from components.artifacts import StageError
+from configs.errors import StageError
 from components.base import ComponentSpec, StageContext
 
 log = logging.getLogger("pipeline.export")
@@ -363,4 +363,5 @@ def _plain(value):
 
 
 SPEC = ComponentSpec(name="export", inputs=("prepare", "train"), optional_inputs=("evaluate",),
-                     config_sections=("data", "model", "train", "export"), executor=run)
+                     config_sections=("data", "model", "train", "export"), executor=run,
+                     outputs=("model.json", "saved_model/models.config"))

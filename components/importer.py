@@ -17,8 +17,10 @@ import json
 from pathlib import Path
 from typing import Any, Dict, Mapping
 
-from components.artifacts import StageError, file_digest, load
+from components.artifacts import file_digest, load
+from configs.errors import StageError
 from components.base import ComponentSpec, StageContext
+from components.train import WEIGHT_FILES
 
 
 def _family(config):
@@ -39,7 +41,7 @@ def _options(config) -> Dict[str, Any]:
 
 def read(config):
     """The family's ReleasedCheckpoint for `import.path` (CheckpointError -> StageError, one line)."""
-    from models.checkpoints import CheckpointError
+    from configs.errors import CheckpointError
 
     path = config.import_.path
     if not path:
@@ -122,7 +124,7 @@ def input_payload(config) -> Any:
 def run(context: StageContext) -> dict:
     from components.train import build_model, count_params, save_weights
     from configs.config import to_plain
-    from models.checkpoints import CheckpointError
+    from configs.errors import CheckpointError
 
     config = context.config
     released = read(config)
@@ -158,4 +160,4 @@ def run(context: StageContext) -> dict:
 
 
 SPEC = ComponentSpec(name="train", inputs=(), config_sections=("data", "model", "import"), executor=run,
-                     input_payload=input_payload)
+                     input_payload=input_payload, outputs=WEIGHT_FILES, stage="import")

@@ -11,7 +11,7 @@ import time
 import numpy as np
 
 from components import datasets, prepare_tracks, records
-from components.artifacts import StageError
+from configs.errors import StageError
 from components.base import ComponentSpec, StageContext
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Sequence, Tuple, Union
 
 from components import records
-from components.artifacts import StageError
+from configs.errors import StageError
 
 
 @dataclass

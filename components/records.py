@@ -27,7 +27,8 @@ from typing import Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
-from components.artifacts import META_FILE, Artifact, StageError, file_digest
+from components.artifacts import META_FILE, Artifact, file_digest
+from configs.errors import StageError
 
 PCM_DTYPES = {"int16": "<i2", "float16": "<f2", "float32": "<f4"}
 INT16_SCALE = 32768.0  # x -> round(x * 32768), decoded as q / 32768: 16-bit wav values round-trip exactly

@@ -65,7 +65,7 @@ def ensure(root, params: Mapping, logger=None) -> Path:
         if found.get("complete") and found.get("params") == dict(params):
             return root
     elif root.exists() and any(root.iterdir()):
-        from components.artifacts import StageError
+        from configs.errors import StageError
 
         raise StageError(f"{root}: not empty and not made by the synthesizer (no {MARKER}); "
                          f"point data.root at an empty or new directory for data.format=default")

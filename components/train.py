@@ -3,8 +3,8 @@
 Reads the prepare artifact (TFRecords + manifest); writes `model.weights.h5` (last epoch),
 `best.weights.h5` (best by `train.checkpoint_metric`; with EMA, averaged weights), `history.json` and
 TensorBoard logs. Work in progress
-(BackupAndRestore state, per-epoch checkpoints) lives in `artifacts_dir/.train-work/<fingerprint>/`
-so a killed run resumes from its last completed epoch when started again with the same config.
+(BackupAndRestore state, per-epoch checkpoints) lives in the side cache `artifacts_dir/.train-work/<fingerprint>/`
+(declared in SPEC) so a killed run resumes from its last completed epoch when started again with the same config.
 """
 from __future__ import annotations
 
@@ -18,10 +18,13 @@ from pathlib import Path
 from typing import Optional
 
 from components import distribute
-from components.artifacts import StageError
+from configs.errors import StageError
 from components.base import ComponentSpec, StageContext
 
 log = logging.getLogger("pipeline.train")
+WEIGHT_FILES = ("model.weights.h5", "best.weights.h5")  # what `save_weights` writes (train and import)
+# resume state (BackupAndRestore, per-epoch checkpoints) under `artifacts_dir/.train-work/<fingerprint>/`
+WORK_CACHE = ".train-work"
 
 
 # --------------------------------------------------------------------------------------------
@@ -321,7 +324,7 @@ def run(context: StageContext) -> dict:
     else:
         keras.utils.set_random_seed(tc.seed)
 
-    work = Path(config.artifacts_dir) / ".train-work" / context.fingerprint
+    work = context.side_cache(WORK_CACHE) / context.fingerprint
     chief = True
     if tc.strategy == "multi_worker":  # only the chief writes the work dir and commits the artifact
         chief, work = distribute.setup_worker(context, work)
@@ -353,7 +356,7 @@ def run(context: StageContext) -> dict:
 
     out = context.output_dir
     save_weights(model, out, best=work / "best.weights.h5")
-    for name in ("model.weights.h5", "best.weights.h5"):
+    for name in WEIGHT_FILES:
         load_weights_checked(model, out / name)  # never commit weights that do not load
     (out / "history.json").write_text(json.dumps(history, indent=1))
     if (work / "tensorboard").is_dir():
@@ -404,8 +407,8 @@ def _recipe_callbacks(context, model, tc, monitor: str, mode: str, best_path: Pa
     if monitor == "val_sdr":
         ValidationSdr = _callbacks_module()[3]
         tracks = snapshot_tracks(context.inputs["prepare"], context.config, whole=True)
-        callbacks.append(ValidationSdr(model, tracks, chunk_seconds=float(model.extra.get("chunk_seconds", 10.0)),
-                                       overlap=float(model.extra.get("overlap", 0.25))))
+        callbacks.append(ValidationSdr(model, tracks, chunk_seconds=model.chunk_seconds or 10.0,
+                                       overlap=0.25 if model.overlap is None else model.overlap))
     if tc.checkpoint_metric != "last":
         callbacks.append(keras.callbacks.ModelCheckpoint(
             str(best_path), monitor=monitor, mode=mode, save_best_only=True, save_weights_only=True,
@@ -521,4 +524,12 @@ def _plain(value):
     return to_plain(value)
 
 
-SPEC = ComponentSpec(name="train", inputs=("prepare",), config_sections=("data", "model", "train"), executor=run)
+def setup(config) -> None:
+    """The driver's hook before any stage runs: `train.replicas` logical CPU devices, which must exist before
+    TensorFlow initialises."""
+    if config.train.replicas > 1:
+        configure_devices(config.train.replicas)
+
+
+SPEC = ComponentSpec(name="train", inputs=("prepare",), config_sections=("data", "model", "train"), executor=run,
+                     outputs=WEIGHT_FILES + ("history.json",), side_caches=(WORK_CACHE,), setup=setup)

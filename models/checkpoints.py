@@ -40,9 +40,8 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 import numpy as np
 
+from configs.errors import CheckpointError
 
-class CheckpointError(ValueError):
-    """A released file that cannot be imported; the message names the file or tensor and the fix."""
 
 
 @dataclass(frozen=True)

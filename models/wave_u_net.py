@@ -39,7 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Mapping, Optional
 
-from configs.config import ConfigError
+from configs.config import bounded, check_fields, choice
+from configs.errors import ConfigError
 from models.base import SeparationModel
 
 LEAKY_RELU_SLOPE = 0.2  # the reference code's LeakyReLU (Keras' own default slope would be 0.3)
@@ -51,17 +52,19 @@ PREDICTIONS = ("chunks", "one_pass")
 
 @dataclass(frozen=True)
 class Config:
-    num_layers: int = 12  # L: down- and upsampling blocks
-    num_initial_filters: int = 24  # F_c: block i has F_c * i filters
-    filter_size: int = 15  # downsampling blocks and bottleneck
-    merge_filter_size: int = 5  # upsampling blocks
-    upsampling: str = "linear"  # linear | learned (per-feature sigmoid-weighted interpolation, the paper's M5)
-    output_type: str = "difference"  # direct | difference (last target = mixture - the others)
-    output_activation: str = "tanh"  # tanh | linear (identity in training, clipped to [-1, 1] at inference)
+    num_layers: int = bounded(12, 1)  # L: down- and upsampling blocks
+    num_initial_filters: int = bounded(24, 1)  # F_c: block i has F_c * i filters
+    filter_size: int = bounded(15, 1)  # downsampling blocks and bottleneck
+    merge_filter_size: int = bounded(5, 1)  # upsampling blocks
+    # linear | learned (per-feature sigmoid-weighted interpolation, the paper's M5)
+    upsampling: str = choice("linear", UPSAMPLING)
+    output_type: str = choice("difference", OUTPUT_TYPES)  # direct | difference (last target = mixture - the others)
+    # tanh | linear (identity in training, clipped to [-1, 1] at inference)
+    output_activation: str = choice("tanh", OUTPUT_ACTIVATIONS)
     context: bool = True  # valid convolutions, output = centre of the input; False: same padding
     # learned upsampling's weights: glorot_uniform on the F logits, U(±sqrt(3/F)), as the reference's
     # tf.get_variable default (f90/Wave-U-Net Models/InterpolationLayer.py); zeros: start as linear interpolation
-    interpolation_init: str = "glorot_uniform"
+    interpolation_init: str = choice("glorot_uniform", ("glorot_uniform", "zeros"))
     # difference output clipped to [-1, 1] outside training (validation, evaluation, export), as the reference's
     # Utils.AudioClip in Models/OutputLayer.py `difference_output`; False: estimates sum to the mixture exactly
     clip_difference: bool = True
@@ -69,35 +72,18 @@ class Config:
     # predict chunks of `predict_frames` output samples on the output grid, the last one moved to end at the
     # song's end; the decimation grid follows the chunks, so this is the only way to reproduce its output);
     # `one_pass`: the whole song through the network at once (a different, equally valid separation)
-    predict: str = "chunks"
+    predict: str = choice("chunks", PREDICTIONS)
     # output samples per chunk asked for, rounded up to the next length the network outputs (`input_samples`):
     # the reference's `num_frames` (Config.py, 16384 -> 16389 output / 147443 input samples for the paper's M6)
-    predict_frames: int = 16384
+    predict_frames: int = bounded(16384, 1)
 
     def __post_init__(self):
-        check(self)  # when the configuration is resolved, as the other families and sections do
-
-
-def check(config: Config) -> None:
-    """ConfigError naming the key for values the architecture cannot take."""
-    prefix = "model.wave_u_net."
-    if config.num_layers < 1 or config.num_initial_filters < 1:
-        raise ConfigError(f"{prefix}num_layers and {prefix}num_initial_filters must be at least 1")
-    if config.predict_frames < 1:
-        raise ConfigError(f"{prefix}predict_frames must be at least 1; got {config.predict_frames}")
-    if config.filter_size < 1 or config.merge_filter_size < 1:
-        raise ConfigError(f"{prefix}filter_size and {prefix}merge_filter_size must be at least 1")
-    if config.context and (config.filter_size % 2 == 0 or config.merge_filter_size % 2 == 0):
-        raise ConfigError(f"{prefix}filter_size and {prefix}merge_filter_size must be odd with context=true "
-                          f"(the output must be the exact centre of the input); got {config.filter_size} and "
-                          f"{config.merge_filter_size}")
-    for key, value, allowed in (("upsampling", config.upsampling, UPSAMPLING),
-                                ("output_type", config.output_type, OUTPUT_TYPES),
-                                ("output_activation", config.output_activation, OUTPUT_ACTIVATIONS),
-                                ("interpolation_init", config.interpolation_init, ("glorot_uniform", "zeros")),
-                                ("predict", config.predict, PREDICTIONS)):
-        if value not in allowed:
-            raise ConfigError(f"{prefix}{key} must be one of {', '.join(allowed)}; got '{value}'")
+        prefix = "model.wave_u_net."
+        check_fields(self, prefix)
+        if self.context and (self.filter_size % 2 == 0 or self.merge_filter_size % 2 == 0):
+            raise ConfigError(f"{prefix}filter_size and {prefix}merge_filter_size must be odd with context=true "
+                              f"(the output must be the exact centre of the input); got {self.filter_size} and "
+                              f"{self.merge_filter_size}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -386,7 +372,6 @@ def wave_u_net(config: Config, targets, nb_channels: int, name: str = "wave_u_ne
     for a valid nb_timesteps (see `input_samples`)."""
     import keras
 
-    check(config)
     L = _layers()
     padding = "valid" if config.context else "same"
     filters = config.num_initial_filters
@@ -480,7 +465,6 @@ def chunk_lengths(config: Config):
 def build(config: Config, *, data, stats: Mapping) -> SeparationModel:
     import keras
 
-    check(config)
     targets = tuple(data.targets)
     nb_channels = int(data.nb_channels)
     train_model = wave_u_net(config, targets, nb_channels)
@@ -515,7 +499,6 @@ def build(config: Config, *, data, stats: Mapping) -> SeparationModel:
         config=config,
         input_samples=functools.partial(input_samples, config),
         mobile=mobile,
-        extra={"context_samples": context, "output_samples": functools.partial(output_samples, config)},
     )
 
 
@@ -534,7 +517,7 @@ SOURCE_NAMES = {"voice": ["accompaniment", "vocals"], "multi_instrument": ["bass
 
 
 def _checkpoint_prefix(path: Path) -> Path:
-    from models.checkpoints import CheckpointError
+    from configs.errors import CheckpointError
 
     if path.is_dir():
         indexes = sorted(path.glob("*.index"))
@@ -568,7 +551,8 @@ def read_released(path, model: Optional[str] = None, config: Optional[str] = Non
     import numpy as np
     import tensorflow as tf
 
-    from models.checkpoints import CheckpointError, ReleasedCheckpoint, set_option_keys
+    from models.checkpoints import ReleasedCheckpoint, set_option_keys
+    from configs.errors import CheckpointError
 
     where = f"import {path}"
     set_option_keys(options, ("model", "config", "targets"), where)

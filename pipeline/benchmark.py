@@ -131,7 +131,7 @@ def _reference_networks(reference, model, config):
     cfg = model.config
     return {target: reference.OpenUnmix(nb_bins=cfg.n_fft // 2 + 1, nb_channels=config.data.nb_channels,
                                         hidden_size=cfg.hidden_size, nb_layers=cfg.nb_layers,
-                                        unidirectional=cfg.unidirectional, max_bin=model.extra["max_bin"])
+                                        unidirectional=cfg.unidirectional, max_bin=model.max_bin)
             for target in model.targets}
 
 
@@ -311,10 +311,10 @@ def _separator_parts(model, mixture):
     import keras
     import tensorflow as tf
 
-    make = model.extra.get("make_separator") if model.extra else None
+    make = model.make_separator
     batch = tf.constant(mixture[None])
     parts = {"stft+networks": tf.function(lambda x: model.train_model(x, training=False))}
-    networks = model.extra.get("networks") if model.extra else None
+    networks = model.networks or None
     if networks is not None and hasattr(model.config, "n_fft"):
         # the networks alone on the mixture magnitude: one graph per target (as training runs them) versus
         # the separator's stacked graph (models/open_unmix.py StackedOpenUnmix), same weights
@@ -393,7 +393,8 @@ def main(argv=None) -> int:
     args = get_parser().parse_args(argv[:split])
     args.updates = argv[split:]
     logging.basicConfig(level=logging.WARNING)
-    from pipeline.experiment import UserError, resolve
+    from pipeline.experiment import resolve
+    from configs.errors import UserError
     from pipeline.run import split_updates
 
     updates, named = split_updates(args.updates)

@@ -67,13 +67,14 @@ def table(rows: list) -> str:
 
 
 def main(argv=None) -> int:
-    from pipeline.sweep import SweepError, report, run_sweep, split_with, summarise
+    from pipeline.sweep import report, run_sweep, split_with, summarise
+    from configs.errors import SweepError
 
     own, config_tokens = split_with(argv)
     args = get_parser().parse_args(own)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    from pipeline.experiment import UserError
+    from configs.errors import UserError
     from pipeline.run import split_updates
 
     updates, named = split_updates(config_tokens)

@@ -49,7 +49,7 @@ def split_updates(tokens):
     """`with unittest a.b=1` -> (config updates dict, [named presets]) using Sacred's own parser."""
     from sacred.arg_parser import get_config_updates
 
-    from pipeline.experiment import UserError
+    from configs.errors import UserError
 
     if not tokens:
         return {}, []
@@ -69,7 +69,8 @@ def main(argv=None) -> int:
     from pipeline.quiet import import_tensorflow
 
     import_tensorflow()  # without the CPU-machine start-up notices
-    from pipeline.experiment import UserError, build_experiment, resolve, run_stages
+    from pipeline.experiment import build_experiment, resolve, run_stages
+    from configs.errors import UserError
 
     try:
         updates, named = split_updates(args.updates)
@@ -107,7 +108,7 @@ def network_parameters(model) -> dict:
 
     from components.train import count_params
 
-    networks = dict(model.extra.get("networks") or {})
+    networks = dict(model.networks)
     if not networks:
         networks = {layer.name: layer for layer in model.train_model.layers
                     if isinstance(layer, keras.Model) and layer.trainable_weights}

@@ -38,6 +38,7 @@ if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().p
 elif str(PROJECT_ROOT) not in sys.path:
     sys.path.insert(0, str(PROJECT_ROOT))
 
+from configs.errors import SweepError  # noqa: E402 - after the sys.path set-up above
 log = logging.getLogger("pipeline.sweep")
 
 # Named sweeps: {name: (description, {dotted key: values})}
@@ -60,10 +61,6 @@ SWEEPS = {
 # Columns of results.csv after the varied keys, and which of them get mean ± std in the summary
 MEASURES = ("parameters", "train_loss", "val_loss", "train_seconds", "epochs", "SDR", "SIR", "ISR", "SAR", "uSDR",
             "q", "mix_sdr", "irm_sdr", "x_realtime")
-
-
-class SweepError(Exception):
-    """A user-fixable problem: one line, non-zero exit."""
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -220,9 +217,10 @@ def run_sweep(*, grid: dict, seeds: int, updates: dict, named: list, root: Path,
     `point_dir(values, seed)` names a point's folder under `root` (default `points/<label>`).
     """
     from components import artifacts
-    from components.artifacts import StageError
-    from configs import ConfigError
-    from pipeline.experiment import UserError, build_experiment, deep_merge, resolve
+    from configs.errors import StageError
+    from configs.errors import ConfigError
+    from pipeline.experiment import build_experiment, deep_merge, resolve
+    from configs.errors import UserError
 
     grid_points = points(grid, seeds)
     configs = []
@@ -419,7 +417,8 @@ def main(argv=None) -> int:
     args = get_parser().parse_args(own)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    from pipeline.experiment import UserError, deep_merge
+    from pipeline.experiment import deep_merge
+    from configs.errors import UserError
     from pipeline.run import split_updates
 
     try:

@@ -15,7 +15,7 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from configs.config import Config, _build, to_plain
+from configs.config import Config, build_section, to_plain
 from configs.presets import PRESETS
 
 
@@ -56,11 +56,11 @@ def check_config_round_trip(module, config=None):
     """Config -> plain dict -> Config (through the validating loader) is the identity."""
     config = config if config is not None else module.Config()
     plain = to_plain(config)
-    again = _build(module.Config, plain, prefix="model.")
+    again = build_section(module.Config, plain, prefix="model.")
     assert again == config, f"config round trip changed {config} into {again}"
     assert to_plain(again) == plain
     defaults = module.Config()
-    assert _build(module.Config, {}, prefix="model.") == defaults
+    assert build_section(module.Config, {}, prefix="model.") == defaults
     return plain
 
 

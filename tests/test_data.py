@@ -19,7 +19,7 @@ import pytest
 import soundfile
 
 from components import audio, records, synth
-from components.artifacts import StageError
+from configs.errors import StageError
 from configs import PRESETS, Config
 from configs.config import defaults
 from pipeline import pipeline

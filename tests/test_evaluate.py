@@ -15,7 +15,8 @@ import pytest
 from scipy.signal import butter, sosfilt
 
 from components import evaluate
-from components.artifacts import Artifact, StageError
+from components.artifacts import Artifact
+from configs.errors import StageError
 from components.base import StageContext
 from components.separation import chunk_layout, chunk_weights, separate_array
 from configs.config import Config, EvaluateConfig

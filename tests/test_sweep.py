@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import sweep
+from configs.errors import SweepError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,9 +44,9 @@ def test_grid_parsing_points_and_labels():
     assert sweep.nested("model.umx.hidden_size", 8) == {"model": {"umx": {"hidden_size": 8}}}
     assert sweep.points({}, seeds=2) == [({}, 0), ({}, 1)]
     for bad in ("train.batch_size", "=4", "train.batch_size=", "train..x=1"):
-        with pytest.raises(sweep.SweepError, match="expected KEY=V1,V2"):
+        with pytest.raises(SweepError, match="expected KEY=V1,V2"):
             sweep.parse_grid([bad])
-    with pytest.raises(sweep.SweepError, match="given twice"):
+    with pytest.raises(SweepError, match="given twice"):
         sweep.parse_grid(["train.lr=1", "train.lr=2"])
 
 
