@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from configs.config import to_plain
 from configs.errors import StageError
 from components.base import ComponentSpec, StageContext
 
@@ -237,7 +238,8 @@ def _probe_chunk(context: StageContext, samples: int) -> np.ndarray:
 
 
 def run(context: StageContext) -> dict:
-    from components.train import count_params, load_trained
+    from components.train import load_trained
+    from models.base import count_parameters
 
     config = context.config
     name = config.model.name
@@ -245,7 +247,7 @@ def run(context: StageContext) -> dict:
     model = load_trained(context.inputs["train"], config)
     rate = config.data.sample_rate
     channels = config.data.nb_channels
-    figures = {"parameters": count_params(model.train_model)}
+    figures = {"parameters": count_parameters(model.train_model)}
 
     # SavedModel for TF Serving
     saved = out / "saved_model" / name / str(config.export.version)
@@ -277,7 +279,7 @@ def run(context: StageContext) -> dict:
         "targets": list(model.targets),
         "signature": {"name": SIGNATURE, "input": {INPUT_NAME: ["batch", "samples", channels]},
                       "outputs": {t: ["batch", "samples", channels] for t in model.targets}},
-        "family_config": _plain(model.config),
+        "family_config": to_plain(model.config),
         "config": {"data": config.section("data"), "model": config.section("model")},
         "train_fingerprint": context.inputs["train"].fingerprint,
         "parameters": figures["parameters"],
@@ -354,12 +356,6 @@ def _export_stream_if_supported(context: StageContext, model, out: Path, figures
     figures["stream_latency_ms"] = description["latency_ms"]
     figures["stream_tflite_parity_db"] = description["tflite_parity_db"]
     return description
-
-
-def _plain(value):
-    from configs.config import to_plain
-
-    return to_plain(value)
 
 
 SPEC = ComponentSpec(name="export", inputs=("prepare", "train"), optional_inputs=("evaluate",),

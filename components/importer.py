@@ -68,17 +68,6 @@ def imported_overrides(artifacts_dir) -> Dict[str, Any]:
     return dict(artifact.meta.get("imported", {}).get("config_overrides", {}))
 
 
-def _nested(dotted: Mapping[str, Any]) -> dict:
-    nested: dict = {}
-    for key, value in dotted.items():
-        node = nested
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return nested
-
-
 def _get(tree: Mapping[str, Any], key: str):
     node: Any = tree
     for part in key.split("."):
@@ -98,14 +87,14 @@ def _same(a, b) -> bool:
 
 def merge_overrides(updates: dict, overrides: Mapping[str, Any], source: str) -> dict:
     """Command-line `updates` with the release's `overrides` added; a conflicting explicit key is an error."""
-    from pipeline.experiment import deep_merge
+    from configs.config import deep_merge, nested
 
     for key, value in overrides.items():
         given = _get(updates, key)
         if given is not KeyError and not _same(given, value):
             raise StageError(f"import: {key}={json.dumps(given)} on the command line but {source} has "
                              f"{json.dumps(value)}; drop {key} from the command line")
-    return deep_merge(updates, _nested(overrides))
+    return deep_merge(updates, nested(overrides))
 
 
 def input_payload(config) -> Any:
@@ -122,7 +111,8 @@ def input_payload(config) -> Any:
 # The executor
 # --------------------------------------------------------------------------------------------
 def run(context: StageContext) -> dict:
-    from components.train import build_model, count_params, save_weights
+    from components.train import build_model, save_weights
+    from models.base import count_parameters
     from configs.config import to_plain
     from configs.errors import CheckpointError
 
@@ -141,7 +131,7 @@ def run(context: StageContext) -> dict:
     save_weights(model, context.output_dir)
     files = [{"path": str(Path(f).resolve()), "bytes": Path(f).stat().st_size, "sha256": file_digest(Path(f))}
              for f in released.files]
-    parameters = count_params(model.train_model)
+    parameters = count_parameters(model.train_model)
     context.logger.info("import: %s -> %s (%s parameters, %d tensors mapped, %d ignored)", released.description,
                         "the train artifact", f"{parameters:,}", mapping["tensors_mapped"],
                         len(mapping["tensors_ignored"]))

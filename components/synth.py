@@ -25,8 +25,7 @@ from typing import Dict, Mapping, Tuple
 import numpy as np
 
 from components.artifacts import process_alive
-
-SOURCES = ("vocals", "drums", "bass", "other")
+from configs.config import MUSDB_TARGETS as SOURCES  # the synthesizer writes MUSDB's four stems
 SPLITS = ("train", "valid", "test")
 MARKER = "synth.json"
 GENERATOR_VERSION = 1

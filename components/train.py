@@ -11,15 +11,16 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from pathlib import Path
 from typing import Optional
 
 from components import distribute
+from configs.config import to_plain
 from configs.errors import StageError
 from components.base import ComponentSpec, StageContext
+from models.base import count_parameters
 
 log = logging.getLogger("pipeline.train")
 WEIGHT_FILES = ("model.weights.h5", "best.weights.h5")  # what `save_weights` writes (train and import)
@@ -130,10 +131,6 @@ def load_weights_checked(model, path: Path, train_artifact=None) -> None:
         raise StageError(f"{path}: unreadable weights ({reason}); {fix}") from None
 
 
-def count_params(keras_model) -> int:
-    return int(sum(int(math.prod(w.shape)) for w in keras_model.trainable_weights))
-
-
 # --------------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------------
@@ -172,119 +169,6 @@ def train_datasets(prepare, config, model, batch_size: int, seed: Optional[int])
     return train, valid, steps
 
 
-# --------------------------------------------------------------------------------------------
-# Callbacks
-# --------------------------------------------------------------------------------------------
-def _callbacks_module():
-    import keras
-    import numpy as np
-
-    class SacredLogger(keras.callbacks.Callback):
-        """Every epoch's losses, metrics and learning rate to Sacred (log_scalar)."""
-
-        def __init__(self, log_scalar, history_path: Path):
-            super().__init__()
-            self.log_scalar = log_scalar
-            self.history_path = history_path
-            self.history = json.loads(history_path.read_text()) if history_path.is_file() else []
-
-        def on_epoch_end(self, epoch, logs=None):
-            logs = dict(logs or {})
-            lr = self.model.optimizer.learning_rate
-            logs["learning_rate"] = float(np.asarray(lr.numpy() if hasattr(lr, "numpy") else lr))
-            entry = {"epoch": epoch + 1, "pid": os.getpid(), **{k: float(v) for k, v in logs.items()}}
-            self.history = [h for h in self.history if h["epoch"] < epoch + 1] + [entry]
-            tmp = self.history_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self.history, indent=1))
-            os.replace(tmp, self.history_path)
-            for key, value in logs.items():
-                self.log_scalar(f"train.{key}", float(value), epoch + 1)
-            log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k} {v:.5g}" for k, v in logs.items()))
-
-    class ValidationSnapshot(keras.callbacks.Callback):
-        """Every N steps: a quick SDR of the separator on a few validation excerpts (seed 000)."""
-
-        def __init__(self, separation_model, tracks, every: int, log_scalar):
-            super().__init__()
-            self.separation_model = separation_model
-            self.tracks = tracks
-            self.every = every
-            self.log_scalar = log_scalar
-            self.step = 0
-            self.snapshots = []
-            self.separate_fn = None
-
-        def on_train_batch_end(self, batch, logs=None):
-            self.step += 1
-            if self.step % self.every == 0:
-                value = self.measure()
-                self.snapshots.append({"step": self.step, "sdr": value})
-                self.log_scalar("train.snapshot_sdr", value, self.step)
-                log.info("step %d: validation snapshot SDR %.2f dB", self.step, value)
-
-        def measure(self) -> float:
-            from components.metrics import global_sdr
-
-            from components.separation import compiled
-
-            if self.separate_fn is None:
-                self.separate_fn = compiled(self.separation_model.separator, self.separation_model.nb_channels)
-            scores = []
-            for mixture, stems in self.tracks:
-                estimates = self.separate_fn(mixture[None])
-                for target, truth in stems.items():
-                    scores.append(global_sdr(truth, np.asarray(estimates[target])[0]))
-            return float(np.mean(scores))
-
-    class TimeBudget(keras.callbacks.Callback):
-        """Stops training after the batch that exceeds `max_seconds` of wall clock (same CPU budget for all)."""
-
-        def __init__(self, max_seconds: float):
-            super().__init__()
-            self.max_seconds = max_seconds
-            self.started = None
-
-        def on_train_begin(self, logs=None):
-            self.started = time.time()
-
-        def on_train_batch_end(self, batch, logs=None):
-            if time.time() - self.started > self.max_seconds:
-                self.model.stop_training = True
-
-    class ValidationSdr(keras.callbacks.Callback):
-        """At the end of every epoch: `val_sdr` in the logs, the mean over validation tracks and targets of the
-        whole-track global SDR (DTTNet's `val/usdr`, src/dp_tdf/abstract.py), for checkpoint selection."""
-
-        def __init__(self, separation_model, tracks, chunk_seconds: float, overlap: float):
-            super().__init__()
-            self.separation_model = separation_model
-            self.tracks = tracks
-            self.chunk_seconds = chunk_seconds
-            self.overlap = overlap
-            self.separate_fn = None
-
-        def on_epoch_end(self, epoch, logs=None):
-            if logs is not None:
-                logs["val_sdr"] = self.measure()
-
-        def measure(self) -> float:
-            from components.metrics import global_sdr
-            from components.separation import compiled, separate_array
-
-            model = self.separation_model
-            if self.separate_fn is None:
-                self.separate_fn = compiled(model.separator, model.nb_channels)
-            scores = []
-            for mixture, stems in self.tracks:
-                estimates = separate_array(self.separate_fn, mixture, sample_rate=model.sample_rate,
-                                           chunk_seconds=self.chunk_seconds, overlap=self.overlap,
-                                           input_samples=model.input_samples)
-                scores.extend(global_sdr(truth, estimates[target]) for target, truth in stems.items())
-            return float(np.mean(scores))
-
-    return SacredLogger, ValidationSnapshot, TimeBudget, ValidationSdr
-
-
 def snapshot_tracks(prepare, config, whole: bool = False):
     """The first `snapshot_seconds` of `snapshot_tracks` validation (or training) tracks; whole=True: every
     validation track at full length (the validation SDR of `train.checkpoint_metric=val_sdr`)."""
@@ -310,7 +194,6 @@ def snapshot_tracks(prepare, config, whole: bool = False):
 # --------------------------------------------------------------------------------------------
 def run(context: StageContext) -> dict:
     import keras
-    import numpy as np
     import tensorflow as tf
 
     config = context.config
@@ -348,7 +231,7 @@ def run(context: StageContext) -> dict:
         train_ds, valid_ds = distribute.shard_by_data(train_ds), valid_ds and distribute.shard_by_data(valid_ds)
     if model.adapt is not None and not (work.parent / context.fingerprint / "backup").exists():
         model.adapt(mixture for mixture, _ in train_ds.take(max(1, min(steps, 8))))
-    nb_params = count_params(model.train_model)
+    nb_params = count_parameters(model.train_model)
     context.logger.info("model %s: %s trainable parameters, %d replica(s), global batch %d, %d steps/epoch",
                         config.model.name, f"{nb_params:,}", replicas, tc.batch_size, steps)
 
@@ -378,7 +261,7 @@ def run(context: StageContext) -> dict:
     return {
         "figures": figures,
         "stats": stats,
-        "model": {"name": config.model.name, "family_config": _plain(model.config)},
+        "model": {"name": config.model.name, "family_config": to_plain(model.config)},
         "result": figures["best_" + monitor],
     }
 
@@ -405,7 +288,8 @@ def _recipe_callbacks(context, model, tc, monitor: str, mode: str, best_path: Pa
 
     callbacks = []
     if monitor == "val_sdr":
-        ValidationSdr = _callbacks_module()[3]
+        from components.callbacks import ValidationSdr
+
         tracks = snapshot_tracks(context.inputs["prepare"], context.config, whole=True)
         callbacks.append(ValidationSdr(model, tracks, chunk_seconds=model.chunk_seconds or 10.0,
                                        overlap=0.25 if model.overlap is None else model.overlap))
@@ -436,10 +320,10 @@ def _fit_phases(context, model, strategy, train_ds, valid_ds, steps, work: Path)
     import keras
 
     from components import optimizers
+    from components.callbacks import SacredLogger, TimeBudget, ValidationSnapshot
 
     config = context.config
     tc = config.train
-    SacredLogger, ValidationSnapshot, TimeBudget, _ = _callbacks_module()
     monitor, mode = monitored(tc, valid_ds is not None)
     history_path = work / "history.json"
     sacred_logger = SacredLogger(context.log_scalar, history_path)
@@ -516,12 +400,6 @@ def _finetune(context, model, strategy, valid_ds, work, sacred_logger, monitor, 
         callbacks=[*([enter] if enter else []), *callbacks, keras.callbacks.TerminateOnNaN(), sacred_logger,
                    *([leave] if leave else []), *model.callbacks])
     return (len(sacred_logger.history) - start) * steps * batch
-
-
-def _plain(value):
-    from configs.config import to_plain
-
-    return to_plain(value)
 
 
 def setup(config) -> None:

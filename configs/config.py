@@ -6,6 +6,7 @@ merged dict (unknown keys and wrong types are errors that name the key) and free
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import typing
 from dataclasses import dataclass, field
@@ -312,6 +313,30 @@ def to_plain(value: Any) -> Any:
 
 def defaults() -> dict:
     return Config().to_dict()
+
+
+def deep_merge(base: Mapping, update: Mapping) -> dict:
+    """Recursive merge of config dicts (Sacred's order: defaults <- presets <- updates): `update` wins; nested
+    mappings are merged, not replaced. Neither argument is changed."""
+    merged = copy.deepcopy(dict(base))
+    for key, value in (update or {}).items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def nested(dotted: Mapping[str, Any]) -> dict:
+    """{"a.b.c": v, ...} -> {"a": {"b": {"c": v}}, ...}: dotted keys as config updates."""
+    result: dict = {}
+    for key, value in dotted.items():
+        node = result
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return result
 
 
 def build_section(cls, raw: Mapping[str, Any], prefix: str):

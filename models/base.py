@@ -6,6 +6,7 @@ these fields, with defaults that suit most families.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
@@ -77,3 +78,11 @@ class SeparationModel:
     def chunk_seconds(self) -> Optional[float]:
         """`chunk_samples` in seconds (None when the family prescribes no chunk)."""
         return None if self.chunk_samples is None else self.chunk_samples / self.sample_rate
+
+
+def count_parameters(obj) -> int:
+    """Trainable parameters of a keras Model or Layer: PyTorch's `sum(p.numel() for p in parameters())`.
+
+    BatchNorm moving statistics are non-trainable buffers in both frameworks and are not counted.
+    """
+    return int(sum(math.prod(int(d) for d in weight.shape) for weight in obj.trainable_weights))

@@ -315,10 +315,10 @@ def assign_cunet(network: keras.Model, tensors: dict, nb_control: int) -> int:
             raise CheckpointError(f"c_unet.assign_cunet: no weight {layer}/{weight_name} for {source}")
         if tuple(weight.shape) != value.shape:
             raise CheckpointError(f"c_unet.assign_cunet: shape of {source} {value.shape} != {layer}/{weight_name} "
-                             f"{tuple(weight.shape)}")
+                                  f"{tuple(weight.shape)}")
         weight.assign(value.astype("float32"))
         used.add(source)
     if set(tensors) - used or weights:
         raise CheckpointError(f"c_unet.assign_cunet: unmapped tensors {sorted(set(tensors) - used)[:6]}, unset weights "
-                         f"{sorted('/'.join(k) for k in weights)[:6]}")
+                              f"{sorted('/'.join(k) for k in weights)[:6]}")
     return len(used)

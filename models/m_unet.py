@@ -376,11 +376,11 @@ def assign_flerken(network: keras.Model, state_dict: dict, prefix: str = "") -> 
             raise CheckpointError(f"m_unet.assign_flerken: no weight {layer}/{weight_name} for {prefix}{source}")
         if tuple(weight.shape) != value.shape:
             raise CheckpointError(f"m_unet.assign_flerken: shape of {prefix}{source} {value.shape} (as Keras) != "
-                             f"{layer}/{weight_name} {tuple(weight.shape)}")
+                                  f"{layer}/{weight_name} {tuple(weight.shape)}")
         weight.assign(value.astype(np.float32))
         used.add(source)
     leftover = sorted(key for key in set(tensors) - used if not key.endswith("num_batches_tracked"))
     if leftover or weights:
         raise CheckpointError(f"m_unet.assign_flerken: unmapped tensors {leftover[:6]}, unset weights "
-                         f"{sorted('/'.join(k) for k in weights)[:6]}")
+                              f"{sorted('/'.join(k) for k in weights)[:6]}")
     return len(used)

@@ -69,7 +69,8 @@ def benchmark_train(config, steps: int, warmup: int) -> dict:
     import keras
 
     from components import artifacts
-    from components.train import build_model, count_params, make_optimizer, make_strategy, train_datasets
+    from components.train import build_model, make_optimizer, make_strategy, train_datasets
+    from models.base import count_parameters
     from pipeline import pipeline
 
     prepare = artifacts.load(Path(config.artifacts_dir), "prepare")
@@ -89,7 +90,7 @@ def benchmark_train(config, steps: int, warmup: int) -> dict:
     seconds = time.perf_counter() - started
     return {
         "model": config.model.name,
-        "parameters": count_params(model.train_model),
+        "parameters": count_parameters(model.train_model),
         "replicas": strategy.num_replicas_in_sync,
         "batch_size": config.train.batch_size,
         "seq_seconds": config.train.seq_seconds,
@@ -242,14 +243,16 @@ def benchmark_separate(config, seconds: float, repeats: int, threads: int, tflit
 
     from components import export
     from components.separation import separate_array
-    from components.train import build_model, count_params
+    from components.train import build_model
+    from configs.config import to_plain
+    from models.base import count_parameters
 
     rate = config.data.sample_rate
     rng = np.random.default_rng(0)
     mixture = (0.1 * rng.standard_normal((int(seconds * rate), config.data.nb_channels))).astype(np.float32)
     model = build_model(config, {})
-    report = {"model": config.model.name, "parameters": count_params(model.train_model), "input_seconds": seconds,
-              "sample_rate": rate, "threads": threads, "family_config": _plain(model.config)}
+    report = {"model": config.model.name, "parameters": count_parameters(model.train_model), "input_seconds": seconds,
+              "sample_rate": rate, "threads": threads, "family_config": to_plain(model.config)}
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         saved = Path(tmp) / "saved_model"
@@ -346,7 +349,8 @@ def benchmark_stream(config, hops: int, warmup: int, threads: int) -> dict:
     import numpy as np
 
     from components import export
-    from components.train import build_model, count_params
+    from components.train import build_model
+    from models.base import count_parameters
     from models.streaming import StreamingOpenUnmix
 
     model = build_model(config, {})
@@ -365,7 +369,7 @@ def benchmark_stream(config, hops: int, warmup: int, threads: int) -> dict:
         return float(np.median(times))
 
     hop_seconds = stream.hop_length / stream.sample_rate
-    result = {"model": "umx unidirectional", "parameters": count_params(model.train_model), "threads": threads,
+    result = {"model": "umx unidirectional", "parameters": count_parameters(model.train_model), "threads": threads,
               **{k: v for k, v in stream.describe().items() if k in ("sample_rate", "hop_samples", "hop_ms",
                                                                       "window_samples", "latency_ms",
                                                                       "algorithmic_latency_ms")}}
@@ -379,12 +383,6 @@ def benchmark_stream(config, hops: int, warmup: int, threads: int) -> dict:
                                     "x_realtime": round(hop_seconds / seconds, 2),
                                     "megabytes": round(len(blob) / 1e6, 2)}
     return result
-
-
-def _plain(value):
-    from configs.config import to_plain
-
-    return to_plain(value)
 
 
 def main(argv=None) -> int:

@@ -1,30 +1,19 @@
 """The Sacred experiment behind the driver: one command per stage, observers from the CLI options."""
 from __future__ import annotations
 
-import copy
 import errno
 import json
 import logging
 from pathlib import Path
 
 from configs import PRESETS, Config
-from configs.config import defaults
+from configs.config import deep_merge, defaults
 from configs.errors import UserError
 from pipeline import pipeline
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("pipeline")
 
-
-
-def deep_merge(base: dict, update: dict) -> dict:
-    merged = copy.deepcopy(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
 
 
 def base_config() -> dict:

@@ -106,7 +106,7 @@ def network_parameters(model) -> dict:
     target), else the Keras sub-models of `train_model`, else `train_model` itself."""
     import keras
 
-    from components.train import count_params
+    from models.base import count_parameters
 
     networks = dict(model.networks)
     if not networks:
@@ -114,12 +114,13 @@ def network_parameters(model) -> dict:
                     if isinstance(layer, keras.Model) and layer.trainable_weights}
     if not networks:
         networks = {model.train_model.name: model.train_model}
-    return {name: count_params(network) for name, network in networks.items()}
+    return {name: count_parameters(network) for name, network in networks.items()}
 
 
 def describe_model(updates: dict, named: list) -> str:
     """The text of `--describe-model`: family, targets, each network's parameter count and the total."""
-    from components.train import build_model, count_params
+    from components.train import build_model
+    from models.base import count_parameters
     from pipeline.experiment import resolve
 
     config = resolve(updates, named)
@@ -130,7 +131,7 @@ def describe_model(updates: dict, named: list) -> str:
     width = max(len(name) for name in counts)
     for name, count in counts.items():
         lines.append(f"  {name:<{width}}  {count:>14,} trainable parameters")
-    lines.append(f"total: {count_params(model.train_model):,} trainable parameters")
+    lines.append(f"total: {count_parameters(model.train_model):,} trainable parameters")
     return "\n".join(lines)
 
 

@@ -114,14 +114,6 @@ def parse_grid(entries) -> dict:
     return grid
 
 
-def nested(key: str, value) -> dict:
-    """`a.b.c`, v -> {"a": {"b": {"c": v}}}."""
-    result = value
-    for part in reversed(key.split(".")):
-        result = {part: result}
-    return result
-
-
 def points(grid: dict, seeds: int) -> list:
     """[(values {key: value}, seed)] over the Cartesian product of the grid, seeds innermost."""
     keys = list(grid)
@@ -219,7 +211,8 @@ def run_sweep(*, grid: dict, seeds: int, updates: dict, named: list, root: Path,
     from components import artifacts
     from configs.errors import StageError
     from configs.errors import ConfigError
-    from pipeline.experiment import build_experiment, deep_merge, resolve
+    from configs.config import deep_merge, nested
+    from pipeline.experiment import build_experiment, resolve
     from configs.errors import UserError
 
     grid_points = points(grid, seeds)
@@ -227,7 +220,7 @@ def run_sweep(*, grid: dict, seeds: int, updates: dict, named: list, root: Path,
     for values, seed in grid_points:  # resolve everything first: a bad key fails before any training
         point_updates = copy.deepcopy(updates)
         for key, value in values.items():
-            point_updates = deep_merge(point_updates, nested(key, value))
+            point_updates = deep_merge(point_updates, nested({key: value}))
         point_updates = deep_merge(point_updates, budget)
         point_updates = deep_merge(point_updates, {"train": {"seed": seed}})
         try:
@@ -417,7 +410,7 @@ def main(argv=None) -> int:
     args = get_parser().parse_args(own)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    from pipeline.experiment import deep_merge
+    from configs.config import deep_merge
     from configs.errors import UserError
     from pipeline.run import split_updates
 

@@ -23,7 +23,7 @@ from configs.errors import StageError
 from configs import PRESETS, Config
 from configs.config import defaults
 from pipeline import pipeline
-from pipeline.experiment import deep_merge
+from configs.config import deep_merge
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"

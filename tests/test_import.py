@@ -139,7 +139,8 @@ def test_blockwise_wiener_filters_every_block_on_its_own():
 
 def test_open_unmix_mapping_covers_the_published_umxhq_and_umxl_layouts():
     """Every tensor of open-unmix's published networks (shapes from the reference, random values)."""
-    from components.train import build_model, count_params
+    from components.train import build_model
+    from models.base import count_parameters
     from models.checkpoints import ReleasedCheckpoint
     from models.open_unmix import assign_released
 
@@ -156,7 +157,7 @@ def test_open_unmix_mapping_covers_the_published_umxhq_and_umxl_layouts():
         assert mapping["tensors_mapped"] == 43 and len(mapping["tensors_ignored"]) == 3
         # the reference's parameter count (running statistics and counters are buffers, not parameters)
         reference_count = sum(int(np.prod(v)) for k, v in shapes[name].items() if "running" not in k and "num_batches" not in k)
-        assert count_params(model.train_model) == reference_count == {"umxhq": 8_893_348, "umxl": 28_257_188}[name]
+        assert count_parameters(model.train_model) == reference_count == {"umxhq": 8_893_348, "umxl": 28_257_188}[name]
         np.testing.assert_array_equal(model.networks["vocals"].lstms[2].directions[1]["kernel"].numpy(),
                                       tensors["vocals/lstm.weight_ih_l2_reverse"].T)
 

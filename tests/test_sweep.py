@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from configs.config import nested
 from pipeline import sweep
 from configs.errors import SweepError
 
@@ -41,7 +42,7 @@ def test_grid_parsing_points_and_labels():
                          "model.name": "umx"}, 0)
     assert sweep.label(found[3][0], 0) == ("train.batch_size=4,model.umx.unidirectional=true,train.lr=0.001,"
                                            "model.name=umx,seed=0")
-    assert sweep.nested("model.umx.hidden_size", 8) == {"model": {"umx": {"hidden_size": 8}}}
+    assert nested({"model.umx.hidden_size": 8}) == {"model": {"umx": {"hidden_size": 8}}}
     assert sweep.points({}, seeds=2) == [({}, 0), ({}, 1)]
     for bad in ("train.batch_size", "=4", "train.batch_size=", "train..x=1"):
         with pytest.raises(SweepError, match="expected KEY=V1,V2"):

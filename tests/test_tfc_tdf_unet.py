@@ -61,13 +61,12 @@ def tiny():
 
 
 def test_sdx23_and_musdb18_configurations_have_the_derived_parameter_counts():
-    from components.train import count_params
 
     assert derived_parameters() == SDX23_PARAMETERS
     assert abs(SDX23_PARAMETERS / 30e6 - 1) < 0.01  # the report's "~30M"
     model = tfc.build(tfc.Config(), data=DataConfig(), stats={})
-    assert count_params(model.train_model) == SDX23_PARAMETERS
-    assert count_params(model.separator) == SDX23_PARAMETERS  # same weights behind STFT / ISTFT
+    assert harness.count_parameters(model.train_model) == SDX23_PARAMETERS
+    assert harness.count_parameters(model.separator) == SDX23_PARAMETERS  # same weights behind STFT / ISTFT
     assert derived_parameters(c0=128, g=128) == MUSDB18_PARAMETERS
     config = harness.tiny_config("tfc_tdf_v3", "tfc_tdf_v3_musdb18")
     net = tfc.tfc_tdf_net(registry.family_config(config.model), 4, 2)

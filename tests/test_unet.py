@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from configs.config import DataConfig, to_plain
+from configs.config import DataConfig, nested, to_plain
 from configs.errors import CheckpointError, ConfigError
 from models import c_unet, loss_weighting, m_unet, registry, unet, unet_core
 from models.transforms import complex_norm
@@ -510,17 +510,6 @@ def _write_tf1_checkpoint(prefix: pathlib.Path, values: dict):
                       tensors=[tf.constant(values[name]) for name in names])
 
 
-def _nested(dotted: dict) -> dict:
-    nested = {}
-    for key, value in dotted.items():
-        *head, last = key.split(".")
-        node = nested
-        for part in head:
-            node = node.setdefault(part, {})
-        node[last] = value
-    return nested
-
-
 @pytest.mark.parametrize("case", ["2stems", "5stems"])
 def test_spleeter_checkpoint_import_matches_spleeter_output(case, tmp_path):
     """Spleeter's own TF1 separator (make_reference.py) vs ours with the imported weights: >= 80 dB SDR."""
@@ -537,7 +526,7 @@ def test_spleeter_checkpoint_import_matches_spleeter_output(case, tmp_path):
 
     released = unet.read_released(tmp_path)
     assert sorted(released.tensors) == sorted(name for name, _ in details["variables"])
-    overrides = _nested(released.config_overrides)
+    overrides = nested(released.config_overrides)
     assert overrides["data"]["targets"] == details["params"]["instrument_list"]
     overrides["model"]["unet"].update(patch_frames=base["T"], max_bin=base["F"])  # the fixture's shrunk T, F
     config = harness.tiny_config("unet", preset=overrides)

@@ -269,12 +269,12 @@ def test_direct_linear_output_clips_only_at_inference():
 def test_learned_upsampling_interpolates_with_sigmoid_weights():
     import keras
 
-    upsample = wun._layers()["Upsample"](learned=True, valid=True)
+    upsample = wun.Upsample(learned=True, valid=True)
     x = np.array([[[0.0, 0.0], [4.0, 8.0], [8.0, 0.0]]], dtype="float32")  # (1, 3, 2)
     upsample.build(x.shape)
     upsample.logit.assign(np.array([0.0, np.log(3.0)], dtype="float32"))  # w = 0.5 and 0.75
     np.testing.assert_allclose(upsample(x)[0], [[0, 0], [2, 2], [4, 8], [6, 6], [8, 0]], atol=1e-6)
-    same = wun._layers()["Upsample"](learned=False, valid=False)
+    same = wun.Upsample(learned=False, valid=False)
     np.testing.assert_allclose(same(x)[0, :, 0], [0, 2, 4, 6, 8, 8], atol=1e-6)
     assert keras.ops.shape(same(x))[1] == 6
 
@@ -381,7 +381,7 @@ def test_shared_harness_on_the_unittest_preset_model():
 def _resolve(*names, **model):
     from configs.config import Config, defaults
     from configs.presets import PRESETS
-    from pipeline.experiment import deep_merge
+    from configs.config import deep_merge
 
     merged = defaults()
     merged["model"]["wave_u_net"] = registry.default_params("wave_u_net")
