@@ -35,6 +35,8 @@ from typing import Callable, Dict, Iterable, Iterator, Mapping, Optional
 
 import numpy as np
 
+from configs.errors import ConfigError
+
 STEP_SIGNATURE = "stream_step"
 AUDIO = "audio"
 STATE_NAMES = ("frame_buffer", "overlap_tail", "lstm_state")
@@ -69,7 +71,8 @@ class StreamingOpenUnmix:
 
     def __init__(self, model, residual: Optional[bool] = None, wiener_iterations: int = 0, eps: float = 1e-10):
         if not supports(model):
-            raise ValueError("streaming needs a unidirectional Open-Unmix (model.umx.unidirectional=True)")
+            raise ConfigError("streaming: needs a unidirectional Open-Unmix; set model.name=umx "
+                              "model.umx.unidirectional=True")
         config = model.config
         self.model = model
         self.targets = tuple(model.targets)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from components.metrics import global_sdr
+from configs.errors import ConfigError
 from models.streaming import StreamingOpenUnmix, periodic_window_sum, stream_array
 from tests import model_harness as harness
 
@@ -102,7 +103,7 @@ def test_stream_residual_is_the_mixture_minus_targets(model):
 
 
 def test_stream_rejects_bidirectional():
-    with pytest.raises(ValueError, match="unidirectional"):
+    with pytest.raises(ConfigError, match="^streaming: needs a unidirectional Open-Unmix; set model.name=umx "):
         StreamingOpenUnmix(harness.build_tiny("umx"))
 
 
