@@ -30,7 +30,6 @@ LOCK_FILE = ".lock"
 SCHEMA_VERSION = 1
 
 
-
 @dataclass(frozen=True)
 class Artifact:
     stage: str

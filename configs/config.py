@@ -20,7 +20,6 @@ PREPARE_RUNNERS = ("local", "beam")
 TRAIN_STRATEGIES = ("mirrored", "multi_worker")
 
 
-
 # -- validation: every section (and model family) checks itself in `__post_init__`; single-key limits are
 # declared on the field (`choice`, `bounded`) and checked by `check_fields`, rules across keys are code.
 def choice(default, allowed):

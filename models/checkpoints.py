@@ -43,7 +43,6 @@ import numpy as np
 from configs.errors import CheckpointError
 
 
-
 @dataclass(frozen=True)
 class ReleasedCheckpoint:
     """What a family's `read_released` found in the released files.

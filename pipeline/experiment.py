@@ -15,7 +15,6 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("pipeline")
 
 
-
 def base_config() -> dict:
     """Dataclass defaults, with every registered model family's own defaults under `model.<name>`."""
     from models import registry
