@@ -31,7 +31,7 @@ import keras
 import tensorflow as tf
 
 from configs.config import bounded, check_fields, choice
-from configs.errors import CheckpointError, ConfigError
+from configs.errors import ConfigError
 from models import unet_core
 from models.layers import MergePatches, SpectrogramPatches, check_stft
 from models.loss_weighting import WeightedL1
@@ -298,27 +298,11 @@ def cunet_mapping(nb_control: int, name: str = "c_unet"):
 
 def assign_cunet(network: keras.Model, tensors: dict, nb_control: int) -> int:
     """Copies the authors' weights {name (":0" optional): value} into `network` (`cunet`); every tensor used once,
-    every weight set once, shapes checked. Returns the number assigned."""
+    every weight set once, shapes checked (`checkpoints.assign_layers`). Returns the number assigned."""
     import numpy as np
 
-    tensors = {key.split(":")[0]: value for key, value in tensors.items()}
-    weights = {(layer.name, weight.name): weight for layer in network.layers for weight in layer.weights}
-    used = set()
-    for source, layer, weight_name, kind in cunet_mapping(nb_control, network.name):
-        if source not in tensors:
-            raise CheckpointError(f"c_unet.assign_cunet: tensor {source} missing")
-        value = np.asarray(tensors[source])
-        if kind == "swap":
-            value = np.transpose(value, (1, 0, 2, 3))
-        weight = weights.pop((layer, weight_name), None)
-        if weight is None:
-            raise CheckpointError(f"c_unet.assign_cunet: no weight {layer}/{weight_name} for {source}")
-        if tuple(weight.shape) != value.shape:
-            raise CheckpointError(f"c_unet.assign_cunet: shape of {source} {value.shape} != {layer}/{weight_name} "
-                                  f"{tuple(weight.shape)}")
-        weight.assign(value.astype("float32"))
-        used.add(source)
-    if set(tensors) - used or weights:
-        raise CheckpointError(f"c_unet.assign_cunet: unmapped tensors {sorted(set(tensors) - used)[:6]}, unset weights "
-                              f"{sorted('/'.join(k) for k in weights)[:6]}")
-    return len(used)
+    from models.checkpoints import assign_layers
+
+    return assign_layers(network, cunet_mapping(nb_control, network.name),
+                         {key.split(":")[0]: value for key, value in tensors.items()}, family="c_unet",
+                         where="c_unet.assign_cunet", converts={"swap": lambda k: np.transpose(k, (1, 0, 2, 3))})

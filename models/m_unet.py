@@ -37,7 +37,7 @@ import numpy as np
 import tensorflow as tf
 
 from configs.config import bounded, check_fields, choice
-from configs.errors import CheckpointError, ConfigError
+from configs.errors import ConfigError
 from models import unet_core
 from models.layers import MergePatches, SpectrogramPatches, check_stft, torch_batch_norm
 from models.loss_weighting import WEIGHTINGS, weighted_losses
@@ -360,27 +360,14 @@ def flerken_mapping(nb_levels: int, name: str = "m_unet"):
 
 def assign_flerken(network: keras.Model, state_dict: dict, prefix: str = "") -> int:
     """Copies a flerken `UNet` state_dict (numpy values; `prefix` e.g. "model." for the authors' Wrapper) into
-    `network` (`flerken_unet`); every tensor used once, every weight set once, shapes checked. Returns the count."""
+    `network` (`flerken_unet`); every tensor used once, every weight set once, shapes checked
+    (`checkpoints.assign_layers`). Returns the count."""
+    from models.checkpoints import assign_layers
+
     nb_levels = sum(1 for layer in network.layers if layer.name.endswith("_pool")) + 1
     tensors = {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
-    weights = {(layer.name, weight.name): weight for layer in network.layers for weight in layer.weights}
-    used = set()
-    for source, layer, weight_name, kind in flerken_mapping(nb_levels, network.name):
-        if source not in tensors:
-            raise CheckpointError(f"m_unet.assign_flerken: tensor {prefix}{source} missing from the state_dict")
-        value = np.asarray(tensors[source])
-        if kind in ("conv", "deconv"):
-            value = np.transpose(value, (3, 2, 1, 0))
-        weight = weights.pop((layer, weight_name), None)
-        if weight is None:
-            raise CheckpointError(f"m_unet.assign_flerken: no weight {layer}/{weight_name} for {prefix}{source}")
-        if tuple(weight.shape) != value.shape:
-            raise CheckpointError(f"m_unet.assign_flerken: shape of {prefix}{source} {value.shape} (as Keras) != "
-                                  f"{layer}/{weight_name} {tuple(weight.shape)}")
-        weight.assign(value.astype(np.float32))
-        used.add(source)
-    leftover = sorted(key for key in set(tensors) - used if not key.endswith("num_batches_tracked"))
-    if leftover or weights:
-        raise CheckpointError(f"m_unet.assign_flerken: unmapped tensors {leftover[:6]}, unset weights "
-                              f"{sorted('/'.join(k) for k in weights)[:6]}")
-    return len(used)
+    steps = {key: "BatchNorm step counter (no Keras counterpart)" for key in tensors
+             if key.endswith("num_batches_tracked")}
+    kernel = lambda k: np.transpose(k, (3, 2, 1, 0))  # noqa: E731 - PyTorch (C0, C1, H, W) -> ours (W = time, H, C1, C0)
+    return assign_layers(network, flerken_mapping(nb_levels, network.name), tensors, family="m_unet",
+                         where="m_unet.assign_flerken", converts={"conv": kernel, "deconv": kernel}, ignorable=steps)
