@@ -632,6 +632,12 @@ def _terminated(signum, frame):
 def _main(args) -> int:
     from pipeline.quiet import import_tensorflow
 
+    if not 0 <= args.overlap < 1:
+        print(f"error: --overlap {args.overlap:g}: must be a fraction in [0, 1); e.g. --overlap 0.25", file=sys.stderr)
+        return 2
+    if not args.chunk_seconds > 0:
+        print(f"error: --chunk-seconds {args.chunk_seconds:g}: must be > 0; e.g. --chunk-seconds 10", file=sys.stderr)
+        return 2
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         print(f"error: -o {out}: exists and is not a directory; choose a folder for the stems", file=sys.stderr)

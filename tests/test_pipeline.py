@@ -104,3 +104,15 @@ def test_the_driver_runs_each_stage_setup_hook_before_the_stages(tmp_path, monke
     config = _config(tmp_path)
     assert experiment.run_stages(None, args, {}, [], config) == 0
     assert calls == [("setup", str(tmp_path)), ("setup", str(tmp_path)), ("run", "toy"), ("run", "toy")]
+
+
+@pytest.mark.parametrize("option,message", [
+    (["--overlap", "2"], "error: --overlap 2: must be a fraction in [0, 1); e.g. --overlap 0.25"),
+    (["--chunk-seconds", "0"], "error: --chunk-seconds 0: must be > 0; e.g. --chunk-seconds 10"),
+])
+def test_separate_refuses_bad_chunking_in_one_line_before_loading_a_model(option, message, tmp_path, capsys):
+    from pipeline import separate
+
+    code = separate.main([*option, "-o", str(tmp_path / "out"), str(tmp_path / "song.wav")])
+    assert code == 2 and capsys.readouterr().err == message + "\n"
+    assert not (tmp_path / "out").exists()
