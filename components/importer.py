@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Dict, Mapping
 
 from components.artifacts import file_digest, load
-from configs.errors import StageError
+from configs.errors import CheckpointError, StageError
 from components.base import ComponentSpec, StageContext
 from components.train import WEIGHT_FILES
 
@@ -41,8 +41,6 @@ def _options(config) -> Dict[str, Any]:
 
 def read(config):
     """The family's ReleasedCheckpoint for `import.path` (CheckpointError -> StageError, one line)."""
-    from configs.errors import CheckpointError
-
     path = config.import_.path
     if not path:
         raise StageError("import: no checkpoint given; set import.path=<released file or folder>")
@@ -114,7 +112,6 @@ def run(context: StageContext) -> dict:
     from components.train import build_model, save_weights
     from models.base import count_parameters
     from configs.config import to_plain
-    from configs.errors import CheckpointError
 
     config = context.config
     released = read(config)

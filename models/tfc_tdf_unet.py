@@ -38,7 +38,7 @@ import numpy as np
 import tensorflow as tf
 
 from configs.config import bounded, check_fields, choice
-from configs.errors import ConfigError
+from configs.errors import CheckpointError, ConfigError
 from models.base import SeparationModel
 from models.layers import check_stft
 from models.transforms import ISTFT, STFT, istft, stft
@@ -444,8 +444,6 @@ def build(config: Config, *, data, stats=None) -> SeparationModel:
 def _release_config(path: Path, config: Optional[str]):
     """(checkpoint file, yaml file) of an MDX23C release: the .ckpt/.pth and its yaml (import.config, the
     yaml of the same name, or the only yaml in the folder)."""
-    from configs.errors import CheckpointError
-
     where = f"import {path}"
     if path.is_dir():
         weights = sorted(p for p in path.iterdir() if p.suffix in (".ckpt", ".pth", ".pt"))
@@ -487,7 +485,6 @@ def read_released(path, config: Optional[str] = None, targets=(), **options):
     sections, as KUIELab's and ZFTurbo's code read them). Targets are `training.instruments`, or
     `[training.target_instrument]` when the model has one output."""
     from models.checkpoints import ReleasedCheckpoint, load_torch, set_option_keys, state_dict_of
-    from configs.errors import CheckpointError
 
     where = f"import {path}"
     set_option_keys(options, ("config", "targets"), where)

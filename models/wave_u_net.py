@@ -43,7 +43,7 @@ import keras
 from keras import ops
 
 from configs.config import bounded, check_fields, choice
-from configs.errors import ConfigError
+from configs.errors import CheckpointError, ConfigError
 from models.base import SeparationModel
 
 LEAKY_RELU_SLOPE = 0.2  # the reference code's LeakyReLU (Keras' own default slope would be 0.3)
@@ -511,8 +511,6 @@ SOURCE_NAMES = {"voice": ["accompaniment", "vocals"], "multi_instrument": ["bass
 
 
 def _checkpoint_prefix(path: Path) -> Path:
-    from configs.errors import CheckpointError
-
     if path.is_dir():
         indexes = sorted(path.glob("*.index"))
         state = path / "checkpoint"
@@ -546,7 +544,6 @@ def read_released(path, model: Optional[str] = None, config: Optional[str] = Non
     import tensorflow as tf
 
     from models.checkpoints import ReleasedCheckpoint, set_option_keys
-    from configs.errors import CheckpointError
 
     where = f"import {path}"
     set_option_keys(options, ("model", "config", "targets"), where)

@@ -68,7 +68,6 @@ def table(rows: list) -> str:
 
 def main(argv=None) -> int:
     from pipeline.sweep import report, run_sweep, split_with, summarise
-    from configs.errors import SweepError
 
     own, config_tokens = split_with(argv)
     args = get_parser().parse_args(own)
@@ -90,7 +89,7 @@ def main(argv=None) -> int:
                             observers_args=observers_args, name="families",
                             point_dir=lambda values, seed: (Path(values["model.name"]) if args.seeds == 1 else
                                                             Path(values["model.name"]) / f"seed{seed}"))
-    except (SweepError, UserError) as error:
+    except UserError as error:  # SweepError, ConfigError, StageError...
         print(f"error: compare: {error}", file=sys.stderr)
         return 2
     report(root, list(grid), results)

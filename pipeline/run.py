@@ -20,6 +20,8 @@ if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().p
 elif str(PROJECT_ROOT) not in sys.path:
     sys.path.insert(0, str(PROJECT_ROOT))
 
+from configs.errors import UserError  # noqa: E402 - after the sys.path set-up above
+
 STAGE_CHOICES = ("prepare", "train", "evaluate", "export", "all", "import")
 
 
@@ -49,8 +51,6 @@ def split_updates(tokens):
     """`with unittest a.b=1` -> (config updates dict, [named presets]) using Sacred's own parser."""
     from sacred.arg_parser import get_config_updates
 
-    from configs.errors import UserError
-
     if not tokens:
         return {}, []
     if tokens[0] != "with":
@@ -70,7 +70,6 @@ def main(argv=None) -> int:
 
     import_tensorflow()  # without the CPU-machine start-up notices
     from pipeline.experiment import build_experiment, resolve, run_stages
-    from configs.errors import UserError
 
     try:
         updates, named = split_updates(args.updates)

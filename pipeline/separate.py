@@ -26,7 +26,8 @@ if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().p
 elif str(PROJECT_ROOT) not in sys.path:
     sys.path.insert(0, str(PROJECT_ROOT))
 
-from configs.errors import SeparateError  # noqa: E402 - after the sys.path set-up above
+from configs.errors import SeparateError, StageError  # noqa: E402 - after the sys.path set-up above
+
 FFMPEG_SUFFIXES = (".mp4", ".m4a", ".aac", ".webm", ".opus")
 SIDECAR = "model.json"
 
@@ -209,7 +210,6 @@ def separate_file(separator, path: Path, out: Path, *, fmt: str, chunk_seconds: 
     import soundfile
 
     from components.audio import conform, resample
-    from configs.errors import StageError
     from components.separation import iter_separate
 
     destination = out / safe_name(path.stem.removesuffix(".stem"))
@@ -555,7 +555,6 @@ def stream_main(args) -> int:
 
 def _stream_file(streamer, path: Path, args, out: Path) -> Path:
     from components.audio import conform
-    from configs.errors import StageError
 
     destination = out / safe_name(path.stem.removesuffix(".stem"))
     existing = [destination / f"{t}.{args.format}" for t in streamer.targets

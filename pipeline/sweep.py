@@ -38,7 +38,8 @@ if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().p
 elif str(PROJECT_ROOT) not in sys.path:
     sys.path.insert(0, str(PROJECT_ROOT))
 
-from configs.errors import SweepError  # noqa: E402 - after the sys.path set-up above
+from configs.errors import SweepError, UserError  # noqa: E402 - after the sys.path set-up above
+
 log = logging.getLogger("pipeline.sweep")
 
 # Named sweeps: {name: (description, {dotted key: values})}
@@ -209,11 +210,8 @@ def run_sweep(*, grid: dict, seeds: int, updates: dict, named: list, root: Path,
     `point_dir(values, seed)` names a point's folder under `root` (default `points/<label>`).
     """
     from components import artifacts
-    from configs.errors import StageError
-    from configs.errors import ConfigError
     from configs.config import deep_merge, nested
     from pipeline.experiment import build_experiment, resolve
-    from configs.errors import UserError
 
     grid_points = points(grid, seeds)
     configs = []
@@ -236,7 +234,7 @@ def run_sweep(*, grid: dict, seeds: int, updates: dict, named: list, root: Path,
         try:
             experiment.run(stage, config_updates=stage_updates, named_configs=named, meta_info=meta(text),
                            options={"--loglevel": "INFO"})
-        except (StageError, ConfigError) as error:
+        except UserError as error:
             raise SweepError(f"{text}: {stage}: {error}") from None
 
     results = []
@@ -411,7 +409,6 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     from configs.config import deep_merge
-    from configs.errors import UserError
     from pipeline.run import split_updates
 
     try:
@@ -437,7 +434,7 @@ def main(argv=None) -> int:
                             budget=budget_updates(args), observers_args=observers_args, speed=not args.no_speed,
                             name=args.sweep or "")
         print(report(root, list(grid), results))
-    except (SweepError, UserError) as error:
+    except UserError as error:  # SweepError among them
         print(f"error: sweep: {error}", file=sys.stderr)
         return 2
     return 0
