@@ -23,13 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
 
+from configs.errors import LockedError, StageError
+
 META_FILE = "artifact.json"
 LOCK_FILE = ".lock"
 SCHEMA_VERSION = 1
-
-
-class StageError(RuntimeError):
-    """A user-caused failure of a stage (bad data, missing input); its message says what and how to fix."""
 
 
 @dataclass(frozen=True)
@@ -237,9 +235,6 @@ def process_alive(pid: int) -> bool:
 # --------------------------------------------------------------------------------------------
 # One run per artifacts directory
 # --------------------------------------------------------------------------------------------
-class LockedError(StageError):
-    """Another process holds the artifacts directory."""
-
 
 _held: dict = {}  # resolved artifacts dir -> [open lock file, depth]: re-entrant within a process
 

@@ -12,7 +12,7 @@ from typing import Dict, List, Mapping, Tuple
 
 import numpy as np
 
-from components.artifacts import StageError
+from configs.errors import StageError
 
 log = logging.getLogger("pipeline")
 

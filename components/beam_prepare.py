@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Sequence, Tuple
 
 from components import datasets, prepare_tracks, records
-from components.artifacts import StageError, file_digest
+from components.artifacts import file_digest
+from configs.errors import StageError
 from components.base import StageContext
 from components.manifest import Shard, TrackEntry
 

@@ -20,16 +20,16 @@ import re
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Mapping, Tuple
+from typing import Callable, Dict, List, Mapping, Tuple
 
 import numpy as np
 
 from components import audio, synth
-from components.artifacts import StageError
+from configs.config import MUSDB_TARGETS as MUSDB_SOURCES  # the four stems a MUSDB track stores
+from configs.errors import StageError
 
 log = logging.getLogger("pipeline")
 
-MUSDB_SOURCES = ("vocals", "drums", "bass", "other")
 # what each MUSDB target is made of (musdb's own `setup["targets"]`, minus linear_mixture)
 MUSDB_TARGETS = {"vocals": ("vocals",), "drums": ("drums",), "bass": ("bass",), "other": ("other",),
                  "accompaniment": ("drums", "bass", "other")}
@@ -95,13 +95,6 @@ def find_tracks(data, artifacts_dir, logger=None) -> Dict[str, List[TrackRef]]:
         raise StageError(f"{root}: no tracks for splits {', '.join(data.splits)} (data.format={data.format}); "
                          f"expected {layout} with targets {', '.join(data.targets)}")
     return found
-
-
-def iter_tracks(data, artifacts_dir) -> Iterator[Track]:
-    """Every track of every split, loaded and validated, in split then name order."""
-    for refs in find_tracks(data, artifacts_dir).values():
-        for ref in refs:
-            yield ref.load()
 
 
 def input_payload(config) -> dict:

@@ -18,7 +18,7 @@ import json
 import os
 from typing import Tuple
 
-from components.artifacts import StageError
+from configs.errors import StageError
 
 _STRATEGY = None
 

@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 import numpy as np
 
 from components import baselines, records, report, scoring, train
-from components.artifacts import StageError
+from configs.errors import StageError
 from components.base import ComponentSpec, StageContext
 from components.baselines import BASELINES, METHODS
 from components.manifest import Manifest

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from components.artifacts import StageError
+from configs.config import to_plain
+from configs.errors import StageError
 from components.base import ComponentSpec, StageContext
 from components.manifest import Manifest
 
@@ -236,7 +237,8 @@ def _probe_chunk(context: StageContext, samples: int) -> np.ndarray:
 
 
 def run(context: StageContext) -> dict:
-    from components.train import count_params, load_trained
+    from components.train import load_trained
+    from models.base import count_parameters
 
     config = context.config
     name = config.model.name
@@ -244,7 +246,7 @@ def run(context: StageContext) -> dict:
     model = load_trained(context.inputs["train"], config)
     rate = config.data.sample_rate
     channels = config.data.nb_channels
-    figures = {"parameters": count_params(model.train_model)}
+    figures = {"parameters": count_parameters(model.train_model)}
 
     # SavedModel for TF Serving
     saved = out / "saved_model" / name / str(config.export.version)
@@ -276,7 +278,7 @@ def run(context: StageContext) -> dict:
         "targets": list(model.targets),
         "signature": {"name": SIGNATURE, "input": {INPUT_NAME: ["batch", "samples", channels]},
                       "outputs": {t: ["batch", "samples", channels] for t in model.targets}},
-        "family_config": _plain(model.config),
+        "family_config": to_plain(model.config),
         "config": {"data": config.section("data"), "model": config.section("model")},
         "train_fingerprint": context.inputs["train"].fingerprint,
         "parameters": figures["parameters"],
@@ -355,11 +357,6 @@ def _export_stream_if_supported(context: StageContext, model, out: Path, figures
     return description
 
 
-def _plain(value):
-    from configs.config import to_plain
-
-    return to_plain(value)
-
-
 SPEC = ComponentSpec(name="export", inputs=("prepare", "train"), optional_inputs=("evaluate",),
-                     config_sections=("data", "model", "train", "export"), executor=run)
+                     config_sections=("data", "model", "train", "export"), executor=run,
+                     outputs=("model.json", "saved_model/models.config"))

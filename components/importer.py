@@ -17,8 +17,10 @@ import json
 from pathlib import Path
 from typing import Any, Dict, Mapping
 
-from components.artifacts import StageError, file_digest, load
+from components.artifacts import file_digest, load
+from configs.errors import CheckpointError, StageError
 from components.base import ComponentSpec, StageContext
+from components.train import WEIGHT_FILES
 
 
 def _family(config):
@@ -39,8 +41,6 @@ def _options(config) -> Dict[str, Any]:
 
 def read(config):
     """The family's ReleasedCheckpoint for `import.path` (CheckpointError -> StageError, one line)."""
-    from models.checkpoints import CheckpointError
-
     path = config.import_.path
     if not path:
         raise StageError("import: no checkpoint given; set import.path=<released file or folder>")
@@ -66,17 +66,6 @@ def imported_overrides(artifacts_dir) -> Dict[str, Any]:
     return dict(artifact.meta.get("imported", {}).get("config_overrides", {}))
 
 
-def _nested(dotted: Mapping[str, Any]) -> dict:
-    nested: dict = {}
-    for key, value in dotted.items():
-        node = nested
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return nested
-
-
 def _get(tree: Mapping[str, Any], key: str):
     node: Any = tree
     for part in key.split("."):
@@ -96,14 +85,14 @@ def _same(a, b) -> bool:
 
 def merge_overrides(updates: dict, overrides: Mapping[str, Any], source: str) -> dict:
     """Command-line `updates` with the release's `overrides` added; a conflicting explicit key is an error."""
-    from pipeline.experiment import deep_merge
+    from configs.config import deep_merge, nested
 
     for key, value in overrides.items():
         given = _get(updates, key)
         if given is not KeyError and not _same(given, value):
             raise StageError(f"import: {key}={json.dumps(given)} on the command line but {source} has "
                              f"{json.dumps(value)}; drop {key} from the command line")
-    return deep_merge(updates, _nested(overrides))
+    return deep_merge(updates, nested(overrides))
 
 
 def input_payload(config) -> Any:
@@ -120,9 +109,9 @@ def input_payload(config) -> Any:
 # The executor
 # --------------------------------------------------------------------------------------------
 def run(context: StageContext) -> dict:
-    from components.train import build_model, count_params, save_weights
+    from components.train import build_model, save_weights
+    from models.base import count_parameters
     from configs.config import to_plain
-    from models.checkpoints import CheckpointError
 
     config = context.config
     released = read(config)
@@ -139,7 +128,7 @@ def run(context: StageContext) -> dict:
     save_weights(model, context.output_dir)
     files = [{"path": str(Path(f).resolve()), "bytes": Path(f).stat().st_size, "sha256": file_digest(Path(f))}
              for f in released.files]
-    parameters = count_params(model.train_model)
+    parameters = count_parameters(model.train_model)
     context.logger.info("import: %s -> %s (%s parameters, %d tensors mapped, %d ignored)", released.description,
                         "the train artifact", f"{parameters:,}", mapping["tensors_mapped"],
                         len(mapping["tensors_ignored"]))
@@ -158,4 +147,4 @@ def run(context: StageContext) -> dict:
 
 
 SPEC = ComponentSpec(name="train", inputs=(), config_sections=("data", "model", "import"), executor=run,
-                     input_payload=input_payload)
+                     input_payload=input_payload, outputs=WEIGHT_FILES, stage="import")

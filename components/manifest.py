@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
-from components.artifacts import META_FILE, Artifact, StageError
+from components.artifacts import META_FILE, Artifact
+from configs.errors import StageError
 
 REDO = "redo it with `python pipeline/run.py --stage prepare --force`"
 

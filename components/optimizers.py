@@ -18,93 +18,91 @@ from __future__ import annotations
 
 from typing import Optional
 
+import keras
+from keras import ops
+
 OPTIMIZERS = ("adam", "adam_tf", "adamw", "sgd")
 
 
-def _classes():
-    import keras
-    from keras import ops
+class _ReferenceEma:
+    """Mixin: the sdx23 EMA rule (averages start at the weights, no first-step special case)."""
 
-    class _ReferenceEma:
-        """Mixin: the sdx23 EMA rule (averages start at the weights, no first-step special case)."""
+    def build(self, variables):
+        if self.built:
+            return
+        super().build(variables)
+        if self.use_ema:
+            for var, average in zip(variables, self._model_variables_moving_average):
+                average.assign(var)
 
-        def build(self, variables):
-            if self.built:
-                return
-            super().build(variables)
-            if self.use_ema:
-                for var, average in zip(variables, self._model_variables_moving_average):
-                    average.assign(var)
+    def _update_model_variables_moving_average(self, trainable_variables):
+        if not self.use_ema:
+            return
+        for var, average in zip(trainable_variables, self._model_variables_moving_average):
+            if average is not None:
+                momentum = ops.cast(self.ema_momentum, var.dtype)
+                average.assign(momentum * average + (1.0 - momentum) * var)
 
-        def _update_model_variables_moving_average(self, trainable_variables):
-            if not self.use_ema:
-                return
-            for var, average in zip(trainable_variables, self._model_variables_moving_average):
-                if average is not None:
-                    momentum = ops.cast(self.ema_momentum, var.dtype)
-                    average.assign(momentum * average + (1.0 - momentum) * var)
 
-    class ReferenceAdam(_ReferenceEma, keras.optimizers.Adam):
-        """Adam with PyTorch's (`torch_eps=True`) or TF1's placement of epsilon and an optional L2 term."""
+class ReferenceAdam(_ReferenceEma, keras.optimizers.Adam):
+    """Adam with PyTorch's (`torch_eps=True`) or TF1's placement of epsilon and an optional L2 term."""
 
-        def __init__(self, *, l2: float = 0.0, torch_eps: bool = True, **kwargs):
-            super().__init__(**kwargs)
-            self.l2 = float(l2)
-            self.torch_eps = bool(torch_eps)
+    def __init__(self, *, l2: float = 0.0, torch_eps: bool = True, **kwargs):
+        super().__init__(**kwargs)
+        self.l2 = float(l2)
+        self.torch_eps = bool(torch_eps)
 
-        def update_step(self, gradient, variable, learning_rate):
-            lr = ops.cast(learning_rate, variable.dtype)
-            gradient = ops.cast(gradient, variable.dtype)
-            if self.l2:
-                gradient = gradient + ops.cast(self.l2, variable.dtype) * variable
-            if not self.torch_eps:
-                return super().update_step(gradient, variable, learning_rate)
-            step = ops.cast(self.iterations + 1, variable.dtype)
-            beta_1 = ops.cast(self.beta_1, variable.dtype)
-            beta_2 = ops.cast(self.beta_2, variable.dtype)
-            m = self._momentums[self._get_variable_index(variable)]
-            v = self._velocities[self._get_variable_index(variable)]
-            self.assign(m, beta_1 * m + (1.0 - beta_1) * gradient)
-            self.assign(v, beta_2 * v + (1.0 - beta_2) * ops.square(gradient))
-            m_hat = m / (1.0 - ops.power(beta_1, step))
-            v_hat = v / (1.0 - ops.power(beta_2, step))
-            self.assign_sub(variable, lr * m_hat / (ops.sqrt(v_hat) + ops.cast(self.epsilon, variable.dtype)))
+    def update_step(self, gradient, variable, learning_rate):
+        lr = ops.cast(learning_rate, variable.dtype)
+        gradient = ops.cast(gradient, variable.dtype)
+        if self.l2:
+            gradient = gradient + ops.cast(self.l2, variable.dtype) * variable
+        if not self.torch_eps:
+            return super().update_step(gradient, variable, learning_rate)
+        step = ops.cast(self.iterations + 1, variable.dtype)
+        beta_1 = ops.cast(self.beta_1, variable.dtype)
+        beta_2 = ops.cast(self.beta_2, variable.dtype)
+        m = self._momentums[self._get_variable_index(variable)]
+        v = self._velocities[self._get_variable_index(variable)]
+        self.assign(m, beta_1 * m + (1.0 - beta_1) * gradient)
+        self.assign(v, beta_2 * v + (1.0 - beta_2) * ops.square(gradient))
+        m_hat = m / (1.0 - ops.power(beta_1, step))
+        v_hat = v / (1.0 - ops.power(beta_2, step))
+        self.assign_sub(variable, lr * m_hat / (ops.sqrt(v_hat) + ops.cast(self.epsilon, variable.dtype)))
 
-        def get_config(self):
-            return {**super().get_config(), "l2": self.l2, "torch_eps": self.torch_eps}
+    def get_config(self):
+        return {**super().get_config(), "l2": self.l2, "torch_eps": self.torch_eps}
 
-    class TorchSGD(_ReferenceEma, keras.optimizers.SGD):
-        """SGD with momentum as torch.optim.SGD (dampening 0), optional nesterov and L2 term."""
 
-        def __init__(self, *, l2: float = 0.0, **kwargs):
-            super().__init__(**kwargs)
-            self.l2 = float(l2)
+class TorchSGD(_ReferenceEma, keras.optimizers.SGD):
+    """SGD with momentum as torch.optim.SGD (dampening 0), optional nesterov and L2 term."""
 
-        def update_step(self, gradient, variable, learning_rate):
-            lr = ops.cast(learning_rate, variable.dtype)
-            gradient = ops.cast(gradient, variable.dtype)
-            if self.l2:
-                gradient = gradient + ops.cast(self.l2, variable.dtype) * variable
-            if not self.momentum:
-                self.assign_sub(variable, lr * gradient)
-                return
-            momentum = ops.cast(self.momentum, variable.dtype)
-            buffer = self.momentums[self._get_variable_index(variable)]
-            self.assign(buffer, momentum * buffer + gradient)
-            direction = gradient + momentum * buffer if self.nesterov else buffer
-            self.assign_sub(variable, lr * direction)
+    def __init__(self, *, l2: float = 0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.l2 = float(l2)
 
-        def get_config(self):
-            return {**super().get_config(), "l2": self.l2}
+    def update_step(self, gradient, variable, learning_rate):
+        lr = ops.cast(learning_rate, variable.dtype)
+        gradient = ops.cast(gradient, variable.dtype)
+        if self.l2:
+            gradient = gradient + ops.cast(self.l2, variable.dtype) * variable
+        if not self.momentum:
+            self.assign_sub(variable, lr * gradient)
+            return
+        momentum = ops.cast(self.momentum, variable.dtype)
+        buffer = self.momentums[self._get_variable_index(variable)]
+        self.assign(buffer, momentum * buffer + gradient)
+        direction = gradient + momentum * buffer if self.nesterov else buffer
+        self.assign_sub(variable, lr * direction)
 
-    return ReferenceAdam, TorchSGD
+    def get_config(self):
+        return {**super().get_config(), "l2": self.l2}
 
 
 def make(name: str, *, learning_rate: float, weight_decay: float = 0.0, beta_1: float = 0.9, beta_2: float = 0.999,
          epsilon: float = 1e-8, momentum: float = 0.9, nesterov: bool = False, ema_momentum: Optional[float] = None,
          clip_norm: Optional[float] = None):
     """A Keras optimizer for `train.optimizer` (see the module docstring for the update rules)."""
-    ReferenceAdam, TorchSGD = _classes()
     common = dict(learning_rate=learning_rate)
     if clip_norm:
         common["global_clipnorm"] = clip_norm
@@ -133,26 +131,28 @@ def swap_average(model) -> None:
         average.assign(raw)
 
 
+class EmaEnter(keras.callbacks.Callback):
+    """From here to `EmaLeave` at an epoch's end, and during validation, the model holds the averages."""
+
+    def on_test_begin(self, logs=None):
+        swap_average(self.model)
+
+    def on_test_end(self, logs=None):
+        swap_average(self.model)
+
+    def on_epoch_end(self, epoch, logs=None):
+        swap_average(self.model)
+
+
+class EmaLeave(keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        swap_average(self.model)
+
+
 def ema_window():
     """(enter, leave) Keras callbacks: between them, and during validation, the model holds the averages.
 
     Put `enter` before the callbacks that must see the averaged weights at the end of an epoch (checkpoints,
     the validation SDR) and `leave` after them; the backup callback stays outside the window.
     """
-    import keras
-
-    class EmaEnter(keras.callbacks.Callback):
-        def on_test_begin(self, logs=None):
-            swap_average(self.model)
-
-        def on_test_end(self, logs=None):
-            swap_average(self.model)
-
-        def on_epoch_end(self, epoch, logs=None):
-            swap_average(self.model)
-
-    class EmaLeave(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch, logs=None):
-            swap_average(self.model)
-
     return EmaEnter(), EmaLeave()

@@ -14,7 +14,7 @@ from typing import Dict, List, Sequence
 import numpy as np
 
 from components import datasets, prepare_tracks, records
-from components.artifacts import StageError
+from configs.errors import StageError
 from components.base import ComponentSpec, StageContext
 from components.manifest import Manifest, Shard, SilentStem, Skipped, Split, Stats, TrackEntry
 

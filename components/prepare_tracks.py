@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Sequence, Tuple, Union
 
 from components import records
-from components.artifacts import StageError
 from components.manifest import TrackEntry
+from configs.errors import StageError
 
 
 @dataclass

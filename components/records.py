@@ -26,8 +26,9 @@ from typing import Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
-from components.artifacts import Artifact, StageError, file_digest
+from components.artifacts import Artifact, file_digest
 from components.manifest import Manifest, Shard
+from configs.errors import StageError
 
 PCM_DTYPES = {"int16": "<i2", "float16": "<f2", "float32": "<f4"}
 INT16_SCALE = 32768.0  # x -> round(x * 32768), decoded as q / 32768: 16-bit wav values round-trip exactly

@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 import numpy as np
 
-from components.artifacts import StageError
+from configs.errors import StageError
 from components.metrics import global_sdr
 
 METRICS = ("SDR", "SIR", "ISR", "SAR")

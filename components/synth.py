@@ -25,8 +25,7 @@ from typing import Dict, Mapping, Tuple
 import numpy as np
 
 from components.artifacts import process_alive
-
-SOURCES = ("vocals", "drums", "bass", "other")
+from configs.config import MUSDB_TARGETS as SOURCES  # the synthesizer writes MUSDB's four stems
 SPLITS = ("train", "valid", "test")
 MARKER = "synth.json"
 GENERATOR_VERSION = 1
@@ -65,7 +64,7 @@ def ensure(root, params: Mapping, logger=None) -> Path:
         if found.get("complete") and found.get("params") == dict(params):
             return root
     elif root.exists() and any(root.iterdir()):
-        from components.artifacts import StageError
+        from configs.errors import StageError
 
         raise StageError(f"{root}: not empty and not made by the synthesizer (no {MARKER}); "
                          f"point data.root at an empty or new directory for data.format=default")

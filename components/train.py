@@ -3,26 +3,30 @@
 Reads the prepare artifact (TFRecords + manifest); writes `model.weights.h5` (last epoch),
 `best.weights.h5` (best by `train.checkpoint_metric`; with EMA, averaged weights), `history.json` and
 TensorBoard logs. Work in progress
-(BackupAndRestore state, per-epoch checkpoints) lives in `artifacts_dir/.train-work/<fingerprint>/`
-so a killed run resumes from its last completed epoch when started again with the same config.
+(BackupAndRestore state, per-epoch checkpoints) lives in the side cache `artifacts_dir/.train-work/<fingerprint>/`
+(declared in SPEC) so a killed run resumes from its last completed epoch when started again with the same config.
 """
 from __future__ import annotations
 
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from pathlib import Path
 from typing import Optional
 
 from components import distribute
-from components.artifacts import StageError
+from configs.config import to_plain
+from configs.errors import StageError
 from components.base import ComponentSpec, StageContext
 from components.manifest import Manifest
+from models.base import count_parameters
 
 log = logging.getLogger("pipeline.train")
+WEIGHT_FILES = ("model.weights.h5", "best.weights.h5")  # what `save_weights` writes (train and import)
+# resume state (BackupAndRestore, per-epoch checkpoints) under `artifacts_dir/.train-work/<fingerprint>/`
+WORK_CACHE = ".train-work"
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,10 +132,6 @@ def load_weights_checked(model, path: Path, train_artifact=None) -> None:
         raise StageError(f"{path}: unreadable weights ({reason}); {fix}") from None
 
 
-def count_params(keras_model) -> int:
-    return int(sum(int(math.prod(w.shape)) for w in keras_model.trainable_weights))
-
-
 # --------------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------------
@@ -169,119 +169,6 @@ def train_datasets(prepare, config, model, batch_size: int, seed: Optional[int])
     return train, valid, steps
 
 
-# --------------------------------------------------------------------------------------------
-# Callbacks
-# --------------------------------------------------------------------------------------------
-def _callbacks_module():
-    import keras
-    import numpy as np
-
-    class SacredLogger(keras.callbacks.Callback):
-        """Every epoch's losses, metrics and learning rate to Sacred (log_scalar)."""
-
-        def __init__(self, log_scalar, history_path: Path):
-            super().__init__()
-            self.log_scalar = log_scalar
-            self.history_path = history_path
-            self.history = json.loads(history_path.read_text()) if history_path.is_file() else []
-
-        def on_epoch_end(self, epoch, logs=None):
-            logs = dict(logs or {})
-            lr = self.model.optimizer.learning_rate
-            logs["learning_rate"] = float(np.asarray(lr.numpy() if hasattr(lr, "numpy") else lr))
-            entry = {"epoch": epoch + 1, "pid": os.getpid(), **{k: float(v) for k, v in logs.items()}}
-            self.history = [h for h in self.history if h["epoch"] < epoch + 1] + [entry]
-            tmp = self.history_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self.history, indent=1))
-            os.replace(tmp, self.history_path)
-            for key, value in logs.items():
-                self.log_scalar(f"train.{key}", float(value), epoch + 1)
-            log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k} {v:.5g}" for k, v in logs.items()))
-
-    class ValidationSnapshot(keras.callbacks.Callback):
-        """Every N steps: a quick SDR of the separator on a few validation excerpts (seed 000)."""
-
-        def __init__(self, separation_model, tracks, every: int, log_scalar):
-            super().__init__()
-            self.separation_model = separation_model
-            self.tracks = tracks
-            self.every = every
-            self.log_scalar = log_scalar
-            self.step = 0
-            self.snapshots = []
-            self.separate_fn = None
-
-        def on_train_batch_end(self, batch, logs=None):
-            self.step += 1
-            if self.step % self.every == 0:
-                value = self.measure()
-                self.snapshots.append({"step": self.step, "sdr": value})
-                self.log_scalar("train.snapshot_sdr", value, self.step)
-                log.info("step %d: validation snapshot SDR %.2f dB", self.step, value)
-
-        def measure(self) -> float:
-            from components.metrics import global_sdr
-
-            from components.separation import compiled
-
-            if self.separate_fn is None:
-                self.separate_fn = compiled(self.separation_model.separator, self.separation_model.nb_channels)
-            scores = []
-            for mixture, stems in self.tracks:
-                estimates = self.separate_fn(mixture[None])
-                for target, truth in stems.items():
-                    scores.append(global_sdr(truth, np.asarray(estimates[target])[0]))
-            return float(np.mean(scores))
-
-    class TimeBudget(keras.callbacks.Callback):
-        """Stops training after the batch that exceeds `max_seconds` of wall clock (same CPU budget for all)."""
-
-        def __init__(self, max_seconds: float):
-            super().__init__()
-            self.max_seconds = max_seconds
-            self.started = None
-
-        def on_train_begin(self, logs=None):
-            self.started = time.time()
-
-        def on_train_batch_end(self, batch, logs=None):
-            if time.time() - self.started > self.max_seconds:
-                self.model.stop_training = True
-
-    class ValidationSdr(keras.callbacks.Callback):
-        """At the end of every epoch: `val_sdr` in the logs, the mean over validation tracks and targets of the
-        whole-track global SDR (DTTNet's `val/usdr`, src/dp_tdf/abstract.py), for checkpoint selection."""
-
-        def __init__(self, separation_model, tracks, chunk_seconds: float, overlap: float):
-            super().__init__()
-            self.separation_model = separation_model
-            self.tracks = tracks
-            self.chunk_seconds = chunk_seconds
-            self.overlap = overlap
-            self.separate_fn = None
-
-        def on_epoch_end(self, epoch, logs=None):
-            if logs is not None:
-                logs["val_sdr"] = self.measure()
-
-        def measure(self) -> float:
-            from components.metrics import global_sdr
-            from components.separation import compiled, separate_array
-
-            model = self.separation_model
-            if self.separate_fn is None:
-                self.separate_fn = compiled(model.separator, model.nb_channels)
-            scores = []
-            for mixture, stems in self.tracks:
-                estimates = separate_array(self.separate_fn, mixture, sample_rate=model.sample_rate,
-                                           chunk_seconds=self.chunk_seconds, overlap=self.overlap,
-                                           input_samples=model.input_samples)
-                scores.extend(global_sdr(truth, estimates[target]) for target, truth in stems.items())
-            return float(np.mean(scores))
-
-    return SacredLogger, ValidationSnapshot, TimeBudget, ValidationSdr
-
-
 def snapshot_tracks(prepare, config, whole: bool = False):
     """The first `snapshot_seconds` of `snapshot_tracks` validation (or training) tracks; whole=True: every
     validation track at full length (the validation SDR of `train.checkpoint_metric=val_sdr`)."""
@@ -306,7 +193,6 @@ def snapshot_tracks(prepare, config, whole: bool = False):
 # --------------------------------------------------------------------------------------------
 def run(context: StageContext) -> dict:
     import keras
-    import numpy as np
     import tensorflow as tf
 
     config = context.config
@@ -319,7 +205,7 @@ def run(context: StageContext) -> dict:
     else:
         keras.utils.set_random_seed(tc.seed)
 
-    work = Path(config.artifacts_dir) / ".train-work" / context.fingerprint
+    work = context.side_cache(WORK_CACHE) / context.fingerprint
     chief = True
     if tc.strategy == "multi_worker":  # only the chief writes the work dir and commits the artifact
         chief, work = distribute.setup_worker(context, work)
@@ -343,7 +229,7 @@ def run(context: StageContext) -> dict:
         train_ds, valid_ds = distribute.shard_by_data(train_ds), valid_ds and distribute.shard_by_data(valid_ds)
     if model.adapt is not None and not (work.parent / context.fingerprint / "backup").exists():
         model.adapt(mixture for mixture, _ in train_ds.take(max(1, min(steps, 8))))
-    nb_params = count_params(model.train_model)
+    nb_params = count_parameters(model.train_model)
     context.logger.info("model %s: %s trainable parameters, %d replica(s), global batch %d, %d steps/epoch",
                         config.model.name, f"{nb_params:,}", replicas, tc.batch_size, steps)
 
@@ -351,7 +237,7 @@ def run(context: StageContext) -> dict:
 
     out = context.output_dir
     save_weights(model, out, best=work / "best.weights.h5")
-    for name in ("model.weights.h5", "best.weights.h5"):
+    for name in WEIGHT_FILES:
         load_weights_checked(model, out / name)  # never commit weights that do not load
     (out / "history.json").write_text(json.dumps(history, indent=1))
     if (work / "tensorboard").is_dir():
@@ -373,7 +259,7 @@ def run(context: StageContext) -> dict:
     return {
         "figures": figures,
         "stats": stats,
-        "model": {"name": config.model.name, "family_config": _plain(model.config)},
+        "model": {"name": config.model.name, "family_config": to_plain(model.config)},
         "result": figures["best_" + monitor],
     }
 
@@ -400,10 +286,11 @@ def _recipe_callbacks(context, model, tc, monitor: str, mode: str, best_path: Pa
 
     callbacks = []
     if monitor == "val_sdr":
-        ValidationSdr = _callbacks_module()[3]
+        from components.callbacks import ValidationSdr
+
         tracks = snapshot_tracks(context.inputs["prepare"], context.config, whole=True)
-        callbacks.append(ValidationSdr(model, tracks, chunk_seconds=float(model.extra.get("chunk_seconds", 10.0)),
-                                       overlap=float(model.extra.get("overlap", 0.25))))
+        callbacks.append(ValidationSdr(model, tracks, chunk_seconds=model.chunk_seconds or 10.0,
+                                       overlap=0.25 if model.overlap is None else model.overlap))
     if tc.checkpoint_metric != "last":
         callbacks.append(keras.callbacks.ModelCheckpoint(
             str(best_path), monitor=monitor, mode=mode, save_best_only=True, save_weights_only=True,
@@ -431,10 +318,10 @@ def _fit_phases(context, model, strategy, train_ds, valid_ds, steps, work: Path)
     import keras
 
     from components import optimizers
+    from components.callbacks import SacredLogger, TimeBudget, ValidationSnapshot
 
     config = context.config
     tc = config.train
-    SacredLogger, ValidationSnapshot, TimeBudget, _ = _callbacks_module()
     monitor, mode = monitored(tc, valid_ds is not None)
     history_path = work / "history.json"
     sacred_logger = SacredLogger(context.log_scalar, history_path)
@@ -513,10 +400,12 @@ def _finetune(context, model, strategy, valid_ds, work, sacred_logger, monitor, 
     return (len(sacred_logger.history) - start) * steps * batch
 
 
-def _plain(value):
-    from configs.config import to_plain
+def setup(config) -> None:
+    """The driver's hook before any stage runs: `train.replicas` logical CPU devices, which must exist before
+    TensorFlow initialises."""
+    if config.train.replicas > 1:
+        configure_devices(config.train.replicas)
 
-    return to_plain(value)
 
-
-SPEC = ComponentSpec(name="train", inputs=("prepare",), config_sections=("data", "model", "train"), executor=run)
+SPEC = ComponentSpec(name="train", inputs=("prepare",), config_sections=("data", "model", "train"), executor=run,
+                     outputs=WEIGHT_FILES + ("history.json",), side_caches=(WORK_CACHE,), setup=setup)

@@ -1,4 +1,4 @@
 from configs.config import (  # noqa: F401
-    Config, ConfigError, DataConfig, EvaluateConfig, ExportConfig, ModelConfig, TrainConfig, defaults,
+    Config, DataConfig, EvaluateConfig, ExportConfig, ModelConfig, TrainConfig, defaults,
 )
 from configs.presets import PRESETS  # noqa: F401

@@ -6,19 +6,18 @@ merged dict (unknown keys and wrong types are errors that name the key) and free
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Tuple
 
+from configs.errors import ConfigError
+
 MUSDB_TARGETS = ("vocals", "drums", "bass", "other")
 DATA_FORMATS = ("default", "musdb", "musdb-hq", "folder")
 PREPARE_RUNNERS = ("local", "beam")
 TRAIN_STRATEGIES = ("mirrored", "multi_worker")
-
-
-class ConfigError(ValueError):
-    """A user-caused configuration problem; its message names the key and the fix."""
 
 
 # -- validation: every section (and model family) checks itself in `__post_init__`; single-key limits are
@@ -147,27 +146,22 @@ class PrepareConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """`name` picks the family from the registry; each family keeps its knobs in its own mapping."""
+    """`name` picks the family; `families` holds each family's knobs (`model.<family>.<knob>` in Sacred).
+
+    This section knows no model: which families exist and which knobs each takes is the registry's business
+    (`models/registry.py`, `registry.check`), so a new family touches the registry and its own file only.
+    """
 
     name: str = "umx"
-    umx: Mapping[str, Any] = field(default_factory=dict)
-    wave_u_net: Mapping[str, Any] = field(default_factory=dict)
-    unet: Mapping[str, Any] = field(default_factory=dict)
-    m_unet: Mapping[str, Any] = field(default_factory=dict)
-    c_unet: Mapping[str, Any] = field(default_factory=dict)
-    tfc_tdf_v3: Mapping[str, Any] = field(default_factory=dict)
-    dttnet: Mapping[str, Any] = field(default_factory=dict)
+    families: Mapping[str, Mapping[str, Any]] = field(default_factory=lambda: FrozenDict())
 
     def __post_init__(self):
-        from models import registry  # late: keeps `--help` free of TensorFlow
+        if not self.name:
+            raise ConfigError("config key 'model.name' must name a registered model family; got ''")
 
-        if self.name not in registry.names():
-            raise ConfigError(
-                f"model.name '{self.name}' is not a registered model; choose one of {', '.join(registry.names())}"
-            )
-
-    def family_params(self) -> Mapping[str, Any]:
-        return dict(getattr(self, self.name, {}) or {})
+    def params(self, family: Optional[str] = None) -> dict:
+        """The knobs given for `family` (default: the selected one), as a plain dict."""
+        return dict(self.families.get(family or self.name) or {})
 
 
 @dataclass(frozen=True)
@@ -291,8 +285,8 @@ class Config:
     def from_dict(cls, raw: Mapping[str, Any]) -> "Config":
         raw = dict(raw)
         imported = raw.pop("import", None) or {}
-        config = _build(cls, raw, prefix="")
-        return dataclasses.replace(config, import_=_build(ImportConfig, imported, prefix="import."))
+        config = build_section(cls, raw, prefix="")
+        return dataclasses.replace(config, import_=build_section(ImportConfig, imported, prefix="import."))
 
     def to_dict(self) -> dict:
         plain = to_plain(self)
@@ -305,6 +299,8 @@ class Config:
 
 def to_plain(value: Any) -> Any:
     """Dataclasses, tuples and mappings -> JSON/Sacred-friendly dicts and lists."""
+    if isinstance(value, ModelConfig):  # `model.<family>` keys sit beside `model.name`
+        return {"name": value.name, **{family: to_plain(params) for family, params in value.families.items()}}
     if dataclasses.is_dataclass(value):
         return {f.name: to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, Mapping):
@@ -318,9 +314,37 @@ def defaults() -> dict:
     return Config().to_dict()
 
 
-def _build(cls, raw: Mapping[str, Any], prefix: str):
+def deep_merge(base: Mapping, update: Mapping) -> dict:
+    """Recursive merge of config dicts (Sacred's order: defaults <- presets <- updates): `update` wins; nested
+    mappings are merged, not replaced. Neither argument is changed."""
+    merged = copy.deepcopy(dict(base))
+    for key, value in (update or {}).items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def nested(dotted: Mapping[str, Any]) -> dict:
+    """{"a.b.c": v, ...} -> {"a": {"b": {"c": v}}, ...}: dotted keys as config updates."""
+    result: dict = {}
+    for key, value in dotted.items():
+        node = result
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return result
+
+
+def build_section(cls, raw: Mapping[str, Any], prefix: str):
+    """The frozen dataclass `cls` from a mapping: unknown keys and wrong types are ConfigErrors naming the key
+    (`prefix` + key); each dataclass then validates its values in `__post_init__`."""
     if not isinstance(raw, Mapping):
         raise ConfigError(f"config key '{prefix.rstrip('.')}' must be a section (mapping), got {raw!r}")
+    if cls is ModelConfig:
+        return _build_model(raw, prefix)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(k for k in raw if k not in names and not str(k).startswith("_"))
@@ -336,11 +360,24 @@ def _build(cls, raw: Mapping[str, Any], prefix: str):
     return cls(**values)  # each dataclass validates itself in __post_init__
 
 
+def _build_model(raw: Mapping[str, Any], prefix: str) -> ModelConfig:
+    """`name` and one mapping per family; the registry checks the family names and their knobs."""
+    families = {}
+    for key, value in raw.items():
+        if key == "name" or str(key).startswith("_"):
+            continue
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"config key '{prefix}{key}' must be a mapping of the family's settings, got {value!r}")
+        families[str(key)] = _freeze(value)
+    name = _coerce(str, raw.get("name", ModelConfig.name), prefix + "name")
+    return ModelConfig(name=name, families=FrozenDict(families))
+
+
 def _coerce(hint, value, key):
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value, key + ".")
+        return build_section(hint, value, key + ".")
     if origin is typing.Union:  # Optional[X]
         if value is None:
             return None

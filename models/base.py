@@ -6,6 +6,7 @@ these fields, with defaults that suit most families.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
@@ -35,6 +36,20 @@ class SeparationModel:
     postprocess:   optional, (mixture waveform chunk, mobile outputs) -> {target: waveform}; what an app
                    does after the .tflite model (e.g. Wiener filter + ISTFT). Identity when outputs are waveforms
     config:        the family's frozen Config, recorded with the artifacts
+
+    Named inference pieces, for tests, benchmarks, export, streaming and checkpoint import (None or empty
+    where a family has no such thing):
+    make_separator: keyword options -> another separator keras.Model with these weights: `nb_timesteps`,
+                   `batch_size` (static shapes) and the family's own (Open-Unmix: `wiener_iterations`, `residual`)
+    networks:      {target: keras.Model} of families with one network per target (Open-Unmix, Spleeter, DTTNet)
+    network:       the one keras.Model every target shares (C-U-Net, M-U-Net, TFC-TDF-UNet v3)
+    max_bin:       frequency bins the networks see (bins above it are not modelled)
+    chunk_samples: the reference's inference chunk in samples, when the family prescribes one (TFC-TDF-UNet v3,
+                   DTTNet); `chunk_seconds` in seconds. Validation snapshots separate with it
+    overlap:       fraction of `chunk_samples` neighbouring chunks share, with `chunk_samples`
+    loss_weighting: the layer holding the per-target loss weights (M-U-Net's DWA / EBW `LossWeighting`)
+    loss_domain:   what the loss compares, where the family resolves it from its config (M-U-Net: masks or
+                   magnitudes)
     """
 
     targets: Tuple[str, ...]
@@ -50,4 +65,24 @@ class SeparationModel:
     callbacks: List[Any] = field(default_factory=list)
     mobile: Optional[Callable[[int], Any]] = None
     postprocess: Optional[Callable[[Any, Dict[str, Any]], Dict[str, Any]]] = None
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    make_separator: Optional[Callable[..., Any]] = None
+    networks: Mapping[str, Any] = field(default_factory=dict)
+    network: Optional[Any] = None
+    max_bin: Optional[int] = None
+    chunk_samples: Optional[int] = None
+    overlap: Optional[float] = None
+    loss_weighting: Optional[Any] = None
+    loss_domain: Optional[str] = None
+
+    @property
+    def chunk_seconds(self) -> Optional[float]:
+        """`chunk_samples` in seconds (None when the family prescribes no chunk)."""
+        return None if self.chunk_samples is None else self.chunk_samples / self.sample_rate
+
+
+def count_parameters(obj) -> int:
+    """Trainable parameters of a keras Model or Layer: PyTorch's `sum(p.numel() for p in parameters())`.
+
+    BatchNorm moving statistics are non-trainable buffers in both frameworks and are not counted.
+    """
+    return int(sum(math.prod(int(d) for d in weight.shape) for weight in obj.trainable_weights))

@@ -30,9 +30,10 @@ from typing import Tuple
 import keras
 import tensorflow as tf
 
-from configs.config import ConfigError
+from configs.config import bounded, check_fields, choice
+from configs.errors import ConfigError
 from models import unet_core
-from models.layers import MergePatches, SpectrogramPatches, check_choice, check_stft
+from models.layers import MergePatches, SpectrogramPatches, check_stft
 from models.loss_weighting import WeightedL1
 from models.transforms import ComplexNorm, complex_norm
 
@@ -49,31 +50,28 @@ class Config:
 
     n_fft: int = 1024
     hop_length: int = 256
-    max_bin: int = 512
-    patch_frames: int = 128
-    first_filters: int = 16
-    dropout: float = 0.5  # decoder blocks 2-4
-    input_norm: str = "minmax"  # minmax: magnitude normalised to [0, 1] over the whole input | none
-    mask_extension: str = "zeros"
-    wiener_iterations: int = 0
-    film: str = "complex"  # simple: one gamma, beta per encoder layer; complex: one per feature map
+    max_bin: int = bounded(512, 0)
+    patch_frames: int = bounded(128, 1)
+    first_filters: int = bounded(16, 1)
+    dropout: float = bounded(0.5, 0, 1, high_open=True)  # decoder blocks 2-4
+    # minmax: magnitude normalised to [0, 1] over the whole input | none
+    input_norm: str = choice("minmax", INPUT_NORMS)
+    mask_extension: str = choice("zeros", unet_core.MASK_EXTENSIONS)
+    wiener_iterations: int = bounded(0, 0)
+    # simple: one gamma, beta per encoder layer; complex: one per feature map
+    film: str = choice("complex", FILMS)
     # dense control layers (ReLU; dropout 0.5 + BN after all but the first). C-U-Net code: simple (16, 64, 256),
     # complex (16, 256, 1024)
-    control_units: Tuple[int, ...] = (16, 256, 1024)
+    control_units: Tuple[int, ...] = bounded((16, 256, 1024), 1, each=True)
 
     def __post_init__(self):
         key = "model.c_unet."
+        check_fields(self, key)
         check_stft(key, self.n_fft, self.hop_length)
-        unet_core.check_separation(key, self)
+        unet_core.check_max_bin(key, self)
         unet_core.check_patches(key, self.patch_frames, MULTIPLE, "six stride-2 layers")
-        if self.first_filters <= 0:
-            raise ConfigError(f"{key}first_filters must be positive, got {self.first_filters}")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"{key}dropout must lie in [0, 1), got {self.dropout}")
-        check_choice(f"{key}film", self.film, FILMS)
-        check_choice(f"{key}input_norm", self.input_norm, INPUT_NORMS)
-        if not self.control_units or any(units <= 0 for units in self.control_units):
-            raise ConfigError(f"{key}control_units must be positive layer sizes, got {list(self.control_units)}")
+        if not self.control_units:
+            raise ConfigError(f"config key '{key}control_units' must list at least one layer size; got []")
 
 
 # ---------------------------------------------------------------------------------------------- layers
@@ -261,7 +259,7 @@ def build(config: Config, *, data, stats=None):
         name="c_unet", config=config, data=data, analysis=analysis, estimate=estimate, to_masks=to_masks,
         synthesis=synthesis, train_targets=train_targets, input_samples=input_samples,
         loss={target: WeightedL1(name=f"l1_{target}") for target in targets},
-        extra={"network": network, "max_bin": max_bin, "padded_bins": padded_bins, "nb_bins": nb_bins})
+        network=network, max_bin=max_bin)
 
 
 # ------------------------------------------------------------------------------ weights from the authors
@@ -300,27 +298,11 @@ def cunet_mapping(nb_control: int, name: str = "c_unet"):
 
 def assign_cunet(network: keras.Model, tensors: dict, nb_control: int) -> int:
     """Copies the authors' weights {name (":0" optional): value} into `network` (`cunet`); every tensor used once,
-    every weight set once, shapes checked. Returns the number assigned."""
+    every weight set once, shapes checked (`checkpoints.assign_layers`). Returns the number assigned."""
     import numpy as np
 
-    tensors = {key.split(":")[0]: value for key, value in tensors.items()}
-    weights = {(layer.name, weight.name): weight for layer in network.layers for weight in layer.weights}
-    used = set()
-    for source, layer, weight_name, kind in cunet_mapping(nb_control, network.name):
-        if source not in tensors:
-            raise ValueError(f"c_unet.assign_cunet: tensor {source} missing")
-        value = np.asarray(tensors[source])
-        if kind == "swap":
-            value = np.transpose(value, (1, 0, 2, 3))
-        weight = weights.pop((layer, weight_name), None)
-        if weight is None:
-            raise ValueError(f"c_unet.assign_cunet: no weight {layer}/{weight_name} for {source}")
-        if tuple(weight.shape) != value.shape:
-            raise ValueError(f"c_unet.assign_cunet: shape of {source} {value.shape} != {layer}/{weight_name} "
-                             f"{tuple(weight.shape)}")
-        weight.assign(value.astype("float32"))
-        used.add(source)
-    if set(tensors) - used or weights:
-        raise ValueError(f"c_unet.assign_cunet: unmapped tensors {sorted(set(tensors) - used)[:6]}, unset weights "
-                         f"{sorted('/'.join(k) for k in weights)[:6]}")
-    return len(used)
+    from models.checkpoints import assign_layers
+
+    return assign_layers(network, cunet_mapping(nb_control, network.name),
+                         {key.split(":")[0]: value for key, value in tensors.items()}, family="c_unet",
+                         where="c_unet.assign_cunet", converts={"swap": lambda k: np.transpose(k, (1, 0, 2, 3))})

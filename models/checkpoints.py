@@ -40,9 +40,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 import numpy as np
 
-
-class CheckpointError(ValueError):
-    """A released file that cannot be imported; the message names the file or tensor and the fix."""
+from configs.errors import CheckpointError
 
 
 @dataclass(frozen=True)
@@ -130,6 +128,24 @@ def assign_table(rows: Sequence[Assign], released: ReleasedCheckpoint, weights: 
         variable.assign(value.astype(variable.dtype if isinstance(variable.dtype, str) else "float32"))
     return {"tensors_mapped": len(used), "weights_assigned": len(values),
             "tensors_ignored": sorted(set(tensors) & set(released.ignorable))}
+
+
+def assign_layers(network, rows: Iterable[Tuple[str, str, str, str]], tensors: Mapping[str, Any], *, family: str,
+                  where: str, converts: Mapping[str, Callable[[np.ndarray], np.ndarray]],
+                  ignorable: Optional[Mapping[str, str]] = None) -> int:
+    """`assign_table` for a table written by layer name: rows (source tensor, Keras layer name, weight name,
+    kind) -> `network`'s weights, `converts[kind]` turning a source array into the Keras layout (a kind not
+    in `converts` copies as is). Every weight of `network` must be set. Returns the number of tensors used."""
+    weights = {(layer.name, weight.name): weight for layer in network.layers for weight in layer.weights}
+    table = []
+    for source, layer, weight_name, kind in rows:
+        if (layer, weight_name) not in weights:
+            raise CheckpointError(f"{where}: the model has no weight {layer}/{weight_name} for tensor '{source}'; "
+                                  "the mapping table is wrong")
+        table.append(Assign((source,), weights[(layer, weight_name)], converts.get(kind)))
+    released = ReleasedCheckpoint(family=family, config_overrides={}, tensors=dict(tensors), files=[],
+                                  ignorable=dict(ignorable or {}))
+    return assign_table(table, released, network.weights, where)["tensors_mapped"]
 
 
 # --------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from typing import Optional
 import keras
 import tensorflow as tf
 
-from configs.config import ConfigError
+from configs.errors import ConfigError
 from models.base import SeparationModel
 from models.layers import LSTM
 from models.tfc_tdf_unet import CropFrames, PadFrames, _torch_init
@@ -343,13 +343,9 @@ def build(config: Config, *, data, stats=None) -> SeparationModel:
         config=config,
         input_samples=lambda n: valid_samples(config, n),
         mobile=make_mobile,
-        extra={
-            "train_chunk_samples": config.hop_length * (config.dim_t - 1),
-            "chunk_samples": config.hop_length * (config.inference_dim_t - 1),
-            "chunk_seconds": config.hop_length * (config.inference_dim_t - 1) / data.sample_rate,
-            "overlap": 1.0 - 1.0 / config.num_overlap,
-            "networks": nets,
-        },
+        chunk_samples=config.hop_length * (config.inference_dim_t - 1),
+        overlap=1.0 - 1.0 / config.num_overlap,
+        networks=nets,
     )
 
 
@@ -362,7 +358,7 @@ def _count(state, prefix: str) -> int:
 
 def _network_settings(state: dict, where: str) -> dict:
     """The DPTDFNet hyper-parameters a released state dict implies (the reference never saves them)."""
-    from models.checkpoints import CheckpointError
+    from configs.errors import CheckpointError
 
     try:
         n_fft = int(state["window"].shape[0])
@@ -395,7 +391,8 @@ def read_released(path, config: Optional[str] = None, targets=(), **options):
     one file), the network read from `state_dict`. The sizes come from the tensors themselves (the reference
     does not save its hyper-parameters); the hop length and chunk (`dim_t`) from the model yaml of the
     reference (`configs/model/<target>.yaml`, import.config) when given, else the published 1024 / 256."""
-    from models.checkpoints import CheckpointError, ReleasedCheckpoint, load_torch, set_option_keys, state_dict_of
+    from models.checkpoints import ReleasedCheckpoint, load_torch, set_option_keys, state_dict_of
+    from configs.errors import CheckpointError
     from models.tfc_tdf_unet import _load_yaml
 
     where = f"import {path}"
@@ -471,7 +468,7 @@ def assign_released(model: SeparationModel, released) -> dict:
 
     config = model.config
     rows = []
-    for target, net in model.extra["networks"].items():
+    for target, net in model.networks.items():
         def conv(source, layer, convert=_conv_kernel):
             layer = net.get_layer(layer)
             return [Assign((f"{target}/{source}.weight",), layer.kernel, convert),

@@ -13,7 +13,7 @@ from typing import Sequence
 import keras
 import tensorflow as tf
 
-from configs.config import ConfigError
+from configs.errors import ConfigError
 
 
 # ---------------------------------------------------------------------------------------- initialisers
@@ -64,11 +64,6 @@ def check_stft(key: str, n_fft: int, hop_length: int) -> None:
         raise ConfigError(f"{key}n_fft must be a positive even number, got {n_fft}")
     if not 0 < hop_length <= n_fft // 2:
         raise ConfigError(f"{key}hop_length must lie in (0, n_fft/2] for a perfect ISTFT, got {hop_length}")
-
-
-def check_choice(key: str, value, choices: Sequence) -> None:
-    if value not in choices:
-        raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}; got '{value}'")
 
 
 # ------------------------------------------------------------------------------ frame patching/cropping

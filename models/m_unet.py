@@ -36,9 +36,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from configs.config import ConfigError
+from configs.config import bounded, check_fields, choice
+from configs.errors import ConfigError
 from models import unet_core
-from models.layers import (MergePatches, SpectrogramPatches, check_choice, check_stft, torch_batch_norm)
+from models.layers import MergePatches, SpectrogramPatches, check_stft, torch_batch_norm
 from models.loss_weighting import WEIGHTINGS, weighted_losses
 from models.transforms import ComplexNorm, complex_norm
 
@@ -52,42 +53,32 @@ class Config:
 
     n_fft: int = 1022
     hop_length: int = 256
-    patch_frames: int = 256  # frames per U-Net patch (STFT_WIDTH); a multiple of 2 ** (nb_levels - 1)
-    log_bins: int = 256  # rows of the log-frequency grid; a multiple of 2 ** (nb_levels - 1)
-    first_filters: int = 32
-    nb_levels: int = 7  # U-Net levels: channels first_filters * 2 ** level (32 ... 2048)
-    dropout: float = 0.1
-    mask_clamp: float = 10.0  # ground-truth masks clamped to [0, mask_clamp]
+    # frames per U-Net patch (STFT_WIDTH); a multiple of 2 ** (nb_levels - 1)
+    patch_frames: int = bounded(256, 1)
+    log_bins: int = bounded(256, 1)  # rows of the log-frequency grid; a multiple of 2 ** (nb_levels - 1)
+    first_filters: int = bounded(32, 1)
+    nb_levels: int = bounded(7, 2)  # U-Net levels: channels first_filters * 2 ** level (32 ... 2048)
+    dropout: float = bounded(0.1, 0, 1, high_open=True)
+    mask_clamp: float = bounded(10.0, 0, low_open=True)  # ground-truth masks clamped to [0, mask_clamp]
     align_corners: bool = False  # grid_sample of PyTorch >= 1.3 (False) or < 1.3 (True)
-    weighting: str = "dwa"  # equal | dwa | ebw
-    dwa_temperature: float = 2.0
-    ebw_power: float = 1.0  # EBW: lambda_k = (E_max / E_k) ** ebw_power (the paper uses 1 and 2)
-    loss_domain: str = "auto"  # auto (masks for EBW, magnitudes otherwise, as the code) | magnitudes | masks
-    wiener_iterations: int = 0  # 0: mask x mixture STFT (published); > 0: EM iterations of the Wiener filter
+    weighting: str = choice("dwa", WEIGHTINGS)  # equal | dwa | ebw
+    dwa_temperature: float = bounded(2.0, 0, low_open=True)
+    # EBW: lambda_k = (E_max / E_k) ** ebw_power (the paper uses 1 and 2)
+    ebw_power: float = bounded(1.0, 0, low_open=True)
+    # auto (masks for EBW, magnitudes otherwise, as the code) | magnitudes | masks
+    loss_domain: str = choice("auto", LOSS_DOMAINS)
+    # 0: mask x mixture STFT (published); > 0: EM iterations of the Wiener filter
+    wiener_iterations: int = bounded(0, 0)
 
     def __post_init__(self):
         key = "model.m_unet."
+        check_fields(self, key)
         check_stft(key, self.n_fft, self.hop_length)
-        unet_core.check_separation(key, self)
-        if self.nb_levels < 2:
-            raise ConfigError(f"{key}nb_levels must be >= 2, got {self.nb_levels}")
         multiple = 2 ** (self.nb_levels - 1)
         unet_core.check_patches(key, self.patch_frames, multiple, f"{self.nb_levels - 1} max-pools")
-        if self.log_bins <= 0 or self.log_bins % multiple:
+        if self.log_bins % multiple:
             raise ConfigError(f"{key}log_bins must be a positive multiple of {multiple} ({self.nb_levels - 1} "
                               f"max-pools), got {self.log_bins}")
-        if self.first_filters <= 0:
-            raise ConfigError(f"{key}first_filters must be positive, got {self.first_filters}")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"{key}dropout must lie in [0, 1), got {self.dropout}")
-        if self.mask_clamp <= 0:
-            raise ConfigError(f"{key}mask_clamp must be positive, got {self.mask_clamp}")
-        check_choice(f"{key}weighting", self.weighting, WEIGHTINGS)
-        check_choice(f"{key}loss_domain", self.loss_domain, LOSS_DOMAINS)
-        if self.dwa_temperature <= 0:
-            raise ConfigError(f"{key}dwa_temperature must be positive, got {self.dwa_temperature}")
-        if self.ebw_power <= 0:
-            raise ConfigError(f"{key}ebw_power must be positive, got {self.ebw_power}")
 
 
 # ---------------------------------------------------------------------------------------------- warping
@@ -323,7 +314,7 @@ def build(config: Config, *, data, stats=None):
         name="m_unet", config=config, data=data, analysis=analysis, estimate=estimate, to_masks=to_masks,
         synthesis=synthesis, train_targets=train_targets, input_samples=input_samples, loss=loss,
         train_wrapper=weighting, callbacks=callbacks,
-        extra={"network": network, "weighting": weighting, "loss_domain": domain, "nb_bins": nb_bins})
+        network=network, loss_weighting=weighting, loss_domain=domain)
 
 
 # --------------------------------------------------------------------------------- weights from PyTorch
@@ -369,27 +360,14 @@ def flerken_mapping(nb_levels: int, name: str = "m_unet"):
 
 def assign_flerken(network: keras.Model, state_dict: dict, prefix: str = "") -> int:
     """Copies a flerken `UNet` state_dict (numpy values; `prefix` e.g. "model." for the authors' Wrapper) into
-    `network` (`flerken_unet`); every tensor used once, every weight set once, shapes checked. Returns the count."""
+    `network` (`flerken_unet`); every tensor used once, every weight set once, shapes checked
+    (`checkpoints.assign_layers`). Returns the count."""
+    from models.checkpoints import assign_layers
+
     nb_levels = sum(1 for layer in network.layers if layer.name.endswith("_pool")) + 1
     tensors = {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
-    weights = {(layer.name, weight.name): weight for layer in network.layers for weight in layer.weights}
-    used = set()
-    for source, layer, weight_name, kind in flerken_mapping(nb_levels, network.name):
-        if source not in tensors:
-            raise ValueError(f"m_unet.assign_flerken: tensor {prefix}{source} missing from the state_dict")
-        value = np.asarray(tensors[source])
-        if kind in ("conv", "deconv"):
-            value = np.transpose(value, (3, 2, 1, 0))
-        weight = weights.pop((layer, weight_name), None)
-        if weight is None:
-            raise ValueError(f"m_unet.assign_flerken: no weight {layer}/{weight_name} for {prefix}{source}")
-        if tuple(weight.shape) != value.shape:
-            raise ValueError(f"m_unet.assign_flerken: shape of {prefix}{source} {value.shape} (as Keras) != "
-                             f"{layer}/{weight_name} {tuple(weight.shape)}")
-        weight.assign(value.astype(np.float32))
-        used.add(source)
-    leftover = sorted(key for key in set(tensors) - used if not key.endswith("num_batches_tracked"))
-    if leftover or weights:
-        raise ValueError(f"m_unet.assign_flerken: unmapped tensors {leftover[:6]}, unset weights "
-                         f"{sorted('/'.join(k) for k in weights)[:6]}")
-    return len(used)
+    steps = {key: "BatchNorm step counter (no Keras counterpart)" for key in tensors
+             if key.endswith("num_batches_tracked")}
+    kernel = lambda k: np.transpose(k, (3, 2, 1, 0))  # noqa: E731 - PyTorch (C0, C1, H, W) -> ours (W = time, H, C1, C0)
+    return assign_layers(network, flerken_mapping(nb_levels, network.name), tensors, family="m_unet",
+                         where="m_unet.assign_flerken", converts={"conv": kernel, "deconv": kernel}, ignorable=steps)

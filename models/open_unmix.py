@@ -28,7 +28,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from configs.config import MUSDB_TARGETS, ConfigError
+from configs.config import MUSDB_TARGETS
+from configs.errors import ConfigError
 from models.base import SeparationModel
 from models.filtering import WienerFilter
 from models.layers import LSTM, recur
@@ -355,7 +356,7 @@ def build(config: Config, *, data, stats=None) -> SeparationModel:
         TFLite built-in ops only. Weights are copied from this model at call time."""
         static = build(dataclasses.replace(config, unroll=True), data=data, stats=stats)
         static.train_model.set_weights(train_model.get_weights())
-        return static.extra["make_separator"](nb_timesteps=nb_timesteps)
+        return static.make_separator(nb_timesteps=nb_timesteps)
 
     return SeparationModel(
         targets=targets,
@@ -368,7 +369,9 @@ def build(config: Config, *, data, stats=None) -> SeparationModel:
         config=config,
         adapt=adapt,
         mobile=mobile,
-        extra={"make_separator": make_separator, "networks": networks, "max_bin": max_bin, "nb_bins": nb_bins},
+        make_separator=make_separator,
+        networks=networks,
+        max_bin=max_bin,
     )
 
 
@@ -416,7 +419,8 @@ def read_released(path, model: Optional[str] = None, targets=(), **options):
     `separator.json`, as open-unmix's `scripts/train.py` writes it) or bare `<target>[-<hash>].pth`
     files (a folder of them or one file) with the configuration of a published model (`import.model`
     = umxhq, umx, umxl or umxse; recognised from the published file names when not given)."""
-    from models.checkpoints import CheckpointError, ReleasedCheckpoint, load_torch, set_option_keys, state_dict_of
+    from models.checkpoints import ReleasedCheckpoint, load_torch, set_option_keys, state_dict_of
+    from configs.errors import CheckpointError
 
     where = f"import {path}"
     set_option_keys(options, ("model", "targets"), where)
@@ -512,7 +516,7 @@ def assign_released(model: SeparationModel, released) -> dict:
     from models.checkpoints import Assign, assign_table, transpose
 
     rows = []
-    for target, network in model.extra["networks"].items():
+    for target, network in model.networks.items():
         def source(name):
             return (f"{target}/{name}",)
 

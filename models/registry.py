@@ -1,15 +1,18 @@
 """The explicit model registry: `model.name` -> family module (builder + config dataclass).
 
-A family module exposes `Config` (a frozen dataclass of its knobs, with the published defaults)
-and `build(config, *, data, stats) -> models.base.SeparationModel`.
+A family module exposes `Config` (a frozen dataclass of its knobs, with the published defaults, validated
+in `__post_init__`) and `build(config, *, data, stats) -> models.base.SeparationModel`. `configs/` knows no
+family: the `model` section carries each family's knobs as a mapping, checked here against the family's
+`Config` (`check`). Adding a family touches this table and the family's own file.
 """
 from __future__ import annotations
 
 import dataclasses
 import importlib
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
-from configs.config import ConfigError
+from configs.config import build_section
+from configs.errors import ConfigError
 
 # name -> module. Modules are imported on first use so that `--help` and config checks stay light.
 FAMILIES = {
@@ -37,14 +40,23 @@ def default_params(name: str) -> dict:
     return dataclasses.asdict(module(name).Config())
 
 
-def family_config(model_config) -> Any:
-    """The family's frozen Config from `model.<name>` (unknown keys are errors naming the key)."""
-    from configs.config import _build
+def family_config(model_config, name: Optional[str] = None) -> Any:
+    """The frozen Config of family `name` (default: the selected one) from `model.<name>` (unknown keys and
+    bad values are ConfigErrors naming the key)."""
+    name = name or model_config.name
+    return build_section(module(name).Config, model_config.params(name), prefix=f"model.{name}.")
 
-    family = module(model_config.name)
-    return _build(family.Config, dict(model_config.family_params()), prefix=f"model.{model_config.name}.")
+
+def check(model_config) -> None:
+    """ConfigError for an unregistered `model.name`, an unknown `model.<key>`, or a bad knob of any family
+    (not only the selected one's: a bad value fails now rather than in a later run that selects that family)."""
+    module(model_config.name)
+    unknown = sorted(set(model_config.families) - set(FAMILIES))
+    if unknown:
+        raise ConfigError(f"unknown config key 'model.{unknown[0]}'; valid keys here: {', '.join(('name',) + names())}")
+    for name in names():
+        family_config(model_config, name)
 
 
 def build(model_config, *, data, stats: Mapping[str, Any]):
-    family = module(model_config.name)
-    return family.build(family_config(model_config), data=data, stats=stats)
+    return module(model_config.name).build(family_config(model_config), data=data, stats=stats)

@@ -35,6 +35,8 @@ from typing import Callable, Dict, Iterable, Iterator, Mapping, Optional
 
 import numpy as np
 
+from configs.errors import ConfigError
+
 STEP_SIGNATURE = "stream_step"
 AUDIO = "audio"
 STATE_NAMES = ("frame_buffer", "overlap_tail", "lstm_state")
@@ -42,7 +44,7 @@ STATE_NAMES = ("frame_buffer", "overlap_tail", "lstm_state")
 
 def supports(model) -> bool:
     """True for a SeparationModel that has a streaming form (unidirectional Open-Unmix)."""
-    return bool(model.extra.get("networks")) and getattr(model.config, "unidirectional", False) \
+    return bool(model.networks) and getattr(model.config, "unidirectional", False) \
         and hasattr(model.config, "hop_length")
 
 
@@ -69,11 +71,12 @@ class StreamingOpenUnmix:
 
     def __init__(self, model, residual: Optional[bool] = None, wiener_iterations: int = 0, eps: float = 1e-10):
         if not supports(model):
-            raise ValueError("streaming needs a unidirectional Open-Unmix (model.umx.unidirectional=True)")
+            raise ConfigError("streaming: needs a unidirectional Open-Unmix; set model.name=umx "
+                              "model.umx.unidirectional=True")
         config = model.config
         self.model = model
         self.targets = tuple(model.targets)
-        self.networks = [model.extra["networks"][t] for t in self.targets]
+        self.networks = [model.networks[t] for t in self.targets]
         self.residual = config.residual if residual is None else residual
         self.sources = self.targets + (("residual",) if self.residual else ())
         self.n_fft, self.hop_length = config.n_fft, config.hop_length

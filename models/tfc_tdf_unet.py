@@ -37,8 +37,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from configs.config import ConfigError
+from configs.config import bounded, check_fields, choice
+from configs.errors import CheckpointError, ConfigError
 from models.base import SeparationModel
+from models.layers import check_stft
 from models.transforms import ISTFT, STFT, istft, stft
 
 LOSSES = ("mse", "quantile_coarse", "quantile_element")
@@ -51,35 +53,30 @@ class Config:
 
     n_fft: int = 8192
     hop_length: int = 1024
-    dim_f: int = 4096  # bins fed to the network; the bins above (Nyquist) are estimated as zero
-    dim_t: int = 256  # frames of a training chunk: hop_length * (dim_t - 1) = 261,120 samples
-    num_subbands: int = 4
-    num_scales: int = 5
-    num_blocks_per_scale: int = 2
-    num_channels: int = 64
-    growth: int = 64
-    bottleneck_factor: int = 4
-    inference_dim_t: int = 1024  # frames of the SDX23 inference chunk (`inference.dim_t`)
-    num_overlap: int = 8  # inference chunks overlap so that hop = chunk / num_overlap
-    loss: str = "mse"  # mse | quantile_coarse | quantile_element
-    quantile: Optional[float] = None  # q of the quantile losses; None: 0.4 coarse, 0.93 element
+    dim_f: int = bounded(4096, 1)  # bins fed to the network; the bins above (Nyquist) are estimated as zero
+    dim_t: int = bounded(256, 1)  # frames of a training chunk: hop_length * (dim_t - 1) = 261,120 samples
+    num_subbands: int = bounded(4, 1)
+    num_scales: int = bounded(5, 1)
+    num_blocks_per_scale: int = bounded(2, 1)
+    num_channels: int = bounded(64, 1)
+    growth: int = bounded(64, 0)
+    bottleneck_factor: int = bounded(4, 1)
+    inference_dim_t: int = bounded(1024, 1)  # frames of the SDX23 inference chunk (`inference.dim_t`)
+    num_overlap: int = bounded(8, 1)  # inference chunks overlap so that hop = chunk / num_overlap
+    loss: str = choice("mse", LOSSES)  # mse | quantile_coarse | quantile_element
+    # q of the quantile losses; None: 0.4 coarse, 0.93 element
+    quantile: Optional[float] = bounded(None, 0, 1, low_open=True, high_open=True)
     # waveform: the loss compares waveforms after the ISTFT (seed 000 §3.2.2; kuielab/sdx23 src/train.py applies
     # `masked_loss` to the model's waveform output), the quantile mask then acting on samples along time;
     # spectrogram: on the complex STFT bins (our earlier variant)
-    loss_domain: str = "waveform"
+    loss_domain: str = choice("waveform", ("waveform", "spectrogram"))
 
     def __post_init__(self):
         key = "model.tfc_tdf_v3."
-        if self.n_fft <= 0 or self.n_fft % 2:
-            raise ConfigError(f"{key}n_fft must be a positive even number, got {self.n_fft}")
-        if not 0 < self.hop_length <= self.n_fft // 2:
-            raise ConfigError(f"{key}hop_length must lie in (0, n_fft/2], got {self.hop_length}")
-        if not 0 < self.dim_f <= self.n_fft // 2 + 1:
+        check_fields(self, key)
+        check_stft(key, self.n_fft, self.hop_length)
+        if self.dim_f > self.n_fft // 2 + 1:
             raise ConfigError(f"{key}dim_f must lie in (0, n_fft/2 + 1], got {self.dim_f}")
-        if min(self.num_subbands, self.num_scales, self.num_blocks_per_scale, self.num_channels,
-               self.bottleneck_factor) < 1 or self.growth < 0:
-            raise ConfigError(f"{key}num_subbands, num_scales, num_blocks_per_scale, num_channels and "
-                              "bottleneck_factor must be positive and growth >= 0")
         scale = 2 ** self.num_scales
         if self.dim_f % (self.num_subbands * scale):
             raise ConfigError(f"{key}dim_f={self.dim_f} must be a multiple of num_subbands * 2**num_scales = "
@@ -90,14 +87,6 @@ class Config:
         for name in ("dim_t", "inference_dim_t"):
             if getattr(self, name) < scale or getattr(self, name) % scale:
                 raise ConfigError(f"{key}{name} must be a positive multiple of 2**num_scales = {scale}")
-        if self.num_overlap < 1:
-            raise ConfigError(f"{key}num_overlap must be at least 1, got {self.num_overlap}")
-        if self.loss not in LOSSES:
-            raise ConfigError(f"{key}loss must be one of {', '.join(LOSSES)}; got '{self.loss}'")
-        if self.quantile is not None and not 0.0 < self.quantile < 1.0:
-            raise ConfigError(f"{key}quantile must lie in (0, 1), got {self.quantile}")
-        if self.loss_domain not in ("waveform", "spectrogram"):
-            raise ConfigError(f"{key}loss_domain must be waveform or spectrogram; got '{self.loss_domain}'")
 
 
 # ----------------------------------------------------------------------------------------------- loss
@@ -443,15 +432,11 @@ def build(config: Config, *, data, stats=None) -> SeparationModel:
         input_samples=lambda n: valid_samples(config, n),
         mobile=make_mobile,
         postprocess=postprocess if config.loss_domain == "spectrogram" else None,
-        extra={
-            # the reference's chunks: training excerpts of dim_t frames; inference chunks of inference_dim_t
-            # frames overlapping so that their hop is chunk / num_overlap (evaluate.overlap = 1 - 1/num_overlap)
-            "train_chunk_samples": config.hop_length * (config.dim_t - 1),
-            "chunk_samples": config.hop_length * (config.inference_dim_t - 1),
-            "chunk_seconds": config.hop_length * (config.inference_dim_t - 1) / data.sample_rate,
-            "overlap": 1.0 - 1.0 / config.num_overlap,
-            "net": net,
-        },
+        # the reference's inference chunks of inference_dim_t frames overlap so that their hop is
+        # chunk / num_overlap (evaluate.overlap = 1 - 1/num_overlap)
+        chunk_samples=config.hop_length * (config.inference_dim_t - 1),
+        overlap=1.0 - 1.0 / config.num_overlap,
+        network=net,
     )
 
 
@@ -459,8 +444,6 @@ def build(config: Config, *, data, stats=None) -> SeparationModel:
 def _release_config(path: Path, config: Optional[str]):
     """(checkpoint file, yaml file) of an MDX23C release: the .ckpt/.pth and its yaml (import.config, the
     yaml of the same name, or the only yaml in the folder)."""
-    from models.checkpoints import CheckpointError
-
     where = f"import {path}"
     if path.is_dir():
         weights = sorted(p for p in path.iterdir() if p.suffix in (".ckpt", ".pth", ".pt"))
@@ -501,7 +484,7 @@ def read_released(path, config: Optional[str] = None, targets=(), **options):
     checkpoint dict holding it under `state_dict`) and its yaml config (audio / model / training / inference
     sections, as KUIELab's and ZFTurbo's code read them). Targets are `training.instruments`, or
     `[training.target_instrument]` when the model has one output."""
-    from models.checkpoints import CheckpointError, ReleasedCheckpoint, load_torch, set_option_keys, state_dict_of
+    from models.checkpoints import ReleasedCheckpoint, load_torch, set_option_keys, state_dict_of
 
     where = f"import {path}"
     set_option_keys(options, ("config", "targets"), where)
@@ -601,5 +584,5 @@ def assign_released(model: SeparationModel, released) -> dict:
     """KUIELab's TFC_TDF_net state dict -> our network: the one mapping table of this family."""
     from models.checkpoints import assign_table
 
-    return assign_table(tfc_tdf_rows(model.extra["net"], model.config), released, model.train_model.weights,
+    return assign_table(tfc_tdf_rows(model.network, model.config), released, model.train_model.weights,
                         where="import tfc_tdf_v3")

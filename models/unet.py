@@ -42,10 +42,10 @@ from typing import Dict, List, Tuple
 import keras
 import tensorflow as tf
 
-from configs.config import ConfigError
+from configs.config import bounded, check_fields, choice
+from configs.errors import CheckpointError, ConfigError
 from models import unet_core
-from models.layers import (ACTIVATIONS, MergePatches, SpectrogramPatches, StackTargets, activation, check_choice,
-                           check_stft)
+from models.layers import ACTIVATIONS, MergePatches, SpectrogramPatches, StackTargets, activation, check_stft
 from models.loss_weighting import WeightedL1
 from models.transforms import ComplexNorm, complex_norm
 
@@ -61,38 +61,33 @@ EPSILON = 1e-10  # Spleeter's EstimatorSpecBuilder.EPSILON
 class Config:
     """Defaults: Spleeter's 44.1 kHz network (STFT 4096 / 1024, F = 1024 bins, T = 512 frames), 2-stem activations."""
 
-    network: str = "spleeter"  # spleeter | jansson (see the module docstring)
+    network: str = choice("spleeter", NETWORKS)  # spleeter | jansson (see the module docstring)
     n_fft: int = 4096
     hop_length: int = 1024
-    max_bin: int = 1024  # bins fed to the U-Net (from DC); 0: all n_fft // 2 + 1, zero-padded to a multiple of 64
-    patch_frames: int = 512  # frames per U-Net patch; a multiple of 64
-    first_filters: int = 16  # encoder filters: first_filters * 2 ** layer (16 ... 512)
-    dropout: float = 0.5  # on the first three decoder layers
-    conv_activation: str = "leaky_relu"  # spleeter: leaky_relu (0.2) | relu | elu
-    deconv_activation: str = "relu"  # spleeter: relu | leaky_relu (0.2) | elu
-    mask_activation: str = "sigmoid"  # spleeter: sigmoid per target | softmax across targets (5 stems)
-    framing: str = "spleeter"  # spleeter | centered (torch.stft(center=True))
-    separation: str = "ratio"  # ratio (Spleeter's ratio masks) | direct (the network's masks)
-    separation_exponent: float = 2.0
-    mask_extension: str = "zeros"  # bins above max_bin at separation: zeros | average (mean mask of the frame)
-    wiener_iterations: int = 0  # 0: mask x mixture STFT; > 0: EM iterations of the multichannel Wiener filter
+    # bins fed to the U-Net (from DC); 0: all n_fft // 2 + 1, zero-padded to a multiple of 64
+    max_bin: int = bounded(1024, 0)
+    patch_frames: int = bounded(512, 1)  # frames per U-Net patch; a multiple of 64
+    first_filters: int = bounded(16, 1)  # encoder filters: first_filters * 2 ** layer (16 ... 512)
+    dropout: float = bounded(0.5, 0, 1, high_open=True)  # on the first three decoder layers
+    conv_activation: str = choice("leaky_relu", ACTIVATIONS)  # spleeter: leaky_relu (0.2) | relu | elu
+    deconv_activation: str = choice("relu", ACTIVATIONS)  # spleeter: relu | leaky_relu (0.2) | elu
+    # spleeter: sigmoid per target | softmax across targets (5 stems)
+    mask_activation: str = choice("sigmoid", MASK_ACTIVATIONS)
+    framing: str = choice("spleeter", unet_core.FRAMINGS)  # spleeter | centered (torch.stft(center=True))
+    # ratio (Spleeter's ratio masks) | direct (the network's masks)
+    separation: str = choice("ratio", SEPARATIONS)
+    separation_exponent: float = bounded(2.0, 0, low_open=True)
+    # bins above max_bin at separation: zeros | average (mean mask of the frame)
+    mask_extension: str = choice("zeros", unet_core.MASK_EXTENSIONS)
+    # 0: mask x mixture STFT; > 0: EM iterations of the multichannel Wiener filter
+    wiener_iterations: int = bounded(0, 0)
 
     def __post_init__(self):
         key = "model.unet."
-        check_choice(f"{key}network", self.network, NETWORKS)
+        check_fields(self, key)
         check_stft(key, self.n_fft, self.hop_length)
-        unet_core.check_separation(key, self)
+        unet_core.check_max_bin(key, self)
         unet_core.check_patches(key, self.patch_frames, MULTIPLE, "six stride-2 layers")
-        if self.first_filters <= 0:
-            raise ConfigError(f"{key}first_filters must be positive, got {self.first_filters}")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"{key}dropout must lie in [0, 1), got {self.dropout}")
-        check_choice(f"{key}conv_activation", self.conv_activation, ACTIVATIONS)
-        check_choice(f"{key}deconv_activation", self.deconv_activation, ACTIVATIONS)
-        check_choice(f"{key}mask_activation", self.mask_activation, MASK_ACTIVATIONS)
-        check_choice(f"{key}separation", self.separation, SEPARATIONS)
-        if self.separation_exponent <= 0:
-            raise ConfigError(f"{key}separation_exponent must be positive, got {self.separation_exponent}")
         if self.network == "jansson" and self.mask_activation != "sigmoid":
             raise ConfigError(f"{key}mask_activation=softmax needs network=spleeter; set model.unet.network=spleeter")
 
@@ -251,12 +246,12 @@ def build(config: Config, *, data, stats=None):
         name="unet", config=config, data=data, analysis=analysis, estimate=estimate, to_masks=to_masks,
         synthesis=synthesis, train_targets=train_targets, input_samples=input_samples,
         loss={target: WeightedL1(name=f"l1_{target}") for target in targets},
-        extra={"networks": networks, "max_bin": max_bin, "padded_bins": padded_bins, "nb_bins": nb_bins})
+        networks=networks, max_bin=max_bin)
 
 
 # ------------------------------------------------------------------------------ Spleeter checkpoint import
 
-from models.checkpoints import Assign, CheckpointError, ReleasedCheckpoint, assign_table  # noqa: E402
+from models.checkpoints import Assign, ReleasedCheckpoint, assign_table  # noqa: E402
 
 
 # Spleeter's released models (spleeter/resources/{2,4,5}stems.json): instruments in graph order, activations
@@ -361,7 +356,7 @@ def assign_released(model, released: ReleasedCheckpoint) -> dict:
     bottleneck BNs are ignorable), every weight of every target network assigned once, shapes equal."""
     rows = []
     for index, target in enumerate(model.targets):
-        net = model.extra["networks"][target]
+        net = model.networks[target]
         for source, layer_name, weight_name in spleeter_mapping(index, net.name):
             layer = net.get_layer(layer_name)
             variable = next(w for w in layer.weights if w.name == weight_name)

@@ -20,10 +20,10 @@ from typing import Callable, Optional
 import keras
 import tensorflow as tf
 
-from configs.config import ConfigError
+from configs.errors import ConfigError
 from models.base import SeparationModel
 from models.filtering import wiener
-from models.layers import SplitTargets, check_choice
+from models.layers import SplitTargets
 from models.transforms import complex_norm, istft, stft
 
 FRAMINGS = ("centered", "spleeter")
@@ -31,21 +31,14 @@ MASK_EXTENSIONS = ("zeros", "average")
 
 
 def check_patches(key: str, patch_frames: int, multiple: int, reason: str) -> None:
-    if patch_frames <= 0 or patch_frames % multiple:
+    if patch_frames % multiple:
         raise ConfigError(f"{key}patch_frames must be a positive multiple of {multiple} ({reason}), got {patch_frames}")
 
 
-def check_separation(key: str, config) -> None:
-    """The separation keys of the spectrogram U-Nets: wiener_iterations, and where a family has them max_bin,
-    mask_extension, framing."""
-    if hasattr(config, "max_bin") and not 0 <= config.max_bin <= config.n_fft // 2 + 1:
+def check_max_bin(key: str, config) -> None:
+    """`max_bin` (the bins fed to the network) against the STFT's bins."""
+    if config.max_bin > config.n_fft // 2 + 1:
         raise ConfigError(f"{key}max_bin must lie in [0, n_fft/2 + 1] (0: all bins), got {config.max_bin}")
-    if hasattr(config, "mask_extension"):
-        check_choice(f"{key}mask_extension", config.mask_extension, MASK_EXTENSIONS)
-    if config.wiener_iterations < 0:
-        raise ConfigError(f"{key}wiener_iterations must be >= 0, got {config.wiener_iterations}")
-    if hasattr(config, "framing"):
-        check_choice(f"{key}framing", config.framing, FRAMINGS)
 
 
 # -------------------------------------------------------------------------------------------- framing
@@ -191,11 +184,12 @@ class ApplyMasks(keras.layers.Layer):
 
 def assemble(*, name: str, config, data, analysis: keras.layers.Layer, estimate: Callable, to_masks: Callable,
              synthesis: ApplyMasks, train_targets: Callable, loss, input_samples: Callable[[int], int],
-             train_wrapper: Optional[Callable] = None, callbacks=(), extra=None) -> SeparationModel:
+             train_wrapper: Optional[Callable] = None, callbacks=(), **named) -> SeparationModel:
     """A `SeparationModel` from a family's pieces (see the module docstring); every graph shares their weights.
 
     `train_wrapper` (optional) maps the train model's output dict before it leaves the graph (M-U-Net's
-    `LossWeighting` layer).
+    `LossWeighting` layer). `named`: the family's named inference pieces (`networks` or `network`, `max_bin`,
+    ...; see `SeparationModel`).
     """
     targets = tuple(data.targets)
     nb_channels = data.nb_channels
@@ -239,5 +233,6 @@ def assemble(*, name: str, config, data, analysis: keras.layers.Layer, estimate:
         callbacks=list(callbacks),
         mobile=mobile,
         postprocess=postprocess,
-        extra={"make_separator": make_separator, **(extra or {})},
+        make_separator=make_separator,
+        **named,
     )

@@ -39,7 +39,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Mapping, Optional
 
-from configs.config import ConfigError
+import keras
+from keras import ops
+
+from configs.config import bounded, check_fields, choice
+from configs.errors import CheckpointError, ConfigError
 from models.base import SeparationModel
 
 LEAKY_RELU_SLOPE = 0.2  # the reference code's LeakyReLU (Keras' own default slope would be 0.3)
@@ -51,17 +55,19 @@ PREDICTIONS = ("chunks", "one_pass")
 
 @dataclass(frozen=True)
 class Config:
-    num_layers: int = 12  # L: down- and upsampling blocks
-    num_initial_filters: int = 24  # F_c: block i has F_c * i filters
-    filter_size: int = 15  # downsampling blocks and bottleneck
-    merge_filter_size: int = 5  # upsampling blocks
-    upsampling: str = "linear"  # linear | learned (per-feature sigmoid-weighted interpolation, the paper's M5)
-    output_type: str = "difference"  # direct | difference (last target = mixture - the others)
-    output_activation: str = "tanh"  # tanh | linear (identity in training, clipped to [-1, 1] at inference)
+    num_layers: int = bounded(12, 1)  # L: down- and upsampling blocks
+    num_initial_filters: int = bounded(24, 1)  # F_c: block i has F_c * i filters
+    filter_size: int = bounded(15, 1)  # downsampling blocks and bottleneck
+    merge_filter_size: int = bounded(5, 1)  # upsampling blocks
+    # linear | learned (per-feature sigmoid-weighted interpolation, the paper's M5)
+    upsampling: str = choice("linear", UPSAMPLING)
+    output_type: str = choice("difference", OUTPUT_TYPES)  # direct | difference (last target = mixture - the others)
+    # tanh | linear (identity in training, clipped to [-1, 1] at inference)
+    output_activation: str = choice("tanh", OUTPUT_ACTIVATIONS)
     context: bool = True  # valid convolutions, output = centre of the input; False: same padding
     # learned upsampling's weights: glorot_uniform on the F logits, U(±sqrt(3/F)), as the reference's
     # tf.get_variable default (f90/Wave-U-Net Models/InterpolationLayer.py); zeros: start as linear interpolation
-    interpolation_init: str = "glorot_uniform"
+    interpolation_init: str = choice("glorot_uniform", ("glorot_uniform", "zeros"))
     # difference output clipped to [-1, 1] outside training (validation, evaluation, export), as the reference's
     # Utils.AudioClip in Models/OutputLayer.py `difference_output`; False: estimates sum to the mixture exactly
     clip_difference: bool = True
@@ -69,35 +75,18 @@ class Config:
     # predict chunks of `predict_frames` output samples on the output grid, the last one moved to end at the
     # song's end; the decimation grid follows the chunks, so this is the only way to reproduce its output);
     # `one_pass`: the whole song through the network at once (a different, equally valid separation)
-    predict: str = "chunks"
+    predict: str = choice("chunks", PREDICTIONS)
     # output samples per chunk asked for, rounded up to the next length the network outputs (`input_samples`):
     # the reference's `num_frames` (Config.py, 16384 -> 16389 output / 147443 input samples for the paper's M6)
-    predict_frames: int = 16384
+    predict_frames: int = bounded(16384, 1)
 
     def __post_init__(self):
-        check(self)  # when the configuration is resolved, as the other families and sections do
-
-
-def check(config: Config) -> None:
-    """ConfigError naming the key for values the architecture cannot take."""
-    prefix = "model.wave_u_net."
-    if config.num_layers < 1 or config.num_initial_filters < 1:
-        raise ConfigError(f"{prefix}num_layers and {prefix}num_initial_filters must be at least 1")
-    if config.predict_frames < 1:
-        raise ConfigError(f"{prefix}predict_frames must be at least 1; got {config.predict_frames}")
-    if config.filter_size < 1 or config.merge_filter_size < 1:
-        raise ConfigError(f"{prefix}filter_size and {prefix}merge_filter_size must be at least 1")
-    if config.context and (config.filter_size % 2 == 0 or config.merge_filter_size % 2 == 0):
-        raise ConfigError(f"{prefix}filter_size and {prefix}merge_filter_size must be odd with context=true "
-                          f"(the output must be the exact centre of the input); got {config.filter_size} and "
-                          f"{config.merge_filter_size}")
-    for key, value, allowed in (("upsampling", config.upsampling, UPSAMPLING),
-                                ("output_type", config.output_type, OUTPUT_TYPES),
-                                ("output_activation", config.output_activation, OUTPUT_ACTIVATIONS),
-                                ("interpolation_init", config.interpolation_init, ("glorot_uniform", "zeros")),
-                                ("predict", config.predict, PREDICTIONS)):
-        if value not in allowed:
-            raise ConfigError(f"{prefix}{key} must be one of {', '.join(allowed)}; got '{value}'")
+        prefix = "model.wave_u_net."
+        check_fields(self, prefix)
+        if self.context and (self.filter_size % 2 == 0 or self.merge_filter_size % 2 == 0):
+            raise ConfigError(f"{prefix}filter_size and {prefix}merge_filter_size must be odd with context=true "
+                              f"(the output must be the exact centre of the input); got {self.filter_size} and "
+                              f"{self.merge_filter_size}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,207 +163,207 @@ def is_valid_input(config: Config, n: int) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
-# Layers (defined on first use: importing this module must not import TensorFlow)
+# Layers
 # --------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
-def _layers():
-    import keras
-    from keras import ops
+def time_length(shape):
+    return shape[1]
 
-    def time_length(shape):
-        return shape[1]
 
-    @keras.saving.register_keras_serializable(package="wave_u_net")
-    class Decimate(keras.layers.Layer):
-        """Every other time step: `(nb_samples, n, F)` -> `(nb_samples, ceil(n / 2), F)`."""
+@keras.saving.register_keras_serializable(package="wave_u_net")
+class Decimate(keras.layers.Layer):
+    """Every other time step: `(nb_samples, n, F)` -> `(nb_samples, ceil(n / 2), F)`."""
 
-        def call(self, x):
-            return x[:, ::2, :]
+    def call(self, x):
+        return x[:, ::2, :]
 
-        def compute_output_shape(self, shape):
-            n = time_length(shape)
-            return (shape[0], None if n is None else (n + 1) // 2, shape[2])
+    def compute_output_shape(self, shape):
+        n = time_length(shape)
+        return (shape[0], None if n is None else (n + 1) // 2, shape[2])
 
-    @keras.saving.register_keras_serializable(package="wave_u_net")
-    class Upsample(keras.layers.Layer):
-        """Time ×2: between neighbours v_t, v_t+1 goes w·v_t + (1 − w)·v_t+1, originals at even steps.
 
-        `linear`: w = 1/2. `learned`: w = sigmoid(a), one trainable a per feature (the paper's learned
-        upsampling), initialised by `initializer` (glorot_uniform as the reference; zeros = linear at first).
-        valid=True: `(nb_samples, n, F)` -> `(nb_samples, 2n − 1, F)` (the reference's
-        `align_corners=True` resize); valid=False: -> `2n`, the last in-between step repeating the last
-        step (as TF1's `resize_bilinear`; the reference's learned layer zero-pads there instead).
-        """
+@keras.saving.register_keras_serializable(package="wave_u_net")
+class Upsample(keras.layers.Layer):
+    """Time ×2: between neighbours v_t, v_t+1 goes w·v_t + (1 − w)·v_t+1, originals at even steps.
 
-        def __init__(self, learned: bool = False, valid: bool = True, initializer: str = "zeros", **kwargs):
-            super().__init__(**kwargs)
-            self.learned = learned
-            self.valid = valid
-            self.initializer = initializer
+    `linear`: w = 1/2. `learned`: w = sigmoid(a), one trainable a per feature (the paper's learned
+    upsampling), initialised by `initializer` (glorot_uniform as the reference; zeros = linear at first).
+    valid=True: `(nb_samples, n, F)` -> `(nb_samples, 2n − 1, F)` (the reference's
+    `align_corners=True` resize); valid=False: -> `2n`, the last in-between step repeating the last
+    step (as TF1's `resize_bilinear`; the reference's learned layer zero-pads there instead).
+    """
 
-        def build(self, shape):
-            if self.learned:
-                self.logit = self.add_weight(shape=(shape[-1],), initializer=self.initializer,
-                                             name="interpolation_logit")
+    def __init__(self, learned: bool = False, valid: bool = True, initializer: str = "zeros", **kwargs):
+        super().__init__(**kwargs)
+        self.learned = learned
+        self.valid = valid
+        self.initializer = initializer
 
-        def call(self, x):
-            if self.valid:
-                left, right = x[:, :-1], x[:, 1:]
-            else:
-                left, right = x, ops.concatenate([x[:, 1:], x[:, -1:]], axis=1)
-            if self.learned:
-                weight = ops.sigmoid(self.logit)
-                between = weight * left + (1.0 - weight) * right
-            else:
-                between = 0.5 * (left + right)
-            pairs = ops.stack([left, between], axis=2)  # (nb_samples, n', 2, F)
-            shape = ops.shape(pairs)
-            out = ops.reshape(pairs, (shape[0], 2 * shape[1], shape[3]))
-            if self.valid:
-                out = ops.concatenate([out, x[:, -1:]], axis=1)
-            return out
+    def build(self, shape):
+        if self.learned:
+            self.logit = self.add_weight(shape=(shape[-1],), initializer=self.initializer,
+                                         name="interpolation_logit")
 
-        def compute_output_shape(self, shape):
-            n = time_length(shape)
-            return (shape[0], None if n is None else 2 * n - (1 if self.valid else 0), shape[2])
+    def call(self, x):
+        if self.valid:
+            left, right = x[:, :-1], x[:, 1:]
+        else:
+            left, right = x, ops.concatenate([x[:, 1:], x[:, -1:]], axis=1)
+        if self.learned:
+            weight = ops.sigmoid(self.logit)
+            between = weight * left + (1.0 - weight) * right
+        else:
+            between = 0.5 * (left + right)
+        pairs = ops.stack([left, between], axis=2)  # (nb_samples, n', 2, F)
+        shape = ops.shape(pairs)
+        out = ops.reshape(pairs, (shape[0], 2 * shape[1], shape[3]))
+        if self.valid:
+            out = ops.concatenate([out, x[:, -1:]], axis=1)
+        return out
 
-        def get_config(self):
-            return {**super().get_config(), "learned": self.learned, "valid": self.valid,
-                    "initializer": self.initializer}
+    def compute_output_shape(self, shape):
+        n = time_length(shape)
+        return (shape[0], None if n is None else 2 * n - (1 if self.valid else 0), shape[2])
 
-    @keras.saving.register_keras_serializable(package="wave_u_net")
-    class CentreCrop(keras.layers.Layer):
-        """[x `(nb_samples, n_x, F)`, like `(nb_samples, n, ...)`] -> the centre n steps of x (n <= n_x)."""
+    def get_config(self):
+        return {**super().get_config(), "learned": self.learned, "valid": self.valid,
+                "initializer": self.initializer}
 
-        def call(self, inputs):
-            x, like = inputs
-            start = (ops.shape(x)[1] - ops.shape(like)[1]) // 2
-            return x[:, start:start + ops.shape(like)[1]]
 
-        def compute_output_shape(self, shapes):
-            return (shapes[0][0], time_length(shapes[1]), shapes[0][2])
+@keras.saving.register_keras_serializable(package="wave_u_net")
+class CentreCrop(keras.layers.Layer):
+    """[x `(nb_samples, n_x, F)`, like `(nb_samples, n, ...)`] -> the centre n steps of x (n <= n_x)."""
 
-    @keras.saving.register_keras_serializable(package="wave_u_net")
-    class TakeFirst(keras.layers.Layer):
-        """[x `(nb_samples, n_x, F)`, like `(nb_samples, n, ...)`] -> the first n steps of x."""
+    def call(self, inputs):
+        x, like = inputs
+        start = (ops.shape(x)[1] - ops.shape(like)[1]) // 2
+        return x[:, start:start + ops.shape(like)[1]]
 
-        def call(self, inputs):
-            x, like = inputs
-            return x[:, :ops.shape(like)[1]]
+    def compute_output_shape(self, shapes):
+        return (shapes[0][0], time_length(shapes[1]), shapes[0][2])
 
-        def compute_output_shape(self, shapes):
-            return (shapes[0][0], time_length(shapes[1]), shapes[0][2])
 
-    @keras.saving.register_keras_serializable(package="wave_u_net")
-    class AudioClip(keras.layers.Layer):
-        """Identity in training, clip to [-1, 1] at inference (the reference's `linear` output activation)."""
+@keras.saving.register_keras_serializable(package="wave_u_net")
+class TakeFirst(keras.layers.Layer):
+    """[x `(nb_samples, n_x, F)`, like `(nb_samples, n, ...)`] -> the first n steps of x."""
 
-        def call(self, x, training=None):
-            return x if training else ops.clip(x, -1.0, 1.0)
+    def call(self, inputs):
+        x, like = inputs
+        return x[:, :ops.shape(like)[1]]
 
-    @keras.saving.register_keras_serializable(package="wave_u_net")
-    class PadToValid(keras.layers.Layer):
-        """Zero-pad a mixture of any length n: `context` samples before it, and after it up to the
-        shortest valid input whose output covers n (see `padded_length`)."""
+    def compute_output_shape(self, shapes):
+        return (shapes[0][0], time_length(shapes[1]), shapes[0][2])
 
-        def __init__(self, num_layers: int, filter_size: int, merge_filter_size: int, context: bool, **kwargs):
-            super().__init__(**kwargs)
-            self.geometry = Config(num_layers=num_layers, filter_size=filter_size,
-                                   merge_filter_size=merge_filter_size, context=context)
 
-        def call(self, x):
+@keras.saving.register_keras_serializable(package="wave_u_net")
+class AudioClip(keras.layers.Layer):
+    """Identity in training, clip to [-1, 1] at inference (the reference's `linear` output activation)."""
+
+    def call(self, x, training=None):
+        return x if training else ops.clip(x, -1.0, 1.0)
+
+
+@keras.saving.register_keras_serializable(package="wave_u_net")
+class PadToValid(keras.layers.Layer):
+    """Zero-pad a mixture of any length n: `context` samples before it, and after it up to the
+    shortest valid input whose output covers n (see `padded_length`)."""
+
+    def __init__(self, num_layers: int, filter_size: int, merge_filter_size: int, context: bool, **kwargs):
+        super().__init__(**kwargs)
+        self.geometry = Config(num_layers=num_layers, filter_size=filter_size,
+                               merge_filter_size=merge_filter_size, context=context)
+
+    def call(self, x):
+        n = ops.shape(x)[1]
+        before = context_samples(self.geometry)
+        after = padded_length(n, self.geometry, maximum=ops.maximum) - n - before
+        return ops.pad(x, [[0, 0], [before, after], [0, 0]])
+
+    def compute_output_shape(self, shape):
+        n = time_length(shape)
+        return (shape[0], None if n is None else padded_length(n, self.geometry), shape[2])
+
+    def get_config(self):
+        g = self.geometry
+        return {**super().get_config(), "num_layers": g.num_layers, "filter_size": g.filter_size,
+                "merge_filter_size": g.merge_filter_size, "context": g.context}
+
+
+class PredictTrack(keras.layers.Layer):
+    """The reference's `Evaluate.predict_track` around `network` (the train model): mixture `(nb_samples,
+    n, nb_channels)` of any length -> {target: `(nb_samples, n, nb_channels)`}.
+
+    The song is zero-padded at its end to at least one network input (`input_length`), then by the context
+    on both sides; chunks of `input_length` samples are cut at output positions 0, O, 2O, ... (O =
+    `output_length`), the last one moved to end at the song's end, and each chunk's prediction written to
+    its O output samples (a later chunk overwrites the overlap). A static length is unrolled in Python
+    (plain slices and a gather: TFLite built-ins); a dynamic one maps over the chunks one at a time, so
+    memory grows with the chunk, not the song. Holds no weights of its own (not serialisable: the
+    separator is rebuilt from the config and the train model's weights).
+    """
+
+    def __init__(self, network, input_length: int, output_length: int, targets, **kwargs):
+        super().__init__(**kwargs)
+        self.network = network
+        self.input_length = int(input_length)
+        self.output_length = int(output_length)
+        self.targets = tuple(targets)
+
+    def call(self, x, training=None):
+        inputs, outputs = self.input_length, self.output_length
+        context = (inputs - outputs) // 2
+        n = x.shape[1]
+        static = n is not None
+        if not static:
             n = ops.shape(x)[1]
-            before = context_samples(self.geometry)
-            after = padded_length(n, self.geometry, maximum=ops.maximum) - n - before
-            return ops.pad(x, [[0, 0], [before, after], [0, 0]])
+        total = max(n, inputs) if static else ops.maximum(n, inputs)  # song padded to >= one input
+        padded = ops.pad(x, [[0, 0], [context, total - n + context], [0, 0]])
+        if static:
+            positions = [min(p, total - outputs) for p in range(0, total, outputs)]
+            parts = [self.network(padded[:, p:p + inputs], training=training) for p in positions]
+            stacked = {t: ops.stack([part[t] for part in parts]) for t in self.targets}  # (chunks, b, O, c)
+            positions = ops.convert_to_tensor(positions, "int32")
+        else:
+            nb_chunks = (total + outputs - 1) // outputs
+            positions = ops.minimum(ops.arange(nb_chunks, dtype="int32") * outputs, total - outputs)
 
-        def compute_output_shape(self, shape):
-            n = time_length(shape)
-            return (shape[0], None if n is None else padded_length(n, self.geometry), shape[2])
+            def chunk(position):
+                estimates = self.network(padded[:, position:position + inputs], training=training)
+                return {t: estimates[t] for t in self.targets}
 
-        def get_config(self):
-            g = self.geometry
-            return {**super().get_config(), "num_layers": g.num_layers, "filter_size": g.filter_size,
-                    "merge_filter_size": g.merge_filter_size, "context": g.context}
+            import tensorflow as tf  # tf.map_fn: keras.ops.map would trace the network once more for the signature
 
-    class PredictTrack(keras.layers.Layer):
-        """The reference's `Evaluate.predict_track` around `network` (the train model): mixture `(nb_samples,
-        n, nb_channels)` of any length -> {target: `(nb_samples, n, nb_channels)`}.
+            spec = tf.TensorSpec([None, None, x.shape[2]], x.dtype)
+            stacked = tf.map_fn(chunk, positions, fn_output_signature={t: spec for t in self.targets})
+        # output sample s comes from chunk s // O, or from the last chunk once s reaches its start
+        samples = ops.arange(n, dtype="int32")
+        last = ops.shape(positions)[0] - 1
+        chunk_of = ops.where(samples < total - outputs, samples // outputs, last)
+        index = chunk_of * outputs + samples - ops.take(positions, chunk_of)
+        out = {}
+        for target, value in stacked.items():
+            shape = ops.shape(value)
+            flat = ops.reshape(ops.transpose(value, (1, 0, 2, 3)), (shape[1], shape[0] * outputs, shape[3]))
+            out[target] = ops.take(flat, index, axis=1)
+        return out
 
-        The song is zero-padded at its end to at least one network input (`input_length`), then by the context
-        on both sides; chunks of `input_length` samples are cut at output positions 0, O, 2O, ... (O =
-        `output_length`), the last one moved to end at the song's end, and each chunk's prediction written to
-        its O output samples (a later chunk overwrites the overlap). A static length is unrolled in Python
-        (plain slices and a gather: TFLite built-ins); a dynamic one maps over the chunks one at a time, so
-        memory grows with the chunk, not the song. Holds no weights of its own (not serialisable: the
-        separator is rebuilt from the config and the train model's weights).
-        """
+    def compute_output_shape(self, shape):
+        return {t: tuple(shape) for t in self.targets}
 
-        def __init__(self, network, input_length: int, output_length: int, targets, **kwargs):
-            super().__init__(**kwargs)
-            self.network = network
-            self.input_length = int(input_length)
-            self.output_length = int(output_length)
-            self.targets = tuple(targets)
 
-        def call(self, x, training=None):
-            inputs, outputs = self.input_length, self.output_length
-            context = (inputs - outputs) // 2
-            n = x.shape[1]
-            static = n is not None
-            if not static:
-                n = ops.shape(x)[1]
-            total = max(n, inputs) if static else ops.maximum(n, inputs)  # song padded to >= one input
-            padded = ops.pad(x, [[0, 0], [context, total - n + context], [0, 0]])
-            if static:
-                positions = [min(p, total - outputs) for p in range(0, total, outputs)]
-                parts = [self.network(padded[:, p:p + inputs], training=training) for p in positions]
-                stacked = {t: ops.stack([part[t] for part in parts]) for t in self.targets}  # (chunks, b, O, c)
-                positions = ops.convert_to_tensor(positions, "int32")
-            else:
-                nb_chunks = (total + outputs - 1) // outputs
-                positions = ops.minimum(ops.arange(nb_chunks, dtype="int32") * outputs, total - outputs)
+@keras.saving.register_keras_serializable(package="wave_u_net")
+class SourceMeanSquaredError(keras.losses.Loss):
+    """MSE of one source divided by the number of sources: Keras sums the per-output losses, so the
+    total is the reference's loss, the mean over sources of each source's MSE."""
 
-                def chunk(position):
-                    estimates = self.network(padded[:, position:position + inputs], training=training)
-                    return {t: estimates[t] for t in self.targets}
+    def __init__(self, nb_sources: int = 1, name: str = "source_mse", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.nb_sources = nb_sources
 
-                import tensorflow as tf  # tf.map_fn: keras.ops.map would trace the network once more for the signature
+    def call(self, y_true, y_pred):
+        return ops.mean(ops.square(y_pred - y_true), axis=-1) / self.nb_sources
 
-                spec = tf.TensorSpec([None, None, x.shape[2]], x.dtype)
-                stacked = tf.map_fn(chunk, positions, fn_output_signature={t: spec for t in self.targets})
-            # output sample s comes from chunk s // O, or from the last chunk once s reaches its start
-            samples = ops.arange(n, dtype="int32")
-            last = ops.shape(positions)[0] - 1
-            chunk_of = ops.where(samples < total - outputs, samples // outputs, last)
-            index = chunk_of * outputs + samples - ops.take(positions, chunk_of)
-            out = {}
-            for target, value in stacked.items():
-                shape = ops.shape(value)
-                flat = ops.reshape(ops.transpose(value, (1, 0, 2, 3)), (shape[1], shape[0] * outputs, shape[3]))
-                out[target] = ops.take(flat, index, axis=1)
-            return out
-
-        def compute_output_shape(self, shape):
-            return {t: tuple(shape) for t in self.targets}
-
-    @keras.saving.register_keras_serializable(package="wave_u_net")
-    class SourceMeanSquaredError(keras.losses.Loss):
-        """MSE of one source divided by the number of sources: Keras sums the per-output losses, so the
-        total is the reference's loss, the mean over sources of each source's MSE."""
-
-        def __init__(self, nb_sources: int = 1, name: str = "source_mse", **kwargs):
-            super().__init__(name=name, **kwargs)
-            self.nb_sources = nb_sources
-
-        def call(self, y_true, y_pred):
-            return ops.mean(ops.square(y_pred - y_true), axis=-1) / self.nb_sources
-
-        def get_config(self):
-            return {**super().get_config(), "nb_sources": self.nb_sources}
-
-    return dict(Decimate=Decimate, Upsample=Upsample, CentreCrop=CentreCrop, TakeFirst=TakeFirst,
-                AudioClip=AudioClip, PadToValid=PadToValid, PredictTrack=PredictTrack, SourceMeanSquaredError=SourceMeanSquaredError)
+    def get_config(self):
+        return {**super().get_config(), "nb_sources": self.nb_sources}
 
 
 # --------------------------------------------------------------------------------------------
@@ -384,10 +373,6 @@ def wave_u_net(config: Config, targets, nb_channels: int, name: str = "wave_u_ne
     """keras.Model, mixture `(nb_samples, nb_timesteps, nb_channels)` -> {target: `(nb_samples,
     nb_output_timesteps, nb_channels)`}, nb_output_timesteps = nb_timesteps - 2 * context_samples(config)
     for a valid nb_timesteps (see `input_samples`)."""
-    import keras
-
-    check(config)
-    L = _layers()
     padding = "valid" if config.context else "same"
     filters = config.num_initial_filters
 
@@ -399,19 +384,19 @@ def wave_u_net(config: Config, targets, nb_channels: int, name: str = "wave_u_ne
 
     # layers
     down = [(conv(filters * i, config.filter_size, f"down_{i}_conv"), leaky(f"down_{i}_act"),
-             L["Decimate"](name=f"down_{i}_decimate"))
+             Decimate(name=f"down_{i}_decimate"))
             for i in range(1, config.num_layers + 1)]
     bottleneck = (conv(filters * (config.num_layers + 1), config.filter_size, "bottleneck_conv"),
                   leaky("bottleneck_act"))
-    up = {i: (L["Upsample"](learned=config.upsampling == "learned", valid=config.context,
+    up = {i: (Upsample(learned=config.upsampling == "learned", valid=config.context,
                             initializer=config.interpolation_init, name=f"up_{i}_upsample"),
-              L["CentreCrop"](name=f"up_{i}_crop"), keras.layers.Concatenate(name=f"up_{i}_concat"),
+              CentreCrop(name=f"up_{i}_crop"), keras.layers.Concatenate(name=f"up_{i}_concat"),
               conv(filters * i, config.merge_filter_size, f"up_{i}_conv"), leaky(f"up_{i}_act"))
           for i in range(config.num_layers, 0, -1)}
     learned_targets = targets[:-1] if config.output_type == "difference" else targets
     activation = "tanh" if config.output_activation == "tanh" else None
     heads = {t: keras.layers.Conv1D(nb_channels, 1, activation=activation, name=f"output_{t}") for t in learned_targets}
-    clips = ({t: L["AudioClip"](name=f"output_{t}_clip") for t in learned_targets}
+    clips = ({t: AudioClip(name=f"output_{t}_clip") for t in learned_targets}
              if config.output_activation == "linear" else {})
 
     # functional graph
@@ -425,7 +410,7 @@ def wave_u_net(config: Config, targets, nb_channels: int, name: str = "wave_u_ne
     for i, (upsample, crop, concat, convolution, act) in up.items():
         x = upsample(x)
         x = act(convolution(concat([crop([skips[i], x]), x])))
-    mixture_centre = L["CentreCrop"](name="mixture_crop")([mixture, x])
+    mixture_centre = CentreCrop(name="mixture_crop")([mixture, x])
     features = keras.layers.Concatenate(name="output_concat")([mixture_centre, x])
     outputs = {}
     for target in learned_targets:
@@ -439,7 +424,7 @@ def wave_u_net(config: Config, targets, nb_channels: int, name: str = "wave_u_ne
             total = others[0] if len(others) == 1 else keras.layers.Add(name="sum_of_others")(others)
             rest = keras.layers.Subtract(name=f"output_{targets[-1]}")([mixture_centre, total])
         if config.clip_difference:
-            rest = L["AudioClip"](name=f"output_{targets[-1]}_clip")(rest)
+            rest = AudioClip(name=f"output_{targets[-1]}_clip")(rest)
         outputs[targets[-1]] = rest
     outputs = {t: keras.layers.Identity(name=t)(outputs[t]) for t in targets}  # output names = targets
     return keras.Model(mixture, outputs, name=name)
@@ -450,20 +435,17 @@ def separator_model(train_model, config: Config, targets, nb_channels: int):
     `train_model`'s weights. `predict=chunks`: the reference's chunked prediction (`PredictTrack`) with chunks
     of `chunk_lengths(config)`; `one_pass`: zero-pad by the context (and to a valid length), run `train_model`
     once, keep the first nb_timesteps."""
-    import keras
-
-    L = _layers()
     mixture = keras.Input((None, nb_channels), name="mixture")
     if config.predict == "chunks":
         input_length, output_length = chunk_lengths(config)
-        estimates = L["PredictTrack"](train_model, input_length, output_length, targets,
+        estimates = PredictTrack(train_model, input_length, output_length, targets,
                                       name="predict_track")(mixture)
         outputs = {t: keras.layers.Identity(name=f"{t}_trim")(estimates[t]) for t in targets}
         return keras.Model(mixture, outputs, name="wave_u_net_separator")
-    padded = L["PadToValid"](config.num_layers, config.filter_size, config.merge_filter_size, config.context,
+    padded = PadToValid(config.num_layers, config.filter_size, config.merge_filter_size, config.context,
                              name="pad_to_valid")(mixture)
     estimates = train_model(padded)
-    outputs = {t: L["TakeFirst"](name=f"{t}_trim")([estimates[t], mixture]) for t in targets}
+    outputs = {t: TakeFirst(name=f"{t}_trim")([estimates[t], mixture]) for t in targets}
     return keras.Model(mixture, outputs, name="wave_u_net_separator")
 
 
@@ -478,9 +460,6 @@ def chunk_lengths(config: Config):
 # The family builder
 # --------------------------------------------------------------------------------------------
 def build(config: Config, *, data, stats: Mapping) -> SeparationModel:
-    import keras
-
-    check(config)
     targets = tuple(data.targets)
     nb_channels = int(data.nb_channels)
     train_model = wave_u_net(config, targets, nb_channels)
@@ -503,19 +482,17 @@ def build(config: Config, *, data, stats: Mapping) -> SeparationModel:
         mixture = keras.Input((chunk, nb_channels), batch_size=1, name="mixture")
         return keras.Model(mixture, separator(mixture), name="wave_u_net_mobile")
 
-    loss_class = _layers()["SourceMeanSquaredError"]
     return SeparationModel(
         targets=targets,
         sample_rate=int(data.sample_rate),
         nb_channels=nb_channels,
         train_model=train_model,
         train_targets=train_targets,
-        loss={t: loss_class(nb_sources=len(targets)) for t in targets},
+        loss={t: SourceMeanSquaredError(nb_sources=len(targets)) for t in targets},
         separator=separator,
         config=config,
         input_samples=functools.partial(input_samples, config),
         mobile=mobile,
-        extra={"context_samples": context, "output_samples": functools.partial(output_samples, config)},
     )
 
 
@@ -534,8 +511,6 @@ SOURCE_NAMES = {"voice": ["accompaniment", "vocals"], "multi_instrument": ["bass
 
 
 def _checkpoint_prefix(path: Path) -> Path:
-    from models.checkpoints import CheckpointError
-
     if path.is_dir():
         indexes = sorted(path.glob("*.index"))
         state = path / "checkpoint"
@@ -568,7 +543,7 @@ def read_released(path, model: Optional[str] = None, config: Optional[str] = Non
     import numpy as np
     import tensorflow as tf
 
-    from models.checkpoints import CheckpointError, ReleasedCheckpoint, set_option_keys
+    from models.checkpoints import ReleasedCheckpoint, set_option_keys
 
     where = f"import {path}"
     set_option_keys(options, ("model", "config", "targets"), where)

@@ -70,7 +70,8 @@ def benchmark_train(config, steps: int, warmup: int) -> dict:
 
     from components import artifacts
     from components.manifest import Manifest
-    from components.train import build_model, count_params, make_optimizer, make_strategy, train_datasets
+    from components.train import build_model, make_optimizer, make_strategy, train_datasets
+    from models.base import count_parameters
     from pipeline import pipeline
 
     prepare = artifacts.load(Path(config.artifacts_dir), "prepare")
@@ -90,7 +91,7 @@ def benchmark_train(config, steps: int, warmup: int) -> dict:
     seconds = time.perf_counter() - started
     return {
         "model": config.model.name,
-        "parameters": count_params(model.train_model),
+        "parameters": count_parameters(model.train_model),
         "replicas": strategy.num_replicas_in_sync,
         "batch_size": config.train.batch_size,
         "seq_seconds": config.train.seq_seconds,
@@ -132,7 +133,7 @@ def _reference_networks(reference, model, config):
     cfg = model.config
     return {target: reference.OpenUnmix(nb_bins=cfg.n_fft // 2 + 1, nb_channels=config.data.nb_channels,
                                         hidden_size=cfg.hidden_size, nb_layers=cfg.nb_layers,
-                                        unidirectional=cfg.unidirectional, max_bin=model.extra["max_bin"])
+                                        unidirectional=cfg.unidirectional, max_bin=model.max_bin)
             for target in model.targets}
 
 
@@ -243,14 +244,16 @@ def benchmark_separate(config, seconds: float, repeats: int, threads: int, tflit
 
     from components import export
     from components.separation import separate_array
-    from components.train import build_model, count_params
+    from components.train import build_model
+    from configs.config import to_plain
+    from models.base import count_parameters
 
     rate = config.data.sample_rate
     rng = np.random.default_rng(0)
     mixture = (0.1 * rng.standard_normal((int(seconds * rate), config.data.nb_channels))).astype(np.float32)
     model = build_model(config, {})
-    report = {"model": config.model.name, "parameters": count_params(model.train_model), "input_seconds": seconds,
-              "sample_rate": rate, "threads": threads, "family_config": _plain(model.config)}
+    report = {"model": config.model.name, "parameters": count_parameters(model.train_model), "input_seconds": seconds,
+              "sample_rate": rate, "threads": threads, "family_config": to_plain(model.config)}
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         saved = Path(tmp) / "saved_model"
@@ -312,10 +315,10 @@ def _separator_parts(model, mixture):
     import keras
     import tensorflow as tf
 
-    make = model.extra.get("make_separator") if model.extra else None
+    make = model.make_separator
     batch = tf.constant(mixture[None])
     parts = {"stft+networks": tf.function(lambda x: model.train_model(x, training=False))}
-    networks = model.extra.get("networks") if model.extra else None
+    networks = model.networks or None
     if networks is not None and hasattr(model.config, "n_fft"):
         # the networks alone on the mixture magnitude: one graph per target (as training runs them) versus
         # the separator's stacked graph (models/open_unmix.py StackedOpenUnmix), same weights
@@ -347,7 +350,8 @@ def benchmark_stream(config, hops: int, warmup: int, threads: int) -> dict:
     import numpy as np
 
     from components import export
-    from components.train import build_model, count_params
+    from components.train import build_model
+    from models.base import count_parameters
     from models.streaming import StreamingOpenUnmix
 
     model = build_model(config, {})
@@ -366,7 +370,7 @@ def benchmark_stream(config, hops: int, warmup: int, threads: int) -> dict:
         return float(np.median(times))
 
     hop_seconds = stream.hop_length / stream.sample_rate
-    result = {"model": "umx unidirectional", "parameters": count_params(model.train_model), "threads": threads,
+    result = {"model": "umx unidirectional", "parameters": count_parameters(model.train_model), "threads": threads,
               **{k: v for k, v in stream.describe().items() if k in ("sample_rate", "hop_samples", "hop_ms",
                                                                       "window_samples", "latency_ms",
                                                                       "algorithmic_latency_ms")}}
@@ -382,19 +386,14 @@ def benchmark_stream(config, hops: int, warmup: int, threads: int) -> dict:
     return result
 
 
-def _plain(value):
-    from configs.config import to_plain
-
-    return to_plain(value)
-
-
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     split = argv.index("with") if "with" in argv else len(argv)
     args = get_parser().parse_args(argv[:split])
     args.updates = argv[split:]
     logging.basicConfig(level=logging.WARNING)
-    from pipeline.experiment import UserError, resolve
+    from pipeline.experiment import resolve
+    from configs.errors import UserError
     from pipeline.run import split_updates
 
     updates, named = split_updates(args.updates)

@@ -67,13 +67,13 @@ def table(rows: list) -> str:
 
 
 def main(argv=None) -> int:
-    from pipeline.sweep import SweepError, report, run_sweep, split_with, summarise
+    from pipeline.sweep import report, run_sweep, split_with, summarise
 
     own, config_tokens = split_with(argv)
     args = get_parser().parse_args(own)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    from pipeline.experiment import UserError
+    from configs.errors import UserError
     from pipeline.run import split_updates
 
     updates, named = split_updates(config_tokens)
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
                             observers_args=observers_args, name="families",
                             point_dir=lambda values, seed: (Path(values["model.name"]) if args.seeds == 1 else
                                                             Path(values["model.name"]) / f"seed{seed}"))
-    except (SweepError, UserError) as error:
+    except UserError as error:  # SweepError, ConfigError, StageError...
         print(f"error: compare: {error}", file=sys.stderr)
         return 2
     report(root, list(grid), results)

@@ -1,34 +1,18 @@
 """The Sacred experiment behind the driver: one command per stage, observers from the CLI options."""
 from __future__ import annotations
 
-import copy
-import dataclasses
 import errno
 import json
 import logging
 from pathlib import Path
 
-from configs import PRESETS, Config, ConfigError
-from configs.config import defaults
-from components.artifacts import StageError
+from configs import PRESETS, Config
+from configs.config import deep_merge, defaults
+from configs.errors import UserError
 from pipeline import pipeline
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("pipeline")
-
-
-class UserError(Exception):
-    """Anything the user can fix: printed as one line, exit code 2."""
-
-
-def deep_merge(base: dict, update: dict) -> dict:
-    merged = copy.deepcopy(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
 
 
 def base_config() -> dict:
@@ -49,16 +33,10 @@ def resolve(updates: dict, named: list) -> Config:
             raise UserError(f"unknown preset '{name}'; choose from {', '.join(sorted(PRESETS))}")
         merged = deep_merge(merged, PRESETS[name])
     merged = deep_merge(merged, updates)
-    try:
-        config = Config.from_dict(merged)
-        from models import registry
+    config = Config.from_dict(merged)
+    from models import registry
 
-        # every family's `model.<name>.*` against its dataclass, not only the selected one's: a bad value
-        # fails now rather than in a later run that selects that family
-        for name in registry.names():
-            registry.family_config(dataclasses.replace(config.model, name=name))
-    except ConfigError as error:
-        raise UserError(str(error)) from None
+    registry.check(config.model)  # model.name and every family's knobs
     return config
 
 
@@ -67,11 +45,8 @@ def build_experiment(args):
 
     SETTINGS.CAPTURE_MODE = "sys"
     SETTINGS.DISCOVER_SOURCES = "imported"
-    for stage in pipeline.STAGES + pipeline.EXTRA_STAGES:  # import built stages first so Sacred records their sources
-        try:
-            pipeline.component(stage)
-        except pipeline.NotBuiltError:
-            pass
+    for stage in pipeline.STAGES + pipeline.EXTRA_STAGES:  # import the stages first so Sacred records their sources
+        pipeline.component(stage)
     experiment = Experiment("music-separation", base_dir=str(PROJECT_ROOT), save_git_info=False)
     experiment.add_config(base_config())
     for name, preset in PRESETS.items():
@@ -231,56 +206,40 @@ def _flat(figures, prefix=""):
 def release_updates(stages: list, updates: dict, named: list) -> dict:
     """`updates` plus the settings a released checkpoint fixes (rate, targets, STFT, sizes).
 
-    `--stage import`: from the released files themselves; evaluate/export (and prepare) after an
-    import: from the imported train artifact, so those stages rebuild the same model. A key given
-    on the command line with another value is a one-line error; preset values give way.
+    `stages`: the `--stage` names of the run. `--stage import`: from the released files themselves;
+    evaluate/export (and prepare) after an import: from the imported train artifact, so those stages
+    rebuild the same model. A key given on the command line with another value is a one-line error;
+    preset values give way.
     """
     if "train" in stages:
         return updates
     from components import importer
 
-    try:
-        if "import" in stages:
-            overrides, source = importer.release_overrides(resolve(updates, named)), "the released checkpoint"
-        else:
-            overrides = importer.imported_overrides(resolve(updates, named).artifacts_dir)
-            source = "the imported model in the train artifact"
-        return importer.merge_overrides(updates, overrides, source)
-    except StageError as error:
-        raise UserError(str(error)) from None
+    if "import" in stages:
+        overrides, source = importer.release_overrides(resolve(updates, named)), "the released checkpoint"
+    else:
+        overrides = importer.imported_overrides(resolve(updates, named).artifacts_dir)
+        source = "the imported model in the train artifact"
+    return importer.merge_overrides(updates, overrides, source)
 
 
 def run_stages(experiment, args, updates: dict, named: list, config: Config = None) -> int:
-    try:
-        planned = pipeline.create_pipeline(args.stage)
-    except StageError as error:
-        raise UserError(str(error)) from None
-    released = release_updates(planned, updates, named)
+    """Run the stages of `--stage` in one Sacred run each, under the artifacts directory's lock. Every
+    stage's `setup` hook runs first (before TensorFlow initialises); errors a user can fix are `UserError`s."""
+    specs = pipeline.create_pipeline(args.stage)
+    released = release_updates([spec.command for spec in specs], updates, named)
     if config is None or released != updates:
         updates, config = released, resolve(released, named)
     if args.print_config:
         print(json.dumps(config.to_dict(), indent=2))
         return 0
-    try:
-        stages = pipeline.create_pipeline(args.stage)
-        for stage in stages:
-            pipeline.component(stage)  # fail before any work if a stage is not built yet
-    except StageError as error:
-        raise UserError(str(error)) from None
-    if config.train.replicas > 1 and "train" in stages:
-        from components.train import configure_devices
-
-        try:
-            configure_devices(config.train.replicas)  # logical CPU devices must exist before TF starts
-        except StageError as error:
-            raise UserError(str(error)) from None
-    try:
-        # one run owns the artifacts directory for all its stages (see artifacts.exclusive)
-        with pipeline.artifacts_lock(config):
-            for stage in stages:
-                _run_stage(experiment, args, updates, named, stage)
-    except StageError as error:  # the lock
-        raise UserError(str(error)) from None
+    for spec in specs:
+        if spec.setup is not None:
+            spec.setup(config)
+    # one run owns the artifacts directory for all its stages (see artifacts.exclusive)
+    with pipeline.artifacts_lock(config):
+        for spec in specs:
+            _run_stage(experiment, args, updates, named, spec.command)
     return 0
 
 
@@ -289,8 +248,8 @@ def _run_stage(experiment, args, updates, named, stage) -> None:
         run = experiment.run(stage, config_updates=updates, named_configs=named,
                              meta_info={"force": args.force},
                              options={"--loglevel": "WARNING" if args.quiet else "INFO"})
-    except (StageError, ConfigError) as error:
-        raise UserError(str(error)) from None
+    except UserError:
+        raise
     except Exception as error:
         if type(error).__module__.startswith("sacred"):  # Sacred's own config errors are user errors too
             raise UserError(" ".join(str(error).split())) from None

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Callable, List, Optional
 
 from components import artifacts
-from components.artifacts import Artifact, StageError
+from components.artifacts import Artifact
+from configs.errors import StageError
 from components.base import ComponentSpec, StageContext
 from components.manifest import Manifest
 
@@ -27,31 +28,16 @@ MODULES = {"import": "importer"}
 log = logging.getLogger("pipeline")
 
 
-class NotBuiltError(StageError):
-    pass
-
-
 def component(stage: str) -> ComponentSpec:
     """The ComponentSpec of a stage; each lives in `components/<stage>.py` as `SPEC`."""
     if stage not in STAGES + EXTRA_STAGES:
         raise StageError(f"unknown stage '{stage}'; choose one of {', '.join(STAGES + EXTRA_STAGES)} or all")
-    name = MODULES.get(stage, stage)
-    try:
-        module = importlib.import_module(f"components.{name}")
-    except ModuleNotFoundError as error:
-        if error.name == f"components.{name}":
-            raise NotBuiltError(f"stage '{stage}' is not built yet (no components/{stage}.py)") from None
-        raise
-    return module.SPEC
+    return importlib.import_module(f"components.{MODULES.get(stage, stage)}").SPEC
 
 
-def create_pipeline(stage: str) -> List[str]:
-    """Stage names to run, in order, for `--stage <stage>` (`all` = every stage)."""
-    if stage == "all":
-        return list(STAGES)
-    if stage not in STAGES + EXTRA_STAGES:
-        raise StageError(f"unknown stage '{stage}'; choose one of {', '.join(STAGES + EXTRA_STAGES)} or all")
-    return [stage]
+def create_pipeline(stage: str) -> List[ComponentSpec]:
+    """The ComponentSpecs to run, in order, for `--stage <stage>` (`all` = every stage of STAGES)."""
+    return [component(name) for name in (STAGES if stage == "all" else (stage,))]
 
 
 def stage_fingerprint(spec: ComponentSpec, config, upstream: dict) -> str:
@@ -118,11 +104,14 @@ def _run_component(spec, config, force, log_scalar):
     with artifacts.staging(root, spec.name) as staging_dir:
         context = StageContext(config=config, inputs=upstream, output_dir=staging_dir,
                                log_scalar=log_scalar or (lambda *a, **k: None), logger=log, force=force,
-                               fingerprint=fingerprint)
+                               fingerprint=fingerprint, side_caches={name: root / name for name in spec.side_caches})
         meta = dict(spec.executor(context))
         if not context.commit:  # e.g. a non-chief training worker: the chief commits the job's artifact
             log.info("stage %s: done on this worker; its artifact is committed by the chief", spec.name)
             return Artifact(stage=spec.name, path=root / spec.name, meta=dict(meta, fingerprint=fingerprint)), False
+        missing = [name for name in spec.outputs if not (staging_dir / name).exists()]
+        if missing:  # a broken executor, not a user error: nothing half-made is committed
+            raise RuntimeError(f"stage {spec.command}: declared output {missing[0]} was not written")
         meta.update(
             fingerprint=fingerprint,
             config={section: config.section(section) for section in spec.config_sections},

@@ -20,6 +20,8 @@ if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().p
 elif str(PROJECT_ROOT) not in sys.path:
     sys.path.insert(0, str(PROJECT_ROOT))
 
+from configs.errors import UserError  # noqa: E402 - after the sys.path set-up above
+
 STAGE_CHOICES = ("prepare", "train", "evaluate", "export", "all", "import")
 
 
@@ -49,8 +51,6 @@ def split_updates(tokens):
     """`with unittest a.b=1` -> (config updates dict, [named presets]) using Sacred's own parser."""
     from sacred.arg_parser import get_config_updates
 
-    from pipeline.experiment import UserError
-
     if not tokens:
         return {}, []
     if tokens[0] != "with":
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     from pipeline.quiet import import_tensorflow
 
     import_tensorflow()  # without the CPU-machine start-up notices
-    from pipeline.experiment import UserError, build_experiment, resolve, run_stages
+    from pipeline.experiment import build_experiment, resolve, run_stages
 
     try:
         updates, named = split_updates(args.updates)
@@ -105,20 +105,21 @@ def network_parameters(model) -> dict:
     target), else the Keras sub-models of `train_model`, else `train_model` itself."""
     import keras
 
-    from components.train import count_params
+    from models.base import count_parameters
 
-    networks = dict(model.extra.get("networks") or {})
+    networks = dict(model.networks)
     if not networks:
         networks = {layer.name: layer for layer in model.train_model.layers
                     if isinstance(layer, keras.Model) and layer.trainable_weights}
     if not networks:
         networks = {model.train_model.name: model.train_model}
-    return {name: count_params(network) for name, network in networks.items()}
+    return {name: count_parameters(network) for name, network in networks.items()}
 
 
 def describe_model(updates: dict, named: list) -> str:
     """The text of `--describe-model`: family, targets, each network's parameter count and the total."""
-    from components.train import build_model, count_params
+    from components.train import build_model
+    from models.base import count_parameters
     from pipeline.experiment import resolve
 
     config = resolve(updates, named)
@@ -129,7 +130,7 @@ def describe_model(updates: dict, named: list) -> str:
     width = max(len(name) for name in counts)
     for name, count in counts.items():
         lines.append(f"  {name:<{width}}  {count:>14,} trainable parameters")
-    lines.append(f"total: {count_params(model.train_model):,} trainable parameters")
+    lines.append(f"total: {count_parameters(model.train_model):,} trainable parameters")
     return "\n".join(lines)
 
 

@@ -26,12 +26,10 @@ if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().p
 elif str(PROJECT_ROOT) not in sys.path:
     sys.path.insert(0, str(PROJECT_ROOT))
 
+from configs.errors import SeparateError, StageError  # noqa: E402 - after the sys.path set-up above
+
 FFMPEG_SUFFIXES = (".mp4", ".m4a", ".aac", ".webm", ".opus")
 SIDECAR = "model.json"
-
-
-class SeparateError(Exception):
-    """One-line, user-facing problem with one input or with the model."""
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -118,11 +116,11 @@ class TFLiteSeparator:
 
 def _family_model(sidecar):
     """An untrained instance of the exported family: only its (weight-free) post-processing is used."""
-    from configs.config import DataConfig, ModelConfig, _build
+    from configs.config import DataConfig, ModelConfig, build_section
     from models import registry
 
-    data = _build(DataConfig, sidecar["config"]["data"], "data.")
-    model_config = _build(ModelConfig, sidecar["config"]["model"], "model.")
+    data = build_section(DataConfig, sidecar["config"]["data"], "data.")
+    model_config = build_section(ModelConfig, sidecar["config"]["model"], "model.")
     return registry.build(model_config, data=data, stats={})
 
 
@@ -212,7 +210,6 @@ def separate_file(separator, path: Path, out: Path, *, fmt: str, chunk_seconds: 
     import soundfile
 
     from components.audio import conform, resample
-    from components.artifacts import StageError
     from components.separation import iter_separate
 
     destination = out / safe_name(path.stem.removesuffix(".stem"))
@@ -558,7 +555,6 @@ def stream_main(args) -> int:
 
 def _stream_file(streamer, path: Path, args, out: Path) -> Path:
     from components.audio import conform
-    from components.artifacts import StageError
 
     destination = out / safe_name(path.stem.removesuffix(".stem"))
     existing = [destination / f"{t}.{args.format}" for t in streamer.targets
@@ -635,6 +631,12 @@ def _terminated(signum, frame):
 def _main(args) -> int:
     from pipeline.quiet import import_tensorflow
 
+    if not 0 <= args.overlap < 1:
+        print(f"error: --overlap {args.overlap:g}: must be a fraction in [0, 1); e.g. --overlap 0.25", file=sys.stderr)
+        return 2
+    if not args.chunk_seconds > 0:
+        print(f"error: --chunk-seconds {args.chunk_seconds:g}: must be > 0; e.g. --chunk-seconds 10", file=sys.stderr)
+        return 2
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         print(f"error: -o {out}: exists and is not a directory; choose a folder for the stems", file=sys.stderr)

@@ -38,6 +38,8 @@ if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().p
 elif str(PROJECT_ROOT) not in sys.path:
     sys.path.insert(0, str(PROJECT_ROOT))
 
+from configs.errors import SweepError, UserError  # noqa: E402 - after the sys.path set-up above
+
 log = logging.getLogger("pipeline.sweep")
 
 # Named sweeps: {name: (description, {dotted key: values})}
@@ -60,10 +62,6 @@ SWEEPS = {
 # Columns of results.csv after the varied keys, and which of them get mean ± std in the summary
 MEASURES = ("parameters", "train_loss", "val_loss", "train_seconds", "epochs", "SDR", "SIR", "ISR", "SAR", "uSDR",
             "q", "mix_sdr", "irm_sdr", "x_realtime")
-
-
-class SweepError(Exception):
-    """A user-fixable problem: one line, non-zero exit."""
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -115,14 +113,6 @@ def parse_grid(entries) -> dict:
             raise SweepError(f"--grid {key}: given twice; list all its values in one KEY=V1,V2")
         grid[key] = [parse_value(v) for v in values.split(",")]
     return grid
-
-
-def nested(key: str, value) -> dict:
-    """`a.b.c`, v -> {"a": {"b": {"c": v}}}."""
-    result = value
-    for part in reversed(key.split(".")):
-        result = {part: result}
-    return result
 
 
 def points(grid: dict, seeds: int) -> list:
@@ -220,16 +210,15 @@ def run_sweep(*, grid: dict, seeds: int, updates: dict, named: list, root: Path,
     `point_dir(values, seed)` names a point's folder under `root` (default `points/<label>`).
     """
     from components import artifacts
-    from components.artifacts import StageError
-    from configs import ConfigError
-    from pipeline.experiment import UserError, build_experiment, deep_merge, resolve
+    from configs.config import deep_merge, nested
+    from pipeline.experiment import build_experiment, resolve
 
     grid_points = points(grid, seeds)
     configs = []
     for values, seed in grid_points:  # resolve everything first: a bad key fails before any training
         point_updates = copy.deepcopy(updates)
         for key, value in values.items():
-            point_updates = deep_merge(point_updates, nested(key, value))
+            point_updates = deep_merge(point_updates, nested({key: value}))
         point_updates = deep_merge(point_updates, budget)
         point_updates = deep_merge(point_updates, {"train": {"seed": seed}})
         try:
@@ -245,7 +234,7 @@ def run_sweep(*, grid: dict, seeds: int, updates: dict, named: list, root: Path,
         try:
             experiment.run(stage, config_updates=stage_updates, named_configs=named, meta_info=meta(text),
                            options={"--loglevel": "INFO"})
-        except (StageError, ConfigError) as error:
+        except UserError as error:
             raise SweepError(f"{text}: {stage}: {error}") from None
 
     results = []
@@ -419,7 +408,7 @@ def main(argv=None) -> int:
     args = get_parser().parse_args(own)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    from pipeline.experiment import UserError, deep_merge
+    from configs.config import deep_merge
     from pipeline.run import split_updates
 
     try:
@@ -445,7 +434,7 @@ def main(argv=None) -> int:
                             budget=budget_updates(args), observers_args=observers_args, speed=not args.no_speed,
                             name=args.sweep or "")
         print(report(root, list(grid), results))
-    except (SweepError, UserError) as error:
+    except UserError as error:  # SweepError among them
         print(f"error: sweep: {error}", file=sys.stderr)
         return 2
     return 0

@@ -28,7 +28,7 @@ def get_parser() -> argparse.ArgumentParser:
 def config_for(artifacts_dir, preset: str, workers: int = 0, **data):
     from configs import PRESETS, Config
     from configs.config import defaults
-    from pipeline.experiment import deep_merge
+    from configs.config import deep_merge
 
     raw = deep_merge(defaults(), PRESETS[preset])
     return Config.from_dict(deep_merge(raw, {"artifacts_dir": str(artifacts_dir), "data": data,

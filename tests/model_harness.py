@@ -10,13 +10,13 @@ test can assert more. Typical use in `tests/test_<family>.py`:
 """
 from __future__ import annotations
 
-import copy
 from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from configs.config import Config, _build, to_plain
+from configs.config import Config, build_section, deep_merge, to_plain
 from configs.presets import PRESETS
+from models.base import count_parameters  # noqa: F401 - part of the harness every family test uses
 
 
 def family_module(name: str):
@@ -25,22 +25,11 @@ def family_module(name: str):
     return registry.module(name)
 
 
-def merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict:
-    """Recursive dict merge: `overrides` wins; nested mappings are merged, not replaced."""
-    merged = copy.deepcopy(dict(base))
-    for key, value in (overrides or {}).items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
-
-
 def tiny_config(name: str, preset: str = "unittest", overrides: Optional[Mapping[str, Any]] = None) -> Config:
     """The validated Config of `preset` (a name in PRESETS or a dict) with `model.name=name` and `overrides`."""
     raw = PRESETS[preset] if isinstance(preset, str) else preset
-    raw = merge(raw, {"model": {"name": name}})
-    return Config.from_dict(merge(raw, overrides or {}))
+    raw = deep_merge(raw, {"model": {"name": name}})
+    return Config.from_dict(deep_merge(raw, overrides or {}))
 
 
 def build_tiny(name: str, preset: str = "unittest", overrides: Optional[Mapping[str, Any]] = None,
@@ -56,20 +45,12 @@ def check_config_round_trip(module, config=None):
     """Config -> plain dict -> Config (through the validating loader) is the identity."""
     config = config if config is not None else module.Config()
     plain = to_plain(config)
-    again = _build(module.Config, plain, prefix="model.")
+    again = build_section(module.Config, plain, prefix="model.")
     assert again == config, f"config round trip changed {config} into {again}"
     assert to_plain(again) == plain
     defaults = module.Config()
-    assert _build(module.Config, {}, prefix="model.") == defaults
+    assert build_section(module.Config, {}, prefix="model.") == defaults
     return plain
-
-
-def count_parameters(obj) -> int:
-    """Trainable parameters of a keras Model or Layer: PyTorch's `sum(p.numel() for p in parameters())`.
-
-    BatchNorm moving statistics are non-trainable buffers in both frameworks and are not counted.
-    """
-    return int(sum(int(np.prod(weight.shape)) for weight in obj.trainable_weights))
 
 
 def random_batch(model, nb_samples: int = 2, nb_timesteps: int = 4001, seed: int = 0):

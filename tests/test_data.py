@@ -19,11 +19,11 @@ import pytest
 import soundfile
 
 from components import audio, records, synth
-from components.artifacts import StageError
+from configs.errors import StageError
 from configs import PRESETS, Config
 from configs.config import defaults
 from pipeline import pipeline
-from pipeline.experiment import deep_merge
+from configs.config import deep_merge
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"

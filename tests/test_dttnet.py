@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from configs.config import ConfigError, DataConfig, ModelConfig
+from configs.config import DataConfig, ModelConfig
+from configs.errors import ConfigError
 from models import dttnet
 from models import registry
 from tests import model_harness as harness
@@ -78,9 +79,9 @@ def test_config_round_trip_validation_and_paper_preset():
     assert harness.family_module("dttnet") is dttnet
     harness.check_config_round_trip(dttnet)
     params = {"growth": 16, "num_dual_path_layers": 2}
-    assert registry.family_config(ModelConfig(name="dttnet", dttnet=params)) == dttnet.Config(**params)
+    assert registry.family_config(ModelConfig(name="dttnet", families={"dttnet": params})) == dttnet.Config(**params)
     with pytest.raises(ConfigError, match="model.dttnet.grow"):
-        registry.family_config(ModelConfig(name="dttnet", dttnet={"grow": 16}))
+        registry.family_config(ModelConfig(name="dttnet", families={"dttnet": {"grow": 16}}))
     with pytest.raises(ConfigError, match="bass_dim_f"):
         dttnet.Config(bass_dim_f=866)
     with pytest.raises(ConfigError, match="num_heads"):
@@ -96,7 +97,7 @@ def test_config_round_trip_validation_and_paper_preset():
 
 def test_one_network_per_target_shapes_and_shared_weights(tiny):
     four = harness.build_tiny("dttnet")  # the unittest preset: all four MUSDB targets
-    nets = four.extra["networks"]
+    nets = four.networks
     assert set(nets) == set(four.targets) == {"vocals", "drums", "bass", "other"}
     assert nets["bass"].inputs[0].shape[2] == 32 and nets["vocals"].inputs[0].shape[2] == 64
     counts = {t: harness.count_parameters(n) for t, n in nets.items()}
@@ -134,11 +135,11 @@ def test_loss_is_l1_on_waveforms_and_one_fit_lowers_it(tiny):
 def test_overlap_add_with_the_family_chunk_is_exact_for_an_identity_model(tiny):
     from components.separation import separate_array
 
-    chunk = tiny.extra["chunk_samples"]
-    assert chunk == 64 * 31 and tiny.input_samples(chunk) == chunk and tiny.extra["overlap"] == 0.75
+    chunk = tiny.chunk_samples
+    assert chunk == 64 * 31 and tiny.input_samples(chunk) == chunk and tiny.overlap == 0.75
     mixture = noise((9_000, 2), 3)
     out = separate_array(lambda batch: {t: batch for t in tiny.targets}, mixture, sample_rate=8000,
-                         chunk_seconds=chunk / 8000, overlap=tiny.extra["overlap"], batch_size=3,
+                         chunk_seconds=chunk / 8000, overlap=tiny.overlap, batch_size=3,
                          input_samples=tiny.input_samples)
     for target in tiny.targets:
         assert np.max(np.abs(out[target] - mixture)) < 1e-6

@@ -13,7 +13,8 @@ import pytest
 from scipy.signal import butter, sosfilt
 
 from components import baselines, evaluate, records, scoring, train
-from components.artifacts import Artifact, StageError
+from components.artifacts import Artifact
+from configs.errors import StageError
 from components.base import StageContext
 from components.manifest import Manifest, Split, TrackEntry
 from components.separation import chunk_layout, chunk_weights, separate_array

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from components import importer
-from components.artifacts import StageError
-from models.checkpoints import CheckpointError, Placeholder, load_torch, plain
+from configs.errors import CheckpointError, StageError
+from models.checkpoints import Placeholder, load_torch, plain
 from pipeline.experiment import resolve
 from tests.cli import cli
 
@@ -103,9 +103,10 @@ def test_open_unmix_network_and_separator_match_openunmix(folder, window):
     nb_targets = len(reference[f"{folder}/targets"])
     per_target = 43 if folder == "bidirectional" else 31  # 4 fixed + 3 fc + 12 BN + 4 or 2 per LSTM layer x 3
     assert mapping["tensors_mapped"] == mapping["weights_assigned"] == nb_targets * per_target
-    assert config.data.sample_rate == 8000 and config.model.umx["hidden_size"] == (16 if folder == "bidirectional" else 12)
+    assert config.data.sample_rate == 8000
+    assert config.model.params("umx")["hidden_size"] == (16 if folder == "bidirectional" else 12)
     magnitude = np.transpose(reference[f"{folder}/magnitude"], (0, 3, 2, 1))  # -> (samples, frames, bins, channels)
-    for target, network in model.extra["networks"].items():
+    for target, network in model.networks.items():
         ours = np.asarray(network(magnitude, training=False))
         theirs = np.transpose(reference[f"{folder}/network/{target}"], (0, 3, 2, 1))
         assert np.max(np.abs(ours - theirs)) <= 1e-4 * np.max(np.abs(theirs)), target
@@ -138,7 +139,8 @@ def test_blockwise_wiener_filters_every_block_on_its_own():
 
 def test_open_unmix_mapping_covers_the_published_umxhq_and_umxl_layouts():
     """Every tensor of open-unmix's published networks (shapes from the reference, random values)."""
-    from components.train import build_model, count_params
+    from components.train import build_model
+    from models.base import count_parameters
     from models.checkpoints import ReleasedCheckpoint
     from models.open_unmix import assign_released
 
@@ -155,8 +157,8 @@ def test_open_unmix_mapping_covers_the_published_umxhq_and_umxl_layouts():
         assert mapping["tensors_mapped"] == 43 and len(mapping["tensors_ignored"]) == 3
         # the reference's parameter count (running statistics and counters are buffers, not parameters)
         reference_count = sum(int(np.prod(v)) for k, v in shapes[name].items() if "running" not in k and "num_batches" not in k)
-        assert count_params(model.train_model) == reference_count == {"umxhq": 8_893_348, "umxl": 28_257_188}[name]
-        np.testing.assert_array_equal(model.extra["networks"]["vocals"].lstms[2].directions[1]["kernel"].numpy(),
+        assert count_parameters(model.train_model) == reference_count == {"umxhq": 8_893_348, "umxl": 28_257_188}[name]
+        np.testing.assert_array_equal(model.networks["vocals"].lstms[2].directions[1]["kernel"].numpy(),
                                       tensors["vocals/lstm.weight_ih_l2_reverse"].T)
 
 
@@ -213,10 +215,10 @@ def test_tfc_tdf_v3_network_and_forward_match_kuielab(release, tensors):
     reference = np.load(FIXTURES / "tfc_tdf_v3" / "reference.npz")
     config, model, mapping = imported(FIXTURES / "tfc_tdf_v3" / release, "tfc_tdf_v3")
     assert mapping["tensors_mapped"] == mapping["weights_assigned"] == tensors and not mapping["tensors_ignored"]
-    assert config.model.tfc_tdf_v3["num_scales"] == (2 if release == "multi" else 3)
+    assert config.model.params("tfc_tdf_v3")["num_scales"] == (2 if release == "multi" else 3)
     assert config.data.targets == (("vocals", "drums", "bass", "other") if release == "multi" else ("vocals",))
     folded = np.transpose(reference[f"{release}/net_input"], (0, 3, 2, 1))  # (1, dim_c, f, t) -> (1, t, f, dim_c)
-    ours = np.asarray(model.extra["net"](folded, training=False))
+    ours = np.asarray(model.network(folded, training=False))
     theirs = np.transpose(reference[f"{release}/net_output"], (0, 3, 2, 1))
     assert np.max(np.abs(ours - theirs)) <= 1e-4 * np.max(np.abs(theirs))
     estimates = model.separator(np.transpose(reference[f"{release}/mixture"], (0, 2, 1)), training=False)
@@ -248,10 +250,10 @@ def test_dttnet_networks_and_chunk_separator_match_the_reference():
     assert mapping["tensors_mapped"] == mapping["weights_assigned"] == 2 * 128
     assert len(mapping["tensors_ignored"]) == 2 * (2 + 18)  # window, freq_pad and 18 BN step counters
     assert config.data.targets == ("vocals", "bass") and config.data.sample_rate == 8000
-    settings = config.model.dttnet
+    settings = config.model.params("dttnet")
     assert (settings["dim_f"], settings["bass_dim_f"], settings["num_heads"], settings["growth"]) == (32, 16, 2, 16)
     for target in model.targets:
-        network = model.extra["networks"][target]
+        network = model.networks[target]
         ours = np.asarray(network(np.transpose(reference[f"{target}/net_input"], (0, 3, 2, 1)), training=False))
         theirs = np.transpose(reference[f"{target}/net_output"], (0, 3, 2, 1))
         assert np.max(np.abs(ours - theirs)) <= 1e-4 * np.max(np.abs(theirs)), target
@@ -296,7 +298,7 @@ def test_wave_u_net_tf1_checkpoint_matches_the_reference_graph(release, tensors,
     # every variable of the checkpoint is either mapped or optimizer state (Adam slots, beta powers, step)
     assert mapping["tensors_mapped"] == mapping["weights_assigned"] == tensors
     assert len(mapping["tensors_ignored"]) == ignored
-    assert config.model.wave_u_net["upsampling"] == ("linear" if key == "m4" else "learned")
+    assert config.model.params("wave_u_net")["upsampling"] == ("linear" if key == "m4" else "learned")
     assert config.data.targets == (("accompaniment", "vocals") if key == "m4" else ("bass", "drums", "other", "vocals"))
     network_input = reference[f"{key}/network_input"]
     outputs = model.train_model(network_input, training=False)

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from components import records
-from components.artifacts import META_FILE, StageError
+from components.artifacts import META_FILE
+from configs.errors import StageError
 from components.manifest import Manifest, Shard, Split, TrackEntry
 from configs import PRESETS, Config
 from configs.config import defaults

@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from configs.config import Config, ConfigError, DataConfig
+from configs.config import Config, DataConfig
+from configs.errors import ConfigError
 from models import open_unmix, registry
 from tests import model_harness as harness
 from tests.test_transforms import numpy_stft
@@ -21,8 +22,8 @@ def test_parameter_count_matches_reference(changes, expected):
     # stereo, 44.1 kHz, n_fft 4096, hop 1024, bandwidth 16 kHz -> max_bin 1487; one target
     model = open_unmix.build(open_unmix.Config(wiener_iterations=0, **changes),
                              data=DataConfig(targets=("vocals",)), stats={})
-    assert model.extra["max_bin"] == 1487
-    assert harness.count_parameters(model.extra["networks"]["vocals"]) == expected
+    assert model.max_bin == 1487
+    assert harness.count_parameters(model.networks["vocals"]) == expected
     assert harness.count_parameters(model.train_model) == expected  # transforms add no parameters
 
 
@@ -31,7 +32,9 @@ def test_config_round_trip_and_registry():
     assert registry.default_params("umx")["n_fft"] == 4096
     assert Config().model.name == "umx"
     with pytest.raises(ConfigError, match="model.name 'nope'"):
-        Config.from_dict({"model": {"name": "nope"}})
+        registry.check(Config.from_dict({"model": {"name": "nope"}}).model)
+    with pytest.raises(ConfigError, match="unknown config key 'model.umxx'"):
+        registry.check(Config.from_dict({"model": {"umxx": {}}}).model)
     with pytest.raises(ConfigError, match="model.umx.hiden_size"):
         harness.build_tiny("umx", overrides={"model": {"umx": {"hiden_size": 8}}})
     with pytest.raises(ConfigError, match="residual"):
@@ -80,7 +83,7 @@ def test_network_matches_numpy_reference_forward():
     # 2 LSTM layers and a bandwidth crop (max_bin < nb_bins) exercise every path
     model = harness.build_tiny("umx", overrides={"data": {"targets": ["vocals", "drums"]},
                                                  "model": {"umx": {"nb_layers": 2, "bandwidth": 3000.0}}})
-    net = model.extra["networks"]["vocals"]
+    net = model.networks["vocals"]
     assert net.max_bin == 97 and net.nb_bins == 129
     rng = np.random.default_rng(0)
     for weight in net.weights:  # non-trivial BN statistics and scalers too
@@ -111,13 +114,13 @@ def test_adapt_sets_input_statistics(tiny):
     mean = magnitudes.reshape(-1, 129).mean(0)
     std = magnitudes.reshape(-1, 129).std(0)
     std = np.maximum(std, 1e-4 * std.max())
-    for net in tiny.extra["networks"].values():
+    for net in tiny.networks.values():
         np.testing.assert_allclose(net.input_mean.numpy(), -mean, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(net.input_scale.numpy(), 1 / std, rtol=1e-4)
 
 
 def test_soft_mask_separator_sums_to_mixture_and_residual(tiny):
-    separator = tiny.extra["make_separator"](wiener_iterations=0, residual=True)
+    separator = tiny.make_separator(wiener_iterations=0, residual=True)
     mixture, _ = harness.random_batch(tiny, 1, 3001, seed=6)
     outputs = {name: np.asarray(value) for name, value in separator(mixture, training=False).items()}
     assert set(outputs) == {"vocals", "drums", "residual"}
@@ -130,7 +133,7 @@ def test_unrolled_lstm_matches_loop():
     unrolled = harness.build_tiny("umx", overrides={**TWO_TARGETS, "model": {"umx": {"unroll": True}}})
     unrolled.train_model.set_weights(looped.train_model.get_weights())
     mixture, _ = harness.random_batch(looped, 1, 2001, seed=7)
-    static = unrolled.extra["make_separator"](nb_timesteps=2001)
+    static = unrolled.make_separator(nb_timesteps=2001)
     expected = looped.separator(mixture, training=False)
     got = static(mixture, training=False)
     for target in looped.targets:
@@ -143,7 +146,7 @@ def test_stacked_networks_match_per_target_networks(changes):
     # computes exactly what every target's own network computes, on the same (non-trivial) weights
     model = harness.build_tiny("umx", overrides={"data": {"targets": ["vocals", "drums", "bass"]},
                                                  "model": {"umx": {"nb_layers": 2, "bandwidth": 3000.0, **changes}}})
-    networks = list(model.extra["networks"].values())
+    networks = list(model.networks.values())
     rng = np.random.default_rng(1)
     for network in networks:
         for weight in network.weights:

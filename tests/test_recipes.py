@@ -11,7 +11,7 @@ import pytest
 import soundfile
 
 from components import optimizers, records
-from configs.config import ConfigError
+from configs.errors import ConfigError
 from configs.presets import PRESETS, RECIPE_DATA_KEYS, RECIPE_PRESETS, RECIPE_TRAIN_KEYS
 from tests.cli import cli
 from tests.test_data import make_config, prepare
@@ -110,7 +110,8 @@ def test_fit_with_ema_validates_and_leaves_the_averaged_weights():
 
 
 def test_train_keys_are_validated():
-    from pipeline.experiment import UserError, resolve
+    from pipeline.experiment import resolve
+    from configs.errors import UserError
 
     for key, value, words in (("optimizer", "rmsprop", "'train.optimizer' must be one of adam, adam_tf, adamw, sgd"),
                               ("lr_schedule", "cosine", "'train.lr_schedule'"),

@@ -21,6 +21,7 @@ import pytest
 import soundfile
 
 from components import artifacts
+from configs.errors import LockedError, UserError
 from tests.cli import ROOT, RUN, cli
 
 SEPARATE = [sys.executable, str(ROOT / "pipeline" / "separate.py")]
@@ -93,8 +94,8 @@ def test_the_lock_names_its_holder_is_reentrant_and_dies_with_its_process(tmp_pa
          str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(artifacts.LockedError, match=rf"another run \(pid {holder.pid} on host "
-                                                         rf"{socket.gethostname()}, started .*\) holds {tmp_path};"):
+        with pytest.raises(LockedError, match=rf"another run \(pid {holder.pid} on host "
+                                               rf"{socket.gethostname()}, started .*\) holds {tmp_path};"):
             with artifacts.exclusive(tmp_path):
                 pass
     finally:
@@ -190,12 +191,16 @@ BAD_VALUES = [
     ("train.batch_size=0", "config key 'train.batch_size' must be >= 1; got 0"),
     ("evaluate.overlap=2", "config key 'evaluate.overlap' must be in [0, 1); got 2.0"),
     ("export.quantize=foo", "config key 'export.quantize' must be one of float16, dynamic; got 'foo'"),
-    ("model.wave_u_net.upsampling=foo", "model.wave_u_net.upsampling must be one of linear, learned; got 'foo'"),
-    ("model.wave_u_net.num_layers=0", "model.wave_u_net.num_layers and model.wave_u_net.num_initial_filters "
-                                      "must be at least 1"),
+    ("model.wave_u_net.upsampling=foo",
+     "config key 'model.wave_u_net.upsampling' must be one of linear, learned; got 'foo'"),
+    ("model.wave_u_net.num_layers=0", "config key 'model.wave_u_net.num_layers' must be >= 1; got 0"),
     ("model.umx.nb_layers=0", "model.umx.nb_layers must be at least 1, got 0"),
     ("model.unet.n_fft=3", "model.unet.n_fft must be a positive even number, got 3"),
-    ("model.tfc_tdf_v3.quantile=1.5", "model.tfc_tdf_v3.quantile must lie in (0, 1), got 1.5"),
+    ("model.tfc_tdf_v3.quantile=1.5", "config key 'model.tfc_tdf_v3.quantile' must be in (0, 1); got 1.5"),
+    ("model.unet.dropout=1", "config key 'model.unet.dropout' must be in [0, 1); got 1.0"),
+    ("model.m_unet.weighting=sum", "config key 'model.m_unet.weighting' must be one of equal, dwa, ebw; got 'sum'"),
+    ("model.c_unet.film=local", "config key 'model.c_unet.film' must be one of simple, complex; got 'local'"),
+    ("model.unetx.dropout=1", "unknown config key 'model.unetx'; valid keys here: name, umx, wave_u_net, unet"),
     ("train.lr=0", "config key 'train.lr' must be > 0; got 0.0"),
     ("train.lr_decay_gamma=1", "config key 'train.lr_decay_gamma' must be in (0, 1); got 1.0"),
     ("train.epochs=0", "config key 'train.epochs' must be >= 1; got 0"),
@@ -229,7 +234,7 @@ BAD_VALUES = [
 def test_bad_config_values_are_refused_when_the_configuration_is_resolved(update, message):
     from sacred.arg_parser import get_config_updates
 
-    from pipeline.experiment import UserError, resolve
+    from pipeline.experiment import resolve
 
     updates, _ = get_config_updates([update])
     with pytest.raises(UserError) as caught:
@@ -291,7 +296,7 @@ def refused_quickly(monkeypatch, bound: float, **given):
 
     monkeypatch.setattr(experiment, "CONNECT_TIMEOUT", 2.0)
     started = time.time()
-    with pytest.raises(experiment.UserError) as caught:
+    with pytest.raises(UserError) as caught:
         experiment.observers(observer_args(**given))
     assert time.time() - started < bound
     assert "\n" not in str(caught.value)

@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 
 from components import records
-from components.artifacts import StageError
+from configs.errors import ConfigError, StageError
 from configs import PRESETS, Config
-from configs.config import ConfigError, defaults
+from configs.config import defaults
 from pipeline import pipeline
-from pipeline.experiment import deep_merge
+from configs.config import deep_merge
 from tests.cli import ROOT, RUN, cli
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from configs.config import nested
 from pipeline import sweep
+from configs.errors import SweepError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,12 +42,12 @@ def test_grid_parsing_points_and_labels():
                          "model.name": "umx"}, 0)
     assert sweep.label(found[3][0], 0) == ("train.batch_size=4,model.umx.unidirectional=true,train.lr=0.001,"
                                            "model.name=umx,seed=0")
-    assert sweep.nested("model.umx.hidden_size", 8) == {"model": {"umx": {"hidden_size": 8}}}
+    assert nested({"model.umx.hidden_size": 8}) == {"model": {"umx": {"hidden_size": 8}}}
     assert sweep.points({}, seeds=2) == [({}, 0), ({}, 1)]
     for bad in ("train.batch_size", "=4", "train.batch_size=", "train..x=1"):
-        with pytest.raises(sweep.SweepError, match="expected KEY=V1,V2"):
+        with pytest.raises(SweepError, match="expected KEY=V1,V2"):
             sweep.parse_grid([bad])
-    with pytest.raises(sweep.SweepError, match="given twice"):
+    with pytest.raises(SweepError, match="given twice"):
         sweep.parse_grid(["train.lr=1", "train.lr=2"])
 
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from configs.config import ConfigError, DataConfig, ModelConfig
+from configs.config import DataConfig, ModelConfig
+from configs.errors import ConfigError
 from models import registry
 from models import tfc_tdf_unet as tfc
 from tests import model_harness as harness
@@ -60,13 +61,12 @@ def tiny():
 
 
 def test_sdx23_and_musdb18_configurations_have_the_derived_parameter_counts():
-    from components.train import count_params
 
     assert derived_parameters() == SDX23_PARAMETERS
     assert abs(SDX23_PARAMETERS / 30e6 - 1) < 0.01  # the report's "~30M"
     model = tfc.build(tfc.Config(), data=DataConfig(), stats={})
-    assert count_params(model.train_model) == SDX23_PARAMETERS
-    assert count_params(model.separator) == SDX23_PARAMETERS  # same weights behind STFT / ISTFT
+    assert harness.count_parameters(model.train_model) == SDX23_PARAMETERS
+    assert harness.count_parameters(model.separator) == SDX23_PARAMETERS  # same weights behind STFT / ISTFT
     assert derived_parameters(c0=128, g=128) == MUSDB18_PARAMETERS
     config = harness.tiny_config("tfc_tdf_v3", "tfc_tdf_v3_musdb18")
     net = tfc.tfc_tdf_net(registry.family_config(config.model), 4, 2)
@@ -78,9 +78,10 @@ def test_config_round_trip_and_validation():
     assert family is tfc
     harness.check_config_round_trip(tfc)
     params = {"num_channels": 8, "loss": "quantile_element", "quantile": 0.9}
-    assert registry.family_config(ModelConfig(name="tfc_tdf_v3", tfc_tdf_v3=params)) == tfc.Config(**params)
+    given = ModelConfig(name="tfc_tdf_v3", families={"tfc_tdf_v3": params})
+    assert registry.family_config(given) == tfc.Config(**params)
     with pytest.raises(ConfigError, match="model.tfc_tdf_v3.num_chanels"):
-        registry.family_config(ModelConfig(name="tfc_tdf_v3", tfc_tdf_v3={"num_chanels": 8}))
+        registry.family_config(ModelConfig(name="tfc_tdf_v3", families={"tfc_tdf_v3": {"num_chanels": 8}}))
     with pytest.raises(ConfigError, match="loss"):
         tfc.Config(loss="l1")
     with pytest.raises(ConfigError, match="dim_f"):
@@ -174,8 +175,8 @@ def test_quantile_loss_trains(tiny):
 def test_overlap_add_with_the_family_chunk_is_exact_for_an_identity_model(tiny):
     from components.separation import separate_array
 
-    chunk = tiny.extra["chunk_samples"]
-    assert chunk == 64 * 31 and tiny.input_samples(chunk) == chunk and tiny.extra["overlap"] == 0.875
+    chunk = tiny.chunk_samples
+    assert chunk == 64 * 31 and tiny.input_samples(chunk) == chunk and tiny.overlap == 0.875
     mixture = noise((10_000, 2), 3)
     calls = []
 
@@ -184,7 +185,7 @@ def test_overlap_add_with_the_family_chunk_is_exact_for_an_identity_model(tiny):
         return {t: batch for t in tiny.targets}
 
     out = separate_array(identity, mixture, sample_rate=8000, chunk_seconds=chunk / 8000,
-                         overlap=tiny.extra["overlap"], batch_size=2, input_samples=tiny.input_samples)
+                         overlap=tiny.overlap, batch_size=2, input_samples=tiny.input_samples)
     assert {shape[1] for shape in calls} == {chunk}
     for target in tiny.targets:
         assert np.max(np.abs(out[target] - mixture)) < 1e-6

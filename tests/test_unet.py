@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from configs.config import ConfigError, DataConfig, to_plain
-from models.checkpoints import CheckpointError
+from configs.config import DataConfig, nested, to_plain
+from configs.errors import CheckpointError, ConfigError
 from models import c_unet, loss_weighting, m_unet, registry, unet, unet_core
 from models.transforms import complex_norm
 from tests import model_harness as harness
@@ -80,7 +80,7 @@ def test_spleeter_and_jansson_parameter_counts():
     assert spleeter_parameters() == 9_822_725
     assert jansson_parameters(2, 2) == 9_824_514 and jansson_parameters(1, 1) == 9_823_313
     four = unet.build(unet.Config(conv_activation="elu", deconv_activation="elu"), data=DataConfig(), stats={})
-    assert [harness.count_parameters(net) for net in four.extra["networks"].values()] == [9_822_725] * 4
+    assert [harness.count_parameters(net) for net in four.networks.values()] == [9_822_725] * 4
     assert harness.count_parameters(four.train_model) == 4 * 9_822_725
     jansson = unet.build(unet.Config(network="jansson"), data=DataConfig(targets=("vocals", "accompaniment"),
                                                                          nb_channels=1), stats={})
@@ -92,7 +92,7 @@ def test_m_unet_has_the_authors_124_4_million_parameters():
     assert flerken_parameters(dims, 1, 4) == 124_448_772  # "124.4M" for K = 4, mono
     model = m_unet.build(m_unet.Config(weighting="equal"), data=DataConfig(nb_channels=1), stats={})
     assert harness.count_parameters(model.train_model) == 124_448_772
-    layers = {layer.name: layer for layer in model.extra["network"].layers}
+    layers = {layer.name: layer for layer in model.network.layers}
     assert layers["m_unet_down1_bn1"].momentum == pytest.approx(0.9) and layers["m_unet_down1_bn1"].epsilon == 1e-5
     assert layers["m_unet_down1_act1"].negative_slope == pytest.approx(0.1)
     assert layers["m_unet_down1_drop1"].rate == pytest.approx(0.1)
@@ -104,7 +104,7 @@ def test_c_unet_parameter_counts_and_authors_layer_settings():
     assert harness.count_parameters(conditioned.train_model) == 12_161_078
     simple = c_unet.build(c_unet.Config(film="simple", control_units=(16, 64, 256)), data=stereo, stats={})
     assert harness.count_parameters(simple.train_model) == 9_846_050
-    layers = {layer.name: layer for layer in conditioned.extra["network"].layers}
+    layers = {layer.name: layer for layer in conditioned.network.layers}
     assert all(layer.momentum == pytest.approx(0.9) for layer in layers.values()
                if layer.__class__.__name__ == "BatchNormalization")
     dropped = sorted(name for name in layers if name.endswith("_dropout") and "deconv" in name)
@@ -165,6 +165,17 @@ def test_config_rejects_bad_choices():
         m_unet.Config(log_bins=100)
     with pytest.raises(ConfigError, match="model.unet.max_bin"):
         unet.Config(max_bin=10_000)
+    # single-key limits are declared on the fields: one line naming the key, at config time
+    for family, key, value, message in (
+            (unet, "dropout", 1.0, "must be in [0, 1); got 1.0"),
+            (unet, "wiener_iterations", -1, "must be >= 0; got -1"),
+            (m_unet, "nb_levels", 1, "must be >= 2; got 1"),
+            (m_unet, "ebw_power", 0.0, "must be > 0; got 0.0"),
+            (c_unet, "control_units", (16, 0), "must be all entries >= 1; got [16, 0]"),
+            (c_unet, "mask_extension", "edge", "must be one of zeros, average; got 'edge'")):
+        with pytest.raises(ConfigError) as caught:
+            family.Config(**{key: value})
+        assert str(caught.value) == f"config key 'model.{family.__name__.split('.')[-1]}.{key}' {message}"
 
 
 def test_presets_state_the_paper_settings_and_fit_their_segments():
@@ -350,7 +361,7 @@ def test_shapes_for_odd_lengths_shared_weights_and_fit(name):
 def test_c_unet_outputs_are_the_u_net_run_once_per_one_hot_target():
     model = tiny("c_unet")
     rng = np.random.default_rng(7)  # the authors' N(0, 0.02) init leaves the conditions almost without effect
-    for weight in model.extra["network"].trainable_weights:
+    for weight in model.network.trainable_weights:
         weight.assign(rng.normal(0, 0.3, weight.shape).astype(np.float32))
     mixture, _ = harness.random_batch(model, 2, 4032, seed=3)
     outputs = model.train_model(mixture, training=False)
@@ -360,7 +371,7 @@ def test_c_unet_outputs_are_the_u_net_run_once_per_one_hot_target():
     for index, target in enumerate(model.targets):
         condition = np.zeros((2, 2), np.float32)
         condition[:, index] = 1
-        masks = np.asarray(model.extra["network"]([normalised, condition], training=False))
+        masks = np.asarray(model.network([normalised, condition], training=False))
         np.testing.assert_allclose(np.asarray(outputs[target]), masks * magnitude[:, :, :64], rtol=1e-4, atol=1e-6)
     assert np.max(np.abs(np.asarray(outputs["vocals"]) - np.asarray(outputs["drums"]))) > 1e-4
 
@@ -374,7 +385,7 @@ def test_m_unet_masks_are_relu_of_the_network_on_the_log_warped_mixture():
     time = m_unet.grid_sample_matrix(np.linspace(-1, 1, 64), 64, False)
     warp = m_unet.grid_sample_matrix(m_unet.warp_grid(config.log_bins, True), 129, False)
     warped = np.einsum("ut,gf,tfc->ugc", time, warp, magnitude)
-    net = np.asarray(model.extra["network"](np.log(warped)[None].astype(np.float32), training=False))[0]
+    net = np.asarray(model.network(np.log(warped)[None].astype(np.float32), training=False))[0]
     masks = np.maximum(net, 0).reshape(64, 64, 2, 2)  # channel-major: (C, J)
     for index, target in enumerate(model.targets):
         np.testing.assert_allclose(np.asarray(outputs[target])[0, ..., 0], masks[..., index], rtol=1e-4, atol=1e-5)
@@ -455,7 +466,7 @@ def test_dwa_callback_changes_the_loss_weights_between_epochs_and_logs_them():
     np.testing.assert_allclose(logged[2], loss_weighting.dwa_weights(losses, 0.01), rtol=1e-5)
     assert np.max(np.abs(logged[2] - 1.0)) > 1e-3 and abs(logged[2].sum() - 2.0) < 1e-5
     assert abs(history["loss"][2] - sum(history[f"{t}_loss"][2] for t in model.targets)) < 1e-4 * history["loss"][2]
-    layer = model.extra["weighting"]
+    layer = model.loss_weighting
     assert int(layer.epochs_recorded.numpy()) == 2 and float(layer.pending.numpy()) == 1.0
     assert {"loss_weights", "epoch_losses", "running_losses"} <= {w.name for w in model.train_model.weights}
 
@@ -463,8 +474,8 @@ def test_dwa_callback_changes_the_loss_weights_between_epochs_and_logs_them():
 def test_ebw_weights_apply_to_the_mask_l1_and_missing_energies_stop_training():
     energies = {"vocals": 0.01, "drums": 0.04}
     model = tiny("m_unet", {"weighting": "ebw", "ebw_power": 2.0}, stats={"energy": energies})
-    assert model.extra["loss_domain"] == "masks"  # EnergyBasedLossPowerPMask: L1 on the masks
-    np.testing.assert_allclose(model.extra["weighting"].loss_weights.numpy(), [16.0, 1.0])
+    assert model.loss_domain == "masks"  # EnergyBasedLossPowerPMask: L1 on the masks
+    np.testing.assert_allclose(model.loss_weighting.loss_weights.numpy(), [16.0, 1.0])
     mixture, truth = _fixed_batch(model)
     model.train_model.compile(loss=model.loss, jit_compile=False)
     result = model.train_model.evaluate(mixture, truth, batch_size=2, verbose=0, return_dict=True)
@@ -500,17 +511,6 @@ def _write_tf1_checkpoint(prefix: pathlib.Path, values: dict):
                       tensors=[tf.constant(values[name]) for name in names])
 
 
-def _nested(dotted: dict) -> dict:
-    nested = {}
-    for key, value in dotted.items():
-        *head, last = key.split(".")
-        node = nested
-        for part in head:
-            node = node.setdefault(part, {})
-        node[last] = value
-    return nested
-
-
 @pytest.mark.parametrize("case", ["2stems", "5stems"])
 def test_spleeter_checkpoint_import_matches_spleeter_output(case, tmp_path):
     """Spleeter's own TF1 separator (make_reference.py) vs ours with the imported weights: >= 80 dB SDR."""
@@ -527,7 +527,7 @@ def test_spleeter_checkpoint_import_matches_spleeter_output(case, tmp_path):
 
     released = unet.read_released(tmp_path)
     assert sorted(released.tensors) == sorted(name for name, _ in details["variables"])
-    overrides = _nested(released.config_overrides)
+    overrides = nested(released.config_overrides)
     assert overrides["data"]["targets"] == details["params"]["instrument_list"]
     overrides["model"]["unet"].update(patch_frames=base["T"], max_bin=base["F"])  # the fixture's shrunk T, F
     config = harness.tiny_config("unet", preset=overrides)
@@ -556,7 +556,7 @@ def test_spleeter_mapping_uses_every_tensor_once_and_reports_mismatches(tmp_path
     model = tiny("unet", targets=("vocals", "accompaniment"))
     names = {}
     for index, target in enumerate(model.targets):
-        net = model.extra["networks"][target]
+        net = model.networks[target]
         for source, layer, weight in unet.spleeter_mapping(index, net.name):
             names[source] = next(w for w in net.get_layer(layer).weights if w.name == weight)
     tensors = {source: np.full(tuple(weight.shape), 0.5, np.float32) for source, weight in names.items()}

@@ -11,7 +11,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from configs.config import ConfigError, DataConfig, ModelConfig
+from configs.config import DataConfig, ModelConfig
+from configs.errors import ConfigError
 from models import registry
 from models import wave_u_net as wun
 from tests import model_harness as harness
@@ -121,20 +122,23 @@ def test_config_round_trips_through_the_registry_and_keras():
 
     params = {**TINY, "upsampling": "learned", "output_type": "direct", "output_activation": "linear"}
     harness.check_config_round_trip(wun, wun.Config(**params))
-    config = registry.family_config(ModelConfig(name="wave_u_net", wave_u_net=params))
+    config = registry.family_config(ModelConfig(name="wave_u_net", families={"wave_u_net": params}))
     assert config == wun.Config(**params)
     assert dataclasses.asdict(config) == {**dataclasses.asdict(wun.Config()), **params}
     assert registry.default_params("wave_u_net") == dataclasses.asdict(wun.Config())
     with pytest.raises(ConfigError, match="model.wave_u_net.nb_layers"):
-        registry.family_config(ModelConfig(name="wave_u_net", wave_u_net={"nb_layers": 3}))
+        registry.family_config(ModelConfig(name="wave_u_net", families={"wave_u_net": {"nb_layers": 3}}))
     with pytest.raises(ConfigError, match="model.wave_u_net.upsampling"):
         build(tiny(upsampling="cubic"))
     with pytest.raises(ConfigError, match="odd"):
         build(tiny(filter_size=4))
-    with pytest.raises(ConfigError, match=r"^model.wave_u_net.predict must be one of chunks, one_pass; got 'whole'$"):
+    with pytest.raises(ConfigError,
+                       match=r"^config key 'model.wave_u_net.predict' must be one of chunks, one_pass; got 'whole'$"):
         tiny(predict="whole")
-    with pytest.raises(ConfigError, match=r"^model.wave_u_net.predict_frames must be at least 1; got 0$"):
+    with pytest.raises(ConfigError, match=r"^config key 'model.wave_u_net.predict_frames' must be >= 1; got 0$"):
         tiny(predict_frames=0)
+    with pytest.raises(ConfigError, match=r"^config key 'model.wave_u_net.num_layers' must be >= 1; got 0$"):
+        wun.Config(num_layers=0)
 
     # keras: get_config -> from_config rebuilds the same graph; same weights give the same outputs
     model = build(config).train_model
@@ -265,12 +269,12 @@ def test_direct_linear_output_clips_only_at_inference():
 def test_learned_upsampling_interpolates_with_sigmoid_weights():
     import keras
 
-    upsample = wun._layers()["Upsample"](learned=True, valid=True)
+    upsample = wun.Upsample(learned=True, valid=True)
     x = np.array([[[0.0, 0.0], [4.0, 8.0], [8.0, 0.0]]], dtype="float32")  # (1, 3, 2)
     upsample.build(x.shape)
     upsample.logit.assign(np.array([0.0, np.log(3.0)], dtype="float32"))  # w = 0.5 and 0.75
     np.testing.assert_allclose(upsample(x)[0], [[0, 0], [2, 2], [4, 8], [6, 6], [8, 0]], atol=1e-6)
-    same = wun._layers()["Upsample"](learned=False, valid=False)
+    same = wun.Upsample(learned=False, valid=False)
     np.testing.assert_allclose(same(x)[0, :, 0], [0, 2, 4, 6, 8, 8], atol=1e-6)
     assert keras.ops.shape(same(x))[1] == 6
 
@@ -377,7 +381,7 @@ def test_shared_harness_on_the_unittest_preset_model():
 def _resolve(*names, **model):
     from configs.config import Config, defaults
     from configs.presets import PRESETS
-    from pipeline.experiment import deep_merge
+    from configs.config import deep_merge
 
     merged = defaults()
     merged["model"]["wave_u_net"] = registry.default_params("wave_u_net")
