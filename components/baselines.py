@@ -78,8 +78,12 @@ def baseline_key(prepare_fingerprint: str, *, split: str, window_seconds: float,
             "irm_alpha": IRM_ALPHA, "version": BASELINE_VERSION}
 
 
-def baseline_cache_path(artifacts_dir, key: Mapping) -> Path:
-    return Path(artifacts_dir) / "evaluate-baselines" / f"{artifacts.fingerprint(key)}.json"
+CACHE = "evaluate-baselines"  # the evaluate stage's side cache, `artifacts_dir/evaluate-baselines/`
+
+
+def baseline_cache_path(cache_dir, key: Mapping) -> Path:
+    """The cache file of `key` in the side cache directory `cache_dir` (`context.side_cache(CACHE)`)."""
+    return Path(cache_dir) / f"{artifacts.fingerprint(key)}.json"
 
 
 def load_baselines(path: Optional[Path], key: Mapping) -> Dict[str, Dict]:

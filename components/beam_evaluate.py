@@ -119,7 +119,7 @@ def evaluate(context, *, targets: Sequence[str], key: Mapping) -> dict:
     names = Manifest.read(prepare).splits[settings.split].names
     if settings.max_tracks is not None:
         names = names[: settings.max_tracks]
-    cache_path = baselines.baseline_cache_path(config.artifacts_dir, key)
+    cache_path = baselines.baseline_cache_path(context.side_cache(baselines.CACHE), key)
     cached = baselines.load_baselines(cache_path, key)
     options = beam_prepare.pipeline_options(config.prepare)
     logger.info("evaluate: %d tracks of '%s' on Apache Beam %s", len(names), settings.split, " ".join(options))

@@ -218,7 +218,7 @@ def _evaluate_locally(context, prepare, manifest: Manifest, model, targets, key)
     return evaluate_tracks(
         records.read_tracks(prepare, settings.split), compiled(model.separator, model.nb_channels),
         targets=targets, sample_rate=config.data.sample_rate, settings=settings,
-        output_dir=context.output_dir, baseline_cache=baselines.baseline_cache_path(config.artifacts_dir, key),
+        output_dir=context.output_dir, baseline_cache=baselines.baseline_cache_path(context.side_cache(baselines.CACHE), key),
         cache_key=key, input_samples=model.input_samples, nb_tracks=manifest.nb_tracks(settings.split),
         logger=context.logger, log_scalar=context.log_scalar,
     )
@@ -272,5 +272,7 @@ SPEC = ComponentSpec(
     inputs=("prepare", "train"),
     config_sections=("data", "model", "train", "evaluate"),
     executor=run,
+    outputs=("metrics.json", "sdr_boxplot.png"),
+    side_caches=(baselines.CACHE,),
 )
 

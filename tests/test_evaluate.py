@@ -347,7 +347,8 @@ def test_stage_executor_uses_records_and_train(tmp_path, monkeypatch):
               "train": Artifact("train", tmp_path / "train", {"fingerprint": "t1"})}
     logged = {}
     context = StageContext(config=config, inputs=inputs, output_dir=tmp_path / "out",
-                           log_scalar=lambda name, value, step=None: logged.setdefault(name, value))
+                           log_scalar=lambda name, value, step=None: logged.setdefault(name, value),
+                           side_caches={baselines.CACHE: tmp_path / "artifacts" / baselines.CACHE})
     context.output_dir.mkdir()
     meta = evaluate.run(context)
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
