@@ -31,7 +31,7 @@ import tensorflow as tf
 from configs.config import MUSDB_TARGETS, ConfigError
 from models.base import SeparationModel
 from models.filtering import WienerFilter
-from models.layers import LSTM, recur
+from models.layers import LSTM, recur, sequence_lstm
 from models.transforms import STFT, ISTFT, ComplexNorm, bandwidth_to_max_bin, complex_norm, stft
 
 
@@ -248,13 +248,17 @@ class StackedOpenUnmix(keras.layers.Layer):
             sequences = tf.stack([hidden, tf.reverse(hidden, axis=[1])] if nb_directions == 2 else [hidden], axis=1)
             sequences = tf.reshape(sequences, tf.concat([[nb_targets * nb_directions], tf.shape(hidden)[1:]], 0))
             weights = [direction for lstm in lstms for direction in lstm.directions]
-            projected = _batched_dense(sequences, [w["kernel"] for w in weights]) + tf.reshape(
-                _stack([w["bias"] + w["recurrent_bias"] for w in weights]), [len(weights), 1, 1, -1])
-            states = self._recurrence(tf.transpose(projected, [1, 0, 2, 3]), [w["recurrent_kernel"] for w in weights],
-                                      first.unroll)
-            states = tf.reshape(tf.transpose(states, [1, 0, 2, 3]),
-                                tf.concat([[nb_targets, nb_directions], tf.shape(states)[0:1],
-                                           tf.shape(states)[2:]], 0))
+            if first.unroll:  # TFLite: one fused UNIDIRECTIONAL_SEQUENCE_LSTM per target and direction
+                states = tf.stack([sequence_lstm(sequences[group], w["kernel"], w["recurrent_kernel"],
+                                                 w["bias"] + w["recurrent_bias"])
+                                   for group, w in enumerate(weights)])  # (groups, frames, samples, units)
+            else:
+                projected = _batched_dense(sequences, [w["kernel"] for w in weights]) + tf.reshape(
+                    _stack([w["bias"] + w["recurrent_bias"] for w in weights]), [len(weights), 1, 1, -1])
+                states = self._recurrence(tf.transpose(projected, [1, 0, 2, 3]),
+                                          [w["recurrent_kernel"] for w in weights], False)
+                states = tf.transpose(states, [1, 0, 2, 3])
+            states = tf.reshape(states, tf.concat([[nb_targets, nb_directions], tf.shape(states)[1:]], 0))
             hidden = states[:, 0] if nb_directions == 1 else tf.concat(
                 [states[:, 0], tf.reverse(states[:, 1], axis=[1])], axis=-1)
         x = tf.concat([x, hidden], axis=-1)
