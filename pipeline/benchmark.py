@@ -270,6 +270,7 @@ def benchmark_separate(config, seconds: float, repeats: int, threads: int, tflit
             function()
             rows[f"part:{name}"] = _best_of(repeats, function)
         if with_tflite and model.mobile is not None:
+            excerpt = musdb_excerpt(rate, config.data.nb_channels, model.targets)
             chunk = model.input_samples(int(round(tflite_chunk * rate)))
             mobile = model.mobile(chunk)
             variants = {"float32": "", config.export.quantize: config.export.quantize}
@@ -290,13 +291,46 @@ def benchmark_separate(config, seconds: float, repeats: int, threads: int, tflit
                 run()
                 rows[f"tflite_{variant}"] = _best_of(repeats, run)
                 report[f"tflite_{variant}_megabytes"] = round(len(blob) / 1e6, 2)
+                if excerpt is not None:  # what quantization costs in separation quality, on real music
+                    estimates = separate_array(separate_fn, excerpt[0], sample_rate=rate, chunk_seconds=chunk / rate,
+                                               overlap=0.0)
+                    report[f"tflite_{variant}_musdb_sdr"] = round(_mean_sdr(excerpt[1], estimates), 3)
             report["tflite_chunk_seconds"] = chunk / rate
+            if excerpt is not None and config.export.quantize in variants:
+                report["musdb_excerpt"] = str(MUSDB_EXCERPT)
+                report[f"tflite_{config.export.quantize}_sdr_loss_db"] = round(
+                    report["tflite_float32_musdb_sdr"] - report[f"tflite_{config.export.quantize}_musdb_sdr"], 3)
     report["seconds"] = {k: round(v, 3) for k, v in rows.items()}
     report["x_realtime"] = {k: round(seconds / v, 2) for k, v in rows.items() if not k.startswith("part:")}
     if reference is not None:  # > 1: faster than open-unmix on the same input, same run
         report["open_unmix_over_ours"] = {k: round(rows["open_unmix_pytorch"] / v, 2) for k, v in rows.items()
                                           if not k.startswith("part:") and k != "open_unmix_pytorch"}
     return report
+
+
+# the real MUSDB18-HQ excerpt of ../shared/data (beside the checkout, or beside its worktree folder)
+MUSDB_EXCERPT = next((base / "shared" / "data" / "musdb18hq-sample" / "train" / "Music Delta - 80s Rock"
+                      for base in (PROJECT_ROOT.parent, PROJECT_ROOT.parent.parent)
+                      if (base / "shared" / "data" / "musdb18hq-sample").is_dir()), None)
+
+
+def musdb_excerpt(sample_rate: int, nb_channels: int, targets):
+    """(mixture `(nb_timesteps, nb_channels)`, {target: stem}) of the real excerpt at `sample_rate`, the mixture
+    being the sum of the stems; None when the excerpt is absent or lacks one of `targets`."""
+    if MUSDB_EXCERPT is None or not all((MUSDB_EXCERPT / f"{target}.wav").is_file() for target in targets):
+        return None
+    from components.audio import read_audio
+
+    stems = {target: read_audio(MUSDB_EXCERPT / f"{target}.wav", sample_rate=sample_rate, nb_channels=nb_channels)
+             for target in targets}
+    return sum(stems.values()).astype("float32"), stems
+
+
+def _mean_sdr(references: dict, estimates: dict) -> float:
+    """Mean over targets of the whole-excerpt SDR (components.metrics.global_sdr), in dB."""
+    from components.metrics import global_sdr
+
+    return sum(global_sdr(references[t], estimates[t]) for t in references) / len(references)
 
 
 def _open_unmix_versions() -> dict:

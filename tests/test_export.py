@@ -114,6 +114,33 @@ def test_tflite_builtin_ops_only_and_parity(exported):
     assert sizes[config.export.quantize] < sizes["float32"]
 
 
+def test_quantized_tflite_loses_at_most_half_a_db_on_real_musdb(exported):
+    # the exported float32 and quantized files separate the real MUSDB18-HQ excerpt (resampled to the model's
+    # 8 kHz) chunk by chunk as an app would; SDR against the true stems, mean over the four targets
+    from ai_edge_litert.interpreter import Interpreter
+
+    from components.export import SIGNATURE
+    from components.separation import separate_array
+    from pipeline.benchmark import MUSDB_EXCERPT, _mean_sdr, musdb_excerpt
+
+    if MUSDB_EXCERPT is None:
+        pytest.skip("real MUSDB18-HQ excerpt absent (../shared/data/musdb18hq-sample)")
+    description = json.loads((exported / "export" / "tflite" / "umx.json").read_text())
+    mixture, stems = musdb_excerpt(8000, 2, ("vocals", "drums", "bass", "other"))
+    assert mixture.shape == (54428, 2)  # 300,032 samples at 44.1 kHz
+    sdr = {}
+    for variant, info in description["variants"].items():
+        runner = Interpreter(model_path=str(exported / "export" / "tflite" / info["file"]),
+                             num_threads=2).get_signature_runner(SIGNATURE)
+        estimates = separate_array(lambda chunk: runner(waveform=chunk), mixture, sample_rate=8000,
+                                   chunk_seconds=description["chunk_seconds"], overlap=0.0)
+        sdr[variant] = _mean_sdr(stems, estimates)
+    quantized = next(variant for variant in sdr if variant != "float32")
+    assert np.isfinite(sdr["float32"]) and sdr["float32"] > -20, sdr
+    print("mean SDR on the real excerpt (dB):", sdr)
+    assert sdr["float32"] - sdr[quantized] <= 0.5, sdr
+
+
 def _numpy_lstm(inputs, kernel, recurrent_kernel, bias):
     """PyTorch's LSTM recurrence (gates i, f, g, o) in float64: `(nb_frames, nb_samples, features)` -> hidden states."""
     def sigmoid(x):
