@@ -141,6 +141,27 @@ def test_quantized_tflite_loses_at_most_half_a_db_on_real_musdb(exported):
     assert sdr["float32"] - sdr[quantized] <= 0.5, sdr
 
 
+def test_float16_tflite_is_finite_where_every_target_estimate_is_zero():
+    # float16 stores the Wiener filter's eps = 1e-10 as 0: bins where all targets estimate 0 must stay 0, not NaN
+    from components.export import convert_tflite, parity_db, run_tflite
+    from components.train import build_model
+    from pipeline.experiment import resolve
+
+    config = resolve({}, ["unittest"])
+    model = build_model(config, {})
+    for network in model.extra["networks"].values():
+        scale = np.ones(network.output_scale.shape, np.float32)
+        scale[40:] = 0.0  # mask = relu(0 * x + 0) = 0 above bin 40 for every target
+        network.output_scale.assign(scale)
+        network.output_mean.assign(np.where(scale > 0, 1.0, 0.0).astype(np.float32))
+    chunk = model.input_samples(4000)
+    probe = np.random.default_rng(4).normal(0, 0.1, (1, chunk, 2)).astype(np.float32)
+    reference = {k: np.asarray(v) for k, v in model.separator(probe, training=False).items()}
+    outputs = run_tflite(convert_tflite(model.mobile(chunk), chunk, 2, "float16"), probe)
+    assert all(np.all(np.isfinite(value)) for value in outputs.values())
+    assert parity_db(reference, outputs) >= 25.0
+
+
 def _numpy_lstm(inputs, kernel, recurrent_kernel, bias):
     """PyTorch's LSTM recurrence (gates i, f, g, o) in float64: `(nb_frames, nb_samples, features)` -> hidden states."""
     def sigmoid(x):
