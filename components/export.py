@@ -63,18 +63,16 @@ def serving_config(model_names) -> str:
 # --------------------------------------------------------------------------------------------
 def convert_tflite(keras_model, chunk: int, nb_channels: int, quantize: str = "") -> bytes:
     """Convert a static-shape model to .tflite with TFLite built-in ops only (no Flex / Select TF ops)."""
-    import keras
     import tensorflow as tf
 
     with tempfile.TemporaryDirectory() as tmp:
-        archive = keras.export.ExportArchive()
-        archive.track(keras_model)
-        archive.add_endpoint(
-            name=SIGNATURE,
-            fn=lambda waveform: keras_model(waveform, training=False),
-            input_signature=[tf.TensorSpec([1, chunk, nb_channels], tf.float32, name=INPUT_NAME)],
-        )
-        archive.write_out(tmp, verbose=False)
+        # a bare module holding the variables and the one static-shape function: keras.export.ExportArchive
+        # would also trace every layer's default (dynamic-batch) signature, which only costs time here
+        module = tf.Module()
+        module.variables_ = [variable.value for variable in keras_model.variables]
+        module.serve = tf.function(lambda waveform: keras_model(waveform, training=False), input_signature=[
+            tf.TensorSpec([1, chunk, nb_channels], tf.float32, name=INPUT_NAME)])
+        tf.saved_model.save(module, tmp, signatures={SIGNATURE: module.serve.get_concrete_function()})
         converter = tf.lite.TFLiteConverter.from_saved_model(tmp, signature_keys=[SIGNATURE])
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
         if quantize == "float16":

@@ -21,7 +21,9 @@ def softmask(target_magnitudes, mix_stft, eps: float = 1e-10) -> tf.Tensor:
     """Ratio masks `v_j / (eps + sum_k v_k)` applied to the complex mixture (keeps the mixture phase)."""
     v = tf.convert_to_tensor(target_magnitudes, tf.float32)
     mix_stft = tf.convert_to_tensor(mix_stft, tf.float32)
-    mask = v / (eps + tf.reduce_sum(v, axis=-1, keepdims=True))
+    # divide_no_nan: where the sum is 0 every v_j is 0, so the mask is 0 as with eps > 0; a float16 TFLite
+    # file stores eps = 1e-10 as 0 (below half precision), where a plain division would give 0 / 0 = NaN
+    mask = tf.math.divide_no_nan(v, eps + tf.reduce_sum(v, axis=-1, keepdims=True))
     return mask[..., None] * mix_stft[..., None, :]
 
 
@@ -103,10 +105,11 @@ def expectation_maximization(y, mix_stft, niter: int = 2, eps: float = 1e-10) ->
         v = tf.reduce_mean(tf.square(y_re) + tf.square(y_im), axis=-2)  # (..., F, K, J)
         # R_j[k, a, b] = sum_t y_a conj(y_b) / (eps + sum_t v)
         weight = eps + tf.reduce_sum(v, axis=-3)  # (..., K, J)
-        r_re = (tf.einsum("...fkaj,...fkbj->...kabj", y_re, y_re)
-                + tf.einsum("...fkaj,...fkbj->...kabj", y_im, y_im)) / weight[..., None, None, :]
-        r_im = (tf.einsum("...fkaj,...fkbj->...kabj", y_im, y_re)
-                - tf.einsum("...fkaj,...fkbj->...kabj", y_re, y_im)) / weight[..., None, None, :]
+        # divide_no_nan: a zero weight has zero sums above it (see `softmask`)
+        r_re = tf.math.divide_no_nan(tf.einsum("...fkaj,...fkbj->...kabj", y_re, y_re)
+                                     + tf.einsum("...fkaj,...fkbj->...kabj", y_im, y_im), weight[..., None, None, :])
+        r_im = tf.math.divide_no_nan(tf.einsum("...fkaj,...fkbj->...kabj", y_im, y_re)
+                                     - tf.einsum("...fkaj,...fkbj->...kabj", y_re, y_im), weight[..., None, None, :])
         # Cxx[f, k] = reg + sum_j v_j R_j   (..., F, K, C, C)
         c_re = regularization + tf.einsum("...fkj,...kabj->...fkab", v, r_re)
         c_im = tf.einsum("...fkj,...kabj->...fkab", v, r_im)
@@ -140,10 +143,11 @@ def _expectation_maximization_stereo(y, mix_stft, niter: int, eps: float) -> tf.
         v = 0.5 * (p0 + p1)  # (..., F, K, J)
         weight = eps + tf.reduce_sum(v, axis=-3)  # (..., K, J)
         # R_j = sum_t y y^H / weight: r00, r11 real; r01 = sum_t y0 conj(y1) / weight; r10 = conj(r01)
-        r00 = tf.reduce_sum(p0, axis=-3) / weight
-        r11 = tf.reduce_sum(p1, axis=-3) / weight
-        r01_re = tf.reduce_sum(y0_re * y1_re + y0_im * y1_im, axis=-3) / weight
-        r01_im = tf.reduce_sum(y0_im * y1_re - y0_re * y1_im, axis=-3) / weight
+        # divide_no_nan: a zero weight has zero sums above it (see `softmask`)
+        r00 = tf.math.divide_no_nan(tf.reduce_sum(p0, axis=-3), weight)
+        r11 = tf.math.divide_no_nan(tf.reduce_sum(p1, axis=-3), weight)
+        r01_re = tf.math.divide_no_nan(tf.reduce_sum(y0_re * y1_re + y0_im * y1_im, axis=-3), weight)
+        r01_im = tf.math.divide_no_nan(tf.reduce_sum(y0_im * y1_re - y0_re * y1_im, axis=-3), weight)
         r00, r11, r01_re, r01_im = (r[..., None, :, :] for r in (r00, r11, r01_re, r01_im))  # (..., 1, K, J)
         # Cxx = reg I + sum_j v_j R_j (Hermitian), its inverse via the real determinant
         c00 = regularization + tf.reduce_sum(v * r00, axis=-1)  # (..., F, K)

@@ -237,3 +237,51 @@ class LSTM(keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "units": self.units, "bidirectional": self.bidirectional,
                 "unroll": self.unroll}
+
+
+# ------------------------------------------------------------------- TFLite's fused sequence LSTM
+# The TFLite converter replaces the body of a function annotated `api_implements="lstm_<id>"` (the interface
+# of Keras 2's `standard_lstm`, tensorflow/python/keras/layers/recurrent_v2.py) by ONE built-in
+# UNIDIRECTIONAL_SEQUENCE_LSTM op (tensorflow/compiler/mlir/lite/transforms/prepare_composite_functions_tf.cc,
+# utils/lstm_utils.cc `ConvertKerasLSTMLayer`): arguments (inputs, init_h, init_c, kernel, recurrent_kernel, bias)
+# as float tensors of static shape (a variable passed as such is a resource: no fusion), five results of which
+# only the first two may be used, gates in Keras order (i, f, c, o) = PyTorch's (i, f, g, o), no cell clipping.
+# The op's kernel runs the whole sequence natively, and with dynamic-range quantization on int8 weights.
+SEQUENCE_LSTM_INTERFACE = "lstm_9d1c2c1e8a6f4b0c9e0c5d3b2a1f7e61"
+
+
+def _sequence_lstm_body(inputs, init_h, init_c, kernel, recurrent_kernel, bias):
+    """What TensorFlow runs (the converter drops it): `inputs` `(nb_frames, nb_samples, features)` ->
+    (last hidden state, hidden states `(nb_frames, nb_samples, units)`, last h, last c, a placeholder)."""
+    projected = tf.einsum("tbi,ig->tbg", inputs, kernel) + bias
+
+    def step(state, z):
+        h, c = state
+        gates = z + tf.matmul(h, recurrent_kernel)
+        i, f, g, o = tf.split(gates, 4, axis=-1)
+        c = tf.sigmoid(f) * c + tf.sigmoid(i) * tf.tanh(g)
+        h = tf.sigmoid(o) * tf.tanh(c)
+        return h, c
+
+    hidden, cell = tf.scan(step, projected, initializer=(init_h, init_c))
+    return hidden[-1], hidden, hidden[-1], cell[-1], tf.constant(0.0)
+
+
+_sequence_lstm = tf.function(
+    _sequence_lstm_body, autograph=False,
+    experimental_attributes={"api_implements": SEQUENCE_LSTM_INTERFACE, "api_preferred_device": "CPU",
+                             "time_major": True, "go_backwards": False})
+
+
+def sequence_lstm(inputs, kernel, recurrent_kernel, bias):
+    """One LSTM direction from the zero state as a TFLite-fusable composite: time-major `inputs`
+    `(nb_frames, nb_samples, features)` -> hidden states `(nb_frames, nb_samples, units)`.
+
+    `kernel` `(features, 4 * units)`, `recurrent_kernel` `(units, 4 * units)`, `bias` `(4 * units,)` (PyTorch's
+    `b_ih + b_hh`), gates (i, f, g, o). TFLite fuses it when `nb_samples` is static."""
+    kernel, recurrent_kernel, bias = (tf.convert_to_tensor(value) for value in (kernel, recurrent_kernel, bias))
+    # the converter fuses only a static state shape; a dynamic batch (e.g. Keras's default signature of a
+    # layer, traced when the model is saved) still runs in TensorFlow
+    nb_samples = inputs.shape[1] if inputs.shape[1] is not None else tf.shape(inputs)[1]
+    zeros = tf.zeros(tf.stack([nb_samples, recurrent_kernel.shape[0]]), inputs.dtype)
+    return _sequence_lstm(inputs, zeros, zeros, kernel, recurrent_kernel, bias)[1]

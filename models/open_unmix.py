@@ -32,7 +32,7 @@ from configs.config import MUSDB_TARGETS
 from configs.errors import ConfigError
 from models.base import SeparationModel
 from models.filtering import WienerFilter
-from models.layers import LSTM, recur
+from models.layers import LSTM, recur, sequence_lstm
 from models.transforms import STFT, ISTFT, ComplexNorm, bandwidth_to_max_bin, complex_norm, stft
 
 
@@ -51,7 +51,7 @@ class Config:
     # Separator uses 300; 0 is kept here because evaluate / separate already cut songs into bounded chunks
     wiener_win_len: int = 0
     residual: bool = False  # add a `residual` output: mixture minus the sum of the targets
-    unroll: bool = False  # unrolled LSTMs (static frame count at call time); TFLite builtins need it
+    unroll: bool = False  # the TFLite form (`mobile`): fused sequence-LSTM composites, static batch at call time
 
     def __post_init__(self):
         key = "model.umx."
@@ -196,11 +196,14 @@ class StackedOpenUnmix(keras.layers.Layer):
     -> estimates `(nb_samples, nb_frames, nb_bins, nb_channels, nb_targets)`.
 
     The weights are those of `networks` (nothing new is created) and the numbers are theirs; only the
-    schedule changes: per LSTM layer the `nb_targets x nb_directions` recurrences run as ONE loop whose
-    step is one batched matmul (input projections hoisted out of the loop), so the unrolled TFLite graph
-    of UMX-HQ has 3 recurrences instead of 24 (8x fewer ops: faster to convert and to run). The
-    SavedModel keeps the per-target networks: TensorFlow runs their 24 scans concurrently, which
-    measured faster on CPU than this schedule (pipeline/benchmark.py `part:networks, ...`).
+    schedule changes: the dense layers of all targets run side by side, and per LSTM layer the
+    `nb_targets x nb_directions` recurrences run as ONE `tf.scan` whose step is one batched matmul (input
+    projections hoisted out of the loop). With `unroll` (the TFLite form) every recurrence is instead one
+    `models.layers.sequence_lstm` composite, which the converter turns into one fused
+    UNIDIRECTIONAL_SEQUENCE_LSTM op (24 for UMX-HQ): a native kernel over the whole sequence, quick to
+    convert, and with int8 weights under dynamic-range quantization. The SavedModel keeps the per-target
+    networks: TensorFlow runs their 24 scans concurrently, which measured faster on CPU than this schedule
+    (pipeline/benchmark.py `part:networks, ...`).
     """
 
     def __init__(self, networks=(), **kwargs):
@@ -249,13 +252,17 @@ class StackedOpenUnmix(keras.layers.Layer):
             sequences = tf.stack([hidden, tf.reverse(hidden, axis=[1])] if nb_directions == 2 else [hidden], axis=1)
             sequences = tf.reshape(sequences, tf.concat([[nb_targets * nb_directions], tf.shape(hidden)[1:]], 0))
             weights = [direction for lstm in lstms for direction in lstm.directions]
-            projected = _batched_dense(sequences, [w["kernel"] for w in weights]) + tf.reshape(
-                _stack([w["bias"] + w["recurrent_bias"] for w in weights]), [len(weights), 1, 1, -1])
-            states = self._recurrence(tf.transpose(projected, [1, 0, 2, 3]), [w["recurrent_kernel"] for w in weights],
-                                      first.unroll)
-            states = tf.reshape(tf.transpose(states, [1, 0, 2, 3]),
-                                tf.concat([[nb_targets, nb_directions], tf.shape(states)[0:1],
-                                           tf.shape(states)[2:]], 0))
+            if first.unroll:  # TFLite: one fused UNIDIRECTIONAL_SEQUENCE_LSTM per target and direction
+                states = tf.stack([sequence_lstm(sequences[group], w["kernel"], w["recurrent_kernel"],
+                                                 w["bias"] + w["recurrent_bias"])
+                                   for group, w in enumerate(weights)])  # (groups, frames, samples, units)
+            else:
+                projected = _batched_dense(sequences, [w["kernel"] for w in weights]) + tf.reshape(
+                    _stack([w["bias"] + w["recurrent_bias"] for w in weights]), [len(weights), 1, 1, -1])
+                states = self._recurrence(tf.transpose(projected, [1, 0, 2, 3]),
+                                          [w["recurrent_kernel"] for w in weights], False)
+                states = tf.transpose(states, [1, 0, 2, 3])
+            states = tf.reshape(states, tf.concat([[nb_targets, nb_directions], tf.shape(states)[1:]], 0))
             hidden = states[:, 0] if nb_directions == 1 else tf.concat(
                 [states[:, 0], tf.reverse(states[:, 1], axis=[1])], axis=-1)
         x = tf.concat([x, hidden], axis=-1)
@@ -327,12 +334,12 @@ def build(config: Config, *, data, stats=None) -> SeparationModel:
                        residual: bool = config.residual) -> keras.Model:
         """Mixture `(nb_samples, nb_timesteps, nb_channels)` -> {target [, "residual"]: waveform, same shape}.
 
-        Shares the weights of `train_model`. A static `nb_timesteps` is needed with `unroll=True`.
+        Shares the weights of `train_model`. With `unroll=True` (TFLite) give a static `nb_timesteps`.
         """
         waveform = keras.Input((nb_timesteps, nb_channels), name="mixture")
         mix_stft = stft_layer(waveform)
         mix_magnitude = norm_layer(mix_stft)
-        if config.unroll:  # TFLite: one unrolled recurrence per layer instead of one per target and direction
+        if config.unroll:  # TFLite: targets side by side, one fused sequence-LSTM op per target and direction
             estimates = StackedOpenUnmix([networks[target] for target in targets], name="networks")(mix_magnitude)
         else:  # TensorFlow runs the per-target scans concurrently: measured faster than the stacked schedule
             estimates = keras.ops.stack([networks[target](mix_magnitude) for target in targets], axis=-1)
@@ -352,8 +359,8 @@ def build(config: Config, *, data, stats=None) -> SeparationModel:
             network.set_input_statistics(mean, std)
 
     def mobile(nb_timesteps: int) -> keras.Model:
-        """The whole separator (STFT, networks, Wiener, ISTFT) over a static chunk with unrolled LSTMs:
-        TFLite built-in ops only. Weights are copied from this model at call time."""
+        """The whole separator (STFT, networks, Wiener, ISTFT) over a static chunk with fused sequence
+        LSTMs: TFLite built-in ops only. Weights are copied from this model at call time."""
         static = build(dataclasses.replace(config, unroll=True), data=data, stats=stats)
         static.train_model.set_weights(train_model.get_weights())
         return static.make_separator(nb_timesteps=nb_timesteps)

@@ -6,7 +6,11 @@ separate: seconds and x real-time to separate the same 30 s stereo input with th
           each TFLite variant, on 2 CPU threads, plus where the SavedModel's time goes (STFT/ISTFT,
           networks, Wiener filter). Weights do not change speed, so the model is built untrained:
           `python pipeline/benchmark.py separate with paper` is the UMX-HQ architecture (4 targets,
-          n_fft 4096, hidden 512, 3 BLSTM layers, 1 Wiener iteration) at 44.1 kHz.
+          n_fft 4096, hidden 512, 3 BLSTM layers, 1 Wiener iteration) at 44.1 kHz. The TFLite variants are
+          timed in turn with the SavedModel (ratios `tflite_float32_over_saved_model`, `tflite_<q>_over_float32`)
+          and, when the real MUSDB18-HQ excerpt is in ../shared/data, separate it: `tflite_<variant>_musdb_sdr`
+          (mean over targets of the whole-excerpt SDR) and `tflite_<q>_sdr_loss_db` (float32 minus quantized).
+          The weights are random there, so that loss is what quantization changes, not a trained model's SDR.
 stream:   the real-time streaming model (unidirectional Open-Unmix, models/streaming.py) on ONE thread by
           default: latency and compute time per hop, SavedModel and TFLite, as a real-time factor
           (`python pipeline/benchmark.py stream with paper model.umx.unidirectional=True`: UMX size).
@@ -267,13 +271,8 @@ def benchmark_separate(config, seconds: float, repeats: int, threads: int, tflit
             runs["open_unmix_pytorch"] = _reference_separate(reference, model, config, mixture, threads)
             runs["open_unmix_pytorch"]()
             report["open_unmix"] = _open_unmix_versions()
-        rows.update(_best_of_alternating(repeats, runs))
-        # where the time goes: the same graph pieces as Keras functions on the whole input
-        parts = _separator_parts(model, mixture)
-        for name, function in parts.items():
-            function()
-            rows[f"part:{name}"] = _best_of(repeats, function)
-        if with_tflite and model.mobile is not None:
+        if with_tflite and model.mobile is not None:  # converted first, then timed in turn with the SavedModel
+            excerpt = musdb_excerpt(rate, config.data.nb_channels, model.targets)
             chunk = model.input_samples(int(round(tflite_chunk * rate)))
             mobile = model.mobile(chunk)
             variants = {"float32": "", config.export.quantize: config.export.quantize}
@@ -286,21 +285,64 @@ def benchmark_separate(config, seconds: float, repeats: int, threads: int, tflit
                 interpreter = Interpreter(model_content=blob, num_threads=threads)
                 runner = interpreter.get_signature_runner(export.SIGNATURE)
                 if model.postprocess is None:
-                    separate_fn = lambda b: runner(waveform=b)  # noqa: E731
+                    separate_fn = lambda b, runner=runner: runner(waveform=b)  # noqa: E731
                 else:
-                    separate_fn = lambda b: model.postprocess(b, runner(waveform=b))  # noqa: E731
-                run = lambda: separate_array(separate_fn, mixture, sample_rate=rate,  # noqa: E731
-                                             chunk_seconds=chunk / rate, overlap=0.0)
-                run()
-                rows[f"tflite_{variant}"] = _best_of(repeats, run)
+                    separate_fn = lambda b, runner=runner: model.postprocess(b, runner(waveform=b))  # noqa: E731
+                runs[f"tflite_{variant}"] = lambda separate_fn=separate_fn: separate_array(  # noqa: E731
+                    separate_fn, mixture, sample_rate=rate, chunk_seconds=chunk / rate, overlap=0.0)
+                runs[f"tflite_{variant}"]()  # warm-up
                 report[f"tflite_{variant}_megabytes"] = round(len(blob) / 1e6, 2)
+                if excerpt is not None:  # what quantization costs in separation quality, on real music
+                    estimates = separate_array(separate_fn, excerpt[0], sample_rate=rate, chunk_seconds=chunk / rate,
+                                               overlap=0.0)
+                    report[f"tflite_{variant}_musdb_sdr"] = round(_mean_sdr(excerpt[1], estimates), 3)
             report["tflite_chunk_seconds"] = chunk / rate
+            if excerpt is not None and config.export.quantize in variants:
+                report["musdb_excerpt"] = str(MUSDB_EXCERPT)
+                report[f"tflite_{config.export.quantize}_sdr_loss_db"] = round(
+                    report["tflite_float32_musdb_sdr"] - report[f"tflite_{config.export.quantize}_musdb_sdr"], 3)
+        rows.update(_best_of_alternating(repeats, runs))
+        if "tflite_float32" in rows:  # > 1: faster than the SavedModel / than float32, same run
+            report["tflite_float32_over_saved_model"] = round(rows["saved_model"] / rows["tflite_float32"], 2)
+            quantized = f"tflite_{config.export.quantize}"
+            if quantized in rows:
+                report[f"{quantized}_over_float32"] = round(rows["tflite_float32"] / rows[quantized], 2)
+        # where the time goes: the same graph pieces as Keras functions on the whole input
+        parts = _separator_parts(model, mixture)
+        for name, function in parts.items():
+            function()
+            rows[f"part:{name}"] = _best_of(repeats, function)
     report["seconds"] = {k: round(v, 3) for k, v in rows.items()}
     report["x_realtime"] = {k: round(seconds / v, 2) for k, v in rows.items() if not k.startswith("part:")}
     if reference is not None:  # > 1: faster than open-unmix on the same input, same run
         report["open_unmix_over_ours"] = {k: round(rows["open_unmix_pytorch"] / v, 2) for k, v in rows.items()
                                           if not k.startswith("part:") and k != "open_unmix_pytorch"}
     return report
+
+
+# the real MUSDB18-HQ excerpt of ../shared/data (beside the checkout, or beside its worktree folder)
+MUSDB_EXCERPT = next((base / "shared" / "data" / "musdb18hq-sample" / "train" / "Music Delta - 80s Rock"
+                      for base in (PROJECT_ROOT.parent, PROJECT_ROOT.parent.parent)
+                      if (base / "shared" / "data" / "musdb18hq-sample").is_dir()), None)
+
+
+def musdb_excerpt(sample_rate: int, nb_channels: int, targets):
+    """(mixture `(nb_timesteps, nb_channels)`, {target: stem}) of the real excerpt at `sample_rate`, the mixture
+    being the sum of the stems; None when the excerpt is absent or lacks one of `targets`."""
+    if MUSDB_EXCERPT is None or not all((MUSDB_EXCERPT / f"{target}.wav").is_file() for target in targets):
+        return None
+    from components.audio import read_audio
+
+    stems = {target: read_audio(MUSDB_EXCERPT / f"{target}.wav", sample_rate=sample_rate, nb_channels=nb_channels)
+             for target in targets}
+    return sum(stems.values()).astype("float32"), stems
+
+
+def _mean_sdr(references: dict, estimates: dict) -> float:
+    """Mean over targets of the whole-excerpt SDR (components.metrics.global_sdr), in dB."""
+    from components.metrics import global_sdr
+
+    return sum(global_sdr(references[t], estimates[t]) for t in references) / len(references)
 
 
 def _open_unmix_versions() -> dict:
