@@ -149,7 +149,7 @@ def test_float16_tflite_is_finite_where_every_target_estimate_is_zero():
 
     config = resolve({}, ["unittest"])
     model = build_model(config, {})
-    for network in model.extra["networks"].values():
+    for network in model.networks.values():
         scale = np.ones(network.output_scale.shape, np.float32)
         scale[40:] = 0.0  # mask = relu(0 * x + 0) = 0 above bin 40 for every target
         network.output_scale.assign(scale)
