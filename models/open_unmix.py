@@ -31,7 +31,7 @@ import tensorflow as tf
 from configs.config import MUSDB_TARGETS, ConfigError
 from models.base import SeparationModel
 from models.filtering import WienerFilter
-from models.layers import LSTM, recur
+from models.layers import LSTM, lstm_sequence, recur
 from models.transforms import STFT, ISTFT, ComplexNorm, bandwidth_to_max_bin, complex_norm, stft
 
 
@@ -224,6 +224,8 @@ class StackedOpenUnmix(keras.layers.Layer):
             h = tf.sigmoid(o) * tf.tanh(c)
             return h, c
 
+        if not unroll:  # the XLA-compiled loop, all groups in one
+            return lstm_sequence(projected, kernel)
         zeros = tf.zeros(tf.concat([tf.shape(projected)[1:3], [units]], 0), projected.dtype)
         return recur(step, projected, zeros, unroll, "StackedOpenUnmix")
 
@@ -336,7 +338,7 @@ def build(config: Config, *, data, stats=None) -> SeparationModel:
         else:  # TensorFlow runs the per-target scans concurrently: measured faster than the stacked schedule
             estimates = keras.ops.stack([networks[target](mix_magnitude) for target in targets], axis=-1)
         sources = WienerFilter(wiener_iterations, residual, win_len=config.wiener_win_len,
-                               name="wiener")(estimates, mix_stft)
+                               jit_compile=not config.unroll, name="wiener")(estimates, mix_stft)
         waveforms = ISTFT(config.n_fft, config.hop_length, name="istft")(sources, waveform)  # (B, T, C, J)
         names = targets + (("residual",) if residual else ())
         return keras.Model(waveform, {name: waveforms[..., index] for index, name in enumerate(names)},
