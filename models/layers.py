@@ -307,13 +307,19 @@ class LSTM(keras.layers.Layer):
 
     def call(self, inputs):
         time_major = tf.transpose(inputs, [1, 0, 2])
-        outputs = []
+        projections = []
         for index, weights in enumerate(self.directions):
             sequence = tf.reverse(time_major, axis=[0]) if index == 1 else time_major
-            projected = (tf.einsum("tbi,ig->tbg", sequence, weights["kernel"])
-                         + weights["bias"] + weights["recurrent_bias"])
-            hidden = self._recurrence(projected, weights["recurrent_kernel"])
-            outputs.append(tf.reverse(hidden, axis=[0]) if index == 1 else hidden)
+            projections.append(tf.einsum("tbi,ig->tbg", sequence, weights["kernel"])
+                               + weights["bias"] + weights["recurrent_bias"])
+        if self.unroll or len(self.directions) == 1:
+            outputs = [self._recurrence(projected, weights["recurrent_kernel"])
+                       for projected, weights in zip(projections, self.directions)]
+        else:  # both directions in ONE loop: (frames, direction, samples, 4 * units), one kernel per direction
+            kernels = tf.stack([tf.convert_to_tensor(weights["recurrent_kernel"]) for weights in self.directions])
+            outputs = tf.unstack(lstm_sequence(tf.stack(projections, axis=1), kernels), num=2, axis=1)
+        if len(outputs) == 2:
+            outputs[1] = tf.reverse(outputs[1], axis=[0])
         return tf.transpose(tf.concat(outputs, axis=-1), [1, 0, 2])
 
     def compute_output_shape(self, input_shape):
