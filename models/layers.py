@@ -264,8 +264,9 @@ class LSTM(keras.layers.Layer):
 
     Gates in PyTorch order (input, forget, cell, output), biases `b_ih` (`bias`) and `b_hh`
     (`recurrent_bias`) per direction, initialised U(-1/sqrt(units), 1/sqrt(units)). The input
-    projection runs once over all frames; only the recurrence loops (`tf.scan`, or a Python loop
-    over a static frame count when `unroll`, which TFLite converts to builtins).
+    projection runs once over all frames; only the recurrence loops: `lstm_sequence` (XLA-compiled,
+    both directions in one loop, written-out gradient), or a Python loop over a static frame count
+    when `unroll`, which TFLite converts to builtins.
     """
 
     def __init__(self, units: int, bidirectional: bool = False, unroll: bool = False, **kwargs):
