@@ -198,8 +198,8 @@ class StackedOpenUnmix(keras.layers.Layer):
     schedule changes: per LSTM layer the `nb_targets x nb_directions` recurrences run as ONE loop whose
     step is one batched matmul (input projections hoisted out of the loop), so the unrolled TFLite graph
     of UMX-HQ has 3 recurrences instead of 24 (8x fewer ops: faster to convert and to run). The
-    SavedModel keeps the per-target networks: TensorFlow runs their 24 scans concurrently, which
-    measured faster on CPU than this schedule (pipeline/benchmark.py `part:networks, ...`).
+    SavedModel uses it too: with the XLA-compiled loop (`lstm_sequence`) one loop of 8 groups per layer
+    beats the per-target networks' loops (pipeline/benchmark.py `part:networks, ...`).
     """
 
     def __init__(self, networks=(), **kwargs):
@@ -333,10 +333,9 @@ def build(config: Config, *, data, stats=None) -> SeparationModel:
         waveform = keras.Input((nb_timesteps, nb_channels), name="mixture")
         mix_stft = stft_layer(waveform)
         mix_magnitude = norm_layer(mix_stft)
-        if config.unroll:  # TFLite: one unrolled recurrence per layer instead of one per target and direction
-            estimates = StackedOpenUnmix([networks[target] for target in targets], name="networks")(mix_magnitude)
-        else:  # TensorFlow runs the per-target scans concurrently: measured faster than the stacked schedule
-            estimates = keras.ops.stack([networks[target](mix_magnitude) for target in targets], axis=-1)
+        # one recurrence per layer for all targets and directions: unrolled for TFLite, one XLA loop of
+        # nb_targets x 2 groups for the server (measured 1.4-1.5x faster than per-target networks, UMX-HQ)
+        estimates = StackedOpenUnmix([networks[target] for target in targets], name="networks")(mix_magnitude)
         sources = WienerFilter(wiener_iterations, residual, win_len=config.wiener_win_len,
                                jit_compile=not config.unroll, name="wiener")(estimates, mix_stft)
         waveforms = ISTFT(config.n_fft, config.hop_length, name="istft")(sources, waveform)  # (B, T, C, J)
