@@ -200,17 +200,22 @@ class WienerFilter(keras.layers.Layer):
     """[target magnitudes `(B, F, K, C, J)`, mixture STFT `(B, F, K, C, 2)`] -> `(B, F, K, C, J [+1], 2)`."""
 
     def __init__(self, niter: int = 1, residual: bool = False, eps: float = 1e-10, scale_factor: float = 10.0,
-                 win_len: int = 0, **kwargs):
+                 win_len: int = 0, jit_compile: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.niter = niter
         self.residual = residual
         self.eps = eps
         self.scale_factor = scale_factor
         self.win_len = win_len  # frames per independently filtered block; 0: the whole input
+        # XLA fuses the EM's ~100 elementwise passes over (frames, bins, sources) tensors: ~3x faster on CPU.
+        # Server graphs only: TFLite converts plain ops, not XLA-compiled functions
+        self.jit_compile = jit_compile
+        self._compiled = tf.function(blockwise_wiener, jit_compile=True) if jit_compile else None
 
     def call(self, target_magnitudes, mix_stft):
-        return blockwise_wiener(target_magnitudes, mix_stft, self.win_len, self.niter, self.residual, self.eps,
-                                self.scale_factor)
+        filter_fn = self._compiled or blockwise_wiener
+        return filter_fn(target_magnitudes, mix_stft, self.win_len, self.niter, self.residual, self.eps,
+                         self.scale_factor)
 
     def compute_output_shape(self, target_magnitudes_shape, mix_stft_shape):
         shape = tuple(target_magnitudes_shape)
@@ -219,4 +224,4 @@ class WienerFilter(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "niter": self.niter, "residual": self.residual, "eps": self.eps,
-                "scale_factor": self.scale_factor, "win_len": self.win_len}
+                "scale_factor": self.scale_factor, "win_len": self.win_len, "jit_compile": self.jit_compile}

@@ -176,13 +176,92 @@ def recur(step, projected, zeros, unroll: bool, where: str):
     return tf.stack(outputs, axis=0)
 
 
+def _previous(sequence):
+    """`(nb_frames, ..., units)` -> the same one frame later: zeros first (the initial state), the last frame dropped."""
+    return tf.concat([tf.zeros_like(sequence[:1]), sequence[:-1]], axis=0)
+
+
+@tf.function(jit_compile=True)
+def _lstm_forward(projected, recurrent_kernel):
+    """Hidden and cell states `(nb_frames, ..., units)` of the PyTorch-order LSTM over time-major `projected`
+    `(nb_frames, ..., 4 * units)` (input projection and both biases already added); `recurrent_kernel`
+    `(..., units, 4 * units)` broadcasts over the leading (group) axes of a step's `(..., nb_samples, units)`.
+
+    XLA compiles the loop into one native loop: no per-step op dispatch, the step's ops fused."""
+    units = recurrent_kernel.shape[-1] // 4
+    zeros = tf.zeros_like(projected[0, ..., :units])
+
+    def step(state, z):
+        h, c = state
+        i, f, g, o = tf.split(z + tf.matmul(h, recurrent_kernel), 4, axis=-1)
+        c = tf.sigmoid(f) * c + tf.sigmoid(i) * tf.tanh(g)
+        return tf.sigmoid(o) * tf.tanh(c), c
+
+    return tf.scan(step, projected, initializer=(zeros, zeros))
+
+
+@tf.function(jit_compile=True)
+def _lstm_backward(projected, recurrent_kernel, hidden, cells, d_hidden):
+    """Gradients of `_lstm_forward`'s hidden states w.r.t. `projected` and `recurrent_kernel`, given `d_hidden`.
+
+    The gate activations are recomputed from the stored states with ONE matmul over all frames; the reverse
+    loop only carries d(hidden), d(cell) through `recurrent_kernel^T`, and the kernel's gradient is one matmul
+    over all frames after the loop (the cuDNN scheme) instead of an accumulation per step."""
+    h_prev, c_prev = _previous(hidden), _previous(cells)
+    i, f, g, o = tf.split(projected + tf.matmul(h_prev, recurrent_kernel), 4, axis=-1)
+    i, f, g, o = tf.sigmoid(i), tf.sigmoid(f), tf.tanh(g), tf.sigmoid(o)
+    tanh_c = tf.tanh(cells)
+    # d(cell) += d(hidden) * k_c; d(gates before activation) = [dc, dc, dc, dh] * k_gates
+    k_c = o * (1.0 - tf.square(tanh_c))
+    k_gates = tf.concat([g * i * (1.0 - i), c_prev * f * (1.0 - f), i * (1.0 - tf.square(g)),
+                         tanh_c * o * (1.0 - o)], axis=-1)
+    zeros = tf.zeros_like(hidden[0])
+
+    def step(state, frame):
+        d_h_next, d_c_next, _ = state
+        d_h_frame, k_c_frame, k_gates_frame, f_frame = frame
+        d_h = d_h_frame + d_h_next
+        d_c = d_c_next + d_h * k_c_frame
+        d_gates = tf.concat([d_c, d_c, d_c, d_h], axis=-1) * k_gates_frame
+        return tf.matmul(d_gates, recurrent_kernel, transpose_b=True), d_c * f_frame, d_gates
+
+    d_gates = tf.scan(step, (d_hidden, k_c, k_gates, f), initializer=(zeros, zeros, tf.zeros_like(projected[0])),
+                      reverse=True)[2]
+    # sum over frames and samples of h_prev^T d_gates, per group: batch axes (samples, groups...), then frames
+    rank = len(hidden.shape)
+    order = [rank - 2] + list(range(1, rank - 2)) + [0, rank - 1]
+    d_kernel = tf.matmul(tf.transpose(h_prev, order), tf.transpose(d_gates, order), transpose_a=True)
+    d_kernel = tf.reduce_sum(d_kernel, axis=0)  # (groups..., units, 4 * units)
+    return d_gates, d_kernel
+
+
+@tf.custom_gradient
+def lstm_sequence(projected, recurrent_kernel):
+    """Hidden states `(nb_frames, ..., nb_samples, units)` of the PyTorch-order LSTM (gates i, f, g, o) over
+    time-major `projected` `(nb_frames, ..., nb_samples, 4 * units)` (inputs times kernel plus both biases) from
+    a zero state, `recurrent_kernel` `(..., units, 4 * units)`: the fast path of `unroll=False`.
+
+    Forward and backward loops are XLA-compiled; the gradient is written out (`_lstm_backward`). Same numbers as
+    the `tf.scan` of `recur` to float32 round-off (tests/test_lstm.py)."""
+    # inputs cut from any tape: the XLA loops must not be differentiated themselves (their TensorList
+    # intermediates cannot leave the compiled cluster); `grad` is their derivative
+    projected, recurrent_kernel = tf.stop_gradient(projected), tf.stop_gradient(recurrent_kernel)
+    hidden, cells = _lstm_forward(projected, recurrent_kernel)
+
+    def grad(d_hidden):
+        return _lstm_backward(projected, recurrent_kernel, hidden, cells, tf.stop_gradient(d_hidden))
+
+    return hidden, grad
+
+
 class LSTM(keras.layers.Layer):
     """One PyTorch-style LSTM layer, `(nb_samples, nb_frames, features)` -> `(nb_samples, nb_frames, units * dirs)`.
 
     Gates in PyTorch order (input, forget, cell, output), biases `b_ih` (`bias`) and `b_hh`
     (`recurrent_bias`) per direction, initialised U(-1/sqrt(units), 1/sqrt(units)). The input
-    projection runs once over all frames; only the recurrence loops (`tf.scan`, or a Python loop
-    over a static frame count when `unroll`, which TFLite converts to builtins).
+    projection runs once over all frames; only the recurrence loops: `lstm_sequence` (XLA-compiled,
+    both directions in one loop, written-out gradient), or a Python loop over a static frame count
+    when `unroll`, which TFLite converts to builtins.
     """
 
     def __init__(self, units: int, bidirectional: bool = False, unroll: bool = False, **kwargs):
@@ -217,18 +296,26 @@ class LSTM(keras.layers.Layer):
             h = tf.sigmoid(o) * tf.tanh(c)
             return h, c
 
+        if not self.unroll:
+            return lstm_sequence(projected, tf.convert_to_tensor(recurrent_kernel))
         zeros = tf.zeros(tf.stack([tf.shape(projected)[1], units]), projected.dtype)
         return recur(step, projected, zeros, self.unroll, "LSTM")
 
     def call(self, inputs):
         time_major = tf.transpose(inputs, [1, 0, 2])
-        outputs = []
+        projections = []
         for index, weights in enumerate(self.directions):
             sequence = tf.reverse(time_major, axis=[0]) if index == 1 else time_major
-            projected = (tf.einsum("tbi,ig->tbg", sequence, weights["kernel"])
-                         + weights["bias"] + weights["recurrent_bias"])
-            hidden = self._recurrence(projected, weights["recurrent_kernel"])
-            outputs.append(tf.reverse(hidden, axis=[0]) if index == 1 else hidden)
+            projections.append(tf.einsum("tbi,ig->tbg", sequence, weights["kernel"])
+                               + weights["bias"] + weights["recurrent_bias"])
+        if self.unroll or len(self.directions) == 1:
+            outputs = [self._recurrence(projected, weights["recurrent_kernel"])
+                       for projected, weights in zip(projections, self.directions)]
+        else:  # both directions in ONE loop: (frames, direction, samples, 4 * units), one kernel per direction
+            kernels = tf.stack([tf.convert_to_tensor(weights["recurrent_kernel"]) for weights in self.directions])
+            outputs = tf.unstack(lstm_sequence(tf.stack(projections, axis=1), kernels), num=2, axis=1)
+        if len(outputs) == 2:
+            outputs[1] = tf.reverse(outputs[1], axis=[0])
         return tf.transpose(tf.concat(outputs, axis=-1), [1, 0, 2])
 
     def compute_output_shape(self, input_shape):

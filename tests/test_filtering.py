@@ -115,3 +115,18 @@ def test_layer_shape_and_config():
     assert tuple(out.shape) == (1, 12, 7, 2, 4, 2)
     assert layer.compute_output_shape((1, 12, 7, 2, 3), (1, 12, 7, 2, 2)) == (1, 12, 7, 2, 4, 2)
     assert filtering.WienerFilter.from_config(layer.get_config()).get_config() == layer.get_config()
+
+
+@pytest.mark.parametrize("win_len", [0, 5])
+def test_xla_compiled_layer_matches_numpy_reference(win_len):
+    # the server separator's WienerFilter(jit_compile=True): the same numbers as the reference, per block
+    magnitudes, mix = random_case(5)
+    layer = filtering.WienerFilter(niter=2, residual=True, win_len=win_len, jit_compile=True)
+    assert filtering.WienerFilter.from_config(layer.get_config()).jit_compile
+    got = to_complex(layer(magnitudes[None], to_stacked(mix)[None]))[0]
+    blocks = range(0, mix.shape[0], win_len or mix.shape[0])
+    expected = np.concatenate([reference_wiener(magnitudes[start:start + (win_len or mix.shape[0])].astype(np.float64),
+                                                mix[start:start + (win_len or mix.shape[0])], 2, True)
+                               for start in blocks])
+    assert got.shape == expected.shape
+    assert sdr(expected, got) >= 80
