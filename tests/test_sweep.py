@@ -3,21 +3,17 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 import urllib.error
 from pathlib import Path
 
 import pytest
 
 from pipeline import sweep
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.cli import script
 
 
 def run_sweep_cli(*args):
-    return subprocess.run([sys.executable, "pipeline/sweep.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=1200)
+    return script("sweep", *args, check=False, timeout=1200)
 
 
 def run_info(run_dir: Path) -> dict:

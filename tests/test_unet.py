@@ -578,37 +578,3 @@ def test_spleeter_mapping_uses_every_tensor_once_and_reports_mismatches(tmp_path
     with pytest.raises(ConfigError, match="model.unet.separation=ratio .* set model.unet.separation=direct"):
         tiny("unet", targets=("vocals",))
     assert tiny("unet", {"separation": "direct"}, targets=("vocals",)).targets == ("vocals",)
-
-
-# --------------------------------------------------------------------------------------------- export
-
-
-@pytest.mark.parametrize("name", FAMILIES)
-def test_saved_model_and_tflite_export(name, tmp_path):
-    from components.export import convert_tflite, run_tflite, tflite_ops, write_saved_model
-
-    model = tiny(name)
-    mixture, _ = harness.random_batch(model, 1, 3001, seed=4)
-    expected = {k: np.asarray(v) for k, v in model.separator(mixture, training=False).items()}
-    write_saved_model(model.separator, tmp_path / "saved", model.nb_channels)
-    served = tf.saved_model.load(str(tmp_path / "saved")).signatures["serving_default"](waveform=tf.constant(mixture))
-    assert max(float(np.max(np.abs(np.asarray(served[k]) - expected[k]))) for k in expected) <= 1e-5
-
-    chunk = model.input_samples(4000)
-    probe, _ = harness.random_batch(model, 1, chunk, seed=5)
-    blob = convert_tflite(model.mobile(chunk), chunk, model.nb_channels)
-    ops = tflite_ops(blob)
-    assert not [op for op in ops if op.startswith("Flex") or op in ("CUSTOM", "DELEGATE")], ops
-    assert "CONV_2D" in ops and "TRANSPOSE_CONV" in ops and "RFFT2D" in ops
-    outputs = run_tflite(blob, probe)
-    reference = {k: np.asarray(v) for k, v in model.train_model(probe, training=False).items()}
-    assert set(outputs) == set(reference)
-    for target in reference:
-        scale = np.max(np.abs(reference[target]))
-        assert np.max(np.abs(outputs[target] - reference[target])) <= 1e-4 * scale
-    waveforms = model.postprocess(probe, outputs)
-    separated = model.separator(probe, training=False)
-    for target in model.targets:
-        got, want = np.asarray(waveforms[target]), np.asarray(separated[target])
-        assert got.shape == probe.shape
-        assert np.max(np.abs(got - want)) <= 1e-4 * max(1e-3, np.max(np.abs(want)))
