@@ -124,11 +124,13 @@ def check_shared_weights(model):
 
 
 def check_fit_lowers_loss(model, steps: int = 5, nb_timesteps: int = 4001, nb_samples: int = 2,
-                          optimizer=None):
+                          optimizer=None, run_eagerly: bool = True):
     """A few `fit` steps on one fixed batch lower the training loss; returns (first, last).
 
     Plain SGD by default: tracing Keras' Adam update for every variable costs seconds on CPU and the
-    check is about gradients flowing, not about the optimizer.
+    check is about gradients flowing, not about the optimizer. Eager by default: the same losses to the
+    printed digit, and a few steps run faster than tracing one (DTTNet 1.6 s vs 9.1 s, TFC-TDF 2.3 vs 11.7 s);
+    the train stage's tests run the traced step.
     """
     import keras
 
@@ -136,7 +138,7 @@ def check_fit_lowers_loss(model, steps: int = 5, nb_timesteps: int = 4001, nb_sa
     mixture, stems = random_batch(model, nb_samples, model.input_samples(nb_timesteps), seed=1)
     truth = {target: np.asarray(value) for target, value in model.train_targets(stems).items()}
     optimizer = optimizer if optimizer is not None else keras.optimizers.SGD(1e-2)
-    model.train_model.compile(optimizer=optimizer, loss=model.loss, jit_compile=False)
+    model.train_model.compile(optimizer=optimizer, loss=model.loss, jit_compile=False, run_eagerly=run_eagerly)
     history = model.train_model.fit(mixture, truth, batch_size=nb_samples, epochs=steps, shuffle=False, verbose=0,
                                     callbacks=list(model.callbacks))
     losses = history.history["loss"]

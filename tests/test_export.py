@@ -148,7 +148,7 @@ def test_separate_real_musdb_mp4_with_tflite(exported, tmp_path):
     folder = out / "Music Delta - 80s Rock"
     for target in ("vocals", "drums", "bass", "other"):
         stem, rate = soundfile.read(str(folder / f"{target}.wav"), dtype="float32")
-        assert rate == 44100 and stem.shape == (300032, 2) or abs(stem.shape[0] - 300032) < 2048
+        assert rate == 44100 and stem.shape[1] == 2 and abs(stem.shape[0] - 300032) < 2048, (rate, stem.shape)
         assert np.all(np.isfinite(stem))
 
 
