@@ -32,8 +32,10 @@ CASES = {
     "dttnet": dict(overrides={"data": {"targets": ["bass"]}}, targets=("bass",), forbidden_ops=("WHILE",),
                    required_ops=("RFFT2D", "CONV_2D", "TRANSPOSE_CONV", "LOGISTIC", "TANH")),
 }
-SAVED_MODEL_MAX_ABS_DIFF = 1e-5  # SavedModel vs Keras, same float32 graph (measured <= 1e-7)
-TFLITE_MIN_PARITY_DB = 80.0      # TFLite float32 vs Keras separator, the project's "faithful" (measured >= 92 dB)
+SAVED_MODEL_MAX_ABS_DIFF = 1e-5  # SavedModel vs Keras, same float32 graph (measured <= 1.2e-7: umx)
+# TFLite float32 (+ postprocess) vs Keras separator: the project's "faithful". Measured: dttnet 118 dB (vocals+bass),
+# tfc_tdf_v3 126, m_unet 121, umx 136, c_unet 140, wave_u_net 141, unet 200 (bit-identical, the cap)
+TFLITE_MIN_PARITY_DB = 80.0
 
 
 @pytest.mark.parametrize("name", registry.names())
@@ -72,7 +74,7 @@ def test_parity_db_is_exact_for_quiet_outputs_and_finite_for_identical_ones():
     from components.export import PARITY_CAP_DB, parity_db
 
     quiet = np.full((1, 1000, 2), 1e-3)  # sum r^2 = 2e-3: the metric's 1e-8 epsilon would cap at 53 dB
-    off = quiet * (1 + 1e-5)                          # error 1e-5 of the signal: exactly 100 dB
+    off = quiet * (1 + 1e-5)  # error 1e-5 of the signal: exactly 100 dB
     assert parity_db({"a": quiet}, {"a": off}) == pytest.approx(100.0, abs=0.01)
     assert parity_db({"a": quiet, "b": quiet}, {"a": quiet, "b": quiet * 1.01}) == pytest.approx(40.0, abs=0.01)
     assert parity_db({"a": quiet}, {"a": quiet}) == PARITY_CAP_DB
