@@ -1,17 +1,72 @@
-"""The driver as the tests run it: `python pipeline/run.py ...` in a subprocess from the project root."""
+"""The command lines as the tests run them: `python pipeline/<script>.py ...` in a subprocess from the project root.
+
+Every test that runs a CLI (run.py, separate.py, compare.py, sweep.py) or a `python -c` script goes through
+here, so that the interpreter, working directory, import path and failure report are the same everywhere.
+"""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = [sys.executable, str(ROOT / "pipeline" / "run.py")]
+SEPARATE = [sys.executable, str(ROOT / "pipeline" / "separate.py")]
+
+
+def command(script: str, *args) -> list:
+    """argv of `python pipeline/<script>.py *args`."""
+    return [sys.executable, str(ROOT / "pipeline" / f"{script}.py"), *map(str, args)]
+
+
+def environment(env=None) -> dict:
+    """`env` (default: this process's) with the project root first on PYTHONPATH, for `python -c` scripts."""
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def _run(argv, label, check, timeout, kwargs):
+    kwargs.setdefault("capture_output", True)
+    kwargs.setdefault("text", True)
+    result = subprocess.run(argv, cwd=ROOT, timeout=timeout, **kwargs)
+    if check and result.returncode != 0:
+        stderr = result.stderr.decode(errors="replace") if isinstance(result.stderr, bytes) else result.stderr
+        raise AssertionError(f"{label} failed ({result.returncode}):\n{(stderr or '')[-3000:]}")
+    return result
+
+
+def script(name: str, *args, check=True, timeout=900, **kwargs):
+    """Run `pipeline/<name>.py *args`; with `check`, a non-zero exit fails with the end of stderr."""
+    return _run(command(name, *args), f"{name}.py {' '.join(map(str, args))}", check, timeout, kwargs)
 
 
 def cli(*args, check=True, timeout=900, **kwargs):
     """Run `pipeline/run.py *args`; with `check`, a non-zero exit fails with the end of stderr."""
-    result = subprocess.run([*RUN, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, **kwargs)
-    if check and result.returncode != 0:
-        raise AssertionError(f"run.py {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
-    return result
+    return script("run", *args, check=check, timeout=timeout, **kwargs)
+
+
+def separate(*args, check=True, timeout=600, **kwargs):
+    """Run the `separate` CLI (`pipeline/separate.py *args`)."""
+    return script("separate", *args, check=check, timeout=timeout, **kwargs)
+
+
+def python(code: str, *args, check=True, timeout=600, env=None, **kwargs):
+    """Run `python -c code *args` from the project root with the project on the import path."""
+    return _run([sys.executable, "-c", code, *map(str, args)], "python -c script", check, timeout,
+                {**kwargs, "env": environment(env)})
+
+
+def start(argv, **kwargs) -> subprocess.Popen:
+    """Start `argv` (`RUN + [...]`, `SEPARATE + [...]`, `command(...)` or `python_argv(...)`) in the background
+    from the project root, for tests that interrupt or race it; stdout and stderr are pipes unless given."""
+    kwargs.setdefault("stdout", subprocess.PIPE)
+    kwargs.setdefault("stderr", subprocess.PIPE)
+    kwargs.setdefault("text", True)
+    return subprocess.Popen(list(map(str, argv)), cwd=ROOT, **kwargs)
+
+
+def python_argv(code: str, *args) -> list:
+    """argv of `python -c code *args` for `start` (pass `env=environment()` so the project imports)."""
+    return [sys.executable, "-c", code, *map(str, args)]

@@ -2,18 +2,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.cli import script
 
 
 def test_compare_two_seeds_reports_mean_and_spread(tmp_path):
-    result = subprocess.run([sys.executable, "pipeline/compare.py", "--models", "umx", "--seeds", "2", "--budget", "2",
-                             "--dir", str(tmp_path), "with", "unittest"], cwd=ROOT, capture_output=True, text=True,
-                            timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
+    script("compare", "--models", "umx", "--seeds", "2", "--budget", "2", "--dir", tmp_path, "with", "unittest")
     (row,) = json.loads((tmp_path / "comparison.json").read_text())
     assert row["model"] == "umx" and row["seeds"] == 2 and [r["seed"] for r in row["runs"]] == [0, 1]
     sdrs = [r["sdr"] for r in row["runs"]]

@@ -9,8 +9,6 @@ import dataclasses
 import json
 import os
 import sqlite3
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from configs import PRESETS, Config
 from configs.config import defaults
 from pipeline import pipeline
 from configs.config import deep_merge
+from tests.cli import cli, python
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
@@ -366,10 +365,8 @@ def test_empty_root_is_an_error(tmp_path):
 
 
 def test_unknown_config_key_via_cli(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "pipeline/run.py", "--stage", "prepare", "--no-file-observer", "with", "unittest",
-         "data.sample_rat=8000", f"artifacts_dir={tmp_path}"],
-        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120, env=SUBPROCESS_ENV)
+    result = cli("--stage", "prepare", "--no-file-observer", "with", "unittest", "data.sample_rat=8000",
+                 f"artifacts_dir={tmp_path}", check=False, timeout=120, env=SUBPROCESS_ENV)
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]  # minus TF's own logging
     assert len(lines) == 1 and "unknown config key 'data.sample_rat'" in lines[0], result.stderr
@@ -432,8 +429,7 @@ def test_killed_prepare_leaves_no_complete_artifact(tmp_path):
         records.ShardWriter.close = close_then_die
         prepare(make_config({str(tmp_path)!r}))
     """)
-    result = subprocess.run([sys.executable, "-c", script], cwd=PROJECT_ROOT, capture_output=True, text=True,
-                            timeout=120, env=SUBPROCESS_ENV)
+    result = python(script, check=False, timeout=120, env=SUBPROCESS_ENV)
     assert result.returncode == -9, result.stderr[-2000:]
     leftovers = [p for p in tmp_path.iterdir() if ".prepare.staging-" in p.name]
     assert len(leftovers) == 1 and list(leftovers[0].glob("train-*.tfrecord"))  # it was killed mid-way
@@ -445,15 +441,8 @@ def test_killed_prepare_leaves_no_complete_artifact(tmp_path):
 
 # -- Sacred observers --------------------------------------------------------------------------------------------
 def test_cli_records_the_run_in_file_and_sql_observers(tmp_path):
-    from models import registry
-
-    if "umx" not in registry.names():
-        pytest.skip("the CLI validates model.name=umx against models/registry.py, where umx is not registered yet")
-    result = subprocess.run(
-        [sys.executable, "pipeline/run.py", "--stage", "prepare", "-q", "--runs-dir", str(tmp_path / "runs"),
-         "--sql", f"sqlite:///{tmp_path / 'runs.db'}", "with", "unittest", f"artifacts_dir={tmp_path / 'artifacts'}"],
-        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300, env=SUBPROCESS_ENV)
-    assert result.returncode == 0, result.stderr[-3000:]
+    cli("--stage", "prepare", "-q", "--runs-dir", tmp_path / "runs", "--sql", f"sqlite:///{tmp_path / 'runs.db'}",
+        "with", "unittest", f"artifacts_dir={tmp_path / 'artifacts'}", timeout=300, env=SUBPROCESS_ENV)
     (run_dir,) = [p for p in (tmp_path / "runs").iterdir() if p.name.isdigit()]
     run = json.loads((run_dir / "run.json").read_text())
     assert run["status"] == "COMPLETED" and run["command"] == "prepare" and run["result"] == 16.0

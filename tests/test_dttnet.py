@@ -143,35 +143,3 @@ def test_overlap_add_with_the_family_chunk_is_exact_for_an_identity_model(tiny):
                          input_samples=tiny.input_samples)
     for target in tiny.targets:
         assert np.max(np.abs(out[target] - mixture)) < 1e-6
-
-
-def test_saved_model_serving_contract_and_parity(tiny, tmp_path):
-    import tensorflow as tf
-
-    from components.export import INPUT_NAME, SIGNATURE, write_saved_model
-
-    write_saved_model(tiny.separator, tmp_path / "sm", tiny.nb_channels)
-    loaded = tf.saved_model.load(str(tmp_path / "sm"))
-    mixture = noise((2, 1500, 2), 5)
-    served = loaded.signatures[SIGNATURE](**{INPUT_NAME: tf.constant(mixture)})
-    expected = tiny.separator(mixture, training=False)
-    assert set(served) == set(tiny.targets)
-    for target in tiny.targets:
-        assert served[target].shape == (2, 1500, 2)
-        assert float(np.max(np.abs(np.asarray(served[target]) - np.asarray(expected[target])))) <= 1e-5
-
-
-def test_tflite_with_unrolled_lstms_uses_builtin_ops_only_and_matches_keras(tiny):
-    from components.export import convert_tflite, run_tflite, tflite_ops
-
-    model = tiny
-    chunk = model.input_samples(500)  # 8 frames: BLSTMs unrolled over 2 frames and 16 bins
-    mobile = model.mobile(chunk)
-    blob = convert_tflite(mobile, chunk, model.nb_channels)
-    ops = tflite_ops(blob)
-    assert not [op for op in ops if op.startswith("Flex") or op in ("CUSTOM", "DELEGATE", "WHILE")], ops
-    assert {"RFFT2D", "CONV_2D", "TRANSPOSE_CONV", "LOGISTIC", "TANH"} <= set(ops)
-    mixture = noise((1, chunk, 2), 6)
-    reference = np.asarray(model.train_model(mixture, training=False)["vocals"])
-    np.testing.assert_allclose(np.asarray(mobile(mixture)["vocals"]), reference, atol=1e-5)
-    assert float(np.max(np.abs(run_tflite(blob, mixture)["vocals"] - reference))) < 1e-4

@@ -17,7 +17,7 @@ from components import importer
 from configs.errors import CheckpointError, StageError
 from models.checkpoints import Placeholder, load_torch, plain
 from pipeline.experiment import resolve
-from tests.cli import cli
+from tests.cli import cli, separate
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
@@ -327,9 +327,6 @@ def test_wave_u_net_tf1_checkpoint_matches_the_reference_graph(release, tensors,
 def test_imported_model_through_prepare_evaluate_export_and_separate(tmp_path):
     """`--stage import`, then the unchanged stages and `separate` on the imported TFC-TDF-UNet v3: they take the
     imported settings from the train artifact (8 kHz, the four targets, the network sizes)."""
-    import subprocess
-    import sys
-
     import soundfile
 
     root = tmp_path / "artifacts"
@@ -354,10 +351,7 @@ def test_imported_model_through_prepare_evaluate_export_and_separate(tmp_path):
     t = np.arange(3 * rate) / rate
     song = np.stack([0.3 * np.sin(2 * np.pi * 220 * t), 0.2 * np.sin(2 * np.pi * 330 * t)], axis=1).astype(np.float32)
     soundfile.write(str(tmp_path / "song.wav"), song, rate)
-    separate = [sys.executable, str(Path(__file__).resolve().parents[1] / "pipeline" / "separate.py")]
-    result = subprocess.run([*separate, str(tmp_path / "song.wav"), "--artifacts-dir", str(root), "-o",
-                             str(tmp_path / "stems"), "-q"], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
+    separate(tmp_path / "song.wav", "--artifacts-dir", root, "-o", tmp_path / "stems", "-q")
     for target in ("vocals", "drums", "bass", "other"):
         stem, stem_rate = soundfile.read(str(tmp_path / "stems" / "song" / f"{target}.wav"), dtype="float32")
         assert stem_rate == rate and stem.shape == song.shape and np.all(np.isfinite(stem))

@@ -2,13 +2,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.cli import ROOT, cli
+
 SAMPLE = ROOT.parent / "shared" / "data" / "musdb18-sample"
 
 
@@ -17,9 +15,7 @@ def test_real_musdb_sample_prepares_trains_and_evaluates(tmp_path):
     common = ["--no-file-observer", "-q", "with", "unittest", "data.format=musdb", f"data.root={SAMPLE}",
               f"artifacts_dir={tmp_path}", "evaluate.split=train"]
     for stage in ("prepare", "train", "evaluate"):
-        result = subprocess.run([sys.executable, "pipeline/run.py", "--stage", stage, *common], cwd=ROOT,
-                                capture_output=True, text=True, timeout=900)
-        assert result.returncode == 0, f"{stage}: {result.stderr[-3000:]}"
+        cli("--stage", stage, *common)
     manifest = json.loads((tmp_path / "prepare" / "artifact.json").read_text())["manifest"]
     assert [t["name"] for t in manifest["splits"]["train"]["tracks"]] == ["Music Delta - 80s Rock"]
     assert sorted(manifest["empty_splits"]) == ["test", "valid"]

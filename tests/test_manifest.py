@@ -13,7 +13,7 @@ from components.manifest import Manifest, Shard, Split, TrackEntry
 from configs import PRESETS, Config
 from configs.config import defaults
 from pipeline import pipeline
-from pipeline.experiment import deep_merge
+from configs.config import deep_merge
 
 REDO = "redo it with `python pipeline/run.py --stage prepare --force`"
 

@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from configs import PRESETS, Config
 from configs.config import defaults
 from pipeline import pipeline
 from configs.config import deep_merge
-from tests.cli import ROOT, RUN, cli
+from tests.cli import RUN, cli, environment, python, python_argv, start
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 MUSDB_SAMPLE = SHARED_DATA / "musdb18-sample"
@@ -264,15 +263,12 @@ def _tf_config(ports, index: int) -> str:
 
 
 def test_one_step_on_two_workers_matches_one_process(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = environment({**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
     env.pop("TF_CONFIG", None)
     ports = _free_ports(2)
-    workers = [subprocess.Popen([sys.executable, "-c", MULTI_WORKER_STEP, str(tmp_path / f"worker{i}.npz")], cwd=ROOT,
-                                env={**env, "TF_CONFIG": _tf_config(ports, i)}, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True) for i in range(2)]
-    single = subprocess.run([sys.executable, "-c", MULTI_WORKER_STEP, str(tmp_path / "single.npz")], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=600)
-    assert single.returncode == 0, single.stderr[-3000:]
+    workers = [start(python_argv(MULTI_WORKER_STEP, tmp_path / f"worker{i}.npz"),
+                     env={**env, "TF_CONFIG": _tf_config(ports, i)}) for i in range(2)]
+    single = python(MULTI_WORKER_STEP, tmp_path / "single.npz", env=env)
     reports = []
     for worker in workers:
         out, err = worker.communicate(timeout=600)
@@ -310,12 +306,11 @@ def test_two_workers_train_and_a_killed_worker_resumes_from_the_last_epoch(tmp_p
     args = [*RUN, "--stage", "train", "--no-file-observer", "-q", "with", "unittest", f"artifacts_dir={root}",
             "train.strategy=multi_worker", "train.epochs=3", "train.steps_per_epoch=2", "model.umx.nb_layers=1"]
 
-    def start(index):
+    def start_worker(index):
         env = {**os.environ, "TF_CONFIG": _tf_config(ports, index), "TF_CPP_MIN_LOG_LEVEL": "3"}
-        return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                text=True, start_new_session=True)
+        return start(args, env=env, stdout=subprocess.DEVNULL, start_new_session=True)
 
-    chief, worker = start(0), start(1)
+    chief, worker = start_worker(0), start_worker(1)
     try:
         deadline = time.time() + 400
         while len(_history(root)) < 1:
@@ -330,7 +325,7 @@ def test_two_workers_train_and_a_killed_worker_resumes_from_the_last_epoch(tmp_p
         chief.wait(timeout=300)  # the chief's collectives fail once its peer is gone
         assert chief.returncode != 0
         assert not (root / "train" / "artifact.json").exists()
-        chief, worker = start(0), start(1)  # the scheduler restarts both tasks
+        chief, worker = start_worker(0), start_worker(1)  # the scheduler restarts both tasks
         for process in (chief, worker):
             _, err = process.communicate(timeout=600)
             assert process.returncode == 0, err[-3000:]

@@ -137,12 +137,11 @@ def test_exported_stream_tflite_matches_saved_model(model, exported):
         assert global_sdr(keras_streamed[target], streamed[target]) >= 80.0
 
 
-def _separate(*args, **kwargs):
-    import subprocess
-    import sys
+def _separate(*args, text=False, **kwargs):
+    """The `separate` CLI; bytes in and out unless `text` (raw PCM goes to its standard input)."""
+    from tests.cli import separate
 
-    return subprocess.run([sys.executable, "pipeline/separate.py", *args], cwd=PROJECT_ROOT, capture_output=True,
-                          timeout=600, **kwargs)
+    return separate(*args, check=False, text=text, **kwargs)
 
 
 def test_separate_stream_file_and_stdin_match_the_stream(model, exported, tmp_path):

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 import urllib.error
 from pathlib import Path
 
@@ -13,13 +11,11 @@ import pytest
 from configs.config import nested
 from pipeline import sweep
 from configs.errors import SweepError
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.cli import script
 
 
 def run_sweep_cli(*args):
-    return subprocess.run([sys.executable, "pipeline/sweep.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=1200)
+    return script("sweep", *args, check=False, timeout=1200)
 
 
 def run_info(run_dir: Path) -> dict:

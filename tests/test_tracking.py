@@ -3,14 +3,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import uuid
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.cli import cli
+
 POSTGRES_URL = os.environ.get("MUSICSEP_TEST_POSTGRES_URL")
 
 
@@ -19,11 +17,8 @@ def test_sql_observer_records_runs_in_postgresql(tmp_path):
     import sqlalchemy as sa
 
     marker = uuid.uuid4().hex[:8]
-    result = subprocess.run(
-        [sys.executable, "pipeline/run.py", "--stage", "prepare", "-q", "--no-file-observer", "--sql", POSTGRES_URL,
-         "with", "unittest", f"artifacts_dir={tmp_path / marker}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    cli("--stage", "prepare", "-q", "--no-file-observer", "--sql", POSTGRES_URL, "with", "unittest",
+        f"artifacts_dir={tmp_path / marker}", timeout=600)
     engine = sa.create_engine(POSTGRES_URL)
     with engine.connect() as connection:
         rows = connection.execute(sa.text("SELECT status, command, result, config FROM run ORDER BY id")).fetchall()
@@ -42,8 +37,7 @@ def test_sql_observer_records_runs_in_postgresql(tmp_path):
     (["with", "unittest", "data.format=musdb"], "data.format=musdb needs data.root"),
 ])
 def test_config_errors_are_one_line_and_exit_2(tmp_path, args, message):
-    result = subprocess.run([sys.executable, "pipeline/run.py", "--stage", "prepare", "--no-file-observer", *args,
-                             f"artifacts_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = cli("--stage", "prepare", "--no-file-observer", *args, f"artifacts_dir={tmp_path}", check=False, timeout=300)
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and message in last, result.stderr[-2000:]

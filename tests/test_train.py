@@ -5,7 +5,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.cli import ROOT, RUN, cli
+from tests.cli import RUN, cli, python, start
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +49,7 @@ def test_train_stage_writes_checkpoints_history_and_sacred_metrics(prepared, tmp
         "train.epochs=3", "train.snapshot_every_steps=2")
     meta = json.loads((root / "train" / "artifact.json").read_text())
     assert meta["complete"] and meta["figures"]["epochs"] == 3
-    assert meta["figures"]["parameters"] > 0
+    assert meta["figures"]["parameters"] == 46_112  # umx on the unittest preset
     for name in ("model.weights.h5", "best.weights.h5", "history.json"):
         assert (root / "train" / name).is_file(), name
     assert any((root / "train" / "tensorboard").rglob("events.out.tfevents.*"))
@@ -76,8 +75,7 @@ def test_resume_after_kill_continues_from_last_completed_epoch(prepared, tmp_pat
     root = _copy_prepare(prepared, tmp_path / "k")
     args = ["--stage", "train", "--no-file-observer", "-q", "with", "unittest", f"artifacts_dir={root}",
             "train.epochs=40", "train.steps_per_epoch=3"]
-    process = subprocess.Popen([*RUN, *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               text=True, start_new_session=True)
+    process = start([*RUN, *args], stdout=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
     history_files = []
     while time.time() < deadline:
@@ -134,28 +132,39 @@ MIRRORED_PARITY = textwrap.dedent("""
         with strategy.scope():
             model = build_model(config, {})
             model.train_model.compile(optimizer=keras.optimizers.SGD(0.1), loss=model.loss)
+        initial = [w.numpy() for w in model.train_model.trainable_weights]
         targets = {k: v.numpy() for k, v in model.train_targets(stems).items()}
         dataset = tf.data.Dataset.from_tensors((mixture, targets))
         model.train_model.fit(dataset, epochs=1, steps_per_epoch=1, verbose=0)
-        results.append((strategy.num_replicas_in_sync, [w.numpy() for w in model.train_model.trainable_weights]))
-    (n1, w1), (n2, w2) = results
+        results.append((strategy.num_replicas_in_sync, initial, [w.numpy() for w in model.train_model.trainable_weights]))
+    (n1, i1, w1), (n2, i2, w2) = results
+    start = max(float(np.max(np.abs(a - b))) for a, b in zip(i1, i2))
     diff = max(float(np.max(np.abs(a - b))) for a, b in zip(w1, w2))
-    moved = max(float(np.max(np.abs(a))) for a in w1)
-    print(json.dumps({"replicas": [n1, n2], "max_diff": diff, "moved": moved}))
+    # how far the step moved the weights: the largest change, and the share of variables it changed
+    moved = max(float(np.max(np.abs(a - b))) for a, b in zip(w1, i1))
+    changed = sum(not np.array_equal(a, b) for a, b in zip(w1, i1)) / len(w1)
+    print(json.dumps({"replicas": [n1, n2], "start_diff": start, "max_diff": diff, "moved": moved,
+                      "changed": changed}))
 """)
 
 
 def test_two_replicas_match_one_replica_on_the_same_global_batch():
-    result = subprocess.run([sys.executable, "-c", MIRRORED_PARITY], cwd=ROOT, capture_output=True, text=True,
-                            timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = json.loads(python(MIRRORED_PARITY).stdout.strip().splitlines()[-1])
     assert report["replicas"] == [1, 2]
-    assert report["max_diff"] < 1e-5, report
+    assert report["start_diff"] == 0.0, report  # the same seeded initial weights
+    # the step moved the weights (every variable, by far more than the two runs differ) and both runs agree
+    assert report["changed"] == 1.0 and report["moved"] > 1e-3, report
+    assert report["max_diff"] < 1e-5 and report["max_diff"] < 1e-3 * report["moved"], report
 
 
 def test_batch_size_must_divide_over_replicas_and_excerpt_fit_segments(prepared, tmp_path):
     root = _copy_prepare(prepared, tmp_path / "e")
+    result = cli("--stage", "train", "--no-file-observer", "with", "unittest", f"artifacts_dir={root}",
+                 "train.replicas=3", check=False)  # the unittest global batch is 4
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: train.batch_size=4 must be a multiple of train.replicas=3 (the global batch is split over the "
+        "replicas)")
     result = cli("--stage", "train", "--no-file-observer", "with", "unittest", f"artifacts_dir={root}",
                  "train.seq_seconds=30.0", check=False)
     assert result.returncode == 2

@@ -368,8 +368,6 @@ def test_shared_harness_on_the_unittest_preset_model():
     n = model.input_samples(1001)
     assert set(shapes.values()) == {(2, n - 2 * wun.context_samples(model.config), 2)}
     assert harness.check_shared_weights(model) == len(model.train_model.trainable_weights)
-    first, last = harness.check_fit_lowers_loss(model, steps=3, nb_timesteps=1001)
-    assert last < first
     harness.check_separator_shapes(model, nb_timesteps=1001)
     same = harness.build_tiny("wave_u_net", overrides={"model": {"wave_u_net": {"context": False}}})
     harness.check_separator_shapes(same, nb_timesteps=1001)
@@ -417,32 +415,3 @@ def test_unittest_preset_builds_a_tiny_model_whose_excerpt_fits_the_segments():
     assert model.train_model.count_params() < 5000
     seq = model.input_samples(int(round(config.train.seq_seconds * config.data.sample_rate)))
     assert seq == 8077 <= int(round(config.data.segment_seconds * config.data.sample_rate))
-
-
-# --------------------------------------------------------------------------------------------
-# Export: the chunked separator as a SavedModel (any length) and as a static TFLite chunk model
-# --------------------------------------------------------------------------------------------
-def test_chunked_separator_exports_to_saved_model_and_builtin_only_tflite(tmp_path):
-    import tensorflow as tf
-
-    from components.export import INPUT_NAME, SIGNATURE, convert_tflite, run_tflite, tflite_ops, write_saved_model
-
-    model = build(tiny(predict_frames=100))
-    write_saved_model(model.separator, tmp_path / "sm", 2)
-    loaded = tf.saved_model.load(str(tmp_path / "sm"))
-    for length in (50, 1001):  # shorter than one chunk; several chunks with the last one moved
-        mixture = noise((2, length, 2), length)
-        served = loaded.signatures[SIGNATURE](**{INPUT_NAME: tf.constant(mixture)})
-        expected = model.separator(mixture, training=False)
-        for target in MUSDB.targets:
-            assert served[target].shape == (2, length, 2)
-            assert float(np.max(np.abs(np.asarray(served[target]) - np.asarray(expected[target])))) <= 1e-5
-    chunk = 300  # three chunks of 107 output samples, the last one moved: unrolled into plain slices
-    blob = convert_tflite(model.mobile(chunk), chunk, 2)
-    ops = tflite_ops(blob)
-    assert not [op for op in ops if op.startswith("Flex") or op in ("CUSTOM", "DELEGATE", "WHILE")], ops
-    mixture = noise((1, chunk, 2), 7)
-    outputs = run_tflite(blob, mixture)
-    expected = model.separator(mixture, training=False)
-    for target in MUSDB.targets:
-        assert float(np.max(np.abs(outputs[target] - np.asarray(expected[target])))) < 1e-4, target
