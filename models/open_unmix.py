@@ -28,11 +28,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from configs.config import MUSDB_TARGETS
+from configs.config import MUSDB_TARGETS, bounded, check_fields
 from configs.errors import ConfigError
 from models.base import SeparationModel
 from models.filtering import WienerFilter
-from models.layers import LSTM, lstm_sequence, sequence_lstm
+from models.layers import LSTM, check_stft, lstm_sequence, sequence_lstm
 from models.transforms import STFT, ISTFT, ComplexNorm, bandwidth_to_max_bin, complex_norm, stft
 
 
@@ -42,33 +42,23 @@ class Config:
 
     n_fft: int = 4096
     hop_length: int = 1024
-    hidden_size: int = 512
-    nb_layers: int = 3
+    hidden_size: int = bounded(512, 2)  # even unless unidirectional (split over two LSTM directions)
+    nb_layers: int = bounded(3, 1)
     unidirectional: bool = False
-    bandwidth: float = 16000.0  # Hz; bins above are not fed to the network (but are estimated)
-    wiener_iterations: int = 1  # EM iterations in the separator; 0: ratio masks
+    bandwidth: float = bounded(16000.0, 0, low_open=True)  # Hz; bins above are not fed to the network (but are estimated)
+    wiener_iterations: int = bounded(1, 0)  # EM iterations in the separator; 0: ratio masks
     # frames per independently Wiener-filtered block; 0: the whole chunk the separator gets. open-unmix's
     # Separator uses 300; 0 is kept here because evaluate / separate already cut songs into bounded chunks
-    wiener_win_len: int = 0
+    wiener_win_len: int = bounded(0, 0)
     residual: bool = False  # add a `residual` output: mixture minus the sum of the targets
     unroll: bool = False  # the TFLite form (`mobile`): fused sequence-LSTM composites, static batch at call time
 
     def __post_init__(self):
         key = "model.umx."
-        if self.n_fft <= 0 or self.n_fft % 2:
-            raise ConfigError(f"{key}n_fft must be a positive even number, got {self.n_fft}")
-        if not 0 < self.hop_length <= self.n_fft // 2:
-            raise ConfigError(f"{key}hop_length must lie in (0, n_fft/2] for a perfect ISTFT, got {self.hop_length}")
-        if self.nb_layers < 1:
-            raise ConfigError(f"{key}nb_layers must be at least 1, got {self.nb_layers}")
-        if self.hidden_size < 2 or (not self.unidirectional and self.hidden_size % 2):
+        check_fields(self, key)
+        check_stft(key, self.n_fft, self.hop_length)
+        if not self.unidirectional and self.hidden_size % 2:
             raise ConfigError(f"{key}hidden_size must be even (split over two LSTM directions), got {self.hidden_size}")
-        if self.bandwidth <= 0:
-            raise ConfigError(f"{key}bandwidth must be positive (Hz), got {self.bandwidth}")
-        if self.wiener_iterations < 0:
-            raise ConfigError(f"{key}wiener_iterations must be >= 0, got {self.wiener_iterations}")
-        if self.wiener_win_len < 0:
-            raise ConfigError(f"{key}wiener_win_len must be >= 0 frames (0: whole chunk), got {self.wiener_win_len}")
 
 
 # --------------------------------------------------------------------------------------------- layers

@@ -190,7 +190,7 @@ BAD_VALUES = [
     ("model.wave_u_net.upsampling=foo",
      "config key 'model.wave_u_net.upsampling' must be one of linear, learned; got 'foo'"),
     ("model.wave_u_net.num_layers=0", "config key 'model.wave_u_net.num_layers' must be >= 1; got 0"),
-    ("model.umx.nb_layers=0", "model.umx.nb_layers must be at least 1, got 0"),
+    ("model.umx.nb_layers=0", "config key 'model.umx.nb_layers' must be >= 1; got 0"),
     ("model.unet.n_fft=3", "model.unet.n_fft must be a positive even number, got 3"),
     ("model.tfc_tdf_v3.quantile=1.5", "config key 'model.tfc_tdf_v3.quantile' must be in (0, 1); got 1.5"),
     ("model.unet.dropout=1", "config key 'model.unet.dropout' must be in [0, 1); got 1.0"),
