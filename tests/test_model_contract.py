@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from configs.config import deep_merge
 from models import registry
 from tests import model_harness as harness
 
@@ -41,7 +42,7 @@ TFLITE_MIN_PARITY_DB = 80.0
 @pytest.mark.parametrize("name", registry.names())
 def test_every_family_meets_the_contract(name, tmp_path):
     case = CASES.get(name, {})
-    overrides = harness.merge({"data": {"targets": list(TARGETS)}}, case.get("overrides", {}))
+    overrides = deep_merge({"data": {"targets": list(TARGETS)}}, case.get("overrides", {}))
     model = harness.build_tiny(name, overrides=overrides)
     family = harness.family_module(name)
     harness.check_config_round_trip(family, model.config)
