@@ -34,7 +34,7 @@ import tensorflow as tf
 
 from configs.config import ConfigError
 from models.base import SeparationModel
-from models.layers import LSTM
+from models.layers import LSTM, recur
 from models.tfc_tdf_unet import CropFrames, PadFrames, _torch_init
 from models.transforms import ISTFT, STFT
 
@@ -101,6 +101,46 @@ def _shape(x) -> list:
     return [size if size is not None else dynamic[axis] for axis, size in enumerate(x.shape)]
 
 
+class BLSTM(LSTM):
+    """The PyTorch-style bidirectional LSTM with both directions in one recurrence: the reversed sequence is
+    stacked beside the forward one and the two recurrent kernels multiply as one batched product, so a
+    training step traces one scan (and one gradient loop) per BLSTM instead of two. Same weights and
+    numbers as `LSTM(bidirectional=True)` (up to float rounding of the batched product); unrolled it is
+    exactly that layer (TFLite converts its per-step ops to builtins)."""
+
+    def __init__(self, units: int, unroll: bool = False, **kwargs):
+        kwargs.pop("bidirectional", None)
+        super().__init__(units, bidirectional=True, unroll=unroll, **kwargs)
+
+    def call(self, inputs):
+        if self.unroll:
+            return super().call(inputs)
+        time_major = tf.transpose(inputs, [1, 0, 2])
+        # (nb_frames, 2, nb_samples, 4 units): the input projections run once over all frames, as in LSTM
+        projected = tf.stack([tf.einsum("tbi,ig->tbg", sequence, weights["kernel"])
+                              + weights["bias"] + weights["recurrent_bias"]
+                              for sequence, weights in zip((time_major, tf.reverse(time_major, axis=[0])),
+                                                           self.directions)], axis=1)
+        # (2, units, 4 units): h (2, nb_samples, units) times it is one batched product for both directions
+        recurrent_kernel = tf.stack([tf.convert_to_tensor(weights["recurrent_kernel"]) for weights in self.directions])
+
+        def step(state, z):
+            h, c = state
+            i, f, g, o = tf.split(z + tf.matmul(h, recurrent_kernel), 4, axis=-1)
+            c = tf.sigmoid(f) * c + tf.sigmoid(i) * tf.tanh(g)
+            return tf.sigmoid(o) * tf.tanh(c), c
+
+        zeros = tf.zeros(tf.stack([2, tf.shape(projected)[2], self.units]), projected.dtype)
+        hidden = recur(step, projected, zeros, False, "BLSTM")  # (nb_frames, 2, nb_samples, units)
+        outputs = tf.concat([hidden[:, 0], tf.reverse(hidden[:, 1], axis=[0])], axis=-1)
+        return tf.transpose(outputs, [1, 0, 2])
+
+    def get_config(self):
+        config = super().get_config()
+        config.pop("bidirectional")
+        return config
+
+
 class DualPathModule(keras.layers.Layer):
     """Improved Dual-Path Module, `(nb_samples, nb_frames, nb_bins, channels)` -> same shape.
 
@@ -126,7 +166,7 @@ class DualPathModule(keras.layers.Layer):
             for axis in ("time", "freq"):
                 path[axis] = (
                     keras.layers.GroupNormalization(groups, axis=-1, epsilon=1e-5, name=f"{axis}{index}_norm"),
-                    LSTM(hidden, bidirectional=True, unroll=unroll, name=f"{axis}{index}_blstm"),
+                    BLSTM(hidden, unroll=unroll, name=f"{axis}{index}_blstm"),
                     keras.layers.Dense(features, kernel_initializer=_torch_init(), name=f"{axis}{index}_fc",
                                        bias_initializer=keras.initializers.RandomUniform(
                                            -(2 * hidden) ** -0.5, (2 * hidden) ** -0.5)),

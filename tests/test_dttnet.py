@@ -123,6 +123,18 @@ def test_dual_path_module_is_residual_and_shares_weights_across_heads():
             dense.set_weights([np.zeros_like(w) for w in dense.get_weights()])
     np.testing.assert_allclose(keras.ops.convert_to_numpy(module(x)), x, atol=1e-7)
 
+    # the module's BLSTM runs both directions in one scan: the numbers of the two-scan LSTM, the same weights
+    from models.layers import LSTM
+
+    fused, plain = dttnet.BLSTM(6, name="fused"), LSTM(6, bidirectional=True, name="plain")
+    sequences = noise((3, 7, 4), 2, scale=1.0)
+    fused(sequences), plain(sequences)
+    assert [w.path.split("/")[-1] for w in fused.weights] == [w.path.split("/")[-1] for w in plain.weights]
+    plain.set_weights(fused.get_weights())
+    expected = keras.ops.convert_to_numpy(plain(sequences))
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(fused(sequences)), expected, atol=2e-6)
+    assert float(np.max(np.abs(expected[:, 0, 6:] - expected[:, 1, 6:]))) > 1e-2  # the backward half is real
+
 
 def test_loss_is_l1_on_waveforms_and_one_fit_lowers_it(tiny):
     stems = {t: noise((1, 1000, 2), i) for i, t in enumerate(tiny.targets)}
