@@ -84,44 +84,49 @@ def _classes():
                 super()._apply_weight_decay(variables)  # else folded into the flat update
 
         def _backend_update_step(self, grads, trainable_variables, learning_rate):
-            """`update_step` (after Keras's decoupled decay) on all variables concatenated into one vector.
+            """`update_step` (after Keras's decoupled decay) on the variables stacked by shape: one update per
+            shape instead of one per variable.
 
             Every operation is element-wise, so the result is bitwise the per-variable one; the traced graph
-            has a few dozen operations instead of ~70 per variable (DTTNet has ~130 variables per target)."""
+            holds ~6 operations per variable plus ~20 per shape instead of ~45 per variable (DTTNet has about
+            200 variables of about 40 shapes per target)."""
             import tensorflow as tf
 
-            variables = [v.value if isinstance(v, keras.Variable) else v for v in trainable_variables]
+            def tf_variable(v):
+                return v.value if isinstance(v, keras.Variable) else v
+
+            variables = [tf_variable(v) for v in trainable_variables]
             if not self._fused(trainable_variables) or any(isinstance(g, tf.IndexedSlices) for g in grads):
                 if self.weight_decay is not None and self._fused(trainable_variables):
                     super()._apply_weight_decay(trainable_variables)
                 return super()._backend_update_step(grads, trainable_variables, learning_rate)
-            sizes = [math.prod(v.shape) for v in variables]
-
-            def flat(tensors):
-                return tf.concat([tf.reshape(t, [-1]) for t in tensors], axis=0)
-
             indices = [self._get_variable_index(v) for v in trainable_variables]
-            momentums = [self._momentums[i] for i in indices]
-            velocities = [self._velocities[i] for i in indices]
+            momentums = [tf_variable(self._momentums[i]) for i in indices]
+            velocities = [tf_variable(self._velocities[i]) for i in indices]
+            decayed = [self.weight_decay is not None and self._use_weight_decay(v) for v in variables]
+            groups = {}
+            for position, variable in enumerate(variables):
+                groups.setdefault((tuple(variable.shape), decayed[position]), []).append(position)
+
             lr = tf.cast(learning_rate, tf.float32)
-            weights, gradient = flat(variables), flat([tf.cast(g, tf.float32) for g in grads])
-            if self.weight_decay is not None:  # TFOptimizer._apply_weight_decay: w <- w - w * wd * lr
-                decayed = [self._use_weight_decay(v) for v in variables]
-                step_decayed = weights - weights * tf.cast(self.weight_decay, tf.float32) * lr
-                weights = step_decayed if all(decayed) else tf.where(
-                    flat([tf.fill([size], use) for use, size in zip(decayed, sizes)]), step_decayed, weights)
-            if self.l2:
-                gradient = gradient + tf.cast(self.l2, tf.float32) * weights
             step = tf.cast(self.iterations + 1, tf.float32)
             beta_1, beta_2 = tf.cast(self.beta_1, tf.float32), tf.cast(self.beta_2, tf.float32)
-            m = beta_1 * flat(momentums) + (1.0 - beta_1) * gradient
-            v = beta_2 * flat(velocities) + (1.0 - beta_2) * tf.square(gradient)
-            m_hat = m / (1.0 - tf.pow(beta_1, step))
-            v_hat = v / (1.0 - tf.pow(beta_2, step))
-            weights = weights - lr * m_hat / (tf.sqrt(v_hat) + tf.cast(self.epsilon, tf.float32))
-            for targets, values in ((momentums, m), (velocities, v), (variables, weights)):
-                for target, value in zip(targets, tf.split(values, sizes)):
-                    target.assign(tf.reshape(value, target.shape))
+            keep_1, keep_2 = 1.0 - beta_1, 1.0 - beta_2
+            correction_1, correction_2 = 1.0 - tf.pow(beta_1, step), 1.0 - tf.pow(beta_2, step)
+            epsilon = tf.cast(self.epsilon, tf.float32)
+            for (_, decay), positions in groups.items():
+                weights = tf.stack([variables[p] for p in positions])
+                gradient = tf.stack([tf.cast(grads[p], tf.float32) for p in positions])
+                if decay:  # TFOptimizer._apply_weight_decay: w <- w - w * wd * lr
+                    weights = weights - weights * tf.cast(self.weight_decay, tf.float32) * lr
+                if self.l2:
+                    gradient = gradient + tf.cast(self.l2, tf.float32) * weights
+                m = beta_1 * tf.stack([momentums[p] for p in positions]) + keep_1 * gradient
+                v = beta_2 * tf.stack([velocities[p] for p in positions]) + keep_2 * tf.square(gradient)
+                weights = weights - lr * (m / correction_1) / (tf.sqrt(v / correction_2) + epsilon)
+                for targets, values in ((momentums, m), (velocities, v), (variables, weights)):
+                    for position, value in zip(positions, tf.unstack(values, num=len(positions))):
+                        self.assign(targets[position], value)
 
         def get_config(self):
             return {**super().get_config(), "l2": self.l2, "torch_eps": self.torch_eps}
