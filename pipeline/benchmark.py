@@ -69,6 +69,8 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--families", default=None,
                         help="memory: comma-separated families (default: every registered family)")
     parser.add_argument("--song-minutes", type=float, default=10.0, help="memory: song length (default 10)")
+    parser.add_argument("--chunk-seconds", type=float, default=None,
+                        help="memory: separate's --chunk-seconds (default: separate's own, 10 s)")
     parser.add_argument("--work-dir", default=None,
                         help="memory: where the song, SavedModels and stems go (default: a temporary folder)")
     parser.epilog = "Configuration after `with`, as for pipeline/run.py: `with default model.name=umx`."
@@ -428,7 +430,8 @@ def _export_untrained(updates: dict, named: list, family: str, saved: str) -> No
     (Path(saved) / "assets.extra" / "model.json").write_text(json.dumps(sidecar, indent=1, default=str))
 
 
-def benchmark_memory(updates: dict, named: list, families, minutes: float, work: Path) -> dict:
+def benchmark_memory(updates: dict, named: list, families, minutes: float, work: Path,
+                     chunk_seconds: float = None) -> dict:
     """Peak RSS (MB) and wall time of `separate` on a `minutes`-long stereo 44.1 kHz song, per family."""
     import multiprocessing
     import shutil
@@ -436,7 +439,8 @@ def benchmark_memory(updates: dict, named: list, families, minutes: float, work:
 
     song = work / "song.wav"
     _write_song(song, minutes * 60.0)
-    report = {"song_minutes": minutes, "song_megabytes": round(song.stat().st_size / 1e6, 1), "families": {}}
+    report = {"song_minutes": minutes, "song_megabytes": round(song.stat().st_size / 1e6, 1),
+              "chunk_seconds": chunk_seconds or "separate's default", "families": {}}
     for family in families:
         saved = work / family / "saved_model"
         shutil.rmtree(work / family, ignore_errors=True)
@@ -450,6 +454,8 @@ def benchmark_memory(updates: dict, named: list, families, minutes: float, work:
         sidecar = json.loads((saved / "assets.extra" / "model.json").read_text())
         command = [sys.executable, str(PROJECT_ROOT / "pipeline" / "separate.py"), str(song), "--model", str(saved),
                    "-o", str(work / family / "stems"), "-q", "--force"]
+        if chunk_seconds:
+            command += ["--chunk-seconds", str(chunk_seconds)]
         started = time.perf_counter()
         child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         # wait4: the resource usage of this child alone (getrusage(RUSAGE_CHILDREN) would keep the maximum
@@ -502,7 +508,8 @@ def main(argv=None) -> int:
             if unknown:
                 raise UserError(f"--families: unknown family '{unknown[0]}'; choose from {', '.join(registry.names())}")
             with tempfile.TemporaryDirectory(dir=args.work_dir) as work:
-                print(json.dumps(benchmark_memory(updates, named, families, args.song_minutes, Path(work)), indent=1))
+                print(json.dumps(benchmark_memory(updates, named, families, args.song_minutes, Path(work),
+                                                  args.chunk_seconds), indent=1))
             return 0
         if args.what == "train":
             import tensorflow as tf
