@@ -16,7 +16,6 @@ for validation and checkpoints; `fit` ends with the averages written into the mo
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 OPTIMIZERS = ("adam", "adam_tf", "adamw", "sgd")
@@ -72,8 +71,8 @@ def _classes():
             self.assign_sub(variable, lr * m_hat / (ops.sqrt(v_hat) + ops.cast(self.epsilon, variable.dtype)))
 
         def _fused(self, variables) -> bool:
-            """One flat update for all variables: outside distribution strategies (whose variables update per
-            replica), with PyTorch's epsilon and only float32 dense variables."""
+            """Whether `_backend_update_step` updates the variables stacked by shape: outside distribution
+            strategies (whose variables update per replica), with PyTorch's epsilon, float32 variables only."""
             import tensorflow as tf
 
             return (self.torch_eps and not tf.distribute.has_strategy() and not self.gradient_accumulation_steps
@@ -81,7 +80,7 @@ def _classes():
 
         def _apply_weight_decay(self, variables):
             if not self._fused(variables):
-                super()._apply_weight_decay(variables)  # else folded into the flat update
+                super()._apply_weight_decay(variables)  # else folded into the stacked update
 
         def _backend_update_step(self, grads, trainable_variables, learning_rate):
             """`update_step` (after Keras's decoupled decay) on the variables stacked by shape: one update per
