@@ -57,13 +57,42 @@ def conform(audio: np.ndarray, rate: int, path, *, sample_rate: int, nb_channels
     return np.ascontiguousarray(audio)
 
 
-def resample(audio: np.ndarray, rate: int, sample_rate: int) -> np.ndarray:
-    """Band-limited polyphase resampling (Kaiser-windowed FIR) along the time axis."""
-    from scipy.signal import resample_poly
+def resample(audio: np.ndarray, rate: int, sample_rate: int, block_samples: int = 1 << 20) -> np.ndarray:
+    """Band-limited polyphase resampling (Kaiser-windowed FIR) along the time axis: scipy's
+    `resample_poly(audio, up, down, window=("kaiser", 5.0))` as float32, computed `block_samples` output
+    samples at a time so that a 10-minute song needs one output array, not several full-length temporaries.
+
+    Each block filters the input samples it depends on, starting at a multiple of `down` (the filter's
+    phase) and zero beyond the ends, which is what the whole-signal filter sees: the same numbers."""
+    from scipy.signal import firwin, upfirdn
 
     ratio = Fraction(int(sample_rate), int(rate))
-    out = resample_poly(audio, ratio.numerator, ratio.denominator, axis=0, window=("kaiser", 5.0))
-    return out.astype(np.float32)
+    up, down = ratio.numerator, ratio.denominator
+    audio = np.asarray(audio)
+    if up == down == 1:
+        return audio.astype(np.float32)
+    dtype = audio.dtype if np.issubdtype(audio.dtype, np.floating) else np.float64
+    n_in = audio.shape[0]
+    n_out = -(-n_in * up // down)
+    # resample_poly's filter: firwin of 2 * half_len + 1 taps in the input's dtype, times up, zero-padded
+    half_len = 10 * max(up, down)
+    taps = firwin(2 * half_len + 1, 1.0 / max(up, down), window=("kaiser", 5.0)).astype(dtype) * up
+    pre_pad = down - half_len % down
+    pre_remove = (half_len + pre_pad) // down
+    post_pad = 0
+    while ((n_in - 1) * up + len(taps) + pre_pad + post_pad - 1) // down + 1 < n_out + pre_remove:
+        post_pad += 1
+    taps = np.concatenate([np.zeros(pre_pad, dtype), taps, np.zeros(post_pad, dtype)])
+    out = np.empty((n_out,) + audio.shape[1:], np.float32)
+    for first in range(0, n_out, block_samples):
+        last = min(first + block_samples, n_out)  # outputs [first, last) are the filter's [k0, k1)
+        k0, k1 = first + pre_remove, last + pre_remove
+        start = max(0, -(-(k0 * down - len(taps) + 1) // up)) // down * down
+        stop = min(n_in, (k1 - 1) * down // up + 1)
+        filtered = upfirdn(taps, audio[start:stop], up, down, axis=0)
+        offset = start * up // down
+        out[first:last] = filtered[k0 - offset:k1 - offset]
+    return out
 
 
 def check_track(name: str, stems: Mapping[str, np.ndarray], paths: Mapping[str, str]) -> Tuple[Dict, List[str]]:

@@ -70,6 +70,63 @@ class ReferenceAdam(_ReferenceEma, keras.optimizers.Adam):
         v_hat = v / (1.0 - ops.power(beta_2, step))
         self.assign_sub(variable, lr * m_hat / (ops.sqrt(v_hat) + ops.cast(self.epsilon, variable.dtype)))
 
+    def _fused(self, variables) -> bool:
+        """Whether `_backend_update_step` updates the variables stacked by shape: outside distribution
+        strategies (whose variables update per replica), with PyTorch's epsilon, float32 variables only."""
+        import tensorflow as tf
+
+        return (self.torch_eps and not tf.distribute.has_strategy() and not self.gradient_accumulation_steps
+                and all(variable.dtype == "float32" for variable in variables))
+
+    def _apply_weight_decay(self, variables):
+        if not self._fused(variables):
+            super()._apply_weight_decay(variables)  # else folded into the stacked update
+
+    def _backend_update_step(self, grads, trainable_variables, learning_rate):
+        """`update_step` (after Keras's decoupled decay) on the variables stacked by shape: one update per
+        shape instead of one per variable.
+
+        Every operation is element-wise, so the result is bitwise the per-variable one; the traced graph
+        holds ~6 operations per variable plus ~20 per shape instead of ~45 per variable (DTTNet has about
+        200 variables of about 40 shapes per target)."""
+        import tensorflow as tf
+
+        def tf_variable(v):
+            return v.value if isinstance(v, keras.Variable) else v
+
+        variables = [tf_variable(v) for v in trainable_variables]
+        if not self._fused(trainable_variables) or any(isinstance(g, tf.IndexedSlices) for g in grads):
+            if self.weight_decay is not None and self._fused(trainable_variables):
+                super()._apply_weight_decay(trainable_variables)
+            return super()._backend_update_step(grads, trainable_variables, learning_rate)
+        indices = [self._get_variable_index(v) for v in trainable_variables]
+        momentums = [tf_variable(self._momentums[i]) for i in indices]
+        velocities = [tf_variable(self._velocities[i]) for i in indices]
+        decayed = [self.weight_decay is not None and self._use_weight_decay(v) for v in variables]
+        groups = {}
+        for position, variable in enumerate(variables):
+            groups.setdefault((tuple(variable.shape), decayed[position]), []).append(position)
+
+        lr = tf.cast(learning_rate, tf.float32)
+        step = tf.cast(self.iterations + 1, tf.float32)
+        beta_1, beta_2 = tf.cast(self.beta_1, tf.float32), tf.cast(self.beta_2, tf.float32)
+        keep_1, keep_2 = 1.0 - beta_1, 1.0 - beta_2
+        correction_1, correction_2 = 1.0 - tf.pow(beta_1, step), 1.0 - tf.pow(beta_2, step)
+        epsilon = tf.cast(self.epsilon, tf.float32)
+        for (_, decay), positions in groups.items():
+            weights = tf.stack([variables[p] for p in positions])
+            gradient = tf.stack([tf.cast(grads[p], tf.float32) for p in positions])
+            if decay:  # TFOptimizer._apply_weight_decay: w <- w - w * wd * lr
+                weights = weights - weights * tf.cast(self.weight_decay, tf.float32) * lr
+            if self.l2:
+                gradient = gradient + tf.cast(self.l2, tf.float32) * weights
+            m = beta_1 * tf.stack([momentums[p] for p in positions]) + keep_1 * gradient
+            v = beta_2 * tf.stack([velocities[p] for p in positions]) + keep_2 * tf.square(gradient)
+            weights = weights - lr * (m / correction_1) / (tf.sqrt(v / correction_2) + epsilon)
+            for targets, values in ((momentums, m), (velocities, v), (variables, weights)):
+                for position, value in zip(positions, tf.unstack(values, num=len(positions))):
+                    self.assign(targets[position], value)
+
     def get_config(self):
         return {**super().get_config(), "l2": self.l2, "torch_eps": self.torch_eps}
 

@@ -14,6 +14,11 @@ separate: seconds and x real-time to separate the same 30 s stereo input with th
 stream:   the real-time streaming model (unidirectional Open-Unmix, models/streaming.py) on ONE thread by
           default: latency and compute time per hop, SavedModel and TFLite, as a real-time factor
           (`python pipeline/benchmark.py stream with paper model.umx.unidirectional=True`: UMX size).
+memory:   peak resident memory of the `separate` CLI on a synthetic song (default 10 minutes, stereo 44.1 kHz),
+          one child process per registered family (or `--families a,b`): each family's SavedModel is
+          exported untrained (randomly initialised: weights change neither memory nor speed) at the
+          configured size (`with paper`: every family's published size), then `separate` runs on the song
+          in a fresh process whose peak RSS the kernel reports (wait4's ru_maxrss).
 
 Against the reference: when the open-unmix PyTorch package is installed, both commands also run it on
 the same input with random weights of the same size (Open-Unmix only) and print ratios (> 1: we are
@@ -49,7 +54,7 @@ elif str(PROJECT_ROOT) not in sys.path:
 
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipeline/benchmark.py", description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("train", "separate", "stream"), help="what to measure")
+    parser.add_argument("what", choices=("train", "separate", "stream", "memory"), help="what to measure")
     parser.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (tracing, caches)")
     parser.add_argument("--seconds", type=float, default=30.0, help="separate: input length (default 30 s)")
@@ -65,6 +70,13 @@ def get_parser() -> argparse.ArgumentParser:
                         help="train: batch of the step comparison with open-unmix (default 4)")
     parser.add_argument("--step-only", action="store_true",
                         help="train: only the step comparison on a random batch (no prepared data needed)")
+    parser.add_argument("--families", default=None,
+                        help="memory: comma-separated families (default: every registered family)")
+    parser.add_argument("--song-minutes", type=float, default=10.0, help="memory: song length (default 10)")
+    parser.add_argument("--chunk-seconds", type=float, default=None,
+                        help="memory: separate's --chunk-seconds (default: separate's own, 10 s)")
+    parser.add_argument("--work-dir", default=None,
+                        help="memory: where the song, SavedModels and stems go (default: a temporary folder)")
     parser.epilog = "Configuration after `with`, as for pipeline/run.py: `with default model.name=umx`."
     return parser
 
@@ -428,6 +440,89 @@ def benchmark_stream(config, hops: int, warmup: int, threads: int) -> dict:
     return result
 
 
+def _write_song(path: Path, seconds: float, sample_rate: int = 44100, nb_channels: int = 2) -> None:
+    """A synthetic stereo song written block by block (the benchmark's own memory stays small): a few
+    tones and noise, 16-bit PCM."""
+    import numpy as np
+    import soundfile
+
+    rng = np.random.default_rng(0)
+    block = 10 * sample_rate
+    with soundfile.SoundFile(str(path), "w", samplerate=sample_rate, channels=nb_channels, subtype="PCM_16") as f:
+        for start in range(0, int(seconds * sample_rate), block):
+            t = (start + np.arange(min(block, int(seconds * sample_rate) - start))) / sample_rate
+            tones = sum(0.1 * np.sin(2 * np.pi * f0 * t) for f0 in (110.0, 440.0, 1320.0))
+            audio = tones[:, None] + 0.05 * rng.standard_normal((len(t), nb_channels))
+            f.write(audio.astype(np.float32))
+
+
+def _export_untrained(updates: dict, named: list, family: str, saved: str) -> None:
+    """(Child process) the untrained SavedModel of `family` at the configured size, with the sidecar `separate`
+    reads (rate, channels, targets)."""
+    import copy
+
+    from components.export import write_saved_model
+    from components.train import build_model
+    from models.base import count_parameters
+    from pipeline.experiment import resolve
+
+    updates = copy.deepcopy(updates)
+    updates.setdefault("model", {})["name"] = family
+    config = resolve(updates, named)
+    model = build_model(config, {})
+    write_saved_model(model.separator, Path(saved), config.data.nb_channels)
+    sidecar = {"model": family, "sample_rate": config.data.sample_rate, "nb_channels": config.data.nb_channels,
+               "targets": list(model.targets), "parameters": count_parameters(model.train_model), "untrained": True,
+               "config": {"data": config.section("data"), "model": config.section("model")}}
+    (Path(saved) / "assets.extra").mkdir(exist_ok=True)
+    (Path(saved) / "assets.extra" / "model.json").write_text(json.dumps(sidecar, indent=1, default=str))
+
+
+def benchmark_memory(updates: dict, named: list, families, minutes: float, work: Path,
+                     chunk_seconds: float = None) -> dict:
+    """Peak RSS (MB) and wall time of `separate` on a `minutes`-long stereo 44.1 kHz song, per family."""
+    import multiprocessing
+    import shutil
+    import subprocess
+
+    song = work / "song.wav"
+    _write_song(song, minutes * 60.0)
+    report = {"song_minutes": minutes, "song_megabytes": round(song.stat().st_size / 1e6, 1),
+              "chunk_seconds": chunk_seconds or "separate's default", "families": {}}
+    for family in families:
+        saved = work / family / "saved_model"
+        shutil.rmtree(work / family, ignore_errors=True)
+        exporter = multiprocessing.get_context("spawn").Process(target=_export_untrained,
+                                                                args=(updates, named, family, str(saved)))
+        exporter.start()
+        exporter.join()
+        if exporter.exitcode != 0:
+            report["families"][family] = {"error": f"export failed (exit code {exporter.exitcode})"}
+            continue
+        sidecar = json.loads((saved / "assets.extra" / "model.json").read_text())
+        command = [sys.executable, str(PROJECT_ROOT / "pipeline" / "separate.py"), str(song), "--model", str(saved),
+                   "-o", str(work / family / "stems"), "-q", "--force"]
+        if chunk_seconds:
+            command += ["--chunk-seconds", str(chunk_seconds)]
+        started = time.perf_counter()
+        child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # wait4: the resource usage of this child alone (getrusage(RUSAGE_CHILDREN) would keep the maximum
+        # over every child so far)
+        _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)
+        seconds = time.perf_counter() - started
+        errors = child.stderr.read().decode(errors="replace").strip().splitlines()
+        child.stderr.close()
+        report["families"][family] = {
+            "peak_rss_megabytes": round(usage.ru_maxrss / 1024, 0),  # Linux reports kilobytes
+            "seconds": round(seconds, 1), "parameters": sidecar["parameters"],
+            "sample_rate": sidecar["sample_rate"], "exit_code": child.returncode,
+            **({"error": errors[-1]} if child.returncode and errors else {})}
+        print(json.dumps({family: report["families"][family]}), file=sys.stderr, flush=True)
+        shutil.rmtree(work / family, ignore_errors=True)
+    return report
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     split = argv.index("with") if "with" in argv else len(argv)
@@ -446,6 +541,19 @@ def main(argv=None) -> int:
             from components.train import configure_devices
 
             configure_devices(config.train.replicas)
+        if args.what == "memory":
+            import tempfile
+
+            from models import registry
+
+            families = args.families.split(",") if args.families else list(registry.names())
+            unknown = [f for f in families if f not in registry.names()]
+            if unknown:
+                raise UserError(f"--families: unknown family '{unknown[0]}'; choose from {', '.join(registry.names())}")
+            with tempfile.TemporaryDirectory(dir=args.work_dir) as work:
+                print(json.dumps(benchmark_memory(updates, named, families, args.song_minutes, Path(work),
+                                                  args.chunk_seconds), indent=1))
+            return 0
         if args.what == "train":
             import tensorflow as tf
 
