@@ -176,6 +176,18 @@ def recur(step, projected, zeros, unroll: bool, where: str):
     return tf.stack(outputs, axis=0)
 
 
+def lstm_cell(recurrent_kernel):
+    """The PyTorch-order LSTM step `((h, c), z) -> (h, c)` (gates i, f, g, o), `z` the projected input plus both
+    biases; `recurrent_kernel` `(..., units, 4 * units)` broadcasts over leading group axes of `h`."""
+    def step(state, z):
+        h, c = state
+        i, f, g, o = tf.split(z + tf.matmul(h, recurrent_kernel), 4, axis=-1)
+        c = tf.sigmoid(f) * c + tf.sigmoid(i) * tf.tanh(g)
+        return tf.sigmoid(o) * tf.tanh(c), c
+
+    return step
+
+
 def _previous(sequence):
     """`(nb_frames, ..., units)` -> the same one frame later: zeros first (the initial state), the last frame dropped."""
     return tf.concat([tf.zeros_like(sequence[:1]), sequence[:-1]], axis=0)
@@ -190,14 +202,7 @@ def _lstm_forward(projected, recurrent_kernel):
     XLA compiles the loop into one native loop: no per-step op dispatch, the step's ops fused."""
     units = recurrent_kernel.shape[-1] // 4
     zeros = tf.zeros_like(projected[0, ..., :units])
-
-    def step(state, z):
-        h, c = state
-        i, f, g, o = tf.split(z + tf.matmul(h, recurrent_kernel), 4, axis=-1)
-        c = tf.sigmoid(f) * c + tf.sigmoid(i) * tf.tanh(g)
-        return tf.sigmoid(o) * tf.tanh(c), c
-
-    return tf.scan(step, projected, initializer=(zeros, zeros))
+    return tf.scan(lstm_cell(recurrent_kernel), projected, initializer=(zeros, zeros))
 
 
 @tf.function(jit_compile=True)
@@ -286,20 +291,10 @@ class LSTM(keras.layers.Layer):
 
     def _recurrence(self, projected, recurrent_kernel):
         """`projected` `(nb_frames, nb_samples, 4 * units)` (time major) -> hidden states, same layout with `units`."""
-        units = self.units
-
-        def step(state, z):
-            h, c = state
-            gates = z + tf.matmul(h, recurrent_kernel)
-            i, f, g, o = tf.split(gates, 4, axis=-1)
-            c = tf.sigmoid(f) * c + tf.sigmoid(i) * tf.tanh(g)
-            h = tf.sigmoid(o) * tf.tanh(c)
-            return h, c
-
         if not self.unroll:
             return lstm_sequence(projected, tf.convert_to_tensor(recurrent_kernel))
-        zeros = tf.zeros(tf.stack([tf.shape(projected)[1], units]), projected.dtype)
-        return recur(step, projected, zeros, self.unroll, "LSTM")
+        zeros = tf.zeros(tf.stack([tf.shape(projected)[1], self.units]), projected.dtype)
+        return recur(lstm_cell(recurrent_kernel), projected, zeros, self.unroll, "LSTM")
 
     def call(self, inputs):
         time_major = tf.transpose(inputs, [1, 0, 2])
@@ -341,16 +336,7 @@ def _sequence_lstm_body(inputs, init_h, init_c, kernel, recurrent_kernel, bias):
     """What TensorFlow runs (the converter drops it): `inputs` `(nb_frames, nb_samples, features)` ->
     (last hidden state, hidden states `(nb_frames, nb_samples, units)`, last h, last c, a placeholder)."""
     projected = tf.einsum("tbi,ig->tbg", inputs, kernel) + bias
-
-    def step(state, z):
-        h, c = state
-        gates = z + tf.matmul(h, recurrent_kernel)
-        i, f, g, o = tf.split(gates, 4, axis=-1)
-        c = tf.sigmoid(f) * c + tf.sigmoid(i) * tf.tanh(g)
-        h = tf.sigmoid(o) * tf.tanh(c)
-        return h, c
-
-    hidden, cell = tf.scan(step, projected, initializer=(init_h, init_c))
+    hidden, cell = tf.scan(lstm_cell(recurrent_kernel), projected, initializer=(init_h, init_c))
     return hidden[-1], hidden, hidden[-1], cell[-1], tf.constant(0.0)
 
 

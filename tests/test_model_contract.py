@@ -23,7 +23,9 @@ CASES = {
     # 50 samples is shorter than one chunk, 1001 several chunks with the last one moved to the end
     "wave_u_net": dict(overrides={"model": {"wave_u_net": {"predict_frames": 100}}}, saved_lengths=(50, 1001),
                        chunk=300, forbidden_ops=("WHILE",)),
-    "umx": dict(forbidden_ops=("WHILE",), required_ops=("RFFT2D", "FULLY_CONNECTED", "TANH", "LOGISTIC")),
+    # the whole separator inside; every LSTM direction one fused op (nothing unrolled: no LOGISTIC)
+    "umx": dict(forbidden_ops=("WHILE", "LOGISTIC"), required_ops=("RFFT2D", "FULLY_CONNECTED", "TANH",
+                                                                 "UNIDIRECTIONAL_SEQUENCE_LSTM")),
     "unet": dict(required_ops=("RFFT2D", "CONV_2D", "TRANSPOSE_CONV")),
     "m_unet": dict(required_ops=("RFFT2D", "CONV_2D", "TRANSPOSE_CONV")),
     "c_unet": dict(required_ops=("RFFT2D", "CONV_2D", "TRANSPOSE_CONV")),
