@@ -99,7 +99,11 @@ def benchmark_train(config, steps: int, warmup: int) -> dict:
         model.train_model.compile(optimizer=make_optimizer(config.train), loss=model.loss)
     train, _, _ = train_datasets(prepare, config, model, config.train.batch_size, seed=config.train.seed)
     iterator = iter(train.repeat())
-    for _ in range(warmup):
+    batch = next(iterator)
+    started = time.perf_counter()
+    model.train_model.train_on_batch(*batch)  # the first step: tracing, graph optimisation, one step
+    first_step = time.perf_counter() - started
+    for _ in range(warmup - 1):
         model.train_model.train_on_batch(*next(iterator))
     started = time.perf_counter()
     for _ in range(steps):
@@ -112,6 +116,7 @@ def benchmark_train(config, steps: int, warmup: int) -> dict:
         "batch_size": config.train.batch_size,
         "seq_seconds": config.train.seq_seconds,
         "steps": steps,
+        "first_step_seconds": round(first_step, 2),
         "seconds_per_step": round(seconds / steps, 4),
         "examples_per_second": round(steps * config.train.batch_size / seconds, 2),
         "keras": keras.__version__,
