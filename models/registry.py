@@ -8,21 +8,22 @@ family: the `model` section carries each family's knobs as a mapping, checked he
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from typing import Any, Mapping, Optional
 
 from configs.config import build_section
 from configs.errors import ConfigError
+from models import c_unet, dttnet, m_unet, open_unmix, tfc_tdf_unet, unet, wave_u_net
 
-# name -> module. Modules are imported on first use so that `--help` and config checks stay light.
+# name -> module. Every family is imported with the registry: `check` validates every family's knobs
+# anyway, and callers import the registry lazily (the driver when it resolves a configuration).
 FAMILIES = {
-    "umx": "models.open_unmix",
-    "wave_u_net": "models.wave_u_net",
-    "unet": "models.unet",
-    "m_unet": "models.m_unet",
-    "c_unet": "models.c_unet",
-    "tfc_tdf_v3": "models.tfc_tdf_unet",
-    "dttnet": "models.dttnet",
+    "umx": open_unmix,
+    "wave_u_net": wave_u_net,
+    "unet": unet,
+    "m_unet": m_unet,
+    "c_unet": c_unet,
+    "tfc_tdf_v3": tfc_tdf_unet,
+    "dttnet": dttnet,
 }
 
 
@@ -33,7 +34,7 @@ def names() -> tuple:
 def module(name: str):
     if name not in FAMILIES:
         raise ConfigError(f"model.name '{name}' is not a registered model; choose one of {', '.join(names())}")
-    return importlib.import_module(FAMILIES[name])
+    return FAMILIES[name]
 
 
 def default_params(name: str) -> dict:
