@@ -32,9 +32,10 @@ from typing import Optional
 import keras
 import tensorflow as tf
 
+from configs.config import MUSDB_TARGETS, bounded, check_fields
 from configs.errors import ConfigError
 from models.base import SeparationModel
-from models.layers import LSTM
+from models.layers import LSTM, check_stft
 from models.tfc_tdf_unet import CropFrames, PadFrames, _torch_init
 from models.transforms import ISTFT, STFT
 
@@ -47,30 +48,26 @@ class Config:
     hop_length: int = 1024
     dim_f: int = 2048
     dim_t: int = 256  # frames of a training chunk: hop_length * (dim_t - 1) = 261,120 samples
-    num_scales: int = 2  # the reference's num_blocks = 5: 2 encoder blocks, the latent block, 2 decoder blocks
-    tfc_layers: int = 3  # l: convolutions per TFC
-    growth: int = 32  # g: first channel count and growth per scale
-    kernel_size: int = 3
+    num_scales: int = bounded(2, 1)  # the reference's num_blocks = 5: 2 encoder blocks, the latent block, 2 decoder blocks
+    tfc_layers: int = bounded(3, 1)  # l: convolutions per TFC
+    growth: int = bounded(32, 1)  # g: first channel count and growth per scale
+    kernel_size: int = bounded(3, 1)  # odd
     bottleneck_factor: int = 8  # bn of the TDF
     bass_dim_f: int = 864
     bass_bottleneck_factor: int = 2
-    num_heads: int = 2
-    num_dual_path_layers: int = 4
-    group_size: int = 16  # channels per GroupNorm group in the dual-path module
+    num_heads: int = bounded(2, 1)
+    num_dual_path_layers: int = bounded(4, 1)
+    group_size: int = bounded(16, 1)  # channels per GroupNorm group in the dual-path module
     inference_dim_t: int = 512  # the reference's inference chunk: hop_length * (2 dim_t - 1) samples
-    num_overlap: int = 4  # the reference's demix(inf_overf=4): chunk hop = chunk / 4
+    num_overlap: int = bounded(4, 1)  # the reference's demix(inf_overf=4): chunk hop = chunk / 4
     unroll: bool = False  # unrolled LSTMs (static lengths); `mobile` always unrolls
 
     def __post_init__(self):
         key = "model.dttnet."
-        if self.n_fft <= 0 or self.n_fft % 2:
-            raise ConfigError(f"{key}n_fft must be a positive even number, got {self.n_fft}")
-        if not 0 < self.hop_length <= self.n_fft // 2:
-            raise ConfigError(f"{key}hop_length must lie in (0, n_fft/2], got {self.hop_length}")
-        if min(self.num_scales, self.tfc_layers, self.growth, self.num_heads, self.num_dual_path_layers,
-               self.group_size, self.num_overlap) < 1 or self.kernel_size % 2 == 0:
-            raise ConfigError(f"{key}num_scales, tfc_layers, growth, num_heads, num_dual_path_layers, group_size and "
-                              "num_overlap must be positive and kernel_size odd")
+        check_fields(self, key)
+        check_stft(key, self.n_fft, self.hop_length)
+        if self.kernel_size % 2 == 0:
+            raise ConfigError(f"{key}kernel_size must be odd, got {self.kernel_size}")
         scale = 2 ** self.num_scales
         for bins, factor, name in ((self.dim_f, self.bottleneck_factor, "dim_f"),
                                    (self.bass_dim_f, self.bass_bottleneck_factor, "bass_dim_f")):
@@ -409,8 +406,8 @@ def read_released(path, config: Optional[str] = None, targets=(), **options):
                 raise CheckpointError(f"{where}: no {missing[0]}.ckpt in the folder; import.targets names the "
                                       "checkpoints to import")
             files = {t: files[t] for t in targets}
-        files = dict(sorted(files.items(), key=lambda item: (MUSDB_ORDER.index(item[0]) if item[0] in MUSDB_ORDER
-                                                             else len(MUSDB_ORDER), item[0])))
+        files = dict(sorted(files.items(), key=lambda item: (MUSDB_TARGETS.index(item[0]) if item[0] in MUSDB_TARGETS
+                                                             else len(MUSDB_TARGETS), item[0])))
     else:
         target = (targets[0] if len(targets) == 1 else yaml_settings.get("target_name")
                   or path.stem.split("-")[0].split("_")[0])
@@ -458,7 +455,6 @@ def read_released(path, config: Optional[str] = None, targets=(), **options):
                               description=f"DTTNet Lightning checkpoints ({', '.join(files)})", ignorable=ignorable)
 
 
-MUSDB_ORDER = ("vocals", "drums", "bass", "other")
 
 
 def assign_released(model: SeparationModel, released) -> dict:
