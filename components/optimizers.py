@@ -24,6 +24,16 @@ from keras import ops
 OPTIMIZERS = ("adam", "adam_tf", "adamw", "sgd")
 
 
+def _with_l2(l2: float, gradient, variable, learning_rate):
+    """(learning rate, gradient) in the variable's dtype, the gradient plus the L2 term `l2 * w` (PyTorch's
+    `weight_decay` of Adam and SGD)."""
+    lr = ops.cast(learning_rate, variable.dtype)
+    gradient = ops.cast(gradient, variable.dtype)
+    if l2:
+        gradient = gradient + ops.cast(l2, variable.dtype) * variable
+    return lr, gradient
+
+
 class _ReferenceEma:
     """Mixin: the sdx23 EMA rule (averages start at the weights, no first-step special case)."""
 
@@ -53,10 +63,7 @@ class ReferenceAdam(_ReferenceEma, keras.optimizers.Adam):
         self.torch_eps = bool(torch_eps)
 
     def update_step(self, gradient, variable, learning_rate):
-        lr = ops.cast(learning_rate, variable.dtype)
-        gradient = ops.cast(gradient, variable.dtype)
-        if self.l2:
-            gradient = gradient + ops.cast(self.l2, variable.dtype) * variable
+        lr, gradient = _with_l2(self.l2, gradient, variable, learning_rate)
         if not self.torch_eps:
             return super().update_step(gradient, variable, learning_rate)
         step = ops.cast(self.iterations + 1, variable.dtype)
@@ -139,10 +146,7 @@ class TorchSGD(_ReferenceEma, keras.optimizers.SGD):
         self.l2 = float(l2)
 
     def update_step(self, gradient, variable, learning_rate):
-        lr = ops.cast(learning_rate, variable.dtype)
-        gradient = ops.cast(gradient, variable.dtype)
-        if self.l2:
-            gradient = gradient + ops.cast(self.l2, variable.dtype) * variable
+        lr, gradient = _with_l2(self.l2, gradient, variable, learning_rate)
         if not self.momentum:
             self.assign_sub(variable, lr * gradient)
             return
