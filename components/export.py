@@ -29,6 +29,7 @@ from components.manifest import Manifest
 log = logging.getLogger("pipeline.export")
 
 SIGNATURE = "serving_default"
+SIDECAR = "model.json"  # the export's description, read by `separate`
 INPUT_NAME = "waveform"
 
 
@@ -48,6 +49,13 @@ def write_saved_model(separator, path: Path, nb_channels: int) -> None:
         input_signature=[tf.TensorSpec([None, None, nb_channels], tf.float32, name=INPUT_NAME)],
     )
     archive.write_out(str(path), verbose=False)
+
+
+def write_sidecar(saved_model: Path, sidecar: dict) -> None:
+    """`sidecar` (rate, channels, targets, ...: what `separate --model` reads) as `assets.extra/model.json` of a
+    SavedModel version folder: TF Serving ignores it; it makes the folder self-describing."""
+    (saved_model / "assets.extra").mkdir(exist_ok=True)
+    (saved_model / "assets.extra" / SIDECAR).write_text(json.dumps(sidecar, indent=1, default=str))
 
 
 def serving_config(model_names) -> str:
@@ -299,9 +307,8 @@ def run(context: StageContext) -> dict:
     }
     if stream is not None:
         sidecar["stream"] = stream
-    (out / "model.json").write_text(json.dumps(sidecar, indent=1, default=str))
-    (saved / "assets.extra").mkdir(exist_ok=True)  # TF Serving ignores it; makes the version folder self-describing
-    (saved / "assets.extra" / "model.json").write_text(json.dumps(sidecar, indent=1, default=str))
+    (out / SIDECAR).write_text(json.dumps(sidecar, indent=1, default=str))
+    write_sidecar(saved, sidecar)
     return {"figures": figures, "result": figures.get("tflite_float32_parity_db")}
 
 

@@ -466,7 +466,7 @@ def _export_untrained(updates: dict, named: list, family: str, saved: str) -> No
     reads (rate, channels, targets)."""
     import copy
 
-    from components.export import write_saved_model
+    from components.export import write_saved_model, write_sidecar
     from components.train import build_model
     from models.base import count_parameters
     from pipeline.experiment import resolve
@@ -479,8 +479,7 @@ def _export_untrained(updates: dict, named: list, family: str, saved: str) -> No
     sidecar = {"model": family, "sample_rate": config.data.sample_rate, "nb_channels": config.data.nb_channels,
                "targets": list(model.targets), "parameters": count_parameters(model.train_model), "untrained": True,
                "config": {"data": config.section("data"), "model": config.section("model")}}
-    (Path(saved) / "assets.extra").mkdir(exist_ok=True)
-    (Path(saved) / "assets.extra" / "model.json").write_text(json.dumps(sidecar, indent=1, default=str))
+    write_sidecar(Path(saved), sidecar)
 
 
 def benchmark_memory(updates: dict, named: list, families, minutes: float, work: Path,
@@ -489,6 +488,8 @@ def benchmark_memory(updates: dict, named: list, families, minutes: float, work:
     import multiprocessing
     import shutil
     import subprocess
+
+    from components.export import SIDECAR
 
     song = work / "song.wav"
     _write_song(song, minutes * 60.0)
@@ -504,7 +505,7 @@ def benchmark_memory(updates: dict, named: list, families, minutes: float, work:
         if exporter.exitcode != 0:
             report["families"][family] = {"error": f"export failed (exit code {exporter.exitcode})"}
             continue
-        sidecar = json.loads((saved / "assets.extra" / "model.json").read_text())
+        sidecar = json.loads((saved / "assets.extra" / SIDECAR).read_text())
         command = [sys.executable, str(PROJECT_ROOT / "pipeline" / "separate.py"), str(song), "--model", str(saved),
                    "-o", str(work / family / "stems"), "-q", "--force"]
         if chunk_seconds:

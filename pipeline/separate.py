@@ -26,10 +26,10 @@ if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().p
 elif str(PROJECT_ROOT) not in sys.path:
     sys.path.insert(0, str(PROJECT_ROOT))
 
-from configs.errors import SeparateError, StageError  # noqa: E402 - after the sys.path set-up above
+from components.export import SIDECAR  # noqa: E402 - after the sys.path set-up above
+from configs.errors import SeparateError, StageError  # noqa: E402
 
 FFMPEG_SUFFIXES = (".mp4", ".m4a", ".aac", ".webm", ".opus")
-SIDECAR = "model.json"
 
 
 def get_parser() -> argparse.ArgumentParser:
