@@ -73,6 +73,8 @@ def convert_tflite(keras_model, chunk: int, nb_channels: int, quantize: str = ""
     """Convert a static-shape model to .tflite with TFLite built-in ops only (no Flex / Select TF ops)."""
     import tensorflow as tf
 
+    from models.transforms import tflite_graph
+
     with tempfile.TemporaryDirectory() as tmp:
         # a bare module holding the variables and the one static-shape function: keras.export.ExportArchive
         # would also trace every layer's default (dynamic-batch) signature, which only costs time here
@@ -80,7 +82,8 @@ def convert_tflite(keras_model, chunk: int, nb_channels: int, quantize: str = ""
         module.variables_ = [variable.value for variable in keras_model.variables]
         module.serve = tf.function(lambda waveform: keras_model(waveform, training=False), input_signature=[
             tf.TensorSpec([1, chunk, nb_channels], tf.float32, name=INPUT_NAME)])
-        tf.saved_model.save(module, tmp, signatures={SIGNATURE: module.serve.get_concrete_function()})
+        with tflite_graph():  # traced here, with TFLite's built-in ops only
+            tf.saved_model.save(module, tmp, signatures={SIGNATURE: module.serve.get_concrete_function()})
         converter = tf.lite.TFLiteConverter.from_saved_model(tmp, signature_keys=[SIGNATURE])
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
         if quantize == "float16":
@@ -158,9 +161,11 @@ def convert_stream_tflite(stream) -> bytes:
     import tensorflow as tf
 
     from models.streaming import STEP_SIGNATURE
+    from models.transforms import tflite_graph
 
     with tempfile.TemporaryDirectory() as tmp:
-        _stream_archive(stream, Path(tmp), 1)
+        with tflite_graph():
+            _stream_archive(stream, Path(tmp), 1)
         converter = tf.lite.TFLiteConverter.from_saved_model(tmp, signature_keys=[STEP_SIGNATURE])
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
         try:

@@ -186,11 +186,11 @@ class StackedOpenUnmix(keras.layers.Layer):
     -> estimates `(nb_samples, nb_frames, nb_bins, nb_channels, nb_targets)`.
 
     The weights are those of `networks` (nothing new is created) and the numbers are theirs; only the
-    schedule changes: the dense layers of all targets run side by side, and per LSTM layer the
-    `nb_targets x nb_directions` recurrences run as ONE loop whose step is one batched matmul (input
-    projections hoisted out of the loop): for the SavedModel an XLA-compiled loop
-    (`models.layers.lstm_sequence`) of nb_targets x 2 groups, measured 1.4-1.5x faster than the per-target
-    networks' 24 loops (pipeline/benchmark.py `part:networks, ...`). With `unroll` (the TFLite form)
+    schedule changes: the dense layers of all targets run side by side, and per LSTM layer the recurrences
+    run with their input projections hoisted out of the loop: for the SavedModel one XLA-compiled loop
+    (`models.layers.lstm_sequence`) per target whose step is one batched matmul over both directions, the
+    targets' loops independent so that they run on separate cores (pipeline/benchmark.py
+    `part:networks, ...` times this against the per-target networks). With `unroll` (the TFLite form)
     every recurrence is instead one `models.layers.sequence_lstm` composite, which the converter turns into
     one fused UNIDIRECTIONAL_SEQUENCE_LSTM op (24 for UMX-HQ): a native kernel over the whole sequence,
     quick to convert, and with int8 weights under dynamic-range quantization.
@@ -233,9 +233,15 @@ class StackedOpenUnmix(keras.layers.Layer):
             else:
                 projected = _batched_dense(sequences, [w["kernel"] for w in weights]) + tf.reshape(
                     _stack([w["bias"] + w["recurrent_bias"] for w in weights]), [len(weights), 1, 1, -1])
-                # the XLA-compiled loop, all groups in one: (frames, groups, samples, units)
-                states = lstm_sequence(tf.transpose(projected, [1, 0, 2, 3]),
-                                       _stack([w["recurrent_kernel"] for w in weights]))
+                projected = tf.transpose(projected, [1, 0, 2, 3])  # (frames, groups, samples, 4 * units)
+                kernels = _stack([w["recurrent_kernel"] for w in weights])
+                # one XLA-compiled loop per target, its directions together: (frames, groups, samples, units).
+                # The loops are independent ops, so TensorFlow's inter-op threads run them side by side; a
+                # step is a matrix-vector product bound by reading the recurrent weights, and one loop of
+                # all groups runs on one core (measured 1.07-1.14x slower for UMX-HQ on 2 cores)
+                states = tf.concat([lstm_sequence(projected[:, group:group + nb_directions],
+                                                  kernels[group:group + nb_directions])
+                                    for group in range(0, len(weights), nb_directions)], axis=1)
                 states = tf.transpose(states, [1, 0, 2, 3])
             states = tf.reshape(states, tf.concat([[nb_targets, nb_directions], tf.shape(states)[1:]], 0))
             hidden = states[:, 0] if nb_directions == 1 else tf.concat(
