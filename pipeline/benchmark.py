@@ -11,6 +11,8 @@ separate: seconds and x real-time to separate the same 30 s stereo input with th
           and, when the real MUSDB18-HQ excerpt is in ../shared/data, separate it: `tflite_<variant>_musdb_sdr`
           (mean over targets of the whole-excerpt SDR) and `tflite_<q>_sdr_loss_db` (float32 minus quantized).
           The weights are random there, so that loss is what quantization changes, not a trained model's SDR.
+          `float32_floor`: the networks' multiply-adds and their time at this machine's measured float32
+          matmul rate (Open-Unmix), a bound no float32 schedule of the same numbers goes below.
 stream:   the real-time streaming model (unidirectional Open-Unmix, models/streaming.py) on ONE thread by
           default: latency and compute time per hop, SavedModel and TFLite, as a real-time factor
           (`python pipeline/benchmark.py stream with paper model.umx.unidirectional=True`: UMX size).
@@ -329,12 +331,46 @@ def benchmark_separate(config, seconds: float, repeats: int, threads: int, tflit
         for name, function in parts.items():
             function()
             rows[f"part:{name}"] = _best_of(repeats, function)
+        floor = _matmul_floor(model, mixture.shape[0], repeats)
+        if floor:
+            report["float32_floor"] = floor
     report["seconds"] = {k: round(v, 3) for k, v in rows.items()}
     report["x_realtime"] = {k: round(seconds / v, 2) for k, v in rows.items() if not k.startswith("part:")}
     if reference is not None:  # > 1: faster than open-unmix on the same input, same run
         report["open_unmix_over_ours"] = {k: round(rows["open_unmix_pytorch"] / v, 2) for k, v in rows.items()
                                           if not k.startswith("part:") and k != "open_unmix_pytorch"}
     return report
+
+
+def _matmul_floor(model, nb_timesteps: int, repeats: int) -> dict:
+    """The networks' multiply-adds on `nb_timesteps` of audio and what they cost at this machine's float32
+    matrix-product rate: a floor no float32 schedule of the same numbers goes below.
+
+    Open-Unmix's networks are matrix products per frame: every 2-D kernel (fc1-3, each LSTM's input and
+    recurrent kernels) is applied once per STFT frame, so multiply-adds = frames x (weights of 2-D kernels).
+    The rate is measured here, on one matmul of the largest kernel's shape over four targets' frames (oneDNN's
+    best case: the recurrences' matrix-vector steps run slower). {} for families with other kernels."""
+    import numpy as np
+    import tensorflow as tf
+
+    networks = list((model.networks or {}).values())
+    kernels = [weight for network in networks for weight in network.weights if len(weight.shape) == 2]
+    if not kernels or not hasattr(model.config, "hop_length") or any(
+            len(weight.shape) > 2 for network in networks for weight in network.weights):
+        return {}
+    nb_frames = 1 + nb_timesteps // model.config.hop_length
+    multiply_adds = nb_frames * sum(int(np.prod(weight.shape)) for weight in kernels)
+    largest = max(kernels, key=lambda weight: int(np.prod(weight.shape)))
+    rng = np.random.default_rng(0)
+    rows = tf.constant(rng.standard_normal((len(networks) * nb_frames, largest.shape[0]), np.float32))
+    kernel = tf.constant(rng.standard_normal(tuple(largest.shape), np.float32))
+    product = tf.function(lambda: tf.matmul(rows, kernel))
+    product()
+    seconds = _best_of(repeats, lambda: product().numpy())
+    rate = int(rows.shape[0]) * int(np.prod(largest.shape)) / seconds
+    return {"networks_giga_multiply_adds": round(multiply_adds / 1e9, 2),
+            "float32_matmul_giga_multiply_adds_per_second": round(rate / 1e9, 1),
+            "networks_floor_seconds": round(multiply_adds / rate, 3)}
 
 
 # the real MUSDB18-HQ excerpt of ../shared/data (beside the checkout, or beside its worktree folder)
