@@ -4,7 +4,9 @@ train:    training examples per second and seconds per step (after warm-up) of t
           on the prepared data (running prepare first when its artifact is missing).
 separate: seconds and x real-time to separate the same 30 s stereo input with the SavedModel and with
           each TFLite variant, on 2 CPU threads, plus where the SavedModel's time goes (STFT/ISTFT,
-          networks, Wiener filter). Weights do not change speed, so the model is built untrained:
+          networks, Wiener filter). The TFLite files run as `separate --model x.tflite` does: chunks shared
+          out over `--tflite-workers` single-threaded interpreters (default: --threads). `cpu_seconds` is the
+          CPU time of each backend (all threads), the work it does whatever else runs on the machine. Weights do not change speed, so the model is built untrained:
           `python pipeline/benchmark.py separate with paper` is the UMX-HQ architecture (4 targets,
           n_fft 4096, hidden 512, 3 BLSTM layers, 1 Wiener iteration) at 44.1 kHz. The TFLite variants are
           timed in turn with the SavedModel (ratios `tflite_float32_over_saved_model`, `tflite_<q>_over_float32`)
@@ -314,6 +316,13 @@ def benchmark_separate(config, seconds: float, repeats: int, threads: int, tflit
                     separate_fn, mixture, sample_rate=rate, chunk_seconds=chunk / rate, overlap=0.0,
                     batch_size=workers)
                 runs[f"tflite_{variant}"]()  # warm-up
+                if variant == "float32" and workers > 1:  # the same file on ONE interpreter of `threads` threads
+                    single = export.TFLiteChunkRunner(blob, workers=1, threads_per_worker=threads)
+                    if model.postprocess is not None:
+                        single = lambda b, runner=single: model.postprocess(b, runner(b))  # noqa: E731
+                    runs["tflite_float32_one_interpreter"] = lambda single=single: separate_array(  # noqa: E731
+                        single, mixture, sample_rate=rate, chunk_seconds=chunk / rate, overlap=0.0)
+                    runs["tflite_float32_one_interpreter"]()
                 report[f"tflite_{variant}_megabytes"] = round(len(blob) / 1e6, 2)
                 if excerpt is not None:  # what quantization costs in separation quality, on real music
                     estimates = separate_array(separate_fn, excerpt[0], sample_rate=rate, chunk_seconds=chunk / rate,
