@@ -412,6 +412,10 @@ def _export_tflite(context: StageContext, model, folder: Path, figures: dict) ->
         "input": {INPUT_NAME: [1, chunk, config.data.nb_channels]},
         "outputs": {k: list(v.shape) for k, v in reference.items()},
         "outputs_are": "waveforms" if model.postprocess is None else "train-domain outputs; apply the postprocess",
+        # the fused LSTM ops keep their state in variable tensors across invokes: an app resets them before
+        # every chunk (Interpreter.resetVariableTensors() / ResetVariableTensors() / reset_all_variables())
+        "reset_variables_before_each_chunk": any("UNIDIRECTIONAL_SEQUENCE_LSTM" in info["ops"]
+                                                 for info in variants.values()),
         "variants": variants,
     }
     (folder / f"{name}.json").write_text(json.dumps(description, indent=1))

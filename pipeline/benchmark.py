@@ -4,8 +4,10 @@ train:    training examples per second and seconds per step (after warm-up) of t
           on the prepared data (running prepare first when its artifact is missing).
 separate: seconds and x real-time to separate the same 30 s stereo input with the SavedModel and with
           each TFLite variant, on 2 CPU threads, plus where the SavedModel's time goes (STFT/ISTFT,
-          networks, Wiener filter). The TFLite files run as `separate --model x.tflite` does: chunks shared
-          out over `--tflite-workers` single-threaded interpreters (default: --threads). `cpu_seconds` is the
+          networks, Wiener filter). The TFLite files run as `separate --model x.tflite` does: one interpreter
+          of --threads threads (or `--tflite-workers` 1-thread interpreters on that many chunks at once); the
+          float32 file also runs the other way in the same run (`tflite_float32_<n>_workers` or
+          `tflite_float32_one_interpreter`). `cpu_seconds` is the
           CPU time of each backend (all threads), the work it does whatever else runs on the machine. Weights do not change speed, so the model is built untrained:
           `python pipeline/benchmark.py separate with paper` is the UMX-HQ architecture (4 targets,
           n_fft 4096, hidden 512, 3 BLSTM layers, 1 Wiener iteration) at 44.1 kHz. The TFLite variants are
@@ -68,7 +70,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-tflite", action="store_true", help="separate: SavedModel only")
     parser.add_argument("--tflite-workers", type=int, default=None,
                         help="separate: chunks the TFLite files separate at once, one 1-thread interpreter each "
-                             "(default: --threads), as `separate --workers`")
+                             "(default 1: one interpreter of --threads threads), as `separate --workers`")
     parser.add_argument("--no-reference", action="store_true",
                         help="skip the open-unmix PyTorch comparison even when the package is installed")
     parser.add_argument("--step-batch-size", type=int, default=4,
@@ -300,14 +302,16 @@ def benchmark_separate(config, seconds: float, repeats: int, threads: int, tflit
             excerpt = musdb_excerpt(rate, config.data.nb_channels, model.targets)
             chunk = model.input_samples(int(round(tflite_chunk * rate)))
             mobile = model.mobile(chunk)
-            workers = tflite_workers or threads
+            workers = tflite_workers or 1
             variants = {"float32": "", config.export.quantize: config.export.quantize}
             for variant, quantize in variants.items():
                 started = time.perf_counter()
                 blob = export.convert_tflite(mobile, chunk, config.data.nb_channels, quantize)
                 report[f"tflite_{variant}_convert_seconds"] = round(time.perf_counter() - started, 1)
-                # as `separate --model x.tflite`: `workers` chunks at a time, one single-threaded interpreter each
-                runner = export.TFLiteChunkRunner(blob, workers=workers)
+                # as `separate --model x.tflite`: one interpreter of `threads` threads, or `workers` chunks at a
+                # time on single-threaded interpreters
+                runner = export.TFLiteChunkRunner(blob, workers=workers,
+                                                  threads_per_worker=threads if workers == 1 else 1)
                 if model.postprocess is None:
                     separate_fn = runner
                 else:
@@ -316,13 +320,17 @@ def benchmark_separate(config, seconds: float, repeats: int, threads: int, tflit
                     separate_fn, mixture, sample_rate=rate, chunk_seconds=chunk / rate, overlap=0.0,
                     batch_size=workers)
                 runs[f"tflite_{variant}"]()  # warm-up
-                if variant == "float32" and workers > 1:  # the same file on ONE interpreter of `threads` threads
-                    single = export.TFLiteChunkRunner(blob, workers=1, threads_per_worker=threads)
+                if variant == "float32" and threads > 1:  # the other driver, same file, same run
+                    other = 1 if workers > 1 else threads
+                    name = "tflite_float32_one_interpreter" if other == 1 else f"tflite_float32_{other}_workers"
+                    alternative = export.TFLiteChunkRunner(blob, workers=other,
+                                                           threads_per_worker=threads if other == 1 else 1)
                     if model.postprocess is not None:
-                        single = lambda b, runner=single: model.postprocess(b, runner(b))  # noqa: E731
-                    runs["tflite_float32_one_interpreter"] = lambda single=single: separate_array(  # noqa: E731
-                        single, mixture, sample_rate=rate, chunk_seconds=chunk / rate, overlap=0.0)
-                    runs["tflite_float32_one_interpreter"]()
+                        alternative = lambda b, runner=alternative: model.postprocess(b, runner(b))  # noqa: E731
+                    runs[name] = lambda alternative=alternative, other=other: separate_array(  # noqa: E731
+                        alternative, mixture, sample_rate=rate, chunk_seconds=chunk / rate, overlap=0.0,
+                        batch_size=other)
+                    runs[name]()
                 report[f"tflite_{variant}_megabytes"] = round(len(blob) / 1e6, 2)
                 if excerpt is not None:  # what quantization costs in separation quality, on real music
                     estimates = separate_array(separate_fn, excerpt[0], sample_rate=rate, chunk_seconds=chunk / rate,

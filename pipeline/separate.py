@@ -43,8 +43,8 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--chunk-seconds", type=float, default=10.0, help="SavedModel chunk length (bounds memory)")
     parser.add_argument("--overlap", type=float, default=0.25, help="overlap fraction between chunks")
     parser.add_argument("--workers", type=int, default=None,
-                        help=".tflite models: chunks separated at the same time, one interpreter each "
-                             "(default: CPU cores, at most 4)")
+                        help=".tflite models: chunks separated at the same time, one 1-thread interpreter each "
+                             "(default 1: one interpreter of 2 threads)")
     parser.add_argument("--force", action="store_true", help="overwrite existing stems")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_stream_arguments(parser)
@@ -90,8 +90,12 @@ class SavedModelSeparator:
 class TFLiteSeparator:
     """A .tflite chunk model plus the app-side post-processing of its family (e.g. Wiener + ISTFT).
 
-    `workers` interpreters separate that many chunks at the same time (`export.TFLiteChunkRunner`): the file
-    itself takes one chunk `(1, chunk, channels)`, as a phone app streaming chunk after chunk uses it."""
+    The file takes one chunk `(1, chunk, channels)`, as a phone app streaming chunk after chunk uses it; every
+    chunk starts from the zero LSTM state (`export.TFLiteChunkRunner`). `workers` > 1 interpreters of one
+    thread each separate that many chunks at the same time; the default is one interpreter of `THREADS`
+    threads (measured as fast or faster on a shared 2-core machine, README "TFLite for phones")."""
+
+    THREADS = 2  # of the single interpreter (XNNPACK and the fused LSTM's GEMM backend)
 
     def __init__(self, path: Path, workers: int = None):
         from components.export import TFLiteChunkRunner
@@ -107,8 +111,9 @@ class TFLiteSeparator:
         self.nb_channels = int(self.sidecar["nb_channels"])
         self.targets = list(self.sidecar["targets"])
         self.chunk_seconds = self.description["chunk_seconds"]
-        self.batch_size = workers or default_tflite_workers()  # chunks per call, one per interpreter
-        self.runner = TFLiteChunkRunner(model_path=str(path), workers=self.batch_size)
+        self.batch_size = workers or 1  # chunks per call, one per interpreter
+        self.runner = TFLiteChunkRunner(model_path=str(path), workers=self.batch_size,
+                                        threads_per_worker=self.THREADS if self.batch_size == 1 else 1)
         self.model = _family_model(self.sidecar)
 
     def __call__(self, batch):
@@ -118,11 +123,6 @@ class TFLiteSeparator:
         if self.model.postprocess is None:
             return outputs
         return {k: np.asarray(v) for k, v in self.model.postprocess(batch, outputs).items()}
-
-
-def default_tflite_workers() -> int:
-    """Interpreters running at once for a .tflite model: one per CPU core, at most 4."""
-    return max(1, min(4, os.cpu_count() or 1))
 
 
 def _family_model(sidecar):

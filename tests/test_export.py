@@ -95,6 +95,7 @@ def test_tflite_builtin_ops_only_and_parity(exported):
     thresholds = {"float32": 80.0, "float16": 25.0, "dynamic": 25.0}
     assert set(description["variants"]) == {"float32", config.export.quantize}
     assert description["outputs_are"] == "waveforms" and description["chunk_samples"] == chunk
+    assert description["reset_variables_before_each_chunk"] is True  # the fused LSTMs' state persists
     for variant, info in description["variants"].items():
         blob = (folder / info["file"]).read_bytes()
         ops = tflite_ops(blob)
