@@ -115,20 +115,21 @@ def run_tflite(model_bytes: bytes, chunk: np.ndarray) -> dict:
 
 class TFLiteChunkRunner:
     """A .tflite chunk model `(1, chunk, channels)` run on a batch of chunks `(batch, chunk, channels)`, the
-    chunks shared out over `workers` interpreters that run at the same time (one thread each by default).
+    chunks shared out over `workers` interpreters of `threads_per_worker` threads that run at the same time.
 
     Why not one call at batch B: the fused UNIDIRECTIONAL_SEQUENCE_LSTM kernel (lite/kernels/lstm_eval.cc) does
     a step's gate products as FullyConnected calls on one thread, and TFLite runs one op at a time; a file
-    converted at batch 4 or 16 measured no faster per chunk than batch 1 (README, "TFLite for phones"), and
-    `num_threads` 2 no faster than 1. Independent chunks on independent interpreters use every core instead,
-    with the same numbers as running them one by one (`invoke` releases the GIL).
+    converted at batch 4 or 16 measured no faster per chunk than batch 1 (README, "TFLite for phones").
+    Independent chunks on independent interpreters can use every core instead, with the same numbers as
+    running them one by one (`invoke` releases the GIL); on the shared 2-core test machine two 1-thread
+    workers were not faster than one 2-thread interpreter, so callers default to `workers=1`.
 
     Every chunk starts from the zero LSTM state: UNIDIRECTIONAL_SEQUENCE_LSTM keeps its hidden and cell state
     in variable tensors that persist from one `invoke` to the next, so an interpreter reused without
     `reset_all_variables()` starts chunk k from chunk k-1's last state (measured 48 dB from the Keras
     separator instead of >= 130 dB at the unittest size)."""
 
-    def __init__(self, model_bytes: bytes = None, model_path: str = None, workers: int = 2,
+    def __init__(self, model_bytes: bytes = None, model_path: str = None, workers: int = 1,
                  threads_per_worker: int = 1, signature: str = SIGNATURE):
         from concurrent.futures import ThreadPoolExecutor
 

@@ -7,8 +7,9 @@ separate: seconds and x real-time to separate the same 30 s stereo input with th
           networks, Wiener filter). The TFLite files run as `separate --model x.tflite` does: one interpreter
           of --threads threads (or `--tflite-workers` 1-thread interpreters on that many chunks at once); the
           float32 file also runs the other way in the same run (`tflite_float32_<n>_workers` or
-          `tflite_float32_one_interpreter`). `cpu_seconds` is the
-          CPU time of each backend (all threads), the work it does whatever else runs on the machine. Weights do not change speed, so the model is built untrained:
+          `tflite_float32_one_interpreter`). `cpu_seconds` is the CPU time of each backend (all threads),
+          the work it does whatever else runs on the machine. Weights do not change speed, so the model is
+          built untrained:
           `python pipeline/benchmark.py separate with paper` is the UMX-HQ architecture (4 targets,
           n_fft 4096, hidden 512, 3 BLSTM layers, 1 Wiener iteration) at 44.1 kHz. The TFLite variants are
           timed in turn with the SavedModel (ratios `tflite_float32_over_saved_model`, `tflite_<q>_over_float32`)
