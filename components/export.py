@@ -116,6 +116,62 @@ def run_tflite(model_bytes: bytes, chunk: np.ndarray) -> dict:
     return {name: np.asarray(value) for name, value in runner(**{INPUT_NAME: chunk.astype(np.float32)}).items()}
 
 
+class TFLiteChunkRunner:
+    """A .tflite chunk model `(1, chunk, channels)` run on a batch of chunks `(batch, chunk, channels)`, the
+    chunks shared out over `workers` interpreters of `threads_per_worker` threads that run at the same time.
+
+    Why not one call at batch B: the fused UNIDIRECTIONAL_SEQUENCE_LSTM kernel (lite/kernels/lstm_eval.cc) does
+    a step's gate products as FullyConnected calls on one thread, and TFLite runs one op at a time; a file
+    converted at batch 4 or 16 measured no faster per chunk than batch 1 (README, "TFLite for phones").
+    Independent chunks on independent interpreters can use every core instead, with the same numbers as
+    running them one by one (`invoke` releases the GIL); on the shared 2-core test machine two 1-thread
+    workers were not faster than one 2-thread interpreter, so callers default to `workers=1`.
+
+    Every chunk starts from the zero LSTM state: UNIDIRECTIONAL_SEQUENCE_LSTM keeps its hidden and cell state
+    in variable tensors that persist from one `invoke` to the next, so an interpreter reused without
+    `reset_all_variables()` starts chunk k from chunk k-1's last state (measured 48 dB from the Keras
+    separator instead of >= 130 dB at the unittest size)."""
+
+    def __init__(self, model_bytes: bytes = None, model_path: str = None, workers: int = 1,
+                 threads_per_worker: int = 1, signature: str = SIGNATURE):
+        from concurrent.futures import ThreadPoolExecutor
+
+        from ai_edge_litert.interpreter import Interpreter
+
+        if workers < 1 or threads_per_worker < 1:
+            raise ValueError(f"TFLiteChunkRunner: workers ({workers}) and threads_per_worker ({threads_per_worker}) "
+                             "must be at least 1")
+        self.workers = workers
+        self.interpreters = [Interpreter(model_content=model_bytes, model_path=model_path,
+                                         num_threads=threads_per_worker) for _ in range(workers)]
+        for interpreter in self.interpreters:
+            interpreter.allocate_tensors()  # the variable tensors exist from here on: reset_all_variables needs them
+        self.runners = [interpreter.get_signature_runner(signature) for interpreter in self.interpreters]
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="tflite") if workers > 1 else None
+
+    def __call__(self, batch: np.ndarray) -> dict:
+        batch = np.asarray(batch, np.float32)
+        rows = [None] * len(batch)
+
+        def work(worker: int) -> None:  # chunks worker, worker + workers, ...: one interpreter, in order
+            for index in range(worker, len(batch), self.workers):
+                # the fused LSTMs keep their last state in variable tensors: each chunk starts from zeros
+                self.interpreters[worker].reset_all_variables()
+                rows[index] = self.runners[worker](**{INPUT_NAME: batch[index:index + 1]})
+
+        used = min(self.workers, len(batch))
+        if used == 1:
+            work(0)
+        else:
+            for future in [self._pool.submit(work, worker) for worker in range(used)]:
+                future.result()
+        return {name: np.concatenate([np.asarray(row[name]) for row in rows]) for name in rows[0]}
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+
 PARITY_CAP_DB = 200.0  # identical outputs: a finite figure for model.json
 
 
@@ -362,6 +418,10 @@ def _export_tflite(context: StageContext, model, folder: Path, figures: dict) ->
         "input": {INPUT_NAME: [1, chunk, config.data.nb_channels]},
         "outputs": {k: list(v.shape) for k, v in reference.items()},
         "outputs_are": "waveforms" if model.postprocess is None else "train-domain outputs; apply the postprocess",
+        # the fused LSTM ops keep their state in variable tensors across invokes: an app resets them before
+        # every chunk (Interpreter.resetVariableTensors() / ResetVariableTensors() / reset_all_variables())
+        "reset_variables_before_each_chunk": any("UNIDIRECTIONAL_SEQUENCE_LSTM" in info["ops"]
+                                                 for info in variants.values()),
         "variants": variants,
     }
     (folder / f"{name}.json").write_text(json.dumps(description, indent=1))

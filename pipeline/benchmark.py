@@ -4,7 +4,12 @@ train:    training examples per second and seconds per step (after warm-up) of t
           on the prepared data (running prepare first when its artifact is missing).
 separate: seconds and x real-time to separate the same 30 s stereo input with the SavedModel and with
           each TFLite variant, on 2 CPU threads, plus where the SavedModel's time goes (STFT/ISTFT,
-          networks, Wiener filter). Weights do not change speed, so the model is built untrained:
+          networks, Wiener filter). The TFLite files run as `separate --model x.tflite` does: one interpreter
+          of --threads threads (or `--tflite-workers` 1-thread interpreters on that many chunks at once); the
+          float32 file also runs the other way in the same run (`tflite_float32_<n>_workers` or
+          `tflite_float32_one_interpreter`). `cpu_seconds` is the CPU time of each backend (all threads),
+          the work it does whatever else runs on the machine. Weights do not change speed, so the model is
+          built untrained:
           `python pipeline/benchmark.py separate with paper` is the UMX-HQ architecture (4 targets,
           n_fft 4096, hidden 512, 3 BLSTM layers, 1 Wiener iteration) at 44.1 kHz. The TFLite variants are
           timed in turn with the SavedModel (ratios `tflite_float32_over_saved_model`, `tflite_<q>_over_float32`)
@@ -66,6 +71,9 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tflite-chunk-seconds", type=float, default=None,
                         help="separate: TFLite chunk (default export.tflite_chunk_seconds)")
     parser.add_argument("--no-tflite", action="store_true", help="separate: SavedModel only")
+    parser.add_argument("--tflite-workers", type=int, default=None,
+                        help="separate: chunks the TFLite files separate at once, one 1-thread interpreter each "
+                             "(default 1: one interpreter of --threads threads), as `separate --workers`")
     parser.add_argument("--no-reference", action="store_true",
                         help="skip the open-unmix PyTorch comparison even when the package is installed")
     parser.add_argument("--step-batch-size", type=int, default=4,
@@ -237,15 +245,18 @@ def _reference_train_step(reference, model, config, mixture, stems, threads: int
     return step
 
 
-def _best_of_alternating(repeats: int, runs: dict) -> dict:
+def _best_of_alternating(repeats: int, runs: dict, cpu: dict = None) -> dict:
     """Best seconds of each callable in `runs`, run in turn within every repeat (ours, reference, ours, ...):
-    a change of load on a shared machine then hits both sides of a ratio alike."""
+    a change of load on a shared machine then hits both sides of a ratio alike. `cpu`, when given, receives
+    the least CPU seconds (all threads of the process) of each: the work done, whatever else the machine runs."""
     best = {name: float("inf") for name in runs}
     for _ in range(repeats):
         for name, run in runs.items():
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             run()
             best[name] = min(best[name], time.perf_counter() - started)
+            if cpu is not None:
+                cpu[name] = min(cpu.get(name, float("inf")), time.process_time() - cpu_started)
     return best
 
 
@@ -259,7 +270,7 @@ def _best_of(repeats: int, run) -> float:
 
 
 def benchmark_separate(config, seconds: float, repeats: int, threads: int, tflite_chunk: float,
-                       with_tflite: bool, with_reference: bool = True) -> dict:
+                       with_tflite: bool, with_reference: bool = True, tflite_workers: int = None) -> dict:
     import tempfile
 
     import numpy as np
@@ -294,33 +305,49 @@ def benchmark_separate(config, seconds: float, repeats: int, threads: int, tflit
             excerpt = musdb_excerpt(rate, config.data.nb_channels, model.targets)
             chunk = model.input_samples(int(round(tflite_chunk * rate)))
             mobile = model.mobile(chunk)
+            workers = tflite_workers or 1
             variants = {"float32": "", config.export.quantize: config.export.quantize}
             for variant, quantize in variants.items():
                 started = time.perf_counter()
                 blob = export.convert_tflite(mobile, chunk, config.data.nb_channels, quantize)
                 report[f"tflite_{variant}_convert_seconds"] = round(time.perf_counter() - started, 1)
-                from ai_edge_litert.interpreter import Interpreter
-
-                interpreter = Interpreter(model_content=blob, num_threads=threads)
-                runner = interpreter.get_signature_runner(export.SIGNATURE)
+                # as `separate --model x.tflite`: one interpreter of `threads` threads, or `workers` chunks at a
+                # time on single-threaded interpreters
+                runner = export.TFLiteChunkRunner(blob, workers=workers,
+                                                  threads_per_worker=threads if workers == 1 else 1)
                 if model.postprocess is None:
-                    separate_fn = lambda b, runner=runner: runner(waveform=b)  # noqa: E731
+                    separate_fn = runner
                 else:
-                    separate_fn = lambda b, runner=runner: model.postprocess(b, runner(waveform=b))  # noqa: E731
+                    separate_fn = lambda b, runner=runner: model.postprocess(b, runner(b))  # noqa: E731
                 runs[f"tflite_{variant}"] = lambda separate_fn=separate_fn: separate_array(  # noqa: E731
-                    separate_fn, mixture, sample_rate=rate, chunk_seconds=chunk / rate, overlap=0.0)
+                    separate_fn, mixture, sample_rate=rate, chunk_seconds=chunk / rate, overlap=0.0,
+                    batch_size=workers)
                 runs[f"tflite_{variant}"]()  # warm-up
+                if variant == "float32" and threads > 1:  # the other driver, same file, same run
+                    other = 1 if workers > 1 else threads
+                    name = "tflite_float32_one_interpreter" if other == 1 else f"tflite_float32_{other}_workers"
+                    alternative = export.TFLiteChunkRunner(blob, workers=other,
+                                                           threads_per_worker=threads if other == 1 else 1)
+                    if model.postprocess is not None:
+                        alternative = lambda b, runner=alternative: model.postprocess(b, runner(b))  # noqa: E731
+                    runs[name] = lambda alternative=alternative, other=other: separate_array(  # noqa: E731
+                        alternative, mixture, sample_rate=rate, chunk_seconds=chunk / rate, overlap=0.0,
+                        batch_size=other)
+                    runs[name]()
                 report[f"tflite_{variant}_megabytes"] = round(len(blob) / 1e6, 2)
                 if excerpt is not None:  # what quantization costs in separation quality, on real music
                     estimates = separate_array(separate_fn, excerpt[0], sample_rate=rate, chunk_seconds=chunk / rate,
-                                               overlap=0.0)
+                                               overlap=0.0, batch_size=workers)
                     report[f"tflite_{variant}_musdb_sdr"] = round(_mean_sdr(excerpt[1], estimates), 3)
             report["tflite_chunk_seconds"] = chunk / rate
+            report["tflite_workers"] = workers
             if excerpt is not None and config.export.quantize in variants:
                 report["musdb_excerpt"] = str(MUSDB_EXCERPT)
                 report[f"tflite_{config.export.quantize}_sdr_loss_db"] = round(
                     report["tflite_float32_musdb_sdr"] - report[f"tflite_{config.export.quantize}_musdb_sdr"], 3)
-        rows.update(_best_of_alternating(repeats, runs))
+        cpu = {}
+        rows.update(_best_of_alternating(repeats, runs, cpu))
+        report["cpu_seconds"] = {k: round(v, 3) for k, v in cpu.items()}
         if "tflite_float32" in rows:  # > 1: faster than the SavedModel / than float32, same run
             report["tflite_float32_over_saved_model"] = round(rows["saved_model"] / rows["tflite_float32"], 2)
             quantized = f"tflite_{config.export.quantize}"
@@ -620,8 +647,11 @@ def main(argv=None) -> int:
             tf.config.threading.set_intra_op_parallelism_threads(args.threads)
             tf.config.threading.set_inter_op_parallelism_threads(args.threads)
             chunk = args.tflite_chunk_seconds or config.export.tflite_chunk_seconds
+            if args.tflite_workers is not None and args.tflite_workers < 1:
+                raise UserError(f"--tflite-workers {args.tflite_workers}: must be at least 1; e.g. --tflite-workers 2")
             print(json.dumps(benchmark_separate(config, args.seconds, args.repeats, args.threads, chunk,
-                                                not args.no_tflite, not args.no_reference), indent=1))
+                                                not args.no_tflite, not args.no_reference, args.tflite_workers),
+                             indent=1))
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -42,6 +42,9 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--format", choices=("wav", "flac"), default="wav", help="stem file format")
     parser.add_argument("--chunk-seconds", type=float, default=10.0, help="SavedModel chunk length (bounds memory)")
     parser.add_argument("--overlap", type=float, default=0.25, help="overlap fraction between chunks")
+    parser.add_argument("--workers", type=int, default=None,
+                        help=".tflite models: chunks separated at the same time, one 1-thread interpreter each "
+                             "(default 1: one interpreter of 2 threads)")
     parser.add_argument("--force", action="store_true", help="overwrite existing stems")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_stream_arguments(parser)
@@ -85,10 +88,17 @@ class SavedModelSeparator:
 
 
 class TFLiteSeparator:
-    """A .tflite chunk model plus the app-side post-processing of its family (e.g. Wiener + ISTFT)."""
+    """A .tflite chunk model plus the app-side post-processing of its family (e.g. Wiener + ISTFT).
 
-    def __init__(self, path: Path):
-        from ai_edge_litert.interpreter import Interpreter
+    The file takes one chunk `(1, chunk, channels)`, as a phone app streaming chunk after chunk uses it; every
+    chunk starts from the zero LSTM state (`export.TFLiteChunkRunner`). `workers` > 1 interpreters of one
+    thread each separate that many chunks at the same time; the default is one interpreter of `THREADS`
+    threads (measured as fast or faster on a shared 2-core machine, README "TFLite for phones")."""
+
+    THREADS = 2  # of the single interpreter (XNNPACK and the fused LSTM's GEMM backend)
+
+    def __init__(self, path: Path, workers: int = None):
+        from components.export import TFLiteChunkRunner
 
         description_path = path.parent / (path.name.split(".")[0] + ".json")
         export_sidecar = path.parent.parent / SIDECAR
@@ -101,14 +111,15 @@ class TFLiteSeparator:
         self.nb_channels = int(self.sidecar["nb_channels"])
         self.targets = list(self.sidecar["targets"])
         self.chunk_seconds = self.description["chunk_seconds"]
-        interpreter = Interpreter(model_path=str(path), num_threads=2)
-        self.runner = interpreter.get_signature_runner("serving_default")
+        self.batch_size = workers or 1  # chunks per call, one per interpreter
+        self.runner = TFLiteChunkRunner(model_path=str(path), workers=self.batch_size,
+                                        threads_per_worker=self.THREADS if self.batch_size == 1 else 1)
         self.model = _family_model(self.sidecar)
 
     def __call__(self, batch):
         import numpy as np
 
-        outputs = self.runner(waveform=batch.astype(np.float32))
+        outputs = self.runner(batch)
         if self.model.postprocess is None:
             return outputs
         return {k: np.asarray(v) for k, v in self.model.postprocess(batch, outputs).items()}
@@ -131,7 +142,7 @@ def _find_sidecar(saved_model: Path) -> dict:
     raise SeparateError(f"{saved_model}: no {SIDECAR} sidecar (sample rate, targets); export with the pipeline")
 
 
-def load_separator(model: str | None, artifacts_dir: str):
+def load_separator(model: str | None, artifacts_dir: str, workers: int = None):
     if model is None:
         export = Path(artifacts_dir) / "export"
         meta = export / "artifact.json"
@@ -142,7 +153,7 @@ def load_separator(model: str | None, artifacts_dir: str):
         model = str(export / "saved_model" / sidecar["model"] / str(sidecar["version"]))
     path = Path(model)
     if path.suffix == ".tflite" and path.is_file():
-        return TFLiteSeparator(path)
+        return TFLiteSeparator(path, workers)
     if (path / "saved_model.pb").is_file():
         return SavedModelSeparator(path)
     if path.is_dir():  # a TF Serving model folder: take the highest version
@@ -236,7 +247,8 @@ def separate_file(separator, path: Path, out: Path, *, fmt: str, chunk_seconds: 
         counter.step()
         return result
 
-    counter.total = _count_chunks(mixture.shape[0], separator, chunk_seconds, overlap)
+    batch_size = getattr(separator, "batch_size", 1)  # chunks per call (a .tflite: one per interpreter)
+    counter.total = -(-_count_chunks(mixture.shape[0], separator, chunk_seconds, overlap) // batch_size)
     same_rate = rate == separator.sample_rate
     subtype = "FLOAT" if fmt == "wav" else "PCM_24"
     created = not destination.exists()
@@ -276,7 +288,8 @@ def separate_file(separator, path: Path, out: Path, *, fmt: str, chunk_seconds: 
                 subtype=subtype if same_rate else "FLOAT")
         try:
             for _, _, blocks in iter_separate(separate_fn, mixture, sample_rate=separator.sample_rate,
-                                              chunk_seconds=separator.chunk_seconds or chunk_seconds, overlap=overlap):
+                                              chunk_seconds=separator.chunk_seconds or chunk_seconds, overlap=overlap,
+                                              batch_size=batch_size):
                 for target, block in blocks.items():
                     if target in writers:
                         block = channels(block) if same_rate else block
@@ -637,13 +650,16 @@ def _main(args) -> int:
     if not args.chunk_seconds > 0:
         print(f"error: --chunk-seconds {args.chunk_seconds:g}: must be > 0; e.g. --chunk-seconds 10", file=sys.stderr)
         return 2
+    if args.workers is not None and args.workers < 1:
+        print(f"error: --workers {args.workers}: must be at least 1; e.g. --workers 2", file=sys.stderr)
+        return 2
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         print(f"error: -o {out}: exists and is not a directory; choose a folder for the stems", file=sys.stderr)
         return 2
     import_tensorflow()  # without the CPU-machine start-up notices
     try:
-        separator = load_separator(args.model, args.artifacts_dir)
+        separator = load_separator(args.model, args.artifacts_dir, args.workers)
     except SeparateError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

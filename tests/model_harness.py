@@ -190,7 +190,7 @@ def check_tflite_parity(model, chunk: int, min_parity_db: float = 80.0, forbidde
     `model.postprocess` (when the family has one), gives the Keras separator's waveforms on the same chunk:
     SDR of TFLite against Keras >= `min_parity_db` for every target (export.parity_db, the export stage's
     figure). Returns {"ops", "parity_db", "megabytes"}."""
-    from components.export import convert_tflite, parity_db, run_tflite, tflite_ops
+    from components.export import TFLiteChunkRunner, convert_tflite, parity_db, run_tflite, tflite_ops
 
     assert model.mobile is not None, "family has no mobile form"
     blob = convert_tflite(model.mobile(chunk), chunk, model.nb_channels)
@@ -199,6 +199,11 @@ def check_tflite_parity(model, chunk: int, min_parity_db: float = 80.0, forbidde
     assert set(required_ops) <= set(ops), f"ops {sorted(set(required_ops) - set(ops))} missing from {ops}"
     mixture, _ = random_batch(model, 1, chunk, seed=chunk)
     outputs = run_tflite(blob, mixture)
+    # chunk after chunk on one interpreter, as `separate` and an app run it: the second chunk's outputs do not
+    # depend on the first (no state kept from one invoke to the next, e.g. the fused LSTMs' variable tensors)
+    again = TFLiteChunkRunner(blob, workers=1)(np.concatenate([mixture[:, ::-1], mixture]))
+    stale = parity_db(outputs, {k: v[1:] for k, v in again.items()})
+    assert stale >= min_parity_db, f"TFLite chunk after chunk: {stale:.1f} dB from a fresh interpreter's output"
     waveforms = model.postprocess(mixture, outputs) if model.postprocess is not None else outputs
     separated = {k: np.asarray(v) for k, v in model.separator(mixture, training=False).items()}
     for target in model.targets:

@@ -95,6 +95,7 @@ def test_tflite_builtin_ops_only_and_parity(exported):
     thresholds = {"float32": 80.0, "float16": 25.0, "dynamic": 25.0}
     assert set(description["variants"]) == {"float32", config.export.quantize}
     assert description["outputs_are"] == "waveforms" and description["chunk_samples"] == chunk
+    assert description["reset_variables_before_each_chunk"] is True  # the fused LSTMs' state persists
     for variant, info in description["variants"].items():
         blob = (folder / info["file"]).read_bytes()
         ops = tflite_ops(blob)
@@ -116,9 +117,7 @@ def test_tflite_builtin_ops_only_and_parity(exported):
 def test_quantized_tflite_loses_at_most_half_a_db_on_real_musdb(exported):
     # the exported float32 and quantized files separate the real MUSDB18-HQ excerpt (resampled to the model's
     # 8 kHz) chunk by chunk as an app would; SDR against the true stems, mean over the four targets
-    from ai_edge_litert.interpreter import Interpreter
-
-    from components.export import SIGNATURE
+    from components.export import TFLiteChunkRunner
     from components.separation import separate_array
     from pipeline.benchmark import MUSDB_EXCERPT, _mean_sdr, musdb_excerpt
 
@@ -129,10 +128,10 @@ def test_quantized_tflite_loses_at_most_half_a_db_on_real_musdb(exported):
     assert mixture.shape == (54428, 2)  # 300,032 samples at 44.1 kHz
     sdr = {}
     for variant, info in description["variants"].items():
-        runner = Interpreter(model_path=str(exported / "export" / "tflite" / info["file"]),
-                             num_threads=2).get_signature_runner(SIGNATURE)
-        estimates = separate_array(lambda chunk: runner(waveform=chunk), mixture, sample_rate=8000,
-                                   chunk_seconds=description["chunk_seconds"], overlap=0.0)
+        # as `separate --model x.tflite`: every chunk from the zero LSTM state, two chunks at a time
+        runner = TFLiteChunkRunner(model_path=str(exported / "export" / "tflite" / info["file"]), workers=2)
+        estimates = separate_array(runner, mixture, sample_rate=8000, chunk_seconds=description["chunk_seconds"],
+                                   overlap=0.0, batch_size=2)
         sdr[variant] = _mean_sdr(stems, estimates)
     quantized = next(variant for variant in sdr if variant != "float32")
     assert np.isfinite(sdr["float32"]) and sdr["float32"] > -20, sdr
@@ -159,6 +158,55 @@ def test_float16_tflite_is_finite_where_every_target_estimate_is_zero():
     outputs = run_tflite(convert_tflite(model.mobile(chunk), chunk, 2, "float16"), probe)
     assert all(np.all(np.isfinite(value)) for value in outputs.values())
     assert parity_db(reference, outputs) >= 25.0
+
+
+def test_tflite_chunk_runner_runs_chunks_on_parallel_interpreters_with_the_one_chunk_numbers():
+    # `separate --model x.tflite` hands a batch of chunks to one interpreter per worker: the same bits as the
+    # chunks run one by one, and the workers' invokes overlap in time (the interpreter releases the GIL)
+    import threading
+    import time
+
+    from ai_edge_litert.interpreter import Interpreter
+
+    from components.export import SIGNATURE, TFLiteChunkRunner, convert_tflite, parity_db
+    from components.train import build_model
+    from pipeline.experiment import resolve
+
+    model = build_model(resolve({}, ["unittest"]), {})
+    chunk = model.input_samples(4000)
+    blob = convert_tflite(model.mobile(chunk), chunk, 2)
+    batch = np.random.default_rng(5).normal(0, 0.1, (5, chunk, 2)).astype(np.float32)
+    # each chunk on a fresh interpreter: a reused one would start from the previous chunk's LSTM state
+    rows = [Interpreter(model_content=blob, num_threads=1).get_signature_runner(SIGNATURE)(
+        waveform=batch[index:index + 1]) for index in range(len(batch))]
+    expected = {name: np.concatenate([row[name] for row in rows]) for name in rows[0]}
+    keras_out = model.separator(batch, training=False)
+    assert parity_db({k: np.asarray(v) for k, v in keras_out.items()}, expected) >= 80.0
+    reused = Interpreter(model_content=blob, num_threads=1)
+    stale = [reused.get_signature_runner(SIGNATURE)(waveform=batch[index:index + 1]) for index in range(2)][1]
+    assert parity_db({k: v[1:2] for k, v in expected.items()}, stale) < 80.0  # why the runner resets the state
+
+    runner = TFLiteChunkRunner(blob, workers=2)
+    spans = []
+    for worker, signature_runner in enumerate(runner.runners):
+        def timed(signature_runner=signature_runner, **inputs):
+            started = time.perf_counter()
+            outputs = signature_runner(**inputs)
+            spans.append((started, time.perf_counter(), threading.get_ident()))
+            return outputs
+        runner.runners[worker] = timed
+    got = runner(batch)
+    assert sorted(got) == sorted(expected) == sorted(model.targets)
+    for name in expected:
+        assert got[name].shape == batch.shape and np.array_equal(got[name], expected[name]), name
+    assert len(spans) == 5 and len({thread for _, _, thread in spans}) == 2
+    first, second = ([span for span in spans if span[2] == thread] for thread in {s[2] for s in spans})
+    assert any(a[0] < b[1] and b[0] < a[1] for a in first for b in second), "the interpreters never ran at once"
+    one = runner(batch[2:3])  # a batch of one (the last, padded call of a song can be shorter in an app)
+    assert all(np.array_equal(one[name], expected[name][2:3]) for name in expected)
+    with pytest.raises(ValueError, match="workers"):
+        TFLiteChunkRunner(blob, workers=0)
+    runner.close()
 
 
 def _numpy_lstm(inputs, kernel, recurrent_kernel, bias):

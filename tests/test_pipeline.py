@@ -109,6 +109,7 @@ def test_the_driver_runs_each_stage_setup_hook_before_the_stages(tmp_path, monke
 @pytest.mark.parametrize("option,message", [
     (["--overlap", "2"], "error: --overlap 2: must be a fraction in [0, 1); e.g. --overlap 0.25"),
     (["--chunk-seconds", "0"], "error: --chunk-seconds 0: must be > 0; e.g. --chunk-seconds 10"),
+    (["--workers", "0"], "error: --workers 0: must be at least 1; e.g. --workers 2"),
 ])
 def test_separate_refuses_bad_chunking_in_one_line_before_loading_a_model(option, message, tmp_path, capsys):
     from pipeline import separate
