@@ -186,7 +186,7 @@ def benchmark_train_step(config, batch_size: int, repeats: int, threads: int, wi
     import numpy as np
     import tensorflow as tf
 
-    from components.train import build_model, make_optimizer
+    from components.train import build_loss_trackers, build_model, make_optimizer
 
     model = build_model(config, {})
     nb_timesteps = model.input_samples(int(round(config.train.seq_seconds * config.data.sample_rate)))
@@ -197,6 +197,7 @@ def benchmark_train_step(config, batch_size: int, repeats: int, threads: int, wi
     targets = {name: np.asarray(value) for name, value in model.train_targets(
         {name: tf.constant(value) for name, value in stems.items()}).items()}
     model.train_model.compile(optimizer=make_optimizer(config.train), loss=model.loss)
+    build_loss_trackers(model.train_model)  # else the step is traced twice
     runs = {"ours": lambda: model.train_model.train_on_batch(mixture, targets)}
     runs["ours"]()  # tracing
     reference = open_unmix_reference() if with_reference and config.model.name == "umx" else None
