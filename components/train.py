@@ -311,6 +311,20 @@ def _compile(model, strategy, tc, lr=None):
                                   loss=model.loss, jit_compile=False)
         # create the optimizer slots now: building them while tracing the first step costs 10+ s
         model.train_model.optimizer.build(model.train_model.trainable_variables)
+        build_loss_trackers(model.train_model)
+
+
+def build_loss_trackers(keras_model) -> None:
+    """Create the compiled loss's per-output `Mean` trackers now. Keras creates them while tracing the first
+    step when no distribution strategy is set, and variables created during a trace make TensorFlow trace the
+    whole step a second time (DTTNet's first step: two traces of ~25,000 ops), or, under a strategy, Keras
+    runs the whole model symbolically first. The trackers only need the structure of the outputs."""
+    from keras import ops, tree
+
+    loss = getattr(keras_model, "_compile_loss", None)
+    if loss is not None and not loss.built:
+        zeros = tree.map_structure(lambda tensor: ops.zeros([1] * len(tensor.shape), tensor.dtype), keras_model.output)
+        loss.build(zeros, zeros)
 
 
 def _fit_phases(context, model, strategy, train_ds, valid_ds, steps, work: Path):

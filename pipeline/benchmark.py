@@ -96,7 +96,7 @@ def benchmark_train(config, steps: int, warmup: int) -> dict:
 
     from components import artifacts
     from components.manifest import Manifest
-    from components.train import build_model, make_optimizer, make_strategy, train_datasets
+    from components.train import _compile, build_model, make_strategy, train_datasets
     from models.base import count_parameters
     from pipeline import pipeline
 
@@ -106,13 +106,15 @@ def benchmark_train(config, steps: int, warmup: int) -> dict:
     strategy = make_strategy(config.train.replicas)
     with strategy.scope():
         model = build_model(config, Manifest.read(prepare).stats_dict())
-        model.train_model.compile(optimizer=make_optimizer(config.train), loss=model.loss)
+    started = time.perf_counter()
+    _compile(model, strategy, config.train)  # as the train stage: optimizer slots and loss trackers built first
+    compile_seconds = time.perf_counter() - started
     train, _, _ = train_datasets(prepare, config, model, config.train.batch_size, seed=config.train.seed)
     iterator = iter(train.repeat())
     batch = next(iterator)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     model.train_model.train_on_batch(*batch)  # the first step: tracing, graph optimisation, one step
-    first_step = time.perf_counter() - started
+    first_step, first_step_cpu = time.perf_counter() - started, time.process_time() - cpu_started
     for _ in range(warmup - 1):
         model.train_model.train_on_batch(*next(iterator))
     started = time.perf_counter()
@@ -126,7 +128,10 @@ def benchmark_train(config, steps: int, warmup: int) -> dict:
         "batch_size": config.train.batch_size,
         "seq_seconds": config.train.seq_seconds,
         "steps": steps,
+        "compile_seconds": round(compile_seconds, 2),
         "first_step_seconds": round(first_step, 2),
+        # CPU seconds of this process: mostly single-threaded tracing, so a shared machine's load barely moves it
+        "first_step_cpu_seconds": round(first_step_cpu, 2),
         "seconds_per_step": round(seconds / steps, 4),
         "examples_per_second": round(steps * config.train.batch_size / seconds, 2),
         "keras": keras.__version__,
@@ -191,7 +196,7 @@ def benchmark_train_step(config, batch_size: int, repeats: int, threads: int, wi
     import numpy as np
     import tensorflow as tf
 
-    from components.train import build_model, make_optimizer
+    from components.train import build_loss_trackers, build_model, make_optimizer
 
     model = build_model(config, {})
     nb_timesteps = model.input_samples(int(round(config.train.seq_seconds * config.data.sample_rate)))
@@ -202,6 +207,7 @@ def benchmark_train_step(config, batch_size: int, repeats: int, threads: int, wi
     targets = {name: np.asarray(value) for name, value in model.train_targets(
         {name: tf.constant(value) for name, value in stems.items()}).items()}
     model.train_model.compile(optimizer=make_optimizer(config.train), loss=model.loss)
+    build_loss_trackers(model.train_model)  # else the step is traced twice
     runs = {"ours": lambda: model.train_model.train_on_batch(mixture, targets)}
     runs["ours"]()  # tracing
     reference = open_unmix_reference() if with_reference and config.model.name == "umx" else None
