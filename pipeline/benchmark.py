@@ -478,6 +478,7 @@ def _export_untrained(updates: dict, named: list, family: str, saved: str) -> No
     write_saved_model(model.separator, Path(saved), config.data.nb_channels)
     sidecar = {"model": family, "sample_rate": config.data.sample_rate, "nb_channels": config.data.nb_channels,
                "targets": list(model.targets), "parameters": count_parameters(model.train_model), "untrained": True,
+               "separation_chunk_samples": model.separation_chunk_samples,
                "config": {"data": config.section("data"), "model": config.section("model")}}
     write_sidecar(Path(saved), sidecar)
 

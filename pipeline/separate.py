@@ -30,6 +30,7 @@ from components.export import SIDECAR  # noqa: E402 - after the sys.path set-up 
 from configs.errors import SeparateError, StageError  # noqa: E402
 
 FFMPEG_SUFFIXES = (".mp4", ".m4a", ".aac", ".webm", ".opus")
+DEFAULT_CHUNK_SECONDS = 10.0  # --chunk-seconds when the model declares no chunk of its own
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -40,7 +41,8 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--artifacts-dir", default="artifacts", help="where the pipeline exported (default: artifacts)")
     parser.add_argument("-o", "--out", default="separated", help="output directory (default: separated)")
     parser.add_argument("--format", choices=("wav", "flac"), default="wav", help="stem file format")
-    parser.add_argument("--chunk-seconds", type=float, default=10.0, help="SavedModel chunk length (bounds memory)")
+    parser.add_argument("--chunk-seconds", type=float, default=None,
+                        help="SavedModel chunk length, bounds memory (default: the chunk the model declares, else 10)")
     parser.add_argument("--overlap", type=float, default=0.25, help="overlap fraction between chunks")
     parser.add_argument("--force", action="store_true", help="overwrite existing stems")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -77,6 +79,9 @@ class SavedModelSeparator:
         self.nb_channels = int(self.sidecar["nb_channels"])
         self.targets = list(self.sidecar["targets"])
         self.chunk_seconds = None
+        # the family's chunk for bounded memory at its size (models.base.SeparationModel.separation_chunk_samples)
+        declared = self.sidecar.get("separation_chunk_samples")
+        self.default_chunk_seconds = declared / self.sample_rate if declared else DEFAULT_CHUNK_SECONDS
 
     def __call__(self, batch):
         import tensorflow as tf
@@ -100,7 +105,7 @@ class TFLiteSeparator:
         self.sample_rate = int(self.sidecar["sample_rate"])
         self.nb_channels = int(self.sidecar["nb_channels"])
         self.targets = list(self.sidecar["targets"])
-        self.chunk_seconds = self.description["chunk_seconds"]
+        self.chunk_seconds = self.default_chunk_seconds = self.description["chunk_seconds"]  # the .tflite's fixed chunk
         interpreter = Interpreter(model_path=str(path), num_threads=2)
         self.runner = interpreter.get_signature_runner("serving_default")
         self.model = _family_model(self.sidecar)
@@ -634,7 +639,7 @@ def _main(args) -> int:
     if not 0 <= args.overlap < 1:
         print(f"error: --overlap {args.overlap:g}: must be a fraction in [0, 1); e.g. --overlap 0.25", file=sys.stderr)
         return 2
-    if not args.chunk_seconds > 0:
+    if args.chunk_seconds is not None and not args.chunk_seconds > 0:
         print(f"error: --chunk-seconds {args.chunk_seconds:g}: must be > 0; e.g. --chunk-seconds 10", file=sys.stderr)
         return 2
     out = Path(args.out)
@@ -656,7 +661,8 @@ def _main(args) -> int:
     failed = 0
     for name in args.files:
         try:
-            destination = separate_file(separator, Path(name), out, fmt=args.format, chunk_seconds=args.chunk_seconds,
+            destination = separate_file(separator, Path(name), out, fmt=args.format,
+                                        chunk_seconds=args.chunk_seconds or separator.default_chunk_seconds,
                                         overlap=args.overlap, force=args.force, progress=not args.quiet)
             print(f"{name} -> {destination}")
         except SeparateError as error:
