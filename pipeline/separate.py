@@ -197,6 +197,83 @@ def read_any(path: Path):
     return audio, rate
 
 
+class FileMixture:
+    """A sound file at the model's rate as `iter_separate`'s mixture, decoded forward as the chunks ask for it:
+    a 10-minute stereo song is never whole in memory (212 MB of float32 at 44.1 kHz), only the samples from the
+    current chunk's start on. `shape` is `(nb_timesteps, nb_channels)` at the model's channel count; slices
+    `[start:stop]` must come with non-decreasing starts (iter_separate's order); channels are conformed as
+    `components.audio.conform` does (mono duplicated, stereo averaged)."""
+
+    BLOCK = 1 << 16  # frames per read when scanning a float file for NaN/Inf
+
+    def __init__(self, path: Path, handle, nb_channels: int):
+        import numpy as np
+
+        self.path, self.file = path, handle
+        self.file_channels = handle.channels
+        self.shape = (handle.frames, nb_channels)
+        self.ndim = 2
+        self.dtype = np.dtype(np.float32)
+        self._buffer = np.zeros((0, nb_channels), np.float32)  # the decoded samples [self._start, ...)
+        self._start = 0
+
+    @classmethod
+    def open(cls, path: Path, sample_rate: int, nb_channels: int):
+        """The file read lazily when soundfile decodes it at `sample_rate` with 1 or 2 channels, else None (the
+        caller decodes it whole: ffmpeg formats, resampling, errors reported by `read_any`)."""
+        import numpy as np
+        import soundfile
+
+        if path.suffix.lower() in FFMPEG_SUFFIXES or not path.is_file():
+            return None
+        try:
+            handle = soundfile.SoundFile(str(path))
+        except Exception:
+            return None
+        if handle.samplerate != sample_rate or handle.frames <= 0 or handle.channels > 2 or not handle.seekable():
+            handle.close()
+            return None
+        if handle.subtype in ("FLOAT", "DOUBLE"):  # only float samples can be NaN/Inf: count them before anything
+            bad = sum(int(np.count_nonzero(~np.isfinite(block)))
+                      for block in handle.blocks(blocksize=cls.BLOCK, dtype="float32", always_2d=True))
+            if bad:
+                handle.close()
+                raise SeparateError(f"{path}: {bad} NaN/Inf samples; re-export the file from its source")
+            handle.seek(0)
+        return cls(path, handle, nb_channels)
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, index):
+        import numpy as np
+
+        if not isinstance(index, slice) or index.step not in (None, 1):
+            raise TypeError("FileMixture takes [start:stop] slices only")
+        start, stop = max(0, index.start or 0), min(self.shape[0], self.shape[0] if index.stop is None else index.stop)
+        if start < self._start:
+            raise ValueError(f"FileMixture reads forward only: [{start}:] after [{self._start}:]")
+        decoded = self._start + len(self._buffer)  # the file's read position
+        if start >= decoded:
+            if start > decoded:  # beyond what was decoded (never in iter_separate's order)
+                self.file.seek(start)
+            self._buffer = self._buffer[:0]
+        else:
+            self._buffer = self._buffer[start - self._start:]
+        self._start = start
+        wanted = stop - start - len(self._buffer)
+        if wanted > 0:
+            block = self.file.read(wanted, dtype="float32", always_2d=True)
+            channels = self.shape[1]
+            if block.shape[1] != channels:
+                block = np.repeat(block, channels, axis=1) if block.shape[1] == 1 else block.mean(axis=1, keepdims=True)
+            self._buffer = np.concatenate([self._buffer, block.astype(np.float32, copy=False)])
+        return self._buffer[:max(0, stop - start)]
+
+    def close(self):
+        self.file.close()
+
+
 def safe_name(name: str) -> str:
     """A track folder name that cannot leave the output directory."""
     name = re.sub(r"[\\/\x00-\x1f]+", "_", name).strip(" .")
@@ -224,16 +301,20 @@ def separate_file(separator, path: Path, out: Path, *, fmt: str, chunk_seconds: 
     existing = [f for f in files.values() if f.exists()]
     if len(existing) == len(files) and not force:
         raise SeparateError(f"{path}: {existing[0]} exists; use --force to overwrite")
-    audio, rate = read_any(path)
-    if not np.all(np.isfinite(audio)):
-        bad = int(np.count_nonzero(~np.isfinite(audio)))
-        raise SeparateError(f"{path}: {bad} NaN/Inf samples; re-export the file from its source")
-    nb_timesteps, nb_channels = audio.shape
-    try:
-        mixture = conform(audio, rate, path, sample_rate=separator.sample_rate, nb_channels=separator.nb_channels)
-    except StageError as error:
-        raise SeparateError(str(error)) from None
-    del audio  # peak memory: only the model-rate mixture and the stems are kept
+    mixture = FileMixture.open(path, separator.sample_rate, separator.nb_channels)
+    if mixture is not None:  # at the model's rate: read chunk by chunk as the separation advances
+        rate, nb_timesteps, nb_channels = separator.sample_rate, mixture.shape[0], mixture.file_channels
+    else:
+        audio, rate = read_any(path)
+        if not np.all(np.isfinite(audio)):
+            bad = int(np.count_nonzero(~np.isfinite(audio)))
+            raise SeparateError(f"{path}: {bad} NaN/Inf samples; re-export the file from its source")
+        nb_timesteps, nb_channels = audio.shape
+        try:
+            mixture = conform(audio, rate, path, sample_rate=separator.sample_rate, nb_channels=separator.nb_channels)
+        except StageError as error:
+            raise SeparateError(str(error)) from None
+        del audio  # peak memory: only the model-rate mixture and the stems are kept
     counter = _Progress(path.name, enabled=progress)
 
     def separate_fn(batch):
@@ -292,6 +373,8 @@ def separate_file(separator, path: Path, out: Path, *, fmt: str, chunk_seconds: 
                 writing = parts[target]
                 writer.close()
         counter.done()
+        if isinstance(mixture, FileMixture):
+            mixture.close()
         del mixture
         for target in separator.targets:
             if not same_rate:
