@@ -113,3 +113,21 @@ def test_a_saved_model_stores_each_weight_once(tmp_path):
     floats = sum(int(np.prod(shape)) for name, shape in tf.train.list_variables(
         str(tmp_path / "saved" / "variables" / "variables")) if name.endswith("VARIABLE_VALUE"))
     assert floats == sum(int(np.prod(w.shape)) for w in model.separator.weights)
+
+
+def test_the_declared_separation_chunks_are_whole_network_inputs():
+    """TFC-TDF-UNet v3 and DTTNet declare frames (a multiple of 2 ** num_scales, as every input they take),
+    M-U-Net whole patches; at the paper sizes all three are about 2.95 s at 44.1 kHz."""
+    from configs.errors import ConfigError
+    from models import dttnet, m_unet, tfc_tdf_unet, unet_core
+
+    for family in (tfc_tdf_unet, dttnet):
+        config = family.Config()
+        assert config.hop_length * (config.separate_dim_t - 1) == 130_048
+        assert family.valid_samples(config, 130_048) == 130_048
+        with pytest.raises(ConfigError, match="separate_dim_t must be a positive multiple of 2\\*\\*num_scales"):
+            family.Config(separate_dim_t=2 ** config.num_scales + 2)
+    config = m_unet.Config()
+    assert unet_core.whole_patches(config.separate_patches * config.patch_frames * config.hop_length,
+                                   n_fft=config.n_fft, hop_length=config.hop_length,
+                                   patch_frames=config.patch_frames) == 130_816 == 256 * (2 * 256 - 1)
