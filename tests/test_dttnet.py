@@ -111,7 +111,7 @@ def test_one_network_per_target_shapes_and_shared_weights(tiny):
         assert {tuple(v.shape) for v in tiny.separator(noise((1, length, 2))).values()} == {(1, length, 2)}
 
 
-def test_separator_runs_the_networks_in_turn_with_the_training_graphs_numbers():
+def test_separator_runs_the_networks_in_turn_with_the_training_graphs_numbers(tmp_path):
     """`separate`'s graph runs one target's network after another (its peak memory: one network's activations,
     not four) and computes exactly what the training graph (the networks side by side) computes."""
     import tensorflow as tf
@@ -132,6 +132,7 @@ def test_separator_runs_the_networks_in_turn_with_the_training_graphs_numbers():
         (controls,) = [c for name, c in waits.items() if f"/after_{target}" in name]
         assert controls and all("/istft" in name for name in controls), waits
     assert four.separation_chunk_samples == 64 * 127  # separate_dim_t 128 frames
+    harness.check_saved_model_parity(four, tmp_path / "saved", lengths=(3001,), nb_samples=1)  # what `separate` loads
 
 
 def test_dual_path_module_is_residual_and_shares_weights_across_heads():
