@@ -103,7 +103,8 @@ def iter_separate(
 
     separate_fn:   float32 `(batch, chunk_samples, nb_channels)` -> {target: same shape}; a keras.Model
                    (`SeparationModel.separator`) or any callable returning tensors or arrays
-    mixture:       `(nb_timesteps, nb_channels)`
+    mixture:       `(nb_timesteps, nb_channels)`: an array, or any object with `shape` whose `[start:stop]` slices,
+                   asked for in increasing order, give float32 arrays (e.g. a file decoded as it is read)
     chunk_seconds: chunk length; memory use is bounded by it, not by the track length
     overlap:       fraction of a chunk shared with the next one, in [0, 1)
     batch_size:    chunks per call; the last batch is zero-padded so every call has the same shape
@@ -111,8 +112,9 @@ def iter_separate(
     yields         blocks float32 `(stop - start, nb_channels)` covering `[0, nb_timesteps)` once: a caller
                    can write stems to disk as they come and never hold a whole track of estimates
     """
-    mixture = np.asarray(mixture)
-    if mixture.ndim != 2 or mixture.shape[0] == 0:
+    if not (hasattr(mixture, "shape") and hasattr(mixture, "__getitem__")):
+        mixture = np.asarray(mixture)
+    if len(mixture.shape) != 2 or mixture.shape[0] == 0:
         raise ValueError(f"mixture must be (nb_timesteps, nb_channels) with nb_timesteps > 0, got {mixture.shape}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")

@@ -47,6 +47,9 @@ class SeparationModel:
     chunk_samples: the reference's inference chunk in samples, when the family prescribes one (TFC-TDF-UNet v3,
                    DTTNet); `chunk_seconds` in seconds. Validation snapshots separate with it
     overlap:       fraction of `chunk_samples` neighbouring chunks share, with `chunk_samples`
+    separation_chunk_samples: the chunk `separate` uses by default (export records it in the sidecar;
+                   `--chunk-seconds` overrides it), for families whose per-chunk activations at their published
+                   size would not fit a 2 GB budget in 10 s chunks; None: the CLI's 10 s
     loss_weighting: the layer holding the per-target loss weights (M-U-Net's DWA / EBW `LossWeighting`)
     loss_domain:   what the loss compares, where the family resolves it from its config (M-U-Net: masks or
                    magnitudes)
@@ -71,6 +74,7 @@ class SeparationModel:
     max_bin: Optional[int] = None
     chunk_samples: Optional[int] = None
     overlap: Optional[float] = None
+    separation_chunk_samples: Optional[int] = None
     loss_weighting: Optional[Any] = None
     loss_domain: Optional[str] = None
 

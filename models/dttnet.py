@@ -60,6 +60,9 @@ class Config:
     group_size: int = bounded(16, 1)  # channels per GroupNorm group in the dual-path module
     inference_dim_t: int = 512  # the reference's inference chunk: hop_length * (2 dim_t - 1) samples
     num_overlap: int = bounded(4, 1)  # the reference's demix(inf_overf=4): chunk hop = chunk / 4
+    # frames of the chunk `separate` uses by default (ours: the networks run one after another there, and 128
+    # frames = 2.95 s keep a 10-minute song under 2 GB at the paper size)
+    separate_dim_t: int = bounded(128, 1)
     unroll: bool = False  # unrolled LSTMs (static lengths); `mobile` always unrolls
 
     def __post_init__(self):
@@ -78,7 +81,7 @@ class Config:
         if (self.growth * (self.num_scales + 1)) % self.num_heads:
             raise ConfigError(f"{key}the latent channels growth * (num_scales + 1) = "
                               f"{self.growth * (self.num_scales + 1)} must split into num_heads={self.num_heads}")
-        for name in ("dim_t", "inference_dim_t"):
+        for name in ("dim_t", "inference_dim_t", "separate_dim_t"):
             if getattr(self, name) < scale or getattr(self, name) % scale:
                 raise ConfigError(f"{key}{name} must be a positive multiple of 2**num_scales = {scale}")
 
@@ -208,6 +211,19 @@ class ComplexSpectrogram(keras.layers.Layer):
         return {**super().get_config(), "nb_bins": self.nb_bins}
 
 
+class After(keras.layers.Layer):
+    """[x, previous] -> x, computed only once `previous` is: the separator runs the target networks one after
+    another, so that one network's activations are alive at a time (a graph executor with several inter-op
+    threads otherwise interleaves the four networks and holds their feature maps together)."""
+
+    def call(self, x, previous):
+        with tf.control_dependencies([previous]):
+            return tf.identity(x)
+
+    def compute_output_shape(self, x_shape, previous_shape):
+        return x_shape
+
+
 def _conv(x, channels: int, kernel: int, name: str, stride: int = 1, transpose: bool = False):
     """Conv with bias, PyTorch's default init: U(±1/sqrt(fan_in)) for kernel and bias (fan_in of a transposed
     conv from its output channels, as PyTorch computes it)."""
@@ -305,18 +321,24 @@ def build(config: Config, *, data, stats=None) -> SeparationModel:
                 for target in targets}
     to_spectrogram = ComplexSpectrogram(nb_bins, name="spectrogram")
 
-    def separate(waveform, by_target):
+    def separate(waveform, by_target, in_turn: bool = False):
+        """in_turn: each target's network starts after the previous target's waveform is out (same numbers)."""
         spectrogram = stft_layer(waveform)
-        outputs = {}
+        outputs, previous = {}, None
         for target in targets:
             x = features[target](spectrogram)
+            if in_turn and previous is not None:
+                x = After(name=f"after_{target}")(x, previous)
             estimate = to_spectrogram(crop(by_target[target](pad(x)), x))
-            outputs[target] = istft_layer(estimate, waveform)
+            outputs[target] = previous = istft_layer(estimate, waveform)
         return outputs
 
-    # the loss is on waveforms (the reference's L1 after ISTFT): training and separating are one graph
+    # the loss is on waveforms (the reference's L1 after ISTFT): training and separating compute the same, the
+    # separator with the networks in turn (peak memory of `separate`: one network's activations, not four)
     mixture = keras.Input((None, nb_channels), name="mixture")
     model = keras.Model(mixture, separate(mixture, nets), name="dttnet")
+    waveform = keras.Input((None, nb_channels), name="mixture")
+    separator = keras.Model(waveform, separate(waveform, nets, in_turn=True), name="dttnet_separator")
 
     def make_mobile(chunk: int) -> keras.Model:
         """Static `(1, chunk, nb_channels)` -> {target: waveform}, LSTMs unrolled, weights copied from `nets`."""
@@ -337,12 +359,13 @@ def build(config: Config, *, data, stats=None) -> SeparationModel:
         train_model=model,
         train_targets=lambda stems: {target: stems[target] for target in targets},
         loss={target: keras.losses.MeanAbsoluteError() for target in targets},
-        separator=model,
+        separator=separator,
         config=config,
         input_samples=lambda n: valid_samples(config, n),
         mobile=make_mobile,
         chunk_samples=config.hop_length * (config.inference_dim_t - 1),
         overlap=1.0 - 1.0 / config.num_overlap,
+        separation_chunk_samples=config.hop_length * (config.separate_dim_t - 1),
         networks=nets,
     )
 

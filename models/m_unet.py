@@ -69,6 +69,9 @@ class Config:
     loss_domain: str = choice("auto", LOSS_DOMAINS)
     # 0: mask x mixture STFT (published); > 0: EM iterations of the Wiener filter
     wiener_iterations: int = bounded(0, 0)
+    # patches per chunk of `separate` by default (ours: 2 x 256 frames = 2.97 s at 44.1 kHz, so that the
+    # 124M-parameter network's activations keep a 10-minute song under 2 GB)
+    separate_patches: int = bounded(2, 1)
 
     def __post_init__(self):
         key = "model.m_unet."
@@ -314,7 +317,8 @@ def build(config: Config, *, data, stats=None):
         name="m_unet", config=config, data=data, analysis=analysis, estimate=estimate, to_masks=to_masks,
         synthesis=synthesis, train_targets=train_targets, input_samples=input_samples, loss=loss,
         train_wrapper=weighting, callbacks=callbacks,
-        network=network, loss_weighting=weighting, loss_domain=domain)
+        network=network, loss_weighting=weighting, loss_domain=domain,
+        separation_chunk_samples=input_samples(config.separate_patches * config.patch_frames * config.hop_length))
 
 
 # --------------------------------------------------------------------------------- weights from PyTorch

@@ -63,6 +63,9 @@ class Config:
     bottleneck_factor: int = bounded(4, 1)
     inference_dim_t: int = bounded(1024, 1)  # frames of the SDX23 inference chunk (`inference.dim_t`)
     num_overlap: int = bounded(8, 1)  # inference chunks overlap so that hop = chunk / num_overlap
+    # frames of the chunk `separate` uses by default (ours, not the reference's: at the SDX23 size a frame costs
+    # about 2 MB of activations, so 10 s chunks peak at 2.5 GB; 128 frames = 2.95 s keep a 10-minute song under 2 GB)
+    separate_dim_t: int = bounded(128, 1)
     loss: str = choice("mse", LOSSES)  # mse | quantile_coarse | quantile_element
     # q of the quantile losses; None: 0.4 coarse, 0.93 element
     quantile: Optional[float] = bounded(None, 0, 1, low_open=True, high_open=True)
@@ -84,7 +87,7 @@ class Config:
         if self.dim_f // (self.num_subbands * scale) < self.bottleneck_factor:
             raise ConfigError(f"{key}bottleneck_factor={self.bottleneck_factor} leaves no bins at the deepest scale "
                               f"({self.dim_f // (self.num_subbands * scale)} bins)")
-        for name in ("dim_t", "inference_dim_t"):
+        for name in ("dim_t", "inference_dim_t", "separate_dim_t"):
             if getattr(self, name) < scale or getattr(self, name) % scale:
                 raise ConfigError(f"{key}{name} must be a positive multiple of 2**num_scales = {scale}")
 
@@ -436,6 +439,7 @@ def build(config: Config, *, data, stats=None) -> SeparationModel:
         # chunk / num_overlap (evaluate.overlap = 1 - 1/num_overlap)
         chunk_samples=config.hop_length * (config.inference_dim_t - 1),
         overlap=1.0 - 1.0 / config.num_overlap,
+        separation_chunk_samples=config.hop_length * (config.separate_dim_t - 1),
         network=net,
     )
 

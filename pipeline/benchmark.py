@@ -25,7 +25,8 @@ memory:   peak resident memory of the `separate` CLI on a synthetic song (defaul
           one child process per registered family (or `--families a,b`): each family's SavedModel is
           exported untrained (randomly initialised: weights change neither memory nor speed) at the
           configured size (`with paper`: every family's published size), then `separate` runs on the song
-          in a fresh process whose peak RSS the kernel reports (wait4's ru_maxrss).
+          in a fresh process whose peak RSS the kernel reports (wait4's ru_maxrss), with the chunk the family
+          declares (`SeparationModel.separation_chunk_samples`, reported as `chunk_seconds`) unless --chunk-seconds.
 
 Against the reference: when the open-unmix PyTorch package is installed, both commands also run it on
 the same input with random weights of the same size (Open-Unmix only) and print ratios (> 1: we are
@@ -84,7 +85,8 @@ def get_parser() -> argparse.ArgumentParser:
                         help="memory: comma-separated families (default: every registered family)")
     parser.add_argument("--song-minutes", type=float, default=10.0, help="memory: song length (default 10)")
     parser.add_argument("--chunk-seconds", type=float, default=None,
-                        help="memory: separate's --chunk-seconds (default: separate's own, 10 s)")
+                        help="memory: separate's --chunk-seconds (default: separate's own, the chunk the family "
+                             "declares at its size, else 10 s)")
     parser.add_argument("--work-dir", default=None,
                         help="memory: where the song, SavedModels and stems go (default: a temporary folder)")
     parser.epilog = "Configuration after `with`, as for pipeline/run.py: `with default model.name=umx`."
@@ -547,6 +549,7 @@ def _export_untrained(updates: dict, named: list, family: str, saved: str) -> No
     write_saved_model(model.separator, Path(saved), config.data.nb_channels)
     sidecar = {"model": family, "sample_rate": config.data.sample_rate, "nb_channels": config.data.nb_channels,
                "targets": list(model.targets), "parameters": count_parameters(model.train_model), "untrained": True,
+               "separation_chunk_samples": model.separation_chunk_samples,
                "config": {"data": config.section("data"), "model": config.section("model")}}
     write_sidecar(Path(saved), sidecar)
 
@@ -592,6 +595,8 @@ def benchmark_memory(updates: dict, named: list, families, minutes: float, work:
             "peak_rss_megabytes": round(usage.ru_maxrss / 1024, 0),  # Linux reports kilobytes
             "seconds": round(seconds, 1), "parameters": sidecar["parameters"],
             "sample_rate": sidecar["sample_rate"], "exit_code": child.returncode,
+            "chunk_seconds": chunk_seconds or round((sidecar.get("separation_chunk_samples") or 0)
+                                                    / sidecar["sample_rate"], 3) or 10.0,
             **({"error": errors[-1]} if child.returncode and errors else {})}
         print(json.dumps({family: report["families"][family]}), file=sys.stderr, flush=True)
         shutil.rmtree(work / family, ignore_errors=True)

@@ -30,6 +30,7 @@ from components.export import SIDECAR  # noqa: E402 - after the sys.path set-up 
 from configs.errors import SeparateError, StageError  # noqa: E402
 
 FFMPEG_SUFFIXES = (".mp4", ".m4a", ".aac", ".webm", ".opus")
+DEFAULT_CHUNK_SECONDS = 10.0  # --chunk-seconds when the model declares no chunk of its own
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -40,7 +41,8 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--artifacts-dir", default="artifacts", help="where the pipeline exported (default: artifacts)")
     parser.add_argument("-o", "--out", default="separated", help="output directory (default: separated)")
     parser.add_argument("--format", choices=("wav", "flac"), default="wav", help="stem file format")
-    parser.add_argument("--chunk-seconds", type=float, default=10.0, help="SavedModel chunk length (bounds memory)")
+    parser.add_argument("--chunk-seconds", type=float, default=None,
+                        help="SavedModel chunk length, bounds memory (default: the chunk the model declares, else 10)")
     parser.add_argument("--overlap", type=float, default=0.25, help="overlap fraction between chunks")
     parser.add_argument("--workers", type=int, default=None,
                         help=".tflite models: chunks separated at the same time, one 1-thread interpreter each "
@@ -80,6 +82,9 @@ class SavedModelSeparator:
         self.nb_channels = int(self.sidecar["nb_channels"])
         self.targets = list(self.sidecar["targets"])
         self.chunk_seconds = None
+        # the family's chunk for bounded memory at its size (models.base.SeparationModel.separation_chunk_samples)
+        declared = self.sidecar.get("separation_chunk_samples")
+        self.default_chunk_seconds = declared / self.sample_rate if declared else DEFAULT_CHUNK_SECONDS
 
     def __call__(self, batch):
         import tensorflow as tf
@@ -110,7 +115,7 @@ class TFLiteSeparator:
         self.sample_rate = int(self.sidecar["sample_rate"])
         self.nb_channels = int(self.sidecar["nb_channels"])
         self.targets = list(self.sidecar["targets"])
-        self.chunk_seconds = self.description["chunk_seconds"]
+        self.chunk_seconds = self.default_chunk_seconds = self.description["chunk_seconds"]  # the .tflite's fixed chunk
         self.batch_size = workers or 1  # chunks per call, one per interpreter
         self.runner = TFLiteChunkRunner(model_path=str(path), workers=self.batch_size,
                                         threads_per_worker=self.THREADS if self.batch_size == 1 else 1)
@@ -203,6 +208,83 @@ def read_any(path: Path):
     return audio, rate
 
 
+class FileMixture:
+    """A sound file at the model's rate as `iter_separate`'s mixture, decoded forward as the chunks ask for it:
+    a 10-minute stereo song is never whole in memory (212 MB of float32 at 44.1 kHz), only the samples from the
+    current chunk's start on. `shape` is `(nb_timesteps, nb_channels)` at the model's channel count; slices
+    `[start:stop]` must come with non-decreasing starts (iter_separate's order); channels are conformed as
+    `components.audio.conform` does (mono duplicated, stereo averaged)."""
+
+    BLOCK = 1 << 16  # frames per read when scanning a float file for NaN/Inf
+
+    def __init__(self, path: Path, handle, nb_channels: int):
+        import numpy as np
+
+        self.path, self.file = path, handle
+        self.file_channels = handle.channels
+        self.shape = (handle.frames, nb_channels)
+        self.ndim = 2
+        self.dtype = np.dtype(np.float32)
+        self._buffer = np.zeros((0, nb_channels), np.float32)  # the decoded samples [self._start, ...)
+        self._start = 0
+
+    @classmethod
+    def open(cls, path: Path, sample_rate: int, nb_channels: int):
+        """The file read lazily when soundfile decodes it at `sample_rate` with 1 or 2 channels, else None (the
+        caller decodes it whole: ffmpeg formats, resampling, errors reported by `read_any`)."""
+        import numpy as np
+        import soundfile
+
+        if path.suffix.lower() in FFMPEG_SUFFIXES or not path.is_file():
+            return None
+        try:
+            handle = soundfile.SoundFile(str(path))
+        except Exception:
+            return None
+        if handle.samplerate != sample_rate or handle.frames <= 0 or handle.channels > 2 or not handle.seekable():
+            handle.close()
+            return None
+        if handle.subtype in ("FLOAT", "DOUBLE"):  # only float samples can be NaN/Inf: count them before anything
+            bad = sum(int(np.count_nonzero(~np.isfinite(block)))
+                      for block in handle.blocks(blocksize=cls.BLOCK, dtype="float32", always_2d=True))
+            if bad:
+                handle.close()
+                raise SeparateError(f"{path}: {bad} NaN/Inf samples; re-export the file from its source")
+            handle.seek(0)
+        return cls(path, handle, nb_channels)
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, index):
+        import numpy as np
+
+        if not isinstance(index, slice) or index.step not in (None, 1):
+            raise TypeError("FileMixture takes [start:stop] slices only")
+        start, stop = max(0, index.start or 0), min(self.shape[0], self.shape[0] if index.stop is None else index.stop)
+        if start < self._start:
+            raise ValueError(f"FileMixture reads forward only: [{start}:] after [{self._start}:]")
+        decoded = self._start + len(self._buffer)  # the file's read position
+        if start >= decoded:
+            if start > decoded:  # beyond what was decoded (never in iter_separate's order)
+                self.file.seek(start)
+            self._buffer = self._buffer[:0]
+        else:
+            self._buffer = self._buffer[start - self._start:]
+        self._start = start
+        wanted = stop - start - len(self._buffer)
+        if wanted > 0:
+            block = self.file.read(wanted, dtype="float32", always_2d=True)
+            channels = self.shape[1]
+            if block.shape[1] != channels:
+                block = np.repeat(block, channels, axis=1) if block.shape[1] == 1 else block.mean(axis=1, keepdims=True)
+            self._buffer = np.concatenate([self._buffer, block.astype(np.float32, copy=False)])
+        return self._buffer[:max(0, stop - start)]
+
+    def close(self):
+        self.file.close()
+
+
 def safe_name(name: str) -> str:
     """A track folder name that cannot leave the output directory."""
     name = re.sub(r"[\\/\x00-\x1f]+", "_", name).strip(" .")
@@ -230,16 +312,20 @@ def separate_file(separator, path: Path, out: Path, *, fmt: str, chunk_seconds: 
     existing = [f for f in files.values() if f.exists()]
     if len(existing) == len(files) and not force:
         raise SeparateError(f"{path}: {existing[0]} exists; use --force to overwrite")
-    audio, rate = read_any(path)
-    if not np.all(np.isfinite(audio)):
-        bad = int(np.count_nonzero(~np.isfinite(audio)))
-        raise SeparateError(f"{path}: {bad} NaN/Inf samples; re-export the file from its source")
-    nb_timesteps, nb_channels = audio.shape
-    try:
-        mixture = conform(audio, rate, path, sample_rate=separator.sample_rate, nb_channels=separator.nb_channels)
-    except StageError as error:
-        raise SeparateError(str(error)) from None
-    del audio  # peak memory: only the model-rate mixture and the stems are kept
+    mixture = FileMixture.open(path, separator.sample_rate, separator.nb_channels)
+    if mixture is not None:  # at the model's rate: read chunk by chunk as the separation advances
+        rate, nb_timesteps, nb_channels = separator.sample_rate, mixture.shape[0], mixture.file_channels
+    else:
+        audio, rate = read_any(path)
+        if not np.all(np.isfinite(audio)):
+            bad = int(np.count_nonzero(~np.isfinite(audio)))
+            raise SeparateError(f"{path}: {bad} NaN/Inf samples; re-export the file from its source")
+        nb_timesteps, nb_channels = audio.shape
+        try:
+            mixture = conform(audio, rate, path, sample_rate=separator.sample_rate, nb_channels=separator.nb_channels)
+        except StageError as error:
+            raise SeparateError(str(error)) from None
+        del audio  # peak memory: only the model-rate mixture and the stems are kept
     counter = _Progress(path.name, enabled=progress)
 
     def separate_fn(batch):
@@ -300,6 +386,8 @@ def separate_file(separator, path: Path, out: Path, *, fmt: str, chunk_seconds: 
                 writing = parts[target]
                 writer.close()
         counter.done()
+        if isinstance(mixture, FileMixture):
+            mixture.close()
         del mixture
         for target in separator.targets:
             if not same_rate:
@@ -647,7 +735,7 @@ def _main(args) -> int:
     if not 0 <= args.overlap < 1:
         print(f"error: --overlap {args.overlap:g}: must be a fraction in [0, 1); e.g. --overlap 0.25", file=sys.stderr)
         return 2
-    if not args.chunk_seconds > 0:
+    if args.chunk_seconds is not None and not args.chunk_seconds > 0:
         print(f"error: --chunk-seconds {args.chunk_seconds:g}: must be > 0; e.g. --chunk-seconds 10", file=sys.stderr)
         return 2
     if args.workers is not None and args.workers < 1:
@@ -672,7 +760,8 @@ def _main(args) -> int:
     failed = 0
     for name in args.files:
         try:
-            destination = separate_file(separator, Path(name), out, fmt=args.format, chunk_seconds=args.chunk_seconds,
+            destination = separate_file(separator, Path(name), out, fmt=args.format,
+                                        chunk_seconds=args.chunk_seconds or separator.default_chunk_seconds,
                                         overlap=args.overlap, force=args.force, progress=not args.quiet)
             print(f"{name} -> {destination}")
         except SeparateError as error:

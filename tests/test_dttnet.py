@@ -111,6 +111,30 @@ def test_one_network_per_target_shapes_and_shared_weights(tiny):
         assert {tuple(v.shape) for v in tiny.separator(noise((1, length, 2))).values()} == {(1, length, 2)}
 
 
+def test_separator_runs_the_networks_in_turn_with_the_training_graphs_numbers(tmp_path):
+    """`separate`'s graph runs one target's network after another (its peak memory: one network's activations,
+    not all of them) and computes exactly what the training graph (the networks side by side) computes."""
+    import tensorflow as tf
+
+    three = harness.build_tiny("dttnet", overrides={"data": {"targets": ["vocals", "bass", "drums"]}})  # 3 of 4: time
+    assert three.separator is not three.train_model
+    mixture = noise((2, 3001, 2), 4)
+    separated, trained = three.separator(mixture, training=False), three.train_model(mixture, training=False)
+    for target in three.targets:
+        np.testing.assert_array_equal(np.asarray(separated[target]), np.asarray(trained[target]))
+    graph = tf.function(lambda batch: three.separator(batch, training=False)).get_concrete_function(
+        tf.TensorSpec([None, None, 2], tf.float32)).graph
+    # every network but the first waits (a control edge) for the previous target's waveform, the ISTFT output
+    waits = {op.name: [c.name for c in op.control_inputs]
+             for op in graph.get_operations() if op.type == "Identity" and "/after_" in op.name}
+    assert len(waits) == len(three.targets) - 1
+    for target in three.targets[1:]:
+        (controls,) = [c for name, c in waits.items() if f"/after_{target}" in name]
+        assert controls and all("/istft" in name for name in controls), waits
+    assert three.separation_chunk_samples == 64 * 127  # separate_dim_t 128 frames
+    harness.check_saved_model_parity(three, tmp_path / "saved", lengths=(3001,), nb_samples=1)  # what `separate` loads
+
+
 def test_dual_path_module_is_residual_and_shares_weights_across_heads():
     import keras
 
