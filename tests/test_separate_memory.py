@@ -79,7 +79,7 @@ def test_separating_a_long_song_holds_chunks_not_the_song_and_uses_the_models_ch
     path = _song(tmp_path / "long.wav", 20 * 60, subtype="PCM_16")
     song_bytes = 20 * 60 * 8000 * 2 * 4
     stub = IdentityStub(default_chunk_seconds=2.5)
-    monkeypatch.setattr(separate, "load_separator", lambda model, artifacts_dir: stub)
+    monkeypatch.setattr(separate, "load_separator", lambda model, artifacts_dir, workers=None: stub)
     monkeypatch.setattr("pipeline.quiet.import_tensorflow", lambda: None)  # (its import would be traced too)
     tracemalloc.start()
     try:
