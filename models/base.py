@@ -53,6 +53,9 @@ class SeparationModel:
     loss_weighting: the layer holding the per-target loss weights (M-U-Net's DWA / EBW `LossWeighting`)
     loss_domain:   what the loss compares, where the family resolves it from its config (M-U-Net: masks or
                    magnitudes)
+    graph_optimization: False: training runs with TensorFlow's graph optimiser (Grappler's meta optimiser) off,
+                   for graphs where its pass at the first step costs more than it saves (DTTNet's ~25,000-op
+                   training step); the numbers do not change
     """
 
     targets: Tuple[str, ...]
@@ -77,6 +80,7 @@ class SeparationModel:
     separation_chunk_samples: Optional[int] = None
     loss_weighting: Optional[Any] = None
     loss_domain: Optional[str] = None
+    graph_optimization: bool = True
 
     @property
     def chunk_seconds(self) -> Optional[float]:

@@ -206,3 +206,40 @@ def test_the_first_step_of_a_multi_target_model_is_traced_once():
     model.train_model.train_on_batch(batch, {name: batch for name in outputs})
     assert len(traces) == 1
     assert [metric.name for metric in model.train_model.metrics] == ["loss", "vocals_loss", "bass_loss"]
+
+
+def test_a_model_declaring_no_graph_optimization_trains_without_grappler_and_the_same_numbers():
+    """DTTNet declares `graph_optimization=False` (Grappler cost ~6 s of its first step); inside the train stage's
+    context the meta optimiser is off, after it the previous setting is back, and a step's numbers are the ones
+    the optimised graph gives."""
+    import types
+
+    import keras
+    import tensorflow as tf
+
+    from components.train import _compile, graph_optimization
+    from pipeline.experiment import resolve
+    from tests import model_harness
+
+    assert model_harness.build_tiny("dttnet").graph_optimization is False
+    assert model_harness.build_tiny("umx").graph_optimization is True
+
+    def one_step(declared):
+        keras.utils.set_random_seed(3)
+        mixture = keras.Input((None, 2))
+        hidden = keras.layers.Conv1D(8, 5, padding="same", activation="tanh")(mixture)
+        outputs = {name: keras.layers.Dense(2, name=name)(hidden) for name in ("vocals", "bass")}
+        model = types.SimpleNamespace(train_model=keras.Model(mixture, outputs), graph_optimization=declared,
+                                      loss={name: keras.losses.MeanAbsoluteError() for name in outputs})
+        _compile(model, tf.distribute.get_strategy(), resolve({}, ["unittest"]).train)
+        batch = np.random.default_rng(0).normal(0, 1, (2, 64, 2)).astype("float32")
+        with graph_optimization(model):
+            state = tf.config.optimizer.get_experimental_options().get("disable_meta_optimizer", False)
+            model.train_model.train_on_batch(batch, {name: batch for name in outputs})
+        return state, [w.numpy() for w in model.train_model.weights]
+
+    on, weights_on = one_step(True)
+    off, weights_off = one_step(False)
+    assert (on, off) == (False, True)
+    assert not tf.config.optimizer.get_experimental_options().get("disable_meta_optimizer", False)
+    assert max(float(np.max(np.abs(a - b))) for a, b in zip(weights_on, weights_off)) < 1e-6
