@@ -46,7 +46,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overlap", type=float, default=0.25, help="overlap fraction between chunks")
     parser.add_argument("--workers", type=int, default=None,
                         help=".tflite models: chunks separated at the same time, one 1-thread interpreter each "
-                             "(default 1: one interpreter of 2 threads)")
+                             "(default 2: on a quiet 2-core machine 1.8x faster than one 2-thread interpreter)")
     parser.add_argument("--force", action="store_true", help="overwrite existing stems")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_stream_arguments(parser)
@@ -97,10 +97,13 @@ class TFLiteSeparator:
 
     The file takes one chunk `(1, chunk, channels)`, as a phone app streaming chunk after chunk uses it; every
     chunk starts from the zero LSTM state (`export.TFLiteChunkRunner`). `workers` > 1 interpreters of one
-    thread each separate that many chunks at the same time; the default is one interpreter of `THREADS`
-    threads (measured as fast or faster on a shared 2-core machine, README "TFLite for phones")."""
+    thread each separate that many chunks at the same time (default `WORKERS`); `workers=1` is one interpreter
+    of `THREADS` threads."""
 
     THREADS = 2  # of the single interpreter (XNNPACK and the fused LSTM's GEMM backend)
+    # chunks at once, one 1-thread interpreter each: measured 1.8x one 2-thread interpreter on a quiet 2-core
+    # machine (UMX-HQ, 30 s: 2.10 s against 3.78 s, `pipeline/benchmark.py separate with paper`)
+    WORKERS = 2
 
     def __init__(self, path: Path, workers: int = None):
         from components.export import TFLiteChunkRunner
@@ -116,7 +119,7 @@ class TFLiteSeparator:
         self.nb_channels = int(self.sidecar["nb_channels"])
         self.targets = list(self.sidecar["targets"])
         self.chunk_seconds = self.default_chunk_seconds = self.description["chunk_seconds"]  # the .tflite's fixed chunk
-        self.batch_size = workers or 1  # chunks per call, one per interpreter
+        self.batch_size = workers or self.WORKERS  # chunks per call, one per interpreter
         self.runner = TFLiteChunkRunner(model_path=str(path), workers=self.batch_size,
                                         threads_per_worker=self.THREADS if self.batch_size == 1 else 1)
         self.model = _family_model(self.sidecar)
