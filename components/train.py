@@ -8,7 +8,6 @@ TensorBoard logs. Work in progress
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -306,21 +305,26 @@ def _recipe_callbacks(context, model, tc, monitor: str, mode: str, best_path: Pa
     return callbacks
 
 
-@contextlib.contextmanager
-def graph_optimization(model):
-    """Training graphs built inside run with Grappler's meta optimiser on or off as `model.graph_optimization`
-    declares; the previous setting is restored after (evaluation and export graphs are optimised as usual)."""
+def with_graph_optimization(model, function, *args, **kwargs):
+    """`function(*args, **kwargs)`, with Grappler's meta optimiser off while it runs when the model declares
+    `graph_optimization=False`; the previous setting is restored after (evaluation and export graphs are
+    optimised as usual). A plain call otherwise: `fit` run inside a `with` block (a context manager form of
+    this) made the training iterator's teardown wait ~50 s at the end of every `--stage all` (3 of 3 runs)."""
+    if model.graph_optimization:
+        return function(*args, **kwargs)
     import tensorflow as tf
 
-    if model.graph_optimization:
-        yield
-        return
     previous = tf.config.optimizer.get_experimental_options().get("disable_meta_optimizer", False)
     tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
     try:
-        yield
+        return function(*args, **kwargs)
     finally:
         tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": previous})
+
+
+def fit(model, *args, **kwargs):
+    """`model.train_model.fit(...)` under the model's declared graph optimisation."""
+    return with_graph_optimization(model, model.train_model.fit, *args, **kwargs)
 
 
 def _compile(model, strategy, tc, lr=None):
@@ -383,9 +387,8 @@ def _fit_phases(context, model, strategy, train_ds, valid_ds, steps, work: Path)
         distribute.build_for_fit(model.train_model, train_ds, strategy)
     started = time.time()
     done_before = len(sacred_logger.history)
-    with graph_optimization(model):
-        model.train_model.fit(train_ds, epochs=tc.epochs, steps_per_epoch=steps, validation_data=valid_ds,
-                              callbacks=callbacks, verbose=2 if context.logger.isEnabledFor(logging.INFO) else 0)
+    fit(model, train_ds, epochs=tc.epochs, steps_per_epoch=steps, validation_data=valid_ds,
+        callbacks=callbacks, verbose=2 if context.logger.isEnabledFor(logging.INFO) else 0)
     if model.train_model.stop_training and sacred_logger.history and any(
             not math.isfinite(v) for v in sacred_logger.history[-1].values()):
         raise StageError("training diverged (NaN/Inf loss); lower train.lr or set train.clip_norm")
@@ -425,12 +428,11 @@ def _finetune(context, model, strategy, valid_ds, work, sacred_logger, monitor, 
     callbacks = _recipe_callbacks(context, model, tc, monitor, mode, best, previous_best, baseline=previous_best)
     callbacks = [c for c in callbacks if type(c).__name__ != "ReduceLROnPlateau"]  # the reference keeps lr fixed
     enter, leave = optimizers.ema_window() if tc.ema_momentum is not None else (None, None)
-    with graph_optimization(model):
-        model.train_model.fit(
-            train_ds, initial_epoch=start, epochs=start + tc.finetune_epochs, steps_per_epoch=steps,
-            validation_data=valid_ds, verbose=2,
-            callbacks=[*([enter] if enter else []), *callbacks, keras.callbacks.TerminateOnNaN(), sacred_logger,
-                       *([leave] if leave else []), *model.callbacks])
+    fit(model,
+        train_ds, initial_epoch=start, epochs=start + tc.finetune_epochs, steps_per_epoch=steps,
+        validation_data=valid_ds, verbose=2,
+        callbacks=[*([enter] if enter else []), *callbacks, keras.callbacks.TerminateOnNaN(), sacred_logger,
+                   *([leave] if leave else []), *model.callbacks])
     return (len(sacred_logger.history) - start) * steps * batch
 
 

@@ -209,15 +209,15 @@ def test_the_first_step_of_a_multi_target_model_is_traced_once():
 
 
 def test_a_model_declaring_no_graph_optimization_trains_without_grappler_and_the_same_numbers():
-    """DTTNet declares `graph_optimization=False` (Grappler cost ~6 s of its first step); inside the train stage's
-    context the meta optimiser is off, after it the previous setting is back, and a step's numbers are the ones
+    """DTTNet declares `graph_optimization=False` (Grappler cost ~6 s of its first step); while the train stage runs
+    it the meta optimiser is off, after it the previous setting is back, and a step's numbers are the ones
     the optimised graph gives."""
     import types
 
     import keras
     import tensorflow as tf
 
-    from components.train import _compile, graph_optimization
+    from components.train import _compile, with_graph_optimization
     from pipeline.experiment import resolve
     from tests import model_harness
 
@@ -233,10 +233,11 @@ def test_a_model_declaring_no_graph_optimization_trains_without_grappler_and_the
                                       loss={name: keras.losses.MeanAbsoluteError() for name in outputs})
         _compile(model, tf.distribute.get_strategy(), resolve({}, ["unittest"]).train)
         batch = np.random.default_rng(0).normal(0, 1, (2, 64, 2)).astype("float32")
-        with graph_optimization(model):
-            state = tf.config.optimizer.get_experimental_options().get("disable_meta_optimizer", False)
+        def step():
             model.train_model.train_on_batch(batch, {name: batch for name in outputs})
-        return state, [w.numpy() for w in model.train_model.weights]
+            return tf.config.optimizer.get_experimental_options().get("disable_meta_optimizer", False)
+
+        return with_graph_optimization(model, step), [w.numpy() for w in model.train_model.weights]
 
     on, weights_on = one_step(True)
     off, weights_off = one_step(False)
