@@ -138,6 +138,9 @@ def benchmark_train(config, steps: int, warmup: int) -> dict:
         # CPU seconds of this process: mostly single-threaded tracing, so a shared machine's load barely moves it
         "first_step_cpu_seconds": round(first_step_cpu, 2),
         "seconds_per_step": round(seconds / steps, 4),
+        # what the first step costs beyond a steady one: tracing and graph optimisation (issue 12's "first-step
+        # tracing"); the first step itself also runs one step at the configured batch
+        "tracing_seconds": round(first_step - seconds / steps, 2),
         "examples_per_second": round(steps * config.train.batch_size / seconds, 2),
         "keras": keras.__version__,
     }
