@@ -203,8 +203,7 @@ def _stream_archive(stream, path: Path, nb_samples) -> None:
 
     from models.streaming import STEP_SIGNATURE
 
-    archive = keras.export.ExportArchive()
-    archive.track(stream.model.train_model)
+    archive = keras.export.ExportArchive()  # no `track`: it would store every weight twice (write_saved_model)
     archive.add_endpoint(name=STEP_SIGNATURE, fn=stream.step, input_signature=stream.input_signature(nb_samples))
     archive.write_out(str(path), verbose=False)
 

@@ -130,6 +130,12 @@ def test_exported_stream_tflite_matches_saved_model(model, exported):
     assert description["saved_model_parity_db"] >= 80.0
     assert description["tflite_parity_db"] >= 80.0
     assert json.loads((folder / "stream.json").read_text()) == description
+    # the streaming SavedModel stores each weight once (ExportArchive's `track` stored them twice)
+    import tensorflow as tf
+
+    stored = [shape for name, shape in tf.train.list_variables(str(folder / "saved_model" / "variables" / "variables"))
+              if name.endswith("VARIABLE_VALUE")]
+    assert sum(int(np.prod(shape)) for shape in stored) == sum(int(np.prod(w.shape)) for w in model.train_model.weights)
     # the exported TFLite stream, loaded from its file, against the Keras stream on other audio
     x = excerpt(model.sample_rate, 2.0)[8000:]
     step = export.tflite_stream_step(model_path=str(folder / "stream.float32.tflite"))
