@@ -165,6 +165,10 @@ def train_datasets(prepare, config, model, batch_size: int, seed: Optional[int])
         valid = records.load_dataset(prepare, "valid", seq_samples=seq, batch_size=batch_size, augment=False,
                                      data_config=config.data, seed=seed, repeat=False)
         valid = valid.map(to_training_domain, num_parallel_calls=config.train.workers).cache()
+        # a known number of batches (counting them fills the cache): with an unknown one Keras's evaluation runs
+        # one more, empty step that adds a zero to every per-target loss tracker, so each val_<target>_loss
+        # came out at half its value (one validation batch) while val_loss, their sum, was right
+        valid = valid.apply(tf.data.experimental.assert_cardinality(int(valid.reduce(0, lambda count, _: count + 1))))
     steps = config.train.steps_per_epoch or max(1, config.train.samples_per_track * nb_train // batch_size)
     return train, valid, steps
 

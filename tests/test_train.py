@@ -56,6 +56,10 @@ def test_train_stage_writes_checkpoints_history_and_sacred_metrics(prepared, tmp
     history = json.loads((root / "train" / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2, 3]
     assert all(np.isfinite(h["loss"]) and np.isfinite(h["val_loss"]) for h in history)
+    for h in history:  # the total is the sum of the per-target losses, in training and in validation
+        for prefix in ("", "val_"):
+            parts = [h[f"{prefix}{target}_loss"] for target in ("vocals", "drums", "bass", "other")]
+            assert h[f"{prefix}loss"] == pytest.approx(sum(parts), rel=1e-4), (prefix, h)
     assert not (root / ".train-work").exists() or not any((root / ".train-work").iterdir())
     run_dir = max((p for p in runs.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
     metrics = json.loads((run_dir / "metrics.json").read_text())
