@@ -636,6 +636,8 @@ def main(argv=None) -> int:
             unknown = [f for f in families if f not in registry.names()]
             if unknown:
                 raise UserError(f"--families: unknown family '{unknown[0]}'; choose from {', '.join(registry.names())}")
+            if args.work_dir:
+                Path(args.work_dir).mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=args.work_dir) as work:
                 print(json.dumps(benchmark_memory(updates, named, families, args.song_minutes, Path(work),
                                                   args.chunk_seconds), indent=1))
