@@ -51,13 +51,10 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter; errors still show
+if __name__ == "__main__" and not __package__:  # `python pipeline/benchmark.py`
+    from _script import put_project_root_first
+    put_project_root_first()
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
-    # run as `python pipeline/<script>.py`: the script's folder would shadow the `pipeline` package
-    # with pipeline/pipeline.py, so the project root takes its place
-    sys.path[0] = str(PROJECT_ROOT)
-elif str(PROJECT_ROOT) not in sys.path:
-    sys.path.insert(0, str(PROJECT_ROOT))
 
 
 def get_parser() -> argparse.ArgumentParser:
