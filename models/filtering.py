@@ -382,8 +382,13 @@ class WienerISTFT(keras.layers.Layer):
     def call(self, target_magnitudes, mix_stft, reference):
         nb_sources = target_magnitudes.shape[0] + int(self.residual)
         if target_magnitudes.shape[-2] == 2 and self.niter == 1:
-            statistics = self._statistics(target_magnitudes, mix_stft)
-            return [self._source(target_magnitudes, mix_stft, *statistics, reference, index)
+            scale, spatial, z = self._statistics(target_magnitudes, mix_stft)
+            nb_targets = target_magnitudes.shape[0]
+            # every target through one function of its own magnitudes (one XLA compilation, not one per
+            # target); the residual needs all of them
+            return [self._source(target_magnitudes[index:index + 1], mix_stft, scale, spatial[:, index:index + 1], z,
+                                 reference, 0) if index < nb_targets else
+                    self._source(target_magnitudes, mix_stft, scale, spatial, z, reference, index)
                     for index in range(nb_sources)]
         magnitudes = tf.transpose(target_magnitudes, [2, 1, 4, 3, 0])  # (B, F, K, C, J)
         sources = self._filter(magnitudes, mix_stft, self.win_len, self.niter, self.residual, self.eps,
