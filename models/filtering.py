@@ -16,6 +16,8 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from models.transforms import inverse_stft, istft
+
 
 def softmask(target_magnitudes, mix_stft, eps: float = 1e-10) -> tf.Tensor:
     """Ratio masks `v_j / (eps + sum_k v_k)` applied to the complex mixture (keeps the mixture phase)."""
@@ -195,6 +197,118 @@ def _invert(m_re, m_im):
     return inv_re, inv_im
 
 
+# ------------------------------------------------------------------- one EM iteration, fused with the ISTFT
+# The server separator's path (stereo, one EM iteration). The first iteration starts from the magnitudes
+# with the mixture phase, y_jc = v_jc exp(i angle(x_c)), so its statistics need no complex estimates:
+# |y_jc|^2 = v_jc^2 and y_j0 conj(y_j1) = v_j0 v_j1 u with u = exp(i (angle x_0 - angle x_1)). The
+# filter then runs as one XLA pass for the statistics and one per source that writes that source's STFT
+# in the ISTFT's layout and inverts it; the sources' passes are independent ops on separate cores.
+# The magnitudes come targets first, `(J, F, B, C, K)` (`StackedOpenUnmix(targets_first=True)`, the
+# networks' own layout): one source's magnitudes are then contiguous runs of bins, not every J-th float.
+
+
+def _frame_blocks(x, win_len: int):
+    """Axis 1 (frames) `(A, F, ...)` -> `(A, nb_blocks, win_len, ...)`, zero-padded to whole blocks; 0: one block."""
+    if not win_len:
+        return x[:, None]
+    nb_frames = tf.shape(x)[1]
+    nb_blocks = (nb_frames + win_len - 1) // win_len
+    x = tf.pad(x, [[0, 0], [0, nb_blocks * win_len - nb_frames]] + [[0, 0]] * (len(x.shape) - 2))
+    return tf.reshape(x, tf.concat([tf.shape(x)[:1], [nb_blocks, win_len], tf.shape(x)[2:]], 0))
+
+
+def _blocked_inputs(target_magnitudes, mix_stft, win_len: int, residual: bool):
+    """-> per channel the sources' amplitudes `(J', blocks, win, B, K)` of `y_jc = amplitude_jc exp(i angle(x_c))`
+    (the residual's is |x_c| - sum_j v_jc, signed) and the mixture's real and imaginary parts `(blocks, win, B, K)`."""
+    v = _frame_blocks(tf.convert_to_tensor(target_magnitudes, tf.float32), win_len)  # (J, blocks, win, B, C, K)
+    x = _frame_blocks(tf.convert_to_tensor(mix_stft, tf.float32), win_len)  # (B, blocks, win, K, C, 2)
+    x = tf.transpose(x, [4, 5, 1, 2, 0, 3])  # (C, 2, blocks, win, B, K)
+    amplitudes = []
+    for channel in range(2):
+        amplitude = v[..., channel, :]
+        if residual:
+            magnitude = tf.sqrt(tf.square(x[channel, 0]) + tf.square(x[channel, 1]))
+            amplitude = tf.concat([amplitude, (magnitude - tf.reduce_sum(amplitude, 0))[None]], 0)
+        amplitudes.append(amplitude)
+    return amplitudes, x
+
+
+def first_em_statistics(target_magnitudes, mix_stft, win_len: int = 0, residual: bool = False, eps: float = 1e-10,
+                        scale_factor: float = 10.0):
+    """What every source's first EM update shares, stereo. Magnitudes `(J, F, B, 2, K)` (targets first), mixture
+    `(B, F, K, 2, 2)` ->
+
+    scale   `(blocks, 1, B, 1)`         the mixture is divided by it (`wiener`'s scaling)
+    spatial `(4, J', blocks, B, K)`     R_j's r00, r11, Re r01, Im r01 (`_expectation_maximization_stereo`)
+    z       `(4, blocks, win, B, K)`    Re z0, Im z0, Re z1, Im z1 with z = Cxx^-1 x / scale
+
+    Blocks of `win_len` frames as `blockwise_wiener` (0: one block of all frames). The same numbers as
+    `wiener(niter=1)` up to float32 rounding (|cos|^2 + |sin|^2 = 1 is not computed).
+    """
+    (a, b), x = _blocked_inputs(target_magnitudes, mix_stft, win_len, residual)  # a, b: (J', blocks, win, B, K)
+    x0_re, x0_im, x1_re, x1_im = x[0, 0], x[0, 1], x[1, 0], x[1, 1]  # (blocks, win, B, K)
+    power = tf.maximum(tf.square(x0_re) + tf.square(x0_im), tf.square(x1_re) + tf.square(x1_im))
+    scale = tf.maximum(1.0, tf.sqrt(tf.reduce_max(power, axis=[1, 3], keepdims=True)) / scale_factor)
+
+    def unit(re, im):  # exp(i angle), angle(0) = 0 like atan2
+        magnitude = tf.sqrt(tf.square(re) + tf.square(im))
+        safe = tf.where(magnitude > 0, magnitude, tf.ones_like(magnitude))
+        return (tf.where(magnitude > 0, re / safe, tf.ones_like(magnitude)),
+                tf.where(magnitude > 0, im / safe, tf.zeros_like(magnitude)))
+
+    cos0, sin0 = unit(x0_re, x0_im)
+    cos1, sin1 = unit(x1_re, x1_im)
+    u_re, u_im = cos0 * cos1 + sin0 * sin1, sin0 * cos1 - cos0 * sin1
+    # sums of the unscaled products, divided by scale^2 after: XLA reads the magnitudes where they are
+    # instead of writing a scaled copy; the four sums over frames as one reduction (XLA materialises a
+    # reduction's input: one array, not four)
+    p0, p1, ab = tf.square(a), tf.square(b), a * b  # (J', blocks, win, B, K)
+    sums = tf.reduce_sum(tf.stack([p0, p1, ab * u_re, ab * u_im]), axis=3) / tf.square(scale[:, 0])
+    weight = eps + 0.5 * (sums[0] + sums[1])  # (J', blocks, B, K)
+    # divide_no_nan: a zero weight has zero sums above it (see `softmask`)
+    spatial = tf.math.divide_no_nan(sums, weight)  # r00, r11, Re r01, Im r01: (4, J', blocks, B, K)
+    # Cxx = reg I + sum_j v_j R_j, the four entries on a last axis: one pass over the magnitudes for all four
+    psd = (0.5 * (p0 + p1))[..., None]  # (J', blocks, win, B, K, 1), times scale^2
+    covariance = tf.reduce_sum(psd * tf.transpose(spatial, [1, 2, 3, 4, 0])[:, :, None], axis=0) \
+        / tf.square(scale)[..., None]  # (blocks, win, B, K, 4)
+    regularization = tf.sqrt(tf.constant(eps, tf.float32))
+    c00, c11 = covariance[..., 0] + regularization, covariance[..., 1] + regularization
+    c01_re, c01_im = covariance[..., 2], covariance[..., 3]
+    det = c00 * c11 - (tf.square(c01_re) + tf.square(c01_im))
+    x0_re, x0_im, x1_re, x1_im = (part / scale for part in (x0_re, x0_im, x1_re, x1_im))
+    z = tf.stack([(c11 * x0_re - (c01_re * x1_re - c01_im * x1_im)) / det,
+                  (c11 * x0_im - (c01_re * x1_im + c01_im * x1_re)) / det,
+                  (c00 * x1_re - (c01_re * x0_re + c01_im * x0_im)) / det,
+                  (c00 * x1_im - (c01_re * x0_im - c01_im * x0_re)) / det])
+    return scale, spatial, z
+
+
+def first_em_source(target_magnitudes, mix_stft, scale, spatial, z, index: int, win_len: int = 0,
+                    residual: bool = False) -> tf.Tensor:
+    """Source `index`'s first EM estimate `y_j = v_j R_j z` (times the scale), stereo, as complex frames
+    `(B, 2, F, K)` (the ISTFT's layout); inputs and options as `first_em_statistics`, then its outputs."""
+    nb_frames = tf.shape(target_magnitudes)[1]
+    if residual and index == target_magnitudes.shape[0]:
+        (a, b), _ = _blocked_inputs(target_magnitudes, mix_stft, win_len, residual)
+        a, b = a[index], b[index]
+    else:  # this source's magnitudes only
+        (a, b), _ = _blocked_inputs(target_magnitudes[index:index + 1], mix_stft, win_len, False)
+        a, b = a[0], b[0]
+    a, b = a / scale, b / scale  # (blocks, win, B, K)
+    psd = 0.5 * (tf.square(a) + tf.square(b)) * scale  # times the scale the output gets back
+    r00, r11, r01_re, r01_im = (r[:, None] for r in tf.unstack(spatial[:, index]))  # (blocks, 1, B, K)
+    z0_re, z0_im, z1_re, z1_im = tf.unstack(z)
+    # y_j = v_j R_j z: [r00 z0 + r01 z1, conj(r01) z0 + r11 z1]
+    parts = [psd * (r00 * z0_re + r01_re * z1_re - r01_im * z1_im),
+             psd * (r00 * z0_im + r01_re * z1_im + r01_im * z1_re),
+             psd * (r01_re * z0_re + r01_im * z0_im + r11 * z1_re),
+             psd * (r01_re * z0_im - r01_im * z0_re + r11 * z1_im)]
+    shape = tf.shape(parts[0])
+    parts = [tf.transpose(tf.reshape(part, tf.concat([[-1], shape[2:]], 0))[:nb_frames], [1, 0, 2])
+             for part in parts]  # (B, F, K)
+    return tf.complex(tf.stack(parts[0::2], axis=1), tf.stack(parts[1::2], axis=1))
+
+
 @keras.saving.register_keras_serializable(package="musicsep")
 class WienerFilter(keras.layers.Layer):
     """[target magnitudes `(B, F, K, C, J)`, mixture STFT `(B, F, K, C, 2)`] -> `(B, F, K, C, J [+1], 2)`."""
@@ -225,3 +339,69 @@ class WienerFilter(keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "niter": self.niter, "residual": self.residual, "eps": self.eps,
                 "scale_factor": self.scale_factor, "win_len": self.win_len, "jit_compile": self.jit_compile}
+
+
+@keras.saving.register_keras_serializable(package="musicsep")
+class WienerISTFT(keras.layers.Layer):
+    """The server separator after its networks: [target magnitudes `(J, F, B, C, K)` (targets first, see
+    `first_em_statistics`), mixture STFT
+    `(B, F, K, C, 2)`, mixture waveform `(B, T, C)`] -> one waveform `(B, T, C)` per source (J [+1]).
+
+    `WienerFilter(jit_compile=True)` then `transforms.ISTFT`, with the same numbers. Stereo with one EM
+    iteration (open-unmix's default) runs fused: `first_em_statistics` as one XLA function, then per source
+    one XLA function from its estimate to its waveform (`first_em_source`, `transforms.inverse_stft`); the
+    sources' functions are independent ops that TensorFlow runs on separate cores. Other settings run
+    `blockwise_wiener` (XLA) and `istft`. Server graphs only: TFLite converts neither.
+    """
+
+    def __init__(self, niter: int = 1, residual: bool = False, eps: float = 1e-10, scale_factor: float = 10.0,
+                 win_len: int = 0, n_fft: int = 4096, hop_length: int = 1024, center: bool = True, **kwargs):
+        super().__init__(**kwargs)
+        self.niter = niter
+        self.residual = residual
+        self.eps = eps
+        self.scale_factor = scale_factor
+        self.win_len = win_len
+        self.n_fft = n_fft
+        self.hop_length = hop_length
+        self.center = center
+        self._statistics = tf.function(self._statistics_fn, jit_compile=True)
+        self._source = tf.function(self._source_fn, jit_compile=True)
+        self._filter = tf.function(blockwise_wiener, jit_compile=True)
+
+    def _statistics_fn(self, target_magnitudes, mix_stft):
+        return first_em_statistics(target_magnitudes, mix_stft, self.win_len, self.residual, self.eps,
+                                   self.scale_factor)
+
+    def _source_fn(self, target_magnitudes, mix_stft, scale, spatial, z, reference, index):
+        # the length is the reference's: static inside the XLA function whatever the graph outside knows
+        spectrum = first_em_source(target_magnitudes, mix_stft, scale, spatial, z, index, self.win_len, self.residual)
+        waveform = inverse_stft(spectrum, self.n_fft, self.hop_length, tf.shape(reference)[1], self.center)
+        return tf.transpose(waveform, [0, 2, 1])  # (B, T, C)
+
+    def call(self, target_magnitudes, mix_stft, reference):
+        nb_sources = target_magnitudes.shape[0] + int(self.residual)
+        if target_magnitudes.shape[-2] == 2 and self.niter == 1:
+            scale, spatial, z = self._statistics(target_magnitudes, mix_stft)
+            nb_targets = target_magnitudes.shape[0]
+            # every target through one function of its own magnitudes (one XLA compilation, not one per
+            # target); the residual needs all of them
+            return [self._source(target_magnitudes[index:index + 1], mix_stft, scale, spatial[:, index:index + 1], z,
+                                 reference, 0) if index < nb_targets else
+                    self._source(target_magnitudes, mix_stft, scale, spatial, z, reference, index)
+                    for index in range(nb_sources)]
+        magnitudes = tf.transpose(target_magnitudes, [2, 1, 4, 3, 0])  # (B, F, K, C, J)
+        sources = self._filter(magnitudes, mix_stft, self.win_len, self.niter, self.residual, self.eps,
+                               self.scale_factor)
+        length = reference.shape[1] if reference.shape[1] is not None else tf.shape(reference)[1]
+        waveforms = istft(sources, self.n_fft, self.hop_length, length, self.center)  # (B, T, C, J')
+        return [waveforms[..., index] for index in range(nb_sources)]
+
+    def compute_output_shape(self, target_magnitudes_shape, mix_stft_shape, reference_shape):
+        nb_sources = target_magnitudes_shape[0] + int(self.residual)
+        return [tuple(reference_shape)] * nb_sources
+
+    def get_config(self):
+        return {**super().get_config(), "niter": self.niter, "residual": self.residual, "eps": self.eps,
+                "scale_factor": self.scale_factor, "win_len": self.win_len, "n_fft": self.n_fft,
+                "hop_length": self.hop_length, "center": self.center}

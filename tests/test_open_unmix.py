@@ -157,3 +157,8 @@ def test_stacked_networks_match_per_target_networks(changes):
     got = np.asarray(open_unmix.StackedOpenUnmix(networks)(magnitude, training=False))
     assert got.shape == (2, 9, 129, 2, 3)
     assert np.max(np.abs(got - expected)) < 1e-6 * np.max(np.abs(expected))
+    # the server separator's layout, targets first (J, F, B, C, K): the same numbers, transposed
+    stacked = open_unmix.StackedOpenUnmix(networks, targets_first=True)
+    targets_first = np.asarray(stacked(magnitude, training=False))
+    assert targets_first.shape == stacked.compute_output_shape(magnitude.shape) == (3, 9, 2, 2, 129)
+    np.testing.assert_array_equal(targets_first, np.transpose(got, [4, 1, 0, 3, 2]))

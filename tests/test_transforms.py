@@ -100,3 +100,24 @@ def test_round_trip_converts_to_tflite_builtins():
     outputs = [interpreter.get_tensor(detail["index"]) for detail in interpreter.get_output_details()]
     restored = next(output for output in outputs if output.shape == audio.shape)
     assert np.max(np.abs(restored - audio)) < 1e-5
+
+
+@pytest.mark.parametrize("n_fft,hop_length,length", [(4096, 1024, 30001), (256, 64, 1200), (256, 96, 1000)])
+def test_inverse_stft_equals_istft(n_fft, hop_length, length):
+    # the server separator's ISTFT (frames last, overlap-add as shifted adds when the hop divides n_fft, XLA);
+    # (256, 96): the tf.signal.overlap_and_add fallback; 1200 > the frames' span: the zero-padded tail
+    nb_frames = 1 + 1000 // hop_length
+    spectrogram = np.random.default_rng(6).normal(0, 1, (2, nb_frames, n_fft // 2 + 1, 2, 2)).astype(np.float32)
+    expected = transforms.istft(spectrogram, n_fft, hop_length, length).numpy()  # (samples, length, channels)
+    spectrum = tf.transpose(tf.complex(spectrogram[..., 0], spectrogram[..., 1]), [0, 3, 1, 2])
+    compiled = tf.function(lambda s: transforms.inverse_stft(s, n_fft, hop_length, length), jit_compile=True)
+    got = np.transpose(compiled(spectrum).numpy(), [0, 2, 1])
+    assert got.shape == expected.shape == (2, length, 2)
+    assert 10 * np.log10(np.sum(expected ** 2) / np.sum((expected - got) ** 2)) > 120
+
+
+def test_compiled_stft_layer_equals_stft():
+    audio = np.random.default_rng(7).uniform(-1, 1, (2, 9001, 2)).astype(np.float32)
+    layer = transforms.STFT(4096, 1024, jit_compile=True)
+    assert transforms.STFT.from_config(layer.get_config()).jit_compile
+    np.testing.assert_allclose(layer(audio).numpy(), transforms.stft(audio, 4096, 1024).numpy(), rtol=0, atol=1e-5)
