@@ -84,7 +84,9 @@ def convert_tflite(keras_model, chunk: int, nb_channels: int, quantize: str = ""
         module.variables_ = [variable.value for variable in keras_model.variables]
         module.serve = tf.function(lambda waveform: keras_model(waveform, training=False), input_signature=[
             tf.TensorSpec([1, chunk, nb_channels], tf.float32, name=INPUT_NAME)])
-        with tflite_graph():  # traced here, with TFLite's built-in ops only
+        # traced here, with TFLite's built-in ops only; float32 files run the recurrences as WHILE loops,
+        # quantized ones keep the fused sequence-LSTM ops for their int8 kernels
+        with tflite_graph(lstm_loop=not quantize):
             tf.saved_model.save(module, tmp, signatures={SIGNATURE: module.serve.get_concrete_function()})
         converter = tf.lite.TFLiteConverter.from_saved_model(tmp, signature_keys=[SIGNATURE])
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]

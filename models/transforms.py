@@ -59,19 +59,33 @@ def stft(waveform, n_fft: int, hop_length: int, center: bool = True) -> tf.Tenso
 _TFLITE_GRAPH = contextvars.ContextVar("tflite_graph", default=False)
 
 
+_TFLITE_LSTM_LOOP = contextvars.ContextVar("tflite_lstm_loop", default=False)
+
+
 @contextlib.contextmanager
-def tflite_graph():
-    """Graphs traced inside this block use only TFLite built-in ops (the inverse FFT built from RFFT2D)."""
+def tflite_graph(lstm_loop: bool = False):
+    """Graphs traced inside this block use only TFLite built-in ops (the inverse FFT built from RFFT2D).
+
+    `lstm_loop`: recurrences as hoisted FULLY_CONNECTED input projections plus one WHILE loop per layer
+    (see `models.open_unmix.StackedOpenUnmix`) instead of fused UNIDIRECTIONAL_SEQUENCE_LSTM ops: faster in
+    float32, but without the fused op's int8 kernel, so quantized files keep the fused op."""
     token = _TFLITE_GRAPH.set(True)
+    loop_token = _TFLITE_LSTM_LOOP.set(lstm_loop)
     try:
         yield
     finally:
+        _TFLITE_LSTM_LOOP.reset(loop_token)
         _TFLITE_GRAPH.reset(token)
 
 
 def in_tflite_graph() -> bool:
     """True while tracing inside `tflite_graph()`."""
     return _TFLITE_GRAPH.get()
+
+
+def in_tflite_lstm_loop() -> bool:
+    """True while tracing inside `tflite_graph(lstm_loop=True)`."""
+    return _TFLITE_GRAPH.get() and _TFLITE_LSTM_LOOP.get()
 
 
 def irfft(real, imag, n_fft: int) -> tf.Tensor:
