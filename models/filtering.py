@@ -206,11 +206,12 @@ def _wiener_stereo_tflite(v, mix_stft, niter: int, residual: bool, eps: float, s
     scale = tf.maximum(1.0, tf.sqrt(max_abs) / scale_factor)
     inv_scale = 1.0 / scale
     # initial estimates: the magnitudes with the mixture phase (angle(0) = 0, like atan2), scaled
-    abs0, abs1 = tf.sqrt(energy0), tf.sqrt(energy1)
-    unit0 = tf.where(abs0 > 0, inv_scale / tf.where(abs0 > 0, abs0, tf.ones_like(abs0)), tf.zeros_like(abs0))
-    unit1 = tf.where(abs1 > 0, inv_scale / tf.where(abs1 > 0, abs1, tf.ones_like(abs1)), tf.zeros_like(abs1))
-    cos0 = tf.where(abs0 > 0, x0_re * unit0, inv_scale + tf.zeros_like(abs0))
-    cos1 = tf.where(abs1 > 0, x1_re * unit1, inv_scale + tf.zeros_like(abs1))
+    # where |x| = 0 so are its parts: the unit phasor's 1 / |x| may be anything finite there, and cos = 1
+    silent0, silent1 = tf.cast(energy0 <= 0, tf.float32), tf.cast(energy1 <= 0, tf.float32)
+    unit0 = inv_scale / (tf.sqrt(energy0) + silent0)
+    unit1 = inv_scale / (tf.sqrt(energy1) + silent1)
+    cos0 = x0_re * unit0 + inv_scale * silent0
+    cos1 = x1_re * unit1 + inv_scale * silent1
     y0_re, y0_im, y1_re, y1_im = m0 * cos0, m0 * (x0_im * unit0), m1 * cos1, m1 * (x1_im * unit1)
     x0_re, x0_im, x1_re, x1_im = (x * inv_scale for x in (x0_re, x0_im, x1_re, x1_im))
     if residual:  # mixture minus the sum of the estimates, one more target (axis J)
