@@ -84,9 +84,10 @@ def convert_tflite(keras_model, chunk: int, nb_channels: int, quantize: str = ""
         module.variables_ = [variable.value for variable in keras_model.variables]
         module.serve = tf.function(lambda waveform: keras_model(waveform, training=False), input_signature=[
             tf.TensorSpec([1, chunk, nb_channels], tf.float32, name=INPUT_NAME)])
-        # traced here, with TFLite's built-in ops only; float32 files run the recurrences as WHILE loops,
-        # quantized ones keep the fused sequence-LSTM ops for their int8 kernels
-        with tflite_graph(lstm_loop=not quantize):
+        # traced here, with TFLite's built-in ops only. float32 and dynamic-int8 files run the recurrences as WHILE
+        # loops (measured faster than the fused sequence-LSTM ops in both); float16 keeps the fused ops, whose
+        # weights are dequantized once (a BATCH_MATMUL over float16 weights would dequantize them every step)
+        with tflite_graph(lstm_loop=quantize in ("", "dynamic")):
             tf.saved_model.save(module, tmp, signatures={SIGNATURE: module.serve.get_concrete_function()})
         converter = tf.lite.TFLiteConverter.from_saved_model(tmp, signature_keys=[SIGNATURE])
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]

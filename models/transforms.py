@@ -67,8 +67,7 @@ def tflite_graph(lstm_loop: bool = False):
     """Graphs traced inside this block use only TFLite built-in ops (the inverse FFT built from RFFT2D).
 
     `lstm_loop`: recurrences as hoisted FULLY_CONNECTED input projections plus one WHILE loop per layer
-    (see `models.open_unmix.StackedOpenUnmix`) instead of fused UNIDIRECTIONAL_SEQUENCE_LSTM ops: faster in
-    float32, but without the fused op's int8 kernel, so quantized files keep the fused op."""
+    (see `models.open_unmix._tflite_lstm_loop`) instead of fused UNIDIRECTIONAL_SEQUENCE_LSTM ops."""
     token = _TFLITE_GRAPH.set(True)
     loop_token = _TFLITE_LSTM_LOOP.set(lstm_loop)
     try:
