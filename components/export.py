@@ -132,7 +132,8 @@ class TFLiteChunkRunner:
     running them one by one (`invoke` releases the GIL): on a quiet 2-core machine two 1-thread workers took
     2.10 s against 3.78 s for one 2-thread interpreter (UMX-HQ, 30 s), so `separate` runs 2 by default.
 
-    Every chunk starts from the zero LSTM state: UNIDIRECTIONAL_SEQUENCE_LSTM keeps its hidden and cell state
+    Every chunk starts from the zero LSTM state: UNIDIRECTIONAL_SEQUENCE_LSTM (the float16 file's; the float32
+    and dynamic files run WHILE loops that keep nothing) keeps its hidden and cell state
     in variable tensors that persist from one `invoke` to the next, so an interpreter reused without
     `reset_all_variables()` starts chunk k from chunk k-1's last state (measured 48 dB from the Keras
     separator instead of >= 130 dB at the unittest size)."""
