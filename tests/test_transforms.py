@@ -73,6 +73,19 @@ def test_istft_tflite_static_form_equals_tensorflows_inverse_fft(shape, n_fft, h
     assert np.array_equal(builtin == 0, native == 0)  # the same samples left silent (uncovered by frames)
 
 
+
+@pytest.mark.parametrize("shape,n_fft,hop_length,center", [
+    ((1, 2000, 2), 256, 64, True), ((2, 777, 1), 128, 32, True), ((1, 1000, 2), 256, 128, False)])
+def test_stft_tflite_static_form_equals_tf_signal_stft(shape, n_fft, hop_length, center):
+    # the form traced for TFLite with a static length (`_stft_tflite`: frames as shifted hop blocks, no GATHER)
+    audio = tf.constant(np.random.default_rng(7).uniform(-1, 1, shape).astype(np.float32))
+    native = transforms.stft(audio, n_fft, hop_length, center).numpy()
+    with transforms.tflite_graph():
+        builtin = transforms.stft(audio, n_fft, hop_length, center).numpy()
+    assert native.shape == builtin.shape
+    assert np.max(np.abs(native - builtin)) < 1e-5 * np.max(np.abs(native))
+
+
 def test_layers_shapes_and_magnitude():
     audio = np.random.default_rng(3).uniform(-1, 1, (2, 999, 2)).astype(np.float32)
     stft_layer = transforms.STFT(256, 64)
