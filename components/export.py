@@ -84,7 +84,10 @@ def convert_tflite(keras_model, chunk: int, nb_channels: int, quantize: str = ""
         module.variables_ = [variable.value for variable in keras_model.variables]
         module.serve = tf.function(lambda waveform: keras_model(waveform, training=False), input_signature=[
             tf.TensorSpec([1, chunk, nb_channels], tf.float32, name=INPUT_NAME)])
-        with tflite_graph():  # traced here, with TFLite's built-in ops only
+        # traced here, with TFLite's built-in ops only. float32 and dynamic-int8 files run the recurrences as WHILE
+        # loops (measured faster than the fused sequence-LSTM ops in both); float16 keeps the fused ops, whose
+        # weights are dequantized once (a BATCH_MATMUL over float16 weights would dequantize them every step)
+        with tflite_graph(lstm_loop=quantize in ("", "dynamic")):
             tf.saved_model.save(module, tmp, signatures={SIGNATURE: module.serve.get_concrete_function()})
         converter = tf.lite.TFLiteConverter.from_saved_model(tmp, signature_keys=[SIGNATURE])
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
@@ -129,7 +132,8 @@ class TFLiteChunkRunner:
     running them one by one (`invoke` releases the GIL): on a quiet 2-core machine two 1-thread workers took
     2.10 s against 3.78 s for one 2-thread interpreter (UMX-HQ, 30 s), so `separate` runs 2 by default.
 
-    Every chunk starts from the zero LSTM state: UNIDIRECTIONAL_SEQUENCE_LSTM keeps its hidden and cell state
+    Every chunk starts from the zero LSTM state: UNIDIRECTIONAL_SEQUENCE_LSTM (the float16 file's; the float32
+    and dynamic files run WHILE loops that keep nothing) keeps its hidden and cell state
     in variable tensors that persist from one `invoke` to the next, so an interpreter reused without
     `reset_all_variables()` starts chunk k from chunk k-1's last state (measured 48 dB from the Keras
     separator instead of >= 130 dB at the unittest size)."""

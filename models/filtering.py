@@ -16,7 +16,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from models.transforms import inverse_stft, istft
+from models.transforms import in_tflite_graph, inverse_stft, istft
 
 
 def softmask(target_magnitudes, mix_stft, eps: float = 1e-10) -> tf.Tensor:
@@ -41,6 +41,8 @@ def wiener(target_magnitudes, mix_stft, niter: int = 1, residual: bool = False, 
     """
     v = tf.convert_to_tensor(target_magnitudes, tf.float32)
     mix_stft = tf.convert_to_tensor(mix_stft, tf.float32)
+    if niter > 0 and v.shape[-2] == 2 and in_tflite_graph():
+        return _wiener_stereo_tflite(v, mix_stft, niter, residual, eps, scale_factor)
     if niter == 0:
         y = softmask(v, mix_stft, eps)
     else:
@@ -171,6 +173,82 @@ def _expectation_maximization_stereo(y, mix_stft, niter: int, eps: float) -> tf.
     channel0 = tf.stack([y0_re, y0_im], axis=-1)  # (..., F, K, J, 2)
     channel1 = tf.stack([y1_re, y1_im], axis=-1)
     return tf.stack([channel0, channel1], axis=-3)  # (..., F, K, C, J, 2)
+
+
+
+def _wiener_stereo_tflite(v, mix_stft, niter: int, residual: bool, eps: float, scale_factor: float) -> tf.Tensor:
+    """`wiener` (niter > 0, two channels) for graphs traced inside `tflite_graph()`: same numbers, other layout.
+
+    TFLite runs each op on its own, so what costs is data movement, not arithmetic: slicing a channel or
+    the real part out of `(..., C, J, 2)` (a STRIDED_SLICE with a shrunk axis, which XNNPACK does not take)
+    took ~8 ms per slice at UMX-HQ's 3 s chunk, stacking the parts back ~9 ms, and products broadcasting a
+    `(F, K, 1)` factor over the last axis 4x a same-shape product. Here every real/imaginary part of every
+    channel is one `(*lead, J, F, K)` tensor (bins last), cut out by one transpose at the start and put back
+    by one at the end; per-bin covariances `(*lead, J, 1, K)` and per-frame-and-bin quantities
+    `(*lead, 1, F, K)` then broadcast over contiguous bins, and the sums over frames and targets are reductions
+    XNNPACK runs. The EM is `_expectation_maximization_stereo`'s; the scaling is folded into the magnitudes
+    and into `z` (a `(F, K)` tensor) instead of the `(F, K, C, J, 2)` estimates.
+    Inputs `(*lead, F, K, C, J)`, `(*lead, F, K, C, 2)` -> `(*lead, F, K, C, J [+1], 2)`.
+    """
+    nb_lead = v.shape.rank - 4
+    lead = list(range(nb_lead))
+    f_axis, k_axis, c_axis, j_axis = nb_lead, nb_lead + 1, nb_lead + 2, nb_lead + 3
+    # component-major, bins last: magnitudes (C, *lead, J, F, K), mixture (C * 2, *lead, 1, F, K)
+    m0, m1 = tf.split(tf.transpose(v, [c_axis] + lead + [j_axis, f_axis, k_axis]), 2, axis=0)
+    mix = tf.transpose(mix_stft, [c_axis, j_axis] + lead + [f_axis, k_axis])  # (C, 2, *lead, F, K)
+    mix = tf.expand_dims(tf.reshape(mix, tf.concat([[4], tf.shape(mix)[2:]], 0)), -3)
+    x0_re, x0_im, x1_re, x1_im = tf.split(mix, 4, axis=0)  # (1, *lead, 1, F, K)
+
+    # the scaling of `wiener`: the largest mixture magnitude of each leading item becomes at most scale_factor
+    energy0 = tf.square(x0_re) + tf.square(x0_im)
+    energy1 = tf.square(x1_re) + tf.square(x1_im)
+    max_abs = tf.reduce_max(tf.maximum(energy0, energy1), axis=[-2, -1], keepdims=True)  # (1, *lead, 1, 1, 1)
+    scale = tf.maximum(1.0, tf.sqrt(max_abs) / scale_factor)
+    inv_scale = 1.0 / scale
+    # initial estimates: the magnitudes with the mixture phase (angle(0) = 0, like atan2), scaled
+    # where |x| = 0 so are its parts: the unit phasor's 1 / |x| may be anything finite there, and cos = 1
+    silent0, silent1 = tf.cast(energy0 <= 0, tf.float32), tf.cast(energy1 <= 0, tf.float32)
+    unit0 = inv_scale / (tf.sqrt(energy0) + silent0)
+    unit1 = inv_scale / (tf.sqrt(energy1) + silent1)
+    cos0 = x0_re * unit0 + inv_scale * silent0
+    cos1 = x1_re * unit1 + inv_scale * silent1
+    y0_re, y0_im, y1_re, y1_im = m0 * cos0, m0 * (x0_im * unit0), m1 * cos1, m1 * (x1_im * unit1)
+    x0_re, x0_im, x1_re, x1_im = (x * inv_scale for x in (x0_re, x0_im, x1_re, x1_im))
+    if residual:  # mixture minus the sum of the estimates, one more target (axis J)
+        y0_re, y0_im, y1_re, y1_im = (
+            tf.concat([y, x - tf.reduce_sum(y, axis=-3, keepdims=True)], axis=-3)
+            for y, x in ((y0_re, x0_re), (y0_im, x0_im), (y1_re, x1_re), (y1_im, x1_im)))
+
+    regularization = tf.sqrt(tf.constant(eps, tf.float32))
+    for iteration in range(niter):
+        p0 = tf.square(y0_re) + tf.square(y0_im)  # (1, *lead, J, F, K)
+        p1 = tf.square(y1_re) + tf.square(y1_im)
+        psd = 0.5 * (p0 + p1)
+        weight = eps + tf.reduce_sum(psd, axis=-2, keepdims=True)  # (1, *lead, J, 1, K)
+        # spatial covariances R_j per bin, stacked on axis 0: r00, r11 (real), r01 (complex); r10 = conj(r01)
+        sums = tf.concat([tf.reduce_sum(p0, axis=-2, keepdims=True), tf.reduce_sum(p1, axis=-2, keepdims=True),
+                          tf.reduce_sum(y0_re * y1_re + y0_im * y1_im, axis=-2, keepdims=True),
+                          tf.reduce_sum(y0_im * y1_re - y0_re * y1_im, axis=-2, keepdims=True)], axis=0)
+        weighted = psd * tf.math.divide_no_nan(sums, weight)  # v_j R_j: (4, *lead, J, F, K)
+        r00, r11, r01_re, r01_im = tf.split(weighted, 4, axis=0)
+        # Cxx = reg I + sum_j v_j R_j (Hermitian), its inverse via the real determinant
+        c00, c11, c01_re, c01_im = tf.split(tf.reduce_sum(weighted, axis=nb_lead + 1, keepdims=True), 4, axis=0)
+        c00, c11 = c00 + regularization, c11 + regularization
+        # z = Cxx^-1 x; the last iteration's z also undoes the scaling of the estimates
+        inv_det = (scale if iteration == niter - 1 else 1.0) / (c00 * c11 - (tf.square(c01_re) + tf.square(c01_im)))
+        z0_re = (c11 * x0_re - (c01_re * x1_re - c01_im * x1_im)) * inv_det
+        z0_im = (c11 * x0_im - (c01_re * x1_im + c01_im * x1_re)) * inv_det
+        z1_re = (c00 * x1_re - (c01_re * x0_re + c01_im * x0_im)) * inv_det
+        z1_im = (c00 * x1_im - (c01_re * x0_im - c01_im * x0_re)) * inv_det
+        # y_j = v_j R_j z: [r00 z0 + r01 z1, conj(r01) z0 + r11 z1] (r.. here already times v_j)
+        y0_re = r00 * z0_re + r01_re * z1_re - r01_im * z1_im
+        y0_im = r00 * z0_im + r01_re * z1_im + r01_im * z1_re
+        y1_re = r01_re * z0_re + r01_im * z0_im + r11 * z1_re
+        y1_im = r01_re * z0_im - r01_im * z0_re + r11 * z1_im
+    # (C * 2, *lead, J, F, K) -> (*lead, F, K, C, J, 2)
+    stacked = tf.concat([y0_re, y0_im, y1_re, y1_im], axis=0)
+    stacked = tf.reshape(stacked, tf.concat([[2, 2], tf.shape(stacked)[1:]], 0))
+    return tf.transpose(stacked, [2 + axis for axis in lead] + [nb_lead + 3, nb_lead + 4, 0, nb_lead + 2, 1])
 
 
 def _invert(m_re, m_im):

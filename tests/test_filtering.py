@@ -174,3 +174,28 @@ def test_wiener_istft_other_settings_run_the_general_filter():
                                 256, 64, waveform.shape[1]).numpy()
     for index, source in enumerate(got):
         np.testing.assert_allclose(source.numpy(), expected[..., index], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("niter,residual,win_len", [(1, False, 0), (2, True, 0), (1, True, 5)])
+def test_tflite_form_matches_numpy_reference(niter, residual, win_len):
+    # the form traced for TFLite (component-major tensors, bins last): the reference's numbers, per block and
+    # per batch item (the second scaled up so that scale_factor acts), silent mixture bins included
+    from models.transforms import tflite_graph
+
+    magnitudes, mix = random_case(6)
+    mix[3, 2, 0] = 0  # angle(0) = 0
+    mix[:, 4] = 0  # a bin silent in both channels for every frame
+    batch_magnitudes = np.stack([magnitudes, 40 * magnitudes])[..., :]
+    batch_mix = np.stack([mix, 40 * mix])
+    with tflite_graph():
+        got = to_complex(filtering.blockwise_wiener(batch_magnitudes, to_stacked(batch_mix), win_len, niter, residual))
+    default = to_complex(filtering.blockwise_wiener(batch_magnitudes, to_stacked(batch_mix), win_len, niter, residual))
+    assert got.shape == default.shape == (2, 12, 7, 2, 3 + residual)
+    assert np.isfinite(got).all()
+    block = win_len or mix.shape[0]
+    for item in range(2):
+        expected = np.concatenate([reference_wiener(batch_magnitudes[item, start:start + block].astype(np.float64),
+                                                    batch_mix[item, start:start + block], niter, residual)
+                                   for start in range(0, mix.shape[0], block)])
+        assert sdr(expected, got[item]) >= 100, item
+        assert sdr(default[item], got[item]) >= 110, item
