@@ -148,44 +148,35 @@ def istft(spectrogram, n_fft: int, hop_length: int, length: Union[int, tf.Tensor
     extra_axes = list(range(3, rank - 1))
     # (..., 2) -> real, imag with frames and bins last: (nb_samples, *extra, nb_frames, nb_bins)
     perm = [0] + extra_axes + [1, 2]
-    window = hann_window(n_fft)
     if _TFLITE_GRAPH.get() and spectrogram.shape[1] is not None and n_fft % hop_length == 0:
         return _istft_tflite(spectrogram, n_fft, hop_length, length, center)
     if _TFLITE_GRAPH.get():
         frames = irfft(tf.transpose(spectrogram[..., 0], perm), tf.transpose(spectrogram[..., 1], perm), n_fft)
+        signal = _overlap_add(frames * hann_window(n_fft), n_fft, hop_length, length, center)
     else:  # one complex tensor transposed once, TensorFlow's inverse FFT
-        spectrum = tf.transpose(tf.complex(spectrogram[..., 0], spectrogram[..., 1]), perm)
-        frames = tf.signal.irfft(spectrum, fft_length=[n_fft])
-    frames = frames * window
-    signal = tf.signal.overlap_and_add(frames, hop_length)  # (nb_samples, *extra, (nb_frames-1)*hop + n_fft)
-
-    nb_frames = tf.shape(frames)[-2]
-    window_sum = tf.signal.overlap_and_add(tf.tile((window * window)[None, :], [nb_frames, 1]), hop_length)
-    tiny = 1e-11
-    signal = tf.where(window_sum > tiny, signal / tf.maximum(window_sum, tiny), signal)
-
-    start = n_fft // 2 if center else 0
-    missing = tf.maximum(0, start + length - tf.shape(signal)[-1])
-    signal = tf.pad(signal, [[0, 0]] * (len(extra_axes) + 1) + [[0, missing]])
-    signal = signal[..., start:start + length]
-    if isinstance(length, int):
-        signal = tf.ensure_shape(signal, signal.shape[:-1].concatenate([length]))
+        signal = inverse_stft(tf.transpose(tf.complex(spectrogram[..., 0], spectrogram[..., 1]), perm), n_fft,
+                              hop_length, length, center)
     # (nb_samples, *extra, length) -> (nb_samples, length, *extra)
-    back = [0, rank - 3] + list(range(1, rank - 3))
-    return tf.transpose(signal, back)
+    return tf.transpose(signal, [0, rank - 3] + list(range(1, rank - 3)))
 
 
 def inverse_stft(spectrum, n_fft: int, hop_length: int, length: Union[int, tf.Tensor],
                  center: bool = True) -> tf.Tensor:
-    """Complex one-sided frames `(..., nb_frames, nb_bins)` -> waveform `(..., length)`: `istft`'s numbers in
-    the frames-last layout of `tf.signal`, written for XLA-compiled graphs (not for the TFLite converter).
+    """Complex one-sided frames `(..., nb_frames, nb_bins)` -> waveform `(..., length)`: `istft` in the
+    frames-last layout of `tf.signal` (TensorFlow's inverse FFT: not for graphs the TFLite converter reads)."""
+    return _overlap_add(tf.signal.irfft(spectrum, fft_length=[n_fft]) * hann_window(n_fft), n_fft, hop_length,
+                        length, center)
+
+
+def _overlap_add(frames, n_fft: int, hop_length: int, length: Union[int, tf.Tensor], center: bool) -> tf.Tensor:
+    """Windowed frames `(..., nb_frames, n_fft)` -> waveform `(..., length)`: their overlap-add divided by the
+    overlap-added squared window, without the centre padding.
 
     With `hop_length` dividing `n_fft` the overlap-add is `n_fft // hop_length` shifted adds of hop-sized
-    blocks, which XLA fuses with the window and the window-sum normalisation into one pass over the frames
-    (`tf.signal.overlap_and_add` is several reshapes and pads, each a pass); otherwise that op is used.
+    blocks, which XLA fuses with the normalisation into one pass over the frames (`tf.signal.overlap_and_add`
+    is several reshapes and pads, each a pass); otherwise that op is used.
     """
     window = hann_window(n_fft)
-    frames = tf.signal.irfft(spectrum, fft_length=[n_fft]) * window  # (..., nb_frames, n_fft)
     shape = tf.shape(frames)
     nb_frames = shape[-2]
     lead = [[0, 0]] * (len(frames.shape) - 2)
