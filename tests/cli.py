@@ -58,6 +58,15 @@ def python(code: str, *args, check=True, timeout=600, env=None, **kwargs):
                 {**kwargs, "env": environment(env)})
 
 
+def describe(*tokens) -> str:
+    """What `python pipeline/run.py --describe-model with *tokens` prints (without its last newline), computed in
+    this process: the same function, without paying TensorFlow's import in a new process."""
+    from pipeline.run import describe_model, split_updates
+
+    updates, named = split_updates(["with", *tokens])
+    return describe_model(updates, named or ["default"])
+
+
 def start(argv, **kwargs) -> subprocess.Popen:
     """Start `argv` (`RUN + [...]`, `SEPARATE + [...]`, `command(...)` or `python_argv(...)`) in the background
     from the project root, for tests that interrupt or race it; stdout and stderr are pipes unless given."""

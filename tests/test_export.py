@@ -11,17 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.cli import ROOT, cli, separate
+from tests.cli import ROOT, separate
 
 SAMPLE_MP4 = ROOT.parent / "shared" / "data" / "musdb18-sample" / "train" / "Music Delta - 80s Rock.stem.mp4"
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    root = tmp_path_factory.mktemp("export")
-    for stage in ("prepare", "train", "export"):
-        cli("--stage", stage, "--no-file-observer", "-q", "with", "unittest", f"artifacts_dir={root}")
-    return root
+def exported(umx_pipeline):
+    """The session's `--stage all with unittest` artifacts (tests/conftest.py): read, never written."""
+    return umx_pipeline
 
 
 def test_serving_layout_and_signature_contract(exported):

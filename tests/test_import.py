@@ -324,12 +324,16 @@ def test_wave_u_net_tf1_checkpoint_matches_the_reference_graph(release, tensors,
 
 
 # ------------------------------------------------------------------------------------ end to end
-def test_imported_model_through_prepare_evaluate_export_and_separate(tmp_path):
+def test_imported_model_through_prepare_evaluate_export_and_separate(tmp_path, umx_pipeline):
     """`--stage import`, then the unchanged stages and `separate` on the imported TFC-TDF-UNet v3: they take the
     imported settings from the train artifact (8 kHz, the four targets, the network sizes)."""
     import soundfile
 
-    root = tmp_path / "artifacts"
+    from tests.shared_artifacts import DATA, BASELINES, copy_stages
+
+    # the session's unittest data and MIX/IRM baselines: prepare below finds its artifact up to date (a prepare
+    # with other settings would not match its fingerprint and run again), evaluate scores the model only
+    root = copy_stages(umx_pipeline, tmp_path / "artifacts", DATA, BASELINES, "prepare")
     release = FIXTURES / "tfc_tdf_v3" / "multi"
     cli("--stage", "import", "--no-file-observer", "-q", "with", "unittest", "model.name=tfc_tdf_v3",
         f"import.path={release}", f"artifacts_dir={root}")

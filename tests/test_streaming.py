@@ -181,13 +181,15 @@ def test_separate_stream_file_and_stdin_match_the_stream(model, exported, tmp_pa
     assert result.returncode == 1 and err.startswith("error: --pcm-rate 44100: the streaming model runs at 8000 Hz")
 
 
-def test_pipeline_export_writes_the_stream_and_separate_uses_it(tmp_path):
+def test_pipeline_export_writes_the_stream_and_separate_uses_it(tmp_path, umx_pipeline):
     """The export stage of a unidirectional Open-Unmix writes stream/ and describes it in model.json."""
     import soundfile
 
     from tests.cli import cli
+    from tests.shared_artifacts import seed_data
 
-    artifacts = tmp_path / "artifacts"
+    # the session's prepared unittest data and its MIX/IRM baselines: prepare skips, evaluate scores the model only
+    artifacts = seed_data(umx_pipeline, tmp_path / "artifacts")
     cli("--stage", "all", "--runs-dir", str(tmp_path / "runs"), "with", "unittest", "model.umx.unidirectional=True",
         f"artifacts_dir={artifacts}")
     sidecar = json.loads((artifacts / "export" / "model.json").read_text())

@@ -16,11 +16,9 @@ from tests.cli import RUN, cli, python, start
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    """A unittest-preset prepare artifact shared by the tests of this module (copied where mutated)."""
-    root = tmp_path_factory.mktemp("train")
-    cli("--stage", "prepare", "--no-file-observer", "-q", "with", "unittest", f"artifacts_dir={root}")
-    return root
+def prepared(umx_pipeline):
+    """The session's unittest-preset artifacts (tests/conftest.py); the tests copy its prepare artifact."""
+    return umx_pipeline
 
 
 def _copy_prepare(src: Path, dst: Path) -> Path:
