@@ -58,6 +58,27 @@ def python(code: str, *args, check=True, timeout=600, env=None, **kwargs):
                 {**kwargs, "env": environment(env)})
 
 
+def separate_here(*args) -> subprocess.CompletedProcess:
+    """`separate *args` run by its `main` in this process: the exit code and what it printed, as `separate(...,
+    check=False)` returns them, without a new process paying TensorFlow's import and the model's load again.
+    For tests of what `separate` does with files; its command line itself is tested through `separate`."""
+    import contextlib
+    import io
+    import signal
+
+    from pipeline import separate as separate_module
+
+    argv = [str(arg) for arg in args]
+    out, err = io.StringIO(), io.StringIO()
+    previous = signal.getsignal(signal.SIGTERM)  # main() installs its own SIGTERM handler
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = separate_module.main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return subprocess.CompletedProcess(["separate", *argv], code, out.getvalue(), err.getvalue())
+
+
 def describe(*tokens) -> str:
     """What `python pipeline/run.py --describe-model with *tokens` prints (without its last newline), computed in
     this process: the same function, without paying TensorFlow's import in a new process."""

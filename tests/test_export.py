@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.cli import ROOT, separate
+from tests.cli import ROOT, separate, separate_here
 
 SAMPLE_MP4 = ROOT.parent / "shared" / "data" / "musdb18-sample" / "train" / "Music Delta - 80s Rock.stem.mp4"
 
@@ -327,9 +327,10 @@ def test_separate_bad_inputs_and_overwrite(exported, tmp_path):
     assert "empty.wav: empty file" in errors[1]
     assert "junk.mp3" in errors[2]
     assert (out / "good" / "vocals.wav").is_file()
-    again = separate(good, *options, check=False)
+    again = separate_here(good, *options)  # main() in this process: the same exit code and message
     assert again.returncode == 1 and "use --force" in again.stderr
-    separate(good, *options, "--force")
+    forced = separate_here(good, *options, "--force")
+    assert forced.returncode == 0 and forced.stderr == "", forced.stderr
     for hostile in ("../../x", "..", "a/../../b", "/etc/passwd"):
         name = safe_name(hostile)
         assert (out / name).resolve().parent == out.resolve(), hostile

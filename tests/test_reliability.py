@@ -1,7 +1,8 @@
 """Nothing lost, nothing half-done (issue 16): concurrent runs, damaged artifacts, late config checks,
 unreachable observers, interrupted or failing `separate`, and every model family through `--stage all`.
 
-Real processes and real signals throughout; the pipelines run the `unittest` preset.
+Real processes and real signals where a signal, a lock or the command line is the point (`separate`'s file handling
+runs its `main` in this process); the pipelines run the `unittest` preset.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import soundfile
 from components import artifacts
 from configs.errors import LockedError, UserError
 from tests.cli import RUN, SEPARATE, cli, environment, python_argv, start
-from tests.cli import separate as separate_cli
+from tests.cli import separate_here
 from tests.shared_artifacts import seed_data
 
 TARGETS = ("vocals", "drums", "bass", "other")
@@ -369,8 +370,10 @@ def test_an_observer_failure_is_one_line_from_the_cli_before_any_stage(tmp_path)
 # --------------------------------------------------------------------------------------------
 # 2, 3. separate: interrupted, incomplete, failing writes
 # --------------------------------------------------------------------------------------------
-def separate(exported, *args, **kwargs):
-    return separate_cli(*args, "--artifacts-dir", exported[0], "-q", check=False, **kwargs)
+def separate(exported, *args):
+    # `separate`'s main in this process: the same exit codes and one-line errors as the command (whose process
+    # is the point only where a signal is: those tests start it), without TensorFlow's import per call
+    return separate_here(*args, "--artifacts-dir", exported[0], "-q")
 
 
 def stems_of(folder: Path) -> dict:
