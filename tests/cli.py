@@ -58,25 +58,38 @@ def python(code: str, *args, check=True, timeout=600, env=None, **kwargs):
                 {**kwargs, "env": environment(env)})
 
 
-def separate_here(*args) -> subprocess.CompletedProcess:
-    """`separate *args` run by its `main` in this process: the exit code and what it printed, as `separate(...,
-    check=False)` returns them, without a new process paying TensorFlow's import and the model's load again.
-    For tests of what `separate` does with files; its command line itself is tested through `separate`."""
+def _in_process(name: str, main, args) -> subprocess.CompletedProcess:
     import contextlib
     import io
     import signal
 
-    from pipeline import separate as separate_module
-
     argv = [str(arg) for arg in args]
     out, err = io.StringIO(), io.StringIO()
-    previous = signal.getsignal(signal.SIGTERM)  # main() installs its own SIGTERM handler
+    previous = signal.getsignal(signal.SIGTERM)  # separate's main() installs its own SIGTERM handler
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = separate_module.main(argv)
+            code = main(argv)
     finally:
         signal.signal(signal.SIGTERM, previous)
-    return subprocess.CompletedProcess(["separate", *argv], code, out.getvalue(), err.getvalue())
+    return subprocess.CompletedProcess([name, *argv], code, out.getvalue(), err.getvalue())
+
+
+def separate_here(*args) -> subprocess.CompletedProcess:
+    """`separate *args` run by its `main` in this process: the exit code and what it printed, as `separate(...,
+    check=False)` returns them, without a new process paying TensorFlow's import and the model's load again.
+    For tests of what `separate` does with files; its command line itself is tested through `separate`."""
+    from pipeline import separate as separate_module
+
+    return _in_process("separate", separate_module.main, args)
+
+
+def cli_here(*args) -> subprocess.CompletedProcess:
+    """`pipeline/run.py *args` run by its `main` in this process, as `cli(..., check=False)` returns it: for the
+    driver's refusals (one-line errors, exit 2) that happen before a stage does any work. What `main` prints is
+    captured; log records are not (they go to the test's log capture). The command line itself: `cli`."""
+    from pipeline import run
+
+    return _in_process("run.py", run.main, args)
 
 
 def describe(*tokens) -> str:

@@ -22,8 +22,7 @@ import soundfile
 
 from components import artifacts
 from configs.errors import LockedError, UserError
-from tests.cli import RUN, SEPARATE, cli, environment, python_argv, start
-from tests.cli import separate_here
+from tests.cli import RUN, SEPARATE, cli, cli_here, environment, python_argv, separate_here, start
 from tests.shared_artifacts import seed_data
 
 TARGETS = ("vocals", "drums", "bass", "other")
@@ -142,8 +141,10 @@ def test_damaged_weights_are_one_line_errors_and_the_train_artifact_is_no_longer
     blob = best.read_bytes()
     best.write_bytes(blob[: size // 2])  # truncated
     assert artifacts.load(folder, "train") is None
+    # the driver's refusals run its main in this process (the same exit code and line; the CLI process is tested
+    # by test_a_bad_value_stops_the_cli...): no TensorFlow import per refusal
     for stage in ("evaluate", "export"):
-        result = cli("--stage", stage, *unittest_run(folder), check=False)
+        result = cli_here("--stage", stage, *unittest_run(folder))
         assert result.returncode == 2, result.stderr[-2000:]
         (line,) = error_lines(result.stderr)
         assert line == (f"error: stage '{stage}' needs the 'train' artifact but {best} has {size // 2} bytes, "
@@ -154,7 +155,7 @@ def test_damaged_weights_are_one_line_errors_and_the_train_artifact_is_no_longer
     flipped[size // 2] ^= 0xFF
     best.write_bytes(bytes(flipped))
     assert artifacts.load(folder, "train") is not None  # sizes match: the cheap check passes
-    result = cli("--stage", "evaluate", "--force", *unittest_run(folder), check=False)
+    result = cli_here("--stage", "evaluate", "--force", *unittest_run(folder))
     assert result.returncode == 2
     (line,) = error_lines(result.stderr)
     assert line == (f"error: {best} has changed since it was written (sha256 differs); redo the train stage "
@@ -173,7 +174,7 @@ def test_a_corrupt_tfrecord_shard_is_named_before_training_reads_it(damaged_copy
     blob = bytearray(shard.read_bytes())
     blob[len(blob) // 2] ^= 0xFF
     shard.write_bytes(bytes(blob))
-    result = cli("--stage", "train", "--force", *unittest_run(folder), check=False)
+    result = cli_here("--stage", "train", "--force", *unittest_run(folder))  # the driver's main, in this process
     assert result.returncode == 2
     (line,) = error_lines(result.stderr)
     assert line == (f"error: {shard}: damaged TFRecord shard (sha256 differs from the prepare manifest); redo the "

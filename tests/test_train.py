@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.cli import RUN, cli, python, start
+from tests.cli import RUN, cli, cli_here, python, start
 
 
 @pytest.fixture(scope="module")
@@ -157,14 +157,15 @@ def test_two_replicas_match_one_replica_on_the_same_global_batch():
 
 def test_batch_size_must_divide_over_replicas_and_excerpt_fit_segments(prepared, tmp_path):
     root = _copy_prepare(prepared, tmp_path / "e")
-    result = cli("--stage", "train", "--no-file-observer", "with", "unittest", f"artifacts_dir={root}",
-                 "train.replicas=3", check=False)  # the unittest global batch is 4
+    # the driver's main in this process: both are refused before the stage runs (the same exit code and line)
+    result = cli_here("--stage", "train", "--no-file-observer", "with", "unittest", f"artifacts_dir={root}",
+                      "train.replicas=3")  # the unittest global batch is 4
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
         "error: train.batch_size=4 must be a multiple of train.replicas=3 (the global batch is split over the "
         "replicas)")
-    result = cli("--stage", "train", "--no-file-observer", "with", "unittest", f"artifacts_dir={root}",
-                 "train.seq_seconds=30.0", check=False)
+    result = cli_here("--stage", "train", "--no-file-observer", "with", "unittest", f"artifacts_dir={root}",
+                      "train.seq_seconds=30.0")
     assert result.returncode == 2
     assert "train.seq_seconds" in result.stderr.strip().splitlines()[-1]
     assert not (root / "train").exists()
