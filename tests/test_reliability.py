@@ -493,29 +493,45 @@ def test_a_full_disk_under_the_pipeline_is_one_line_and_leaves_nothing_half_writ
 # --------------------------------------------------------------------------------------------
 # 7. Every registered family through the whole pipeline from the CLI
 # --------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def family_dir(tmp_path_factory, umx_pipeline):
-    """One artifacts directory for all families: prepare and the evaluation baselines are shared, taken from the
-    session's unittest pipeline (the same data fingerprint, so prepare skips and only the model is scored)."""
-    return seed_data(umx_pipeline, tmp_path_factory.mktemp("families") / "artifacts")
-
-
 def _families():
     from models.registry import FAMILIES
 
     return list(FAMILIES)
 
 
+# Open-Unmix and Wave-U-Net already ran `--stage all with unittest` from the CLI in this session (the shared pipeline
+# of tests/conftest.py, this file's lock-race run): their artifacts are checked, not made again
+RUN_ELSEWHERE = ("umx", "wave_u_net")
+
+
+@pytest.fixture(scope="module")
+def family_runs(tmp_path_factory, umx_pipeline):
+    """{family: future artifacts directory} of `--stage all` for every other family, two CLI processes at a time
+    (the machine's two cores: a run keeps about one busy), the slowest (DTTNet) first. Each family has its own
+    artifacts directory seeded with the session's prepared data and MIX/IRM baselines (the same data fingerprint:
+    prepare skips, evaluate scores the model only)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run(family, folder):
+        cli("--stage", "all", *unittest_run(folder, family=family), "train.steps_per_epoch=1")
+        return folder
+
+    order = sorted((f for f in _families() if f not in RUN_ELSEWHERE), key=lambda f: f != "dttnet")
+    folders = {family: seed_data(umx_pipeline, tmp_path_factory.mktemp(family) / "artifacts") for family in order}
+    pool = ThreadPoolExecutor(max_workers=2)
+    futures = {family: pool.submit(run, family, folders[family]) for family in order}
+    yield futures
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
 @pytest.mark.parametrize("family", _families())
-def test_every_registered_family_runs_all_stages_from_the_cli(family, family_dir, request):
-    # Open-Unmix and Wave-U-Net already ran `--stage all with unittest` from the CLI in this session (the shared
-    # pipeline of tests/conftest.py, this file's lock-race run): their artifacts are checked, not made again
+def test_every_registered_family_runs_all_stages_from_the_cli(family, family_runs, request):
     if family == "umx":
         family_dir = request.getfixturevalue("umx_pipeline")
     elif family == "wave_u_net":
         family_dir = request.getfixturevalue("exported")[0]
     else:
-        cli("--stage", "all", *unittest_run(family_dir, family=family), "train.steps_per_epoch=1")
+        family_dir = family_runs[family].result(timeout=1800)
     export = artifacts.load(family_dir, "export")
     assert export is not None and export.meta["config"]["model"]["name"] == family
     sidecar = json.loads(export.file("model.json").read_text())
