@@ -23,7 +23,6 @@ import soundfile
 from components import artifacts
 from configs.errors import LockedError, UserError
 from tests.cli import RUN, SEPARATE, cli, cli_here, environment, python_argv, separate_here, start
-from tests.shared_artifacts import seed_data
 
 TARGETS = ("vocals", "drums", "bass", "other")
 
@@ -499,39 +498,17 @@ def _families():
     return list(FAMILIES)
 
 
-# Open-Unmix and Wave-U-Net already ran `--stage all with unittest` from the CLI in this session (the shared pipeline
-# of tests/conftest.py, this file's lock-race run): their artifacts are checked, not made again
-RUN_ELSEWHERE = ("umx", "wave_u_net")
-
-
-@pytest.fixture(scope="module")
-def family_runs(tmp_path_factory, umx_pipeline):
-    """{family: future artifacts directory} of `--stage all` for every other family, two CLI processes at a time
-    (the machine's two cores: a run keeps about one busy), the slowest (DTTNet) first. Each family has its own
-    artifacts directory seeded with the session's prepared data and MIX/IRM baselines (the same data fingerprint:
-    prepare skips, evaluate scores the model only)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    def run(family, folder):
-        cli("--stage", "all", *unittest_run(folder, family=family), "train.steps_per_epoch=1")
-        return folder
-
-    order = sorted((f for f in _families() if f not in RUN_ELSEWHERE), key=lambda f: f != "dttnet")
-    folders = {family: seed_data(umx_pipeline, tmp_path_factory.mktemp(family) / "artifacts") for family in order}
-    pool = ThreadPoolExecutor(max_workers=2)
-    futures = {family: pool.submit(run, family, folders[family]) for family in order}
-    yield futures
-    pool.shutdown(wait=True, cancel_futures=True)
-
-
 @pytest.mark.parametrize("family", _families())
 def test_every_registered_family_runs_all_stages_from_the_cli(family, family_runs, request):
+    # Open-Unmix and Wave-U-Net ran `--stage all with unittest` from the CLI for other tests (the shared pipeline of
+    # tests/conftest.py, this file's lock-race run): their artifacts are checked, not made again. The others ran in
+    # the background since the session started (family_runs, tests/conftest.py).
     if family == "umx":
         family_dir = request.getfixturevalue("umx_pipeline")
     elif family == "wave_u_net":
         family_dir = request.getfixturevalue("exported")[0]
     else:
-        family_dir = family_runs[family].result(timeout=1800)
+        family_dir = family_runs[family].result()
     export = artifacts.load(family_dir, "export")
     assert export is not None and export.meta["config"]["model"]["name"] == family
     sidecar = json.loads(export.file("model.json").read_text())
