@@ -151,9 +151,8 @@ def test_beam_prepare_writes_the_local_artifact(tmp_path):
     assert sum(len(v) for v in parsed_records(local).values()) == 8  # 4 tracks x 2 segments
 
     # the same stage either way: a complete artifact with this fingerprint is skipped by the other runner
-    again = cli("--stage", "prepare", "--no-file-observer", "with", "unittest", f"artifacts_dir={tmp_path / 'local'}",
-                f"data.root={data_root}", "prepare.runner=beam")
-    assert "skipping" in again.stderr
+    again, skipped = run_prepare(make_config(tmp_path / "local", {"root": str(data_root)}, {"runner": "beam"}))
+    assert skipped and again.fingerprint == local.fingerprint
 
 
 @needs_beam

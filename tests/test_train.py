@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -40,7 +41,7 @@ def _weights(path: Path) -> list:
     return sorted(found, key=lambda item: item[0])
 
 
-def test_train_stage_writes_checkpoints_history_and_sacred_metrics(prepared, tmp_path):
+def test_train_stage_writes_checkpoints_history_and_sacred_metrics(prepared, tmp_path, caplog):
     root = _copy_prepare(prepared, tmp_path / "a")
     runs = tmp_path / "runs"
     cli("--stage", "train", "--runs-dir", str(runs), "-q", "with", "unittest", f"artifacts_dir={root}",
@@ -63,10 +64,13 @@ def test_train_stage_writes_checkpoints_history_and_sacred_metrics(prepared, tmp
     # validation snapshots: a quick SDR every 2 steps (2 steps per epoch, 3 epochs)
     assert metrics["train.snapshot_sdr"]["steps"] == [2, 4, 6]
     assert all(np.isfinite(v) and -60 < v < 60 for v in metrics["train.snapshot_sdr"]["values"])
-    # same config again: skipped, not retrained
-    again = cli("--stage", "train", "--no-file-observer", "with", "unittest", f"artifacts_dir={root}",
-                "train.epochs=3", "train.snapshot_every_steps=2")
-    assert "skipping" in again.stderr
+    # same config again (the driver's main in this process): skipped, not retrained
+    caplog.set_level(logging.INFO)
+    again = cli_here("--stage", "train", "--no-file-observer", "with", "unittest", f"artifacts_dir={root}",
+                     "train.epochs=3", "train.snapshot_every_steps=2")
+    assert again.returncode == 0, again.stderr
+    assert any(record.getMessage().startswith("stage train: complete artifact with fingerprint ")
+               and record.getMessage().endswith("; skipping (use --force to redo)") for record in caplog.records)
 
 
 def test_resume_after_kill_continues_from_last_completed_epoch(prepared, tmp_path):
