@@ -1,11 +1,13 @@
-"""Session-wide fixtures: the tiny pipeline runs that several test files read, started in the background as soon as
-the session knows it needs them.
+"""Session-wide fixtures: the tiny pipeline runs that tests read, started in the background as soon as the session
+knows it needs them.
 
 Before, test_export, test_train, test_recipes, test_scale and test_reliability each ran (parts of) the same
-`--stage all with unittest` through their own CLI processes, and the all-families test ran every family one after
-the other while the machine's second core stayed mostly idle (a pipeline run keeps about one core busy). Now one
-background worker runs them, one process at a time and at a lower CPU priority than the tests, while the tests that
-do not need them go on; a fixture waits for its run only when a test asks for it.
+`--stage all with unittest` through their own CLI processes, and the long CLI runs (every family through the
+pipeline, the real MUSDB18 sample, the streaming export, the tiny sweep) ran one after the other while the machine's
+second core stayed mostly idle (a pipeline run keeps about one core busy). Now one background worker runs them, one
+process at a time and at a lower CPU priority than the tests, in the order the test files need them, while the tests
+that do not need them go on; a fixture waits for its run only when a test asks for it. Each run is the same command
+as before; the test that reads it asserts what it asserted.
 """
 from __future__ import annotations
 
@@ -23,9 +25,11 @@ STAGES = ("prepare", "train", "evaluate", "export")
 # the families whose `--stage all` runs only for the all-families test (test_reliability); Open-Unmix is the shared
 # pipeline below and Wave-U-Net that file's lock-race run. DTTNet, the slowest, first.
 ELSEWHERE = ("umx", "wave_u_net")
+MUSDB_SAMPLE = ROOT.parent / "shared" / "data" / "musdb18-sample"
+SWEEP_GRID = ("--grid", "model.umx.unidirectional=false,true", "--epochs", "1")
 _POOL = pytest.StashKey[ThreadPoolExecutor]()
-_jobs: dict = {}  # name -> Future of an artifacts directory
-_running: list = []  # Popen of the background run in progress (ended if the session stops early)
+_jobs: dict = {}  # name -> Future
+_running: list = []  # Popen of the background run in progress (killed if the session stops early)
 
 
 def background_families() -> tuple:
@@ -34,33 +38,68 @@ def background_families() -> tuple:
     return tuple(sorted((name for name in names() if name not in ELSEWHERE), key=lambda name: name != "dttnet"))
 
 
-def _run(args, stdout_path: Path) -> None:
-    """`python pipeline/run.py *args` at a lower priority; a non-zero exit raises with the end of its stderr."""
-    argv = command("run", *args)
+def _run(script: str, args, log: Path) -> subprocess.CompletedProcess:
+    """`python pipeline/<script>.py *args` at a lower priority (stdout also kept in `log`); a non-zero exit raises
+    with the end of its stderr."""
+    argv = command(script, *args)
     if shutil.which("nice"):
         argv = ["nice", "-n", "10", *argv]
-    with open(stdout_path, "w") as out:
-        process = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=subprocess.PIPE, text=True)
-        _running.append(process)
-        try:
-            _, err = process.communicate()
-        finally:
-            _running.remove(process)
+    process = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _running.append(process)
+    try:
+        out, err = process.communicate()
+    finally:
+        _running.remove(process)
+    log.write_text(out)
     if process.returncode != 0:
-        raise AssertionError(f"run.py {' '.join(map(str, args))} failed ({process.returncode}):\n{err[-3000:]}")
+        raise AssertionError(f"{script}.py {' '.join(map(str, args))} failed ({process.returncode}):\n{err[-3000:]}")
+    return subprocess.CompletedProcess(argv, process.returncode, out, err)
 
 
-def _pipeline(root: Path) -> Path:
-    _run(["--stage", "all", "--no-file-observer", "-q", "with", "unittest", f"artifacts_dir={root}"],
-         root.parent / "stdout.txt")
+def _umx_pipeline(folder: Path) -> Path:
+    root = folder / "artifacts"
+    _run("run", ["--stage", "all", "--no-file-observer", "-q", "with", "unittest", f"artifacts_dir={root}"],
+         folder / "stdout.txt")
     return root
 
 
-def _family(family: str, folder: Path, pipeline: Future) -> Path:
-    seed_data(pipeline.result(), folder)  # the same data fingerprint: prepare skips, evaluate scores the model only
-    _run(["--stage", "all", "--no-file-observer", "-q", "with", "unittest", f"model.name={family}",
-          f"artifacts_dir={folder}", "train.steps_per_epoch=1"], folder.parent / "stdout.txt")
+def _musdb_pipeline(folder: Path) -> Path:
+    """prepare -> train -> evaluate on the real MUSDB18 sample (stem mp4 through musdb/stempeg/ffmpeg)."""
+    common = ["--no-file-observer", "-q", "with", "unittest", "data.format=musdb", f"data.root={MUSDB_SAMPLE}",
+              f"artifacts_dir={folder}", "evaluate.split=train"]
+    for stage in ("prepare", "train", "evaluate"):
+        _run("run", ["--stage", stage, *common], folder.parent / f"{stage}.txt")
     return folder
+
+
+def _family(family: str, folder: Path) -> Path:
+    root = seed_data(_jobs["umx_pipeline"].result(), folder / "artifacts")  # same data: prepare skips, evaluate
+    _run("run", ["--stage", "all", "--no-file-observer", "-q", "with", "unittest", f"model.name={family}",
+                 f"artifacts_dir={root}", "train.steps_per_epoch=1"], folder / "stdout.txt")  # scores the model only
+    return root
+
+
+def _stream_pipeline(folder: Path) -> Path:
+    """`--stage all` of a unidirectional Open-Unmix (its export stage writes the stream), Sacred runs recorded."""
+    root = seed_data(_jobs["umx_pipeline"].result(), folder / "artifacts")
+    _run("run", ["--stage", "all", "--runs-dir", folder / "runs", "with", "unittest", "model.umx.unidirectional=True",
+                 f"artifacts_dir={root}"], folder / "stdout.txt")
+    return root
+
+
+def _tiny_sweep(folder: Path):
+    return folder, _run("sweep", [*SWEEP_GRID, "--dir", folder, "with", "unittest"], folder.parent / "stdout.txt")
+
+
+# fixture name -> (function of a fresh folder, whether it is wanted), in the order the test files read them
+JOBS = {
+    "umx_pipeline": (_umx_pipeline, lambda: True),
+    "musdb_pipeline": (_musdb_pipeline, MUSDB_SAMPLE.is_dir),
+    "family_runs": (None, lambda: True),  # one job per family, below
+    "stream_pipeline": (_stream_pipeline, lambda: True),
+    "tiny_sweep": (_tiny_sweep, lambda: True),
+}
+NEEDS_UMX = ("family_runs", "stream_pipeline")
 
 
 @pytest.hookimpl(trylast=True)  # after -k/-m deselection: only the runs the selected tests read
@@ -70,16 +109,19 @@ def pytest_collection_modifyitems(session, config, items):
     needed = set()
     for item in items:
         needed.update(getattr(item, "fixturenames", ()))
-    if not needed & {"umx_pipeline", "family_runs"}:
+    wanted = [name for name, (_, available) in JOBS.items() if name in needed and available()]
+    if any(name in NEEDS_UMX for name in wanted) and "umx_pipeline" not in wanted:
+        wanted.insert(0, "umx_pipeline")
+    if not wanted:
         return
     factory = config._tmp_path_factory
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="background-run")
-    config.stash[_POOL] = pool
-    _jobs["umx_pipeline"] = pool.submit(_pipeline, factory.mktemp("umx_pipeline") / "artifacts")
-    if "family_runs" in needed:
-        for family in background_families():
-            _jobs[family] = pool.submit(_family, family, factory.mktemp(family) / "artifacts", _jobs["umx_pipeline"])
-
+    pool = config.stash[_POOL] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="background-run")
+    for name in wanted:
+        if name == "family_runs":
+            for family in background_families():
+                _jobs[family] = pool.submit(_family, family, factory.mktemp(family))
+        else:
+            _jobs[name] = pool.submit(JOBS[name][0], factory.mktemp(name))
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -91,6 +133,15 @@ def pytest_sessionfinish(session, exitstatus):
         process.kill()
 
 
+def _result(name: str, factory):
+    """The background job's result, or (for a fixture reached without being named, request.getfixturevalue)
+    the job run now."""
+    if name not in _jobs:
+        _jobs[name] = Future()
+        _jobs[name].set_result(JOBS[name][0](factory.mktemp(name)))
+    return _jobs[name].result()
+
+
 @pytest.fixture(scope="session")
 def umx_pipeline(tmp_path_factory):
     """The artifacts directory of one `python pipeline/run.py --stage all with unittest` (Open-Unmix, the default
@@ -100,10 +151,7 @@ def umx_pipeline(tmp_path_factory):
     artifact must still verify, so a test that wrote into it fails the run."""
     from components import artifacts
 
-    if "umx_pipeline" not in _jobs:  # asked for by a test that does not name it (request.getfixturevalue)
-        _jobs["umx_pipeline"] = Future()
-        _jobs["umx_pipeline"].set_result(_pipeline(tmp_path_factory.mktemp("umx_pipeline") / "artifacts"))
-    root = _jobs["umx_pipeline"].result()
+    root = _result("umx_pipeline", tmp_path_factory)
     listed = {stage: sorted(artifacts.load(root, stage).meta["files"]) for stage in STAGES}
     yield root
     for stage in STAGES:
@@ -119,3 +167,23 @@ def family_runs(umx_pipeline):
     model.name=<family> train.steps_per_epoch=1` for every registered family but Open-Unmix and Wave-U-Net, each
     in its own artifacts directory seeded with the shared pipeline's prepared data and MIX/IRM baselines."""
     return {family: _jobs[family] for family in background_families()}
+
+
+@pytest.fixture(scope="session")
+def musdb_pipeline(tmp_path_factory):
+    """Artifacts directory of prepare, train and evaluate (three `run.py` processes) on the real MUSDB18 sample."""
+    return _result("musdb_pipeline", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def stream_pipeline(tmp_path_factory, umx_pipeline):
+    """Artifacts directory of `run.py --stage all --runs-dir <dir>/runs with unittest model.umx.unidirectional=True`
+    (seeded with the shared pipeline's prepared data and baselines)."""
+    return _result("stream_pipeline", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def tiny_sweep(tmp_path_factory):
+    """(sweep folder, CompletedProcess) of `pipeline/sweep.py --grid model.umx.unidirectional=false,true --epochs 1
+    --dir <folder> with unittest`. test_sweep resumes it (its second test changes the folder, as before)."""
+    return _result("tiny_sweep", tmp_path_factory)
