@@ -6,7 +6,8 @@ Before, test_export, test_train, test_recipes, test_scale and test_reliability e
 pipeline, the real MUSDB18 sample, the streaming export, the tiny sweep) ran one after the other while the machine's
 second core stayed mostly idle (a pipeline run keeps about one core busy). Now one background worker runs them, one
 process at a time and at a lower CPU priority than the tests, in the order the test files need them, while the tests
-that do not need them go on; a fixture waits for its run only when a test asks for it. Each run is the same command
+that do not need them go on (the files that read a run are moved after the others); a fixture waits for its run only
+when a test asks for it. Each run is the same command
 as before; the test that reads it asserts what it asserted.
 """
 from __future__ import annotations
@@ -104,11 +105,18 @@ NEEDS_UMX = ("family_runs", "stream_pipeline")
 
 @pytest.hookimpl(trylast=True)  # after -k/-m deselection: only the runs the selected tests read
 def pytest_collection_modifyitems(session, config, items):
-    if config.option.collectonly:
-        return
     needed = set()
     for item in items:
         needed.update(getattr(item, "fixturenames", ()))
+    # the test files that read a background run go last (whole files: their module fixtures are built once), so
+    # that the others run meanwhile
+    def module(item):
+        return getattr(getattr(item, "module", None), "__name__", None)
+
+    late = {module(item) for item in items if JOBS.keys() & set(getattr(item, "fixturenames", ()))} - {None}
+    items[:] = [item for item in items if module(item) not in late] + [item for item in items if module(item) in late]
+    if config.option.collectonly:
+        return
     wanted = [name for name, (_, available) in JOBS.items() if name in needed and available()]
     if any(name in NEEDS_UMX for name in wanted) and "umx_pipeline" not in wanted:
         wanted.insert(0, "umx_pipeline")
