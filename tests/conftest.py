@@ -64,6 +64,20 @@ def _umx_pipeline(folder: Path) -> Path:
     return root
 
 
+def _imported_pipeline(folder: Path) -> Path:
+    """`--stage import` of the tiny TFC-TDF-UNet v3 release fixture, then `--stage prepare`, `evaluate`, `export`
+    with nothing but the unittest preset (the stages take the imported settings from the train artifact), in an
+    artifacts directory seeded with the shared pipeline's prepared data and MIX/IRM baselines."""
+    root = seed_data(_jobs["umx_pipeline"].result(), folder / "artifacts")
+    release = ROOT / "tests" / "fixtures" / "tfc_tdf_v3" / "multi"
+    _run("run", ["--stage", "import", "--no-file-observer", "-q", "with", "unittest", "model.name=tfc_tdf_v3",
+                 f"import.path={release}", f"artifacts_dir={root}"], folder / "import.txt")
+    for stage in ("prepare", "evaluate", "export"):
+        _run("run", ["--stage", stage, "--no-file-observer", "-q", "with", "unittest", f"artifacts_dir={root}"],
+             folder / f"{stage}.txt")
+    return root
+
+
 def _musdb_pipeline(folder: Path) -> Path:
     """prepare -> train -> evaluate on the real MUSDB18 sample (stem mp4 through musdb/stempeg/ffmpeg)."""
     common = ["--no-file-observer", "-q", "with", "unittest", "data.format=musdb", f"data.root={MUSDB_SAMPLE}",
@@ -95,12 +109,13 @@ def _tiny_sweep(folder: Path):
 # fixture name -> (function of a fresh folder, whether it is wanted), in the order the test files read them
 JOBS = {
     "umx_pipeline": (_umx_pipeline, lambda: True),
+    "imported_pipeline": (_imported_pipeline, lambda: True),
     "musdb_pipeline": (_musdb_pipeline, MUSDB_SAMPLE.is_dir),
     "family_runs": (None, lambda: True),  # one job per family, below
     "stream_pipeline": (_stream_pipeline, lambda: True),
     "tiny_sweep": (_tiny_sweep, lambda: True),
 }
-NEEDS_UMX = ("family_runs", "stream_pipeline")
+NEEDS_UMX = ("imported_pipeline", "family_runs", "stream_pipeline")
 
 
 @pytest.hookimpl(trylast=True)  # after -k/-m deselection: only the runs the selected tests read
@@ -175,6 +190,13 @@ def family_runs(umx_pipeline):
     model.name=<family> train.steps_per_epoch=1` for every registered family but Open-Unmix and Wave-U-Net, each
     in its own artifacts directory seeded with the shared pipeline's prepared data and MIX/IRM baselines."""
     return {family: _jobs[family] for family in background_families()}
+
+
+@pytest.fixture(scope="session")
+def imported_pipeline(tmp_path_factory, umx_pipeline):
+    """Artifacts directory of `run.py --stage import` (the tiny TFC-TDF-UNet v3 release in tests/fixtures), then
+    `--stage prepare`, `evaluate` and `export` with unittest: four CLI processes."""
+    return _result("imported_pipeline", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

@@ -326,22 +326,17 @@ def test_wave_u_net_tf1_checkpoint_matches_the_reference_graph(release, tensors,
 
 
 # ------------------------------------------------------------------------------------ end to end
-def test_imported_model_through_prepare_evaluate_export_and_separate(tmp_path, umx_pipeline):
+def test_imported_model_through_prepare_evaluate_export_and_separate(tmp_path, imported_pipeline):
     """`--stage import`, then the unchanged stages and `separate` on the imported TFC-TDF-UNet v3: they take the
     imported settings from the train artifact (8 kHz, the four targets, the network sizes)."""
     import soundfile
 
-    from tests.shared_artifacts import DATA, BASELINES, copy_stages
-
-    # the session's unittest data and MIX/IRM baselines: prepare below finds its artifact up to date (a prepare
-    # with other settings would not match its fingerprint and run again), evaluate scores the model only
-    root = copy_stages(umx_pipeline, tmp_path / "artifacts", DATA, BASELINES, "prepare")
-    release = FIXTURES / "tfc_tdf_v3" / "multi"
-    cli("--stage", "import", "--no-file-observer", "-q", "with", "unittest", "model.name=tfc_tdf_v3",
-        f"import.path={release}", f"artifacts_dir={root}")
+    # `run.py --stage import ... model.name=tfc_tdf_v3 import.path=fixtures/tfc_tdf_v3/multi`, then `--stage prepare`,
+    # `evaluate`, `export` with unittest alone: CLI processes run in the background since the session started, in
+    # a directory holding the session's prepared unittest data and MIX/IRM baselines (tests/conftest.py), so
+    # prepare finds its artifact up to date (other settings would not match its fingerprint and prepare again)
+    root = imported_pipeline
     imported_meta = json.loads((root / "train" / "artifact.json").read_text())
-    for stage in ("prepare", "evaluate", "export"):
-        cli("--stage", stage, "--no-file-observer", "-q", "with", "unittest", f"artifacts_dir={root}")
     evaluated = json.loads((root / "evaluate" / "artifact.json").read_text())
     assert evaluated["inputs"]["train"]["fingerprint"] == imported_meta["fingerprint"]
     assert evaluated["config"]["model"]["tfc_tdf_v3"]["num_scales"] == 2 and evaluated["config"]["data"]["sample_rate"] == 8000
