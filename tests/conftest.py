@@ -3,12 +3,12 @@ knows it needs them.
 
 Before, test_export, test_train, test_recipes, test_scale and test_reliability each ran (parts of) the same
 `--stage all with unittest` through their own CLI processes, and the long CLI runs (every family through the
-pipeline, the real MUSDB18 sample, the streaming export, the tiny sweep) ran one after the other while the machine's
-second core stayed mostly idle (a pipeline run keeps about one core busy). Now one background worker runs them, one
-process at a time and at a lower CPU priority than the tests, in the order the test files need them, while the tests
-that do not need them go on (the files that read a run are moved after the others); a fixture waits for its run only
-when a test asks for it. Each run is the same command
-as before; the test that reads it asserts what it asserted.
+pipeline, the imported release, the real MUSDB18 sample, the streaming export, the tiny sweep) ran one after the
+other while the machine's second core stayed mostly idle (a pipeline run keeps about one core busy). Now one
+background worker runs them, one process at a time and at a lower CPU priority than the tests, in the order the test
+files need them, while the tests that do not need them go on (the files that read a run are moved after the others);
+a fixture waits for its run only when a test asks for it. Each run is the same command as before, and the test that
+reads it asserts what it asserted.
 """
 from __future__ import annotations
 
@@ -88,9 +88,10 @@ def _musdb_pipeline(folder: Path) -> Path:
 
 
 def _family(family: str, folder: Path) -> Path:
-    root = seed_data(_jobs["umx_pipeline"].result(), folder / "artifacts")  # same data: prepare skips, evaluate
+    # the shared pipeline's data and baselines (the same data fingerprint): prepare skips, evaluate scores the model
+    root = seed_data(_jobs["umx_pipeline"].result(), folder / "artifacts")
     _run("run", ["--stage", "all", "--no-file-observer", "-q", "with", "unittest", f"model.name={family}",
-                 f"artifacts_dir={root}", "train.steps_per_epoch=1"], folder / "stdout.txt")  # scores the model only
+                 f"artifacts_dir={root}", "train.steps_per_epoch=1"], folder / "stdout.txt")
     return root
 
 
