@@ -125,12 +125,18 @@ def pytest_collection_modifyitems(session, config, items):
     for item in items:
         needed.update(getattr(item, "fixturenames", ()))
     # the test files that read a background run go last (whole files: their module fixtures are built once), so
-    # that the others run meanwhile
+    # that the others run meanwhile; among them, a file after the files that read only earlier runs of the queue
     def module(item):
         return getattr(getattr(item, "module", None), "__name__", None)
 
-    late = {module(item) for item in items if JOBS.keys() & set(getattr(item, "fixturenames", ()))} - {None}
-    items[:] = [item for item in items if module(item) not in late] + [item for item in items if module(item) in late]
+    rank = {name: index for index, name in enumerate(JOBS)}
+    late = {}
+    for item in items:
+        jobs = [rank[name] for name in getattr(item, "fixturenames", ()) if name in rank]
+        if jobs and module(item) is not None:
+            late[module(item)] = max(late.get(module(item), 0), *jobs)
+    items[:] = ([item for item in items if module(item) not in late]
+                + sorted((item for item in items if module(item) in late), key=lambda item: late[module(item)]))
     if config.option.collectonly:
         return
     wanted = [name for name, (_, available) in JOBS.items() if name in needed and available()]
