@@ -58,6 +58,49 @@ def python(code: str, *args, check=True, timeout=600, env=None, **kwargs):
                 {**kwargs, "env": environment(env)})
 
 
+def _in_process(name: str, main, args) -> subprocess.CompletedProcess:
+    import contextlib
+    import io
+    import signal
+
+    argv = [str(arg) for arg in args]
+    out, err = io.StringIO(), io.StringIO()
+    previous = signal.getsignal(signal.SIGTERM)  # separate's main() installs its own SIGTERM handler
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return subprocess.CompletedProcess([name, *argv], code, out.getvalue(), err.getvalue())
+
+
+def separate_here(*args) -> subprocess.CompletedProcess:
+    """`separate *args` run by its `main` in this process: the exit code and what it printed, as `separate(...,
+    check=False)` returns them, without a new process paying TensorFlow's import and the model's load again.
+    For tests of what `separate` does with files; its command line itself is tested through `separate`."""
+    from pipeline import separate as separate_module
+
+    return _in_process("separate", separate_module.main, args)
+
+
+def cli_here(*args) -> subprocess.CompletedProcess:
+    """`pipeline/run.py *args` run by its `main` in this process, as `cli(..., check=False)` returns it: for the
+    driver's refusals (one-line errors, exit 2) that happen before a stage does any work. What `main` prints is
+    captured; log records are not (they go to the test's log capture). The command line itself: `cli`."""
+    from pipeline import run
+
+    return _in_process("run.py", run.main, args)
+
+
+def describe(*tokens) -> str:
+    """What `python pipeline/run.py --describe-model with *tokens` prints (without its last newline), computed in
+    this process: the same function, without paying TensorFlow's import in a new process."""
+    from pipeline.run import describe_model, split_updates
+
+    updates, named = split_updates(["with", *tokens])
+    return describe_model(updates, named or ["default"])
+
+
 def start(argv, **kwargs) -> subprocess.Popen:
     """Start `argv` (`RUN + [...]`, `SEPARATE + [...]`, `command(...)` or `python_argv(...)`) in the background
     from the project root, for tests that interrupt or race it; stdout and stderr are pipes unless given."""

@@ -11,17 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.cli import ROOT, cli, separate
+from tests.cli import ROOT, separate, separate_here
 
 SAMPLE_MP4 = ROOT.parent / "shared" / "data" / "musdb18-sample" / "train" / "Music Delta - 80s Rock.stem.mp4"
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    root = tmp_path_factory.mktemp("export")
-    for stage in ("prepare", "train", "export"):
-        cli("--stage", stage, "--no-file-observer", "-q", "with", "unittest", f"artifacts_dir={root}")
-    return root
+def exported(umx_pipeline):
+    """The session's `--stage all with unittest` artifacts (tests/conftest.py): read, never written."""
+    return umx_pipeline
 
 
 def test_serving_layout_and_signature_contract(exported):
@@ -354,9 +352,10 @@ def test_separate_bad_inputs_and_overwrite(exported, tmp_path):
     assert "empty.wav: empty file" in errors[1]
     assert "junk.mp3" in errors[2]
     assert (out / "good" / "vocals.wav").is_file()
-    again = separate(good, *options, check=False)
+    again = separate_here(good, *options)  # main() in this process: the same exit code and message
     assert again.returncode == 1 and "use --force" in again.stderr
-    separate(good, *options, "--force")
+    forced = separate_here(good, *options, "--force")
+    assert forced.returncode == 0 and forced.stderr == "", forced.stderr
     for hostile in ("../../x", "..", "a/../../b", "/etc/passwd"):
         name = safe_name(hostile)
         assert (out / name).resolve().parent == out.resolve(), hostile

@@ -116,16 +116,17 @@ def test_shards_holding_a_track_follow_the_track_list_order():
         split.shards_holding("d")
 
 
-def test_the_driver_reports_a_damaged_manifest_in_one_line(tmp_path):
-    from tests.cli import cli
+def test_the_driver_reports_a_damaged_manifest_in_one_line(tmp_path, umx_pipeline):
+    from tests.cli import cli_here
+    from tests.shared_artifacts import DATA, copy_stages
 
     run = ["--no-file-observer", "-q", "with", "unittest", f"artifacts_dir={tmp_path}"]
-    cli("--stage", "prepare", *run)
+    copy_stages(umx_pipeline, tmp_path, "prepare", DATA)  # a `--stage prepare` run's artifact, copied
     meta_path = tmp_path / "prepare" / META_FILE
     meta = json.loads(meta_path.read_text())
     del meta["manifest"]["splits"]["train"]["shards"][0]["examples"]
     meta_path.write_text(json.dumps(meta))
-    result = cli("--stage", "train", *run, check=False)
+    result = cli_here("--stage", "train", *run)  # the driver's main in this process
     assert result.returncode == 2
     assert [line for line in result.stderr.splitlines() if line.strip()] == [
         f"error: {meta_path}: damaged or older prepare manifest (no 'splits.train.shards[0].examples'); {REDO}"]

@@ -13,7 +13,8 @@ import soundfile
 from components import optimizers, records
 from configs.errors import ConfigError
 from configs.presets import PRESETS, RECIPE_DATA_KEYS, RECIPE_PRESETS, RECIPE_TRAIN_KEYS
-from tests.cli import cli
+from tests.cli import cli, describe
+from tests.shared_artifacts import DATA, copy_stages
 from tests.test_data import make_config, prepare
 
 TARGETS = ["vocals", "drums", "bass", "other"]
@@ -153,9 +154,8 @@ def test_train_keys_are_validated():
         make_config("/tmp/unused", mixing="random")
 
 
-def test_constant_lr_without_early_stopping_ema_and_best_by_validation_sdr(tmp_path):
-    root = tmp_path / "a"
-    cli("--stage", "prepare", "--no-file-observer", "-q", "with", "unittest", f"artifacts_dir={root}")
+def test_constant_lr_without_early_stopping_ema_and_best_by_validation_sdr(tmp_path, umx_pipeline):
+    root = copy_stages(umx_pipeline, tmp_path / "a", "prepare", DATA)  # the unittest data, prepared
     cli("--stage", "train", "--no-file-observer", "-q", "with", "unittest", f"artifacts_dir={root}",
         "train.epochs=3", "train.lr_schedule=constant", "train.early_stopping=False", "train.patience=0",
         "train.lr_decay_patience=0", "train.optimizer=sgd", "train.lr=0.05", "train.ema_momentum=0.5",
@@ -318,17 +318,22 @@ def test_every_recipe_preset_sets_every_training_key():
     (["wave_u_net_paper"], ["total: 10,263,498 trainable parameters"]),
 ])
 def test_describe_model_prints_each_network_and_the_total(presets, lines):
-    result = cli("--describe-model", "with", *presets)
-    output = result.stdout.splitlines()
+    # the text `run.py --describe-model` prints, built in this process (the CLI itself: the test below)
+    output = describe(*presets).splitlines()
     assert output[0].startswith("family: ")
     for line in lines:
         assert line in output, (line, output)
 
 
-def test_wave_u_net_fine_tuning_continues_with_the_lower_rate(tmp_path):
-    root = tmp_path / "w"
+def test_describe_model_cli_prints_the_description_and_exits_0():
+    result = cli("--describe-model", "with", "unittest", "model.name=tfc_tdf_v3")
+    assert result.stdout == describe("unittest", "model.name=tfc_tdf_v3") + "\n"
+    assert result.stdout.splitlines()[-1] == "total: 36,848 trainable parameters"
+
+
+def test_wave_u_net_fine_tuning_continues_with_the_lower_rate(tmp_path, umx_pipeline):
+    root = copy_stages(umx_pipeline, tmp_path / "w", "prepare", DATA)  # prepare does not depend on the model
     common = ("--no-file-observer", "-q", "with", "unittest", f"artifacts_dir={root}", "model.name=wave_u_net")
-    cli("--stage", "prepare", *common)
     cli("--stage", "train", *common, "train.epochs=1", "train.finetune_epochs=1", "train.finetune_lr=1e-5",
         "train.finetune_batch_size=4", "train.finetune_from=last", "train.optimizer=adam_tf")
     history = json.loads((root / "train" / "history.json").read_text())

@@ -1,7 +1,8 @@
 """Nothing lost, nothing half-done (issue 16): concurrent runs, damaged artifacts, late config checks,
 unreachable observers, interrupted or failing `separate`, and every model family through `--stage all`.
 
-Real processes and real signals throughout; the pipelines run the `unittest` preset.
+Real processes and real signals where a signal, a lock or the command line is the point (`separate`'s file handling
+runs its `main` in this process); the pipelines run the `unittest` preset.
 """
 from __future__ import annotations
 
@@ -21,8 +22,7 @@ import soundfile
 
 from components import artifacts
 from configs.errors import LockedError, UserError
-from tests.cli import RUN, SEPARATE, cli, environment, python_argv, start
-from tests.cli import separate as separate_cli
+from tests.cli import RUN, SEPARATE, cli, cli_here, environment, python_argv, separate_here, start
 
 TARGETS = ("vocals", "drums", "bass", "other")
 
@@ -140,8 +140,10 @@ def test_damaged_weights_are_one_line_errors_and_the_train_artifact_is_no_longer
     blob = best.read_bytes()
     best.write_bytes(blob[: size // 2])  # truncated
     assert artifacts.load(folder, "train") is None
+    # the driver's refusals run its main in this process (the same exit code and line; the CLI process is tested
+    # by test_a_bad_value_stops_the_cli...): no TensorFlow import per refusal
     for stage in ("evaluate", "export"):
-        result = cli("--stage", stage, *unittest_run(folder), check=False)
+        result = cli_here("--stage", stage, *unittest_run(folder))
         assert result.returncode == 2, result.stderr[-2000:]
         (line,) = error_lines(result.stderr)
         assert line == (f"error: stage '{stage}' needs the 'train' artifact but {best} has {size // 2} bytes, "
@@ -152,7 +154,7 @@ def test_damaged_weights_are_one_line_errors_and_the_train_artifact_is_no_longer
     flipped[size // 2] ^= 0xFF
     best.write_bytes(bytes(flipped))
     assert artifacts.load(folder, "train") is not None  # sizes match: the cheap check passes
-    result = cli("--stage", "evaluate", "--force", *unittest_run(folder), check=False)
+    result = cli_here("--stage", "evaluate", "--force", *unittest_run(folder))
     assert result.returncode == 2
     (line,) = error_lines(result.stderr)
     assert line == (f"error: {best} has changed since it was written (sha256 differs); redo the train stage "
@@ -171,7 +173,7 @@ def test_a_corrupt_tfrecord_shard_is_named_before_training_reads_it(damaged_copy
     blob = bytearray(shard.read_bytes())
     blob[len(blob) // 2] ^= 0xFF
     shard.write_bytes(bytes(blob))
-    result = cli("--stage", "train", "--force", *unittest_run(folder), check=False)
+    result = cli_here("--stage", "train", "--force", *unittest_run(folder))  # the driver's main, in this process
     assert result.returncode == 2
     (line,) = error_lines(result.stderr)
     assert line == (f"error: {shard}: damaged TFRecord shard (sha256 differs from the prepare manifest); redo the "
@@ -368,8 +370,10 @@ def test_an_observer_failure_is_one_line_from_the_cli_before_any_stage(tmp_path)
 # --------------------------------------------------------------------------------------------
 # 2, 3. separate: interrupted, incomplete, failing writes
 # --------------------------------------------------------------------------------------------
-def separate(exported, *args, **kwargs):
-    return separate_cli(*args, "--artifacts-dir", exported[0], "-q", check=False, **kwargs)
+def separate(exported, *args):
+    # `separate`'s main in this process: the same exit codes and one-line errors as the command (whose process
+    # is the point only where a signal is: those tests start it), without TensorFlow's import per call
+    return separate_here(*args, "--artifacts-dir", exported[0], "-q")
 
 
 def stems_of(folder: Path) -> dict:
@@ -488,12 +492,6 @@ def test_a_full_disk_under_the_pipeline_is_one_line_and_leaves_nothing_half_writ
 # --------------------------------------------------------------------------------------------
 # 7. Every registered family through the whole pipeline from the CLI
 # --------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def family_dir(tmp_path_factory):
-    """One artifacts directory for all families: prepare and the evaluation baselines are shared."""
-    return tmp_path_factory.mktemp("families") / "artifacts"
-
-
 def _families():
     from models.registry import FAMILIES
 
@@ -501,8 +499,16 @@ def _families():
 
 
 @pytest.mark.parametrize("family", _families())
-def test_every_registered_family_runs_all_stages_from_the_cli(family, family_dir):
-    cli("--stage", "all", *unittest_run(family_dir, family=family), "train.steps_per_epoch=1")
+def test_every_registered_family_runs_all_stages_from_the_cli(family, family_runs, request):
+    # Open-Unmix and Wave-U-Net ran `--stage all with unittest` from the CLI for other tests (the shared pipeline of
+    # tests/conftest.py, this file's lock-race run): their artifacts are checked, not made again. The others ran in
+    # the background since the session started (family_runs, tests/conftest.py).
+    if family == "umx":
+        family_dir = request.getfixturevalue("umx_pipeline")
+    elif family == "wave_u_net":
+        family_dir = request.getfixturevalue("exported")[0]
+    else:
+        family_dir = family_runs[family].result()
     export = artifacts.load(family_dir, "export")
     assert export is not None and export.meta["config"]["model"]["name"] == family
     sidecar = json.loads(export.file("model.json").read_text())

@@ -24,6 +24,7 @@ from configs.config import defaults
 from pipeline import pipeline
 from configs.config import deep_merge
 from tests.cli import RUN, cli, environment, python, python_argv, start
+from tests.shared_artifacts import DATA, copy_stages
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 MUSDB_SAMPLE = SHARED_DATA / "musdb18-sample"
@@ -150,9 +151,8 @@ def test_beam_prepare_writes_the_local_artifact(tmp_path):
     assert sum(len(v) for v in parsed_records(local).values()) == 8  # 4 tracks x 2 segments
 
     # the same stage either way: a complete artifact with this fingerprint is skipped by the other runner
-    again = cli("--stage", "prepare", "--no-file-observer", "with", "unittest", f"artifacts_dir={tmp_path / 'local'}",
-                f"data.root={data_root}", "prepare.runner=beam")
-    assert "skipping" in again.stderr
+    again, skipped = run_prepare(make_config(tmp_path / "local", {"root": str(data_root)}, {"runner": "beam"}))
+    assert skipped and again.fingerprint == local.fingerprint
 
 
 @needs_beam
@@ -294,14 +294,13 @@ def _history(root: Path) -> list:
     return json.loads(files[0].read_text() or "[]") if files else []
 
 
-def test_two_workers_train_and_a_killed_worker_resumes_from_the_last_epoch(tmp_path):
+def test_two_workers_train_and_a_killed_worker_resumes_from_the_last_epoch(tmp_path, umx_pipeline):
     """Two worker processes train; worker 1 is killed mid-epoch, the chief fails over its lost peer (as on a
     cluster, where the scheduler restarts failed tasks), both are restarted, and the job resumes from the
     chief's BackupAndRestore state at the last completed epoch and writes the train artifact."""
     import shutil
 
-    root = tmp_path / "artifacts"
-    cli("--stage", "prepare", "--no-file-observer", "-q", "with", "unittest", f"artifacts_dir={root}")
+    root = copy_stages(umx_pipeline, tmp_path / "artifacts", "prepare", DATA)  # the unittest data, prepared
     ports = _free_ports(2)
     args = [*RUN, "--stage", "train", "--no-file-observer", "-q", "with", "unittest", f"artifacts_dir={root}",
             "train.strategy=multi_worker", "train.epochs=3", "train.steps_per_epoch=2", "model.umx.nb_layers=1"]
@@ -349,13 +348,10 @@ def test_two_workers_train_and_a_killed_worker_resumes_from_the_last_epoch(tmp_p
 
 # -- evaluation on Beam -------------------------------------------------------------------------------------------
 @needs_beam
-def test_beam_evaluation_writes_the_metrics_of_the_process_pool(tmp_path):
+def test_beam_evaluation_writes_the_metrics_of_the_process_pool(tmp_path, umx_pipeline):
     import shutil
 
-    base = tmp_path / "base"
-    common = ["--no-file-observer", "-q", "with", "unittest", "train.epochs=1", "train.steps_per_epoch=2"]
-    for stage in ("prepare", "train"):
-        cli("--stage", stage, *common, f"artifacts_dir={base}")
+    base = umx_pipeline  # unittest prepare and train (1 epoch of 2 steps); its cached baselines are not copied
     metrics = {}
     for name, prepare in (("pool", {}), ("beam", {"runner": "beam", "beam_options": IN_PROCESS_BEAM})):
         root = tmp_path / name

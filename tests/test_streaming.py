@@ -187,15 +187,13 @@ def test_separate_stream_file_and_stdin_match_the_stream(model, exported, tmp_pa
     assert result.returncode == 1 and err.startswith("error: --pcm-rate 44100: the streaming model runs at 8000 Hz")
 
 
-def test_pipeline_export_writes_the_stream_and_separate_uses_it(tmp_path):
+def test_pipeline_export_writes_the_stream_and_separate_uses_it(tmp_path, stream_pipeline):
     """The export stage of a unidirectional Open-Unmix writes stream/ and describes it in model.json."""
     import soundfile
 
-    from tests.cli import cli
-
-    artifacts = tmp_path / "artifacts"
-    cli("--stage", "all", "--runs-dir", str(tmp_path / "runs"), "with", "unittest", "model.umx.unidirectional=True",
-        f"artifacts_dir={artifacts}")
+    # `run.py --stage all --runs-dir ... with unittest model.umx.unidirectional=True`, run in the background since
+    # the session started, on the shared pipeline's prepared data (tests/conftest.py)
+    artifacts = stream_pipeline
     sidecar = json.loads((artifacts / "export" / "model.json").read_text())
     stream = sidecar["stream"]
     assert stream["hop_samples"] == 64 and stream["latency_samples"] == 192 and stream["latency_ms"] == 24.0

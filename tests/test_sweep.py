@@ -125,10 +125,10 @@ def test_musdb_preview_without_network_is_a_one_line_error(tmp_path, monkeypatch
 
 # ------------------------------------------------------------------------------- tiny grid, end to end
 @pytest.fixture(scope="module")
-def swept(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sweep")
-    result = run_sweep_cli("--grid", "model.umx.unidirectional=false,true", "--epochs", "1", "--dir", str(root),
-                           "with", "unittest")
+def swept(tiny_sweep):
+    """`sweep.py --grid model.umx.unidirectional=false,true --epochs 1 --dir <root> with unittest`, run in the
+    background since the session started (tests/conftest.py)."""
+    root, result = tiny_sweep
     assert result.returncode == 0, result.stderr[-3000:]
     return root, result
 

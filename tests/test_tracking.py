@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from tests.cli import cli
+from tests.cli import cli, cli_here
 
 POSTGRES_URL = os.environ.get("MUSICSEP_TEST_POSTGRES_URL")
 
@@ -37,7 +37,8 @@ def test_sql_observer_records_runs_in_postgresql(tmp_path):
     (["with", "unittest", "data.format=musdb"], "data.format=musdb needs data.root"),
 ])
 def test_config_errors_are_one_line_and_exit_2(tmp_path, args, message):
-    result = cli("--stage", "prepare", "--no-file-observer", *args, f"artifacts_dir={tmp_path}", check=False, timeout=300)
+    # the driver's main in this process (the same exit code and message; the CLI process: test_reliability)
+    result = cli_here("--stage", "prepare", "--no-file-observer", *args, f"artifacts_dir={tmp_path}")
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and message in last, result.stderr[-2000:]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -12,15 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.cli import RUN, cli, python, start
+from tests.cli import RUN, cli, cli_here, python, start
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    """A unittest-preset prepare artifact shared by the tests of this module (copied where mutated)."""
-    root = tmp_path_factory.mktemp("train")
-    cli("--stage", "prepare", "--no-file-observer", "-q", "with", "unittest", f"artifacts_dir={root}")
-    return root
+def prepared(umx_pipeline):
+    """The session's unittest-preset artifacts (tests/conftest.py); the tests copy its prepare artifact."""
+    return umx_pipeline
 
 
 def _copy_prepare(src: Path, dst: Path) -> Path:
@@ -42,7 +41,7 @@ def _weights(path: Path) -> list:
     return sorted(found, key=lambda item: item[0])
 
 
-def test_train_stage_writes_checkpoints_history_and_sacred_metrics(prepared, tmp_path):
+def test_train_stage_writes_checkpoints_history_and_sacred_metrics(prepared, tmp_path, caplog):
     root = _copy_prepare(prepared, tmp_path / "a")
     runs = tmp_path / "runs"
     cli("--stage", "train", "--runs-dir", str(runs), "-q", "with", "unittest", f"artifacts_dir={root}",
@@ -69,16 +68,20 @@ def test_train_stage_writes_checkpoints_history_and_sacred_metrics(prepared, tmp
     # validation snapshots: a quick SDR every 2 steps (2 steps per epoch, 3 epochs)
     assert metrics["train.snapshot_sdr"]["steps"] == [2, 4, 6]
     assert all(np.isfinite(v) and -60 < v < 60 for v in metrics["train.snapshot_sdr"]["values"])
-    # same config again: skipped, not retrained
-    again = cli("--stage", "train", "--no-file-observer", "with", "unittest", f"artifacts_dir={root}",
-                "train.epochs=3", "train.snapshot_every_steps=2")
-    assert "skipping" in again.stderr
+    # same config again (the driver's main in this process): skipped, not retrained
+    caplog.set_level(logging.INFO)
+    again = cli_here("--stage", "train", "--no-file-observer", "with", "unittest", f"artifacts_dir={root}",
+                     "train.epochs=3", "train.snapshot_every_steps=2")
+    assert again.returncode == 0, again.stderr
+    assert any(record.getMessage().startswith("stage train: complete artifact with fingerprint ")
+               and record.getMessage().endswith("; skipping (use --force to redo)") for record in caplog.records)
 
 
 def test_resume_after_kill_continues_from_last_completed_epoch(prepared, tmp_path):
     root = _copy_prepare(prepared, tmp_path / "k")
+    # 12 epochs: the kill comes within 0.05 s of the second one (an epoch takes longer), the resume runs the rest
     args = ["--stage", "train", "--no-file-observer", "-q", "with", "unittest", f"artifacts_dir={root}",
-            "train.epochs=40", "train.steps_per_epoch=3"]
+            "train.epochs=12", "train.steps_per_epoch=3"]
     process = start([*RUN, *args], stdout=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
     history_files = []
@@ -94,11 +97,11 @@ def test_resume_after_kill_continues_from_last_completed_epoch(prepared, tmp_pat
     assert not (root / "train" / "artifact.json").exists(), "a killed train stage left a complete-looking artifact"
     done_before = json.loads(history_files[0].read_text())
     killed_at = len(done_before)
-    assert killed_at < 40
+    assert killed_at < 12
 
     cli(*args)
     history = json.loads((root / "train" / "history.json").read_text())
-    assert [h["epoch"] for h in history] == list(range(1, 41))
+    assert [h["epoch"] for h in history] == list(range(1, 13))
     # epochs finished before the kill were not redone: they keep the first process's id
     first_pid = done_before[0]["pid"]
     assert [h["pid"] for h in history[: killed_at]] == [first_pid] * killed_at
@@ -106,12 +109,16 @@ def test_resume_after_kill_continues_from_last_completed_epoch(prepared, tmp_pat
 
 
 def test_deterministic_mode_gives_identical_weights(prepared, tmp_path):
-    weights = []
-    for name in ("d1", "d2"):
-        root = _copy_prepare(prepared, tmp_path / name)
-        cli("--stage", "train", "--no-file-observer", "-q", "with", "unittest", f"artifacts_dir={root}",
-            "train.deterministic=True", "train.epochs=2")
-        weights.append(_weights(root / "train" / "model.weights.h5"))
+    # two independent processes at the same time (each mostly one busy core: half the wall time of one after
+    # the other); neither can see the other's state
+    roots = [_copy_prepare(prepared, tmp_path / name) for name in ("d1", "d2")]
+    processes = [start([*RUN, "--stage", "train", "--no-file-observer", "-q", "with", "unittest",
+                        f"artifacts_dir={root}", "train.deterministic=True", "train.epochs=2"],
+                       stdout=subprocess.DEVNULL) for root in roots]
+    for process in processes:
+        _, err = process.communicate(timeout=900)
+        assert process.returncode == 0, err[-3000:]
+    weights = [_weights(root / "train" / "model.weights.h5") for root in roots]
     assert [n for n, _ in weights[0]] == [n for n, _ in weights[1]]
     for (name, a), (_, b) in zip(*weights):
         np.testing.assert_array_equal(a, b, err_msg=name)
@@ -163,14 +170,15 @@ def test_two_replicas_match_one_replica_on_the_same_global_batch():
 
 def test_batch_size_must_divide_over_replicas_and_excerpt_fit_segments(prepared, tmp_path):
     root = _copy_prepare(prepared, tmp_path / "e")
-    result = cli("--stage", "train", "--no-file-observer", "with", "unittest", f"artifacts_dir={root}",
-                 "train.replicas=3", check=False)  # the unittest global batch is 4
+    # the driver's main in this process: both are refused before the stage runs (the same exit code and line)
+    result = cli_here("--stage", "train", "--no-file-observer", "with", "unittest", f"artifacts_dir={root}",
+                      "train.replicas=3")  # the unittest global batch is 4
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
         "error: train.batch_size=4 must be a multiple of train.replicas=3 (the global batch is split over the "
         "replicas)")
-    result = cli("--stage", "train", "--no-file-observer", "with", "unittest", f"artifacts_dir={root}",
-                 "train.seq_seconds=30.0", check=False)
+    result = cli_here("--stage", "train", "--no-file-observer", "with", "unittest", f"artifacts_dir={root}",
+                      "train.seq_seconds=30.0")
     assert result.returncode == 2
     assert "train.seq_seconds" in result.stderr.strip().splitlines()[-1]
     assert not (root / "train").exists()

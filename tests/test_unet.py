@@ -117,9 +117,9 @@ def test_c_unet_parameter_counts_and_authors_layer_settings():
     ("m_unet_paper", {"m_unet": 124_448_772}, 124_448_772),
 ])
 def test_describe_model_prints_the_paper_presets_published_sizes(preset, networks, total):
-    from tests.cli import cli
+    from tests.cli import describe  # `--describe-model`'s text in this process (its CLI: test_recipes)
 
-    lines = cli("--describe-model", "with", preset).stdout.strip().splitlines()
+    lines = describe(preset).strip().splitlines()
     family = preset.split("_paper")[0].split("_44k")[0]
     assert lines[0].startswith(f"family: {family} ")
     counts = {line.split()[0]: int(line.split()[1].replace(",", "")) for line in lines[1:-1]}
