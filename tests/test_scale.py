@@ -298,8 +298,6 @@ def test_two_workers_train_and_a_killed_worker_resumes_from_the_last_epoch(tmp_p
     """Two worker processes train; worker 1 is killed mid-epoch, the chief fails over its lost peer (as on a
     cluster, where the scheduler restarts failed tasks), both are restarted, and the job resumes from the
     chief's BackupAndRestore state at the last completed epoch and writes the train artifact."""
-    import shutil
-
     root = copy_stages(umx_pipeline, tmp_path / "artifacts", "prepare", DATA)  # the unittest data, prepared
     ports = _free_ports(2)
     args = [*RUN, "--stage", "train", "--no-file-observer", "-q", "with", "unittest", f"artifacts_dir={root}",
