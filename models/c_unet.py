@@ -169,16 +169,17 @@ def encoder_filters(first_filters: int) -> Tuple[int, ...]:
 
 def control_network(condition, config: Config, filters, name: str):
     """C-U-Net's dense control: one-hot -> Dense+ReLU (-> Dropout 0.5 -> BN after the first) -> linear gammas, betas."""
-    init = keras.initializers.RandomNormal(stddev=0.02)
+    init = lambda: keras.initializers.RandomNormal(stddev=0.02)  # noqa: E731  one per layer: an instance repeats its values
     x = condition
     for index, units in enumerate(config.control_units):
-        x = keras.layers.Dense(units, activation="relu", kernel_initializer=init, name=f"{name}_control{index + 1}")(x)
+        x = keras.layers.Dense(units, activation="relu", kernel_initializer=init(),
+                               name=f"{name}_control{index + 1}")(x)
         if index:
             x = keras.layers.Dropout(0.5, name=f"{name}_control{index + 1}_dropout")(x)
             x = keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_control{index + 1}_bn")(x)
     nb_conditions = sum(filters) if config.film == "complex" else len(filters)
-    gammas = keras.layers.Dense(nb_conditions, kernel_initializer=init, name=f"{name}_gammas")(x)
-    betas = keras.layers.Dense(nb_conditions, kernel_initializer=init, name=f"{name}_betas")(x)
+    gammas = keras.layers.Dense(nb_conditions, kernel_initializer=init(), name=f"{name}_gammas")(x)
+    betas = keras.layers.Dense(nb_conditions, kernel_initializer=init(), name=f"{name}_betas")(x)
     return gammas, betas
 
 

@@ -309,15 +309,19 @@ class LSTM(keras.layers.Layer):
 
     def build(self, input_shape):
         features = input_shape[-1]
-        init = keras.initializers.RandomUniform(-1.0 / math.sqrt(self.units), 1.0 / math.sqrt(self.units))
+        bound = 1.0 / math.sqrt(self.units)
+
+        def init():  # one instance per weight: a Keras 3 initializer gives the same values on every call
+            return keras.initializers.RandomUniform(-bound, bound)
+
         self.directions = []
         for suffix in ("", "_reverse")[: 2 if self.bidirectional else 1]:
             self.directions.append({
-                "kernel": self.add_weight(shape=(features, 4 * self.units), initializer=init, name="kernel" + suffix),
-                "recurrent_kernel": self.add_weight(shape=(self.units, 4 * self.units), initializer=init,
+                "kernel": self.add_weight(shape=(features, 4 * self.units), initializer=init(), name="kernel" + suffix),
+                "recurrent_kernel": self.add_weight(shape=(self.units, 4 * self.units), initializer=init(),
                                                     name="recurrent_kernel" + suffix),
-                "bias": self.add_weight(shape=(4 * self.units,), initializer=init, name="bias" + suffix),
-                "recurrent_bias": self.add_weight(shape=(4 * self.units,), initializer=init,
+                "bias": self.add_weight(shape=(4 * self.units,), initializer=init(), name="bias" + suffix),
+                "recurrent_bias": self.add_weight(shape=(4 * self.units,), initializer=init(),
                                                   name="recurrent_bias" + suffix),
             })
 

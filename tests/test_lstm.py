@@ -94,3 +94,19 @@ def test_cudnn_layout_keras_lstm_gives_the_same_numbers():
                             backward["kernel"], backward["recurrent_kernel"],
                             backward["bias"] + backward["recurrent_bias"]])
     assert sdr(keras_lstm(inputs), ours(inputs)) >= 100
+
+
+def test_every_weight_draws_its_own_initial_values():
+    """PyTorch draws each LSTM parameter on its own; a Keras 3 initializer instance gives the same values on
+    every call, so one instance shared by the weights made both directions start equal and each bias equal to
+    its recurrent bias (their sum twice one uniform draw instead of the sum of two)."""
+    keras.utils.set_random_seed(0)
+    layer = LSTM(8, bidirectional=True)
+    layer.build((None, None, 8))
+    values = [weight.numpy() for direction in layer.directions for weight in direction.values()]
+    assert len(values) == 8
+    for first in range(len(values)):
+        for second in range(first + 1, len(values)):
+            assert values[first].shape != values[second].shape or not np.array_equal(values[first], values[second])
+    bound = 1 / np.sqrt(8)
+    assert all(np.abs(value).max() <= bound and np.abs(value).max() > 0.5 * bound for value in values)

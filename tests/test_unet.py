@@ -112,6 +112,21 @@ def test_c_unet_parameter_counts_and_authors_layer_settings():
     assert "c_unet_deconv6_bn" in layers and layers["c_unet_deconv6_act"].activation.__name__ == "sigmoid"
 
 
+def test_c_unet_control_layers_draw_their_own_initial_weights():
+    # one RandomNormal instance shared by the control's Dense layers gave the same-shaped gammas and betas
+    # equal initial kernels (a Keras 3 initializer repeats its values on every call)
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = c_unet.build(c_unet.Config(), data=DataConfig(), stats={})
+    kernels = {weight.path: weight.numpy() for weight in model.train_model.weights
+               if ("_gammas" in weight.path or "_betas" in weight.path) and weight.path.endswith("kernel")}
+    assert len(kernels) == 2, list(kernels)
+    gammas, betas = kernels.values()
+    assert gammas.shape == betas.shape and not np.array_equal(gammas, betas)
+
+
+
 @pytest.mark.parametrize("preset,networks,total", [
     ("unet_44k", {t: 9_822_725 for t in ("vocals", "drums", "bass", "other")}, 39_290_900),
     ("m_unet_paper", {"m_unet": 124_448_772}, 124_448_772),
