@@ -78,15 +78,9 @@ def blockwise_wiener(target_magnitudes, mix_stft, win_len: int, niter: int = 1, 
     v = tf.convert_to_tensor(target_magnitudes, tf.float32)
     mix_stft = tf.convert_to_tensor(mix_stft, tf.float32)
     nb_frames = tf.shape(v)[1]
-    nb_blocks = (nb_frames + win_len - 1) // win_len
-    pad = nb_blocks * win_len - nb_frames
-
-    def blocks(x):  # (B, F, ...) -> (B, nb_blocks, win_len, ...)
-        x = tf.pad(x, [[0, 0], [0, pad]] + [[0, 0]] * (len(x.shape) - 2))
-        return tf.reshape(x, tf.concat([tf.shape(x)[:1], [nb_blocks, win_len], tf.shape(x)[2:]], 0))
-
-    y = wiener(blocks(v), blocks(mix_stft), niter, residual, eps, scale_factor)  # (B, blocks, win, K, C, J', 2)
-    y = tf.reshape(y, tf.concat([tf.shape(y)[:1], [nb_blocks * win_len], tf.shape(y)[3:]], 0))
+    y = wiener(_frame_blocks(v, win_len), _frame_blocks(mix_stft, win_len), niter, residual, eps,
+               scale_factor)  # (B, blocks, win, K, C, J', 2)
+    y = tf.reshape(y, tf.concat([tf.shape(y)[:1], [-1], tf.shape(y)[3:]], 0))
     return y[:, :nb_frames]
 
 
