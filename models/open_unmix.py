@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
@@ -176,7 +177,9 @@ def _batched_dense(x, kernels):
     weights would dequantize them on every call)."""
     shape = tf.shape(x)
     flat = tf.reshape(x, [x.shape[0], -1, x.shape[-1]])
-    out = tf.stack([tf.matmul(flat[index], kernel) for index, kernel in enumerate(kernels)])
+    # SPLIT, not one STRIDED_SLICE per group: TFLite's strided slice is a per-element reference kernel
+    groups = tf.split(flat, len(kernels), axis=0)
+    out = tf.stack([tf.matmul(tf.squeeze(group, 0), kernel) for group, kernel in zip(groups, kernels)])
     return tf.reshape(out, tf.concat([shape[:-1], [kernels[0].shape[-1]]], 0))
 
 
@@ -185,32 +188,51 @@ def _tflite_lstm_loop(sequences, weights):
     group per target and direction, -> hidden states `(groups, frames, samples, units)`.
 
     The input projections are hoisted out of the recurrence (one FULLY_CONNECTED per group over all frames)
-    and one WHILE loop steps every group at once, its step one BATCH_MATMUL of the stacked recurrent kernels.
+    and WHILE loops step every group at once, a step one BATCH_MATMUL of the stacked recurrent kernels.
     The fused UNIDIRECTIONAL_SEQUENCE_LSTM cannot skip its own input product, and runs per group; this form
     measured 1.8x faster per layer in float32, and the whole dynamic-int8 file 1.09x faster than with the fused
     ops' int8 kernels (README "TFLite for phones"). Nothing is kept from one invoke to the next.
 
-    A step's hidden state is written into the collection with `keras.ops.slice_update` (TFLite's
-    DYNAMIC_UPDATE_SLICE): a TensorArray write lowers to a slice-and-concatenate of the whole collection, and
-    cost 30.0 against 26.6 ms per UMX-HQ layer and 3 s chunk (one thread, quiet machine)."""
+    TFLite copies a loop's carried tensors on every iteration and its DYNAMIC_UPDATE_SLICE copies the whole
+    tensor it writes into, so the frames run in blocks of ~sqrt(frames): an inner loop collects one block's
+    hidden states, an outer loop writes the block into the collection (the copies shrink from frames x
+    collection to ~2 sqrt(frames) x collection). Per UMX-HQ layer and 3 s chunk (one thread, quiet machine):
+    30.0 ms with one loop and a TensorArray (lowered to a slice-and-concatenate of the whole collection per
+    frame), 26.7 with one loop and DYNAMIC_UPDATE_SLICE, 21.8 reading the step's input with GATHER instead of
+    the reference STRIDED_SLICE kernel, 17.4 in blocks; the hidden states identical."""
     projected = _batched_dense(sequences, [w["kernel"] for w in weights]) + tf.reshape(
         _stack([w["bias"] + w["recurrent_bias"] for w in weights]), [len(weights), 1, 1, -1])
     projected = tf.transpose(projected, [1, 0, 2, 3])  # (frames, groups, samples, 4 * units)
     kernels = _stack([w["recurrent_kernel"] for w in weights])  # (groups, units, 4 * units)
     step = lstm_cell(kernels)
+    units = kernels.shape[1]
     nb_frames = projected.shape[0]
-    zeros = tf.zeros_like(projected[0, ..., :kernels.shape[1]])
+    block = max(1, round(math.sqrt(nb_frames)))
+    nb_blocks = -(-nb_frames // block)
+    if nb_blocks * block > nb_frames:  # the padded frames' states are computed after the real ones, then dropped
+        projected = tf.pad(projected, [[0, nb_blocks * block - nb_frames]] + [[0, 0]] * 3)
+    blocks = tf.reshape(projected, [nb_blocks, block] + projected.shape[1:])
+    zeros = tf.zeros_like(projected[0, ..., :units])
+
+    def write(tensor, index, value):  # tensor[index] = value, as one DYNAMIC_UPDATE_SLICE
+        return keras.ops.slice_update(tensor, tf.stack([index] + [0] * (len(tensor.shape) - 1)), value[None])
 
     # only the hidden states are collected (tf.scan would also collect the cells)
-    def body(frame, hidden, cell, collected):
-        hidden, cell = step((hidden, cell), projected[frame])
-        start = tf.stack([frame] + [0] * len(zeros.shape))
-        return frame + 1, hidden, cell, keras.ops.slice_update(collected, start, hidden[None])
+    def block_body(index, hidden, cell, collected):
+        inputs = tf.gather(blocks, index)  # GATHER: TFLite's STRIDED_SLICE is a per-element reference kernel
 
-    collected = tf.zeros_like(projected[..., :kernels.shape[1]])  # (frames, groups, samples, units)
-    collected = tf.while_loop(lambda frame, *_: frame < nb_frames, body,
-                              (tf.constant(0), zeros, zeros, collected))[-1]
-    return tf.transpose(collected, [1, 0, 2, 3])
+        def frame_body(frame, hidden, cell, states):
+            hidden, cell = step((hidden, cell), tf.gather(inputs, frame))
+            return frame + 1, hidden, cell, write(states, frame, hidden)
+
+        _, hidden, cell, states = tf.while_loop(lambda frame, *_: frame < block, frame_body,
+                                                (tf.constant(0), hidden, cell, tf.zeros_like(inputs[..., :units])))
+        return index + 1, hidden, cell, write(collected, index, states)
+
+    collected = tf.while_loop(lambda index, *_: index < nb_blocks, block_body,
+                              (tf.constant(0), zeros, zeros, tf.zeros_like(blocks[..., :units])))[-1]
+    states = tf.reshape(collected, [nb_blocks * block] + zeros.shape)[:nb_frames]  # (frames, groups, samples, units)
+    return tf.transpose(states, [1, 0, 2, 3])
 
 
 @keras.saving.register_keras_serializable(package="musicsep")
