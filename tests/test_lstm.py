@@ -110,3 +110,43 @@ def test_every_weight_draws_its_own_initial_values():
             assert values[first].shape != values[second].shape or not np.array_equal(values[first], values[second])
     bound = 1 / np.sqrt(8)
     assert all(np.abs(value).max() <= bound and np.abs(value).max() > 0.5 * bound for value in values)
+
+
+@pytest.mark.parametrize("nb_frames", [7, 9, 1])  # 7: blocks of 3, two padded frames; 9: 3 x 3; 1: one block
+def test_tflite_lstm_loop_file_equals_the_scan(nb_frames):
+    # the float32 / dynamic TFLite files' recurrences (open_unmix._tflite_lstm_loop: hoisted input projections,
+    # WHILE loops over blocks of frames writing with DYNAMIC_UPDATE_SLICE), converted and run by LiteRT,
+    # against the PyTorch-order cell in tf.scan; built-in ops only
+    from ai_edge_litert.interpreter import Interpreter
+
+    from models.open_unmix import _tflite_lstm_loop
+    from models.transforms import tflite_graph
+
+    rng = np.random.default_rng(1)
+    groups, nb_samples, features, units = 3, 2, 5, 4
+    weights = [{"kernel": rng.normal(0, 0.5, (features, 4 * units)).astype(np.float32),
+                "recurrent_kernel": rng.normal(0, 0.5, (units, 4 * units)).astype(np.float32),
+                "bias": rng.normal(0, 0.5, 4 * units).astype(np.float32),
+                "recurrent_bias": rng.normal(0, 0.5, 4 * units).astype(np.float32)} for _ in range(groups)]
+    sequences = rng.normal(0, 1, (groups, nb_frames, nb_samples, features)).astype(np.float32)
+    projected = np.stack([s @ w["kernel"] + w["bias"] + w["recurrent_bias"] for s, w in zip(sequences, weights)])
+    expected = scan_sequence(tf.constant(np.transpose(projected, [1, 0, 2, 3])),
+                             tf.constant(np.stack([w["recurrent_kernel"] for w in weights])))
+    expected = np.transpose(np.asarray(expected), [1, 0, 2, 3])  # (groups, frames, samples, units)
+
+    function = tf.function(lambda x: _tflite_lstm_loop(x, [{k: tf.constant(v) for k, v in w.items()} for w in weights]),
+                           input_signature=[tf.TensorSpec(sequences.shape, tf.float32)])
+    with tflite_graph(lstm_loop=True):
+        concrete = function.get_concrete_function()
+        converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete], function)
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+        blob = converter.convert()
+    interpreter = Interpreter(model_content=blob)
+    interpreter.allocate_tensors()
+    ops = {op["op_name"] for op in interpreter._get_ops_details()}
+    assert {"WHILE", "FULLY_CONNECTED"} <= ops
+    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], sequences)
+    interpreter.invoke()
+    got = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+    assert got.shape == expected.shape
+    assert np.max(np.abs(got - expected)) < 1e-5
