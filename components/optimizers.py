@@ -96,7 +96,7 @@ class ReferenceAdam(_ReferenceEma, keras.optimizers.Adam):
                                      grad=gradient, **scalars)
 
     def _fused(self, variables) -> bool:
-        """Whether `_backend_update_step` updates the variables in one pass of fused kernels: outside
+        """Whether `_backend_update_step` updates the variables in one pass, its step scalars shared: outside
         distribution strategies (whose variables update per replica), with PyTorch's epsilon, float32
         variables only."""
         import tensorflow as tf
@@ -104,24 +104,17 @@ class ReferenceAdam(_ReferenceEma, keras.optimizers.Adam):
         return (self.torch_eps and not tf.distribute.has_strategy() and not self.gradient_accumulation_steps
                 and all(variable.dtype == "float32" for variable in variables))
 
-    def _apply_weight_decay(self, variables):
-        if not self._fused(variables):
-            super()._apply_weight_decay(variables)  # else done in `_backend_update_step`
-
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
-        """`update_step` (after Keras's decoupled decay) for every variable, its step scalars computed once:
-        one `ResourceApplyAdam` per variable (the per-variable path under strategies runs the same kernel,
-        so both give the same bits). The traced graph holds ~1 operation per variable (2 with the decay or
-        the L2 term) instead of ~6 for the stacked-by-shape form this replaces, ~45 for Keras's own."""
+        """`update_step` (after Keras's decoupled decay, which `apply` runs first) for every variable, its step
+        scalars computed once: one `ResourceApplyAdam` per variable (the per-variable path under strategies
+        runs the same kernel, so both give the same bits). The traced graph holds ~1 operation per variable
+        (2 with the decay or the L2 term) instead of ~6 for the stacked-by-shape form this replaces, ~45 for
+        Keras's own."""
         import tensorflow as tf
 
         if not self._fused(trainable_variables) or any(isinstance(g, tf.IndexedSlices) for g in grads):
-            if self.weight_decay is not None and self._fused(trainable_variables):
-                super()._apply_weight_decay(trainable_variables)
             return super()._backend_update_step(grads, trainable_variables, learning_rate)
         scalars = self._adam_scalars(tf.float32, learning_rate)
-        if self.weight_decay is not None:
-            super()._apply_weight_decay(trainable_variables)  # w <- w - w * wd * lr, as under strategies
         for gradient, variable in zip(grads, trainable_variables):
             index = self._get_variable_index(variable)
             gradient = tf.cast(gradient, tf.float32)
