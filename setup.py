@@ -31,6 +31,8 @@ setup(
     },
     entry_points={
         "console_scripts": [
+            "musicsep=pipeline.cli:main",
+            # earlier names, kept as aliases of `musicsep run|separate|benchmark|sweep`
             "musicsep-pipeline=pipeline.run:main",
             "separate=pipeline.separate:main",
             "musicsep-benchmark=pipeline.benchmark:main",

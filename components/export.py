@@ -24,7 +24,7 @@ import numpy as np
 from configs.config import to_plain
 from configs.errors import StageError
 from components.base import ComponentSpec, StageContext
-from components.manifest import Manifest
+from components.data.manifest import Manifest
 
 log = logging.getLogger("pipeline.export")
 
@@ -306,7 +306,7 @@ def export_stream(model, folder: Path, probe: np.ndarray, logger=log) -> dict:
 # --------------------------------------------------------------------------------------------
 def _probe_chunk(context: StageContext, samples: int) -> np.ndarray:
     """A real mixture chunk for parity checks (the first prepared track), else seeded noise."""
-    from components import records
+    from components.data import records
 
     prepare = context.inputs["prepare"]
     split = Manifest.read(prepare).first_split_with_tracks(("test", "valid", "train"))
@@ -322,7 +322,7 @@ def _probe_chunk(context: StageContext, samples: int) -> np.ndarray:
 
 
 def run(context: StageContext) -> dict:
-    from components.train import load_trained
+    from components.training.trained import load_trained
     from models.base import count_parameters
 
     config = context.config

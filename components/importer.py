@@ -20,7 +20,7 @@ from typing import Any, Dict, Mapping
 from components.artifacts import file_digest, load
 from configs.errors import CheckpointError, StageError
 from components.base import ComponentSpec, StageContext
-from components.train import WEIGHT_FILES
+from components.training.trained import WEIGHT_FILES
 
 
 def _family(config):
@@ -109,7 +109,7 @@ def input_payload(config) -> Any:
 # The executor
 # --------------------------------------------------------------------------------------------
 def run(context: StageContext) -> dict:
-    from components.train import build_model, save_weights
+    from components.training.trained import build_model, save_weights
     from models.base import count_parameters
     from configs.config import to_plain
 

@@ -16,15 +16,15 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from components import distribute
+from components.training import distribute
+from components.training.trained import WEIGHT_FILES, build_model, load_weights_checked, save_weights
 from configs.config import to_plain
 from configs.errors import StageError
 from components.base import ComponentSpec, StageContext
-from components.manifest import Manifest
+from components.data.manifest import Manifest
 from models.base import count_parameters
 
 log = logging.getLogger("pipeline.train")
-WEIGHT_FILES = ("model.weights.h5", "best.weights.h5")  # what `save_weights` writes (train and import)
 # resume state (BackupAndRestore, per-epoch checkpoints) under `artifacts_dir/.train-work/<fingerprint>/`
 WORK_CACHE = ".train-work"
 
@@ -74,17 +74,11 @@ def make_strategy(replicas: int):
 # --------------------------------------------------------------------------------------------
 # Model building and loading
 # --------------------------------------------------------------------------------------------
-def build_model(config, stats):
-    from models import registry
-
-    return registry.build(config.model, data=config.data, stats=stats)
-
-
 def make_optimizer(train_config, lr: Optional[float] = None, replicas: int = 1):
     """The optimizer `train.optimizer` names (components/optimizers.py), with its betas, epsilon, momentum,
     weight decay, EMA and optional global clipnorm; `lr_scaling=linear` multiplies the rate by the number of
     replicas, so a global batch n times larger takes n times larger steps."""
-    from components import optimizers
+    from components.training import optimizers
 
     lr = lr or train_config.lr
     if train_config.lr_scaling == "linear":
@@ -95,43 +89,6 @@ def make_optimizer(train_config, lr: Optional[float] = None, replicas: int = 1):
                            ema_momentum=train_config.ema_momentum, clip_norm=train_config.clip_norm)
 
 
-def load_trained(train_artifact, config, weights: str = "best"):
-    """The SeparationModel of a train artifact with its weights (`best` or `last`) loaded."""
-    model = build_model(config, train_artifact.meta.get("stats", {}))
-    path = train_artifact.file("best.weights.h5" if weights == "best" else "model.weights.h5")
-    if not path.is_file() and "best.weights.h5" not in (train_artifact.meta.get("files") or {}):
-        path = train_artifact.file("model.weights.h5")  # artifacts written before best.weights.h5 existed
-    load_weights_checked(model, path, train_artifact)
-    return model
-
-
-def save_weights(model, out: Path, best: Optional[Path] = None) -> None:
-    """The weight files of a train artifact: `model.weights.h5` (these weights) and `best.weights.h5`
-    (`best` when given, else the same weights). The import stage writes the same pair."""
-    model.train_model.save_weights(str(out / "model.weights.h5"))
-    if best is not None and best.is_file():
-        shutil.copy2(best, out / "best.weights.h5")
-    else:
-        shutil.copy2(out / "model.weights.h5", out / "best.weights.h5")
-
-
-def load_weights_checked(model, path: Path, train_artifact=None) -> None:
-    """`load_weights`, with a missing, changed (sha256 in artifact.json) or unreadable file as a one-line
-    StageError naming it and the fix."""
-    from components import artifacts
-
-    fix = "redo the train stage with `python pipeline/run.py --stage train --force`"
-    if not path.is_file():
-        raise StageError(f"{path}: weights file missing; {fix}")
-    if train_artifact is not None:
-        artifacts.verify(train_artifact, [path.name])
-    try:
-        model.train_model.load_weights(str(path))
-    except Exception as error:  # h5py/keras: OSError, ValueError, KeyError... by the kind of damage
-        reason = " ".join(str(error).split())[:160] or type(error).__name__
-        raise StageError(f"{path}: unreadable weights ({reason}); {fix}") from None
-
-
 # --------------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------------
@@ -139,7 +96,7 @@ def train_datasets(prepare, config, model, batch_size: int, seed: Optional[int])
     """(train, valid or None, steps_per_epoch) for `fit`, targets mapped to the training domain."""
     import tensorflow as tf
 
-    from components import records
+    from components.data import records
 
     manifest = Manifest.read(prepare)
     nb_train = manifest.nb_tracks("train")
@@ -178,7 +135,7 @@ def snapshot_tracks(prepare, config, whole: bool = False):
     validation track at full length (the validation SDR of `train.checkpoint_metric=val_sdr`)."""
     import numpy as np
 
-    from components import records
+    from components.data import records
 
     split = "valid" if Manifest.read(prepare).nb_tracks("valid") else "train"
     length = None if whole else int(round(config.train.snapshot_seconds * config.data.sample_rate))
@@ -223,7 +180,7 @@ def run(context: StageContext) -> dict:
         raise StageError(f"train.batch_size={tc.batch_size} must be a multiple of the {replicas} replicas")
     with strategy.scope():
         model = build_model(config, stats)
-    from components.records import verify_shards
+    from components.data.records import verify_shards
 
     verify_shards(prepare, ("train", "valid"))
     train_ds, valid_ds, steps = train_datasets(prepare, config, model, tc.batch_size,
@@ -290,7 +247,7 @@ def _recipe_callbacks(context, model, tc, monitor: str, mode: str, best_path: Pa
 
     callbacks = []
     if monitor == "val_sdr":
-        from components.callbacks import ValidationSdr
+        from components.training.callbacks import ValidationSdr
 
         tracks = snapshot_tracks(context.inputs["prepare"], context.config, whole=True)
         callbacks.append(ValidationSdr(model, tracks, chunk_seconds=model.chunk_seconds or 10.0,
@@ -331,7 +288,7 @@ def fit(model, *args, **kwargs):
     return with_graph_optimization(model, model.train_model.fit, *args, **kwargs)
 
 
-def _compile(model, strategy, tc, lr=None):
+def compile_model(model, strategy, tc, lr=None):
     with strategy.scope():
         model.train_model.compile(optimizer=make_optimizer(tc, lr=lr, replicas=strategy.num_replicas_in_sync),
                                   loss=model.loss, jit_compile=False)
@@ -357,8 +314,8 @@ def _fit_phases(context, model, strategy, train_ds, valid_ds, steps, work: Path)
     """Fit, then (optionally) the fine-tuning phase with a lower lr and a larger batch."""
     import keras
 
-    from components import optimizers
-    from components.callbacks import SacredLogger, TimeBudget, ValidationSnapshot
+    from components.training import optimizers
+    from components.training.callbacks import SacredLogger, TimeBudget, ValidationSnapshot
 
     config = context.config
     tc = config.train
@@ -367,7 +324,7 @@ def _fit_phases(context, model, strategy, train_ds, valid_ds, steps, work: Path)
     sacred_logger = SacredLogger(context.log_scalar, history_path)
     previous_best = _best(sacred_logger.history, monitor, mode)
 
-    _compile(model, strategy, tc)
+    compile_model(model, strategy, tc)
     # with EMA the averaged weights are validated, checkpointed and (after `fit`) left in the model
     enter, leave = optimizers.ema_window() if tc.ema_momentum is not None else (None, None)
     callbacks = [
@@ -408,7 +365,7 @@ def _finetune(context, model, strategy, valid_ds, work, sacred_logger, monitor, 
     slots included); best: the best weights with a fresh optimizer (Stoller et al. 2018, Sec. 4.1)."""
     import keras
 
-    from components import optimizers
+    from components.training import optimizers
 
     config = context.config
     tc = config.train
@@ -420,7 +377,7 @@ def _finetune(context, model, strategy, valid_ds, work, sacred_logger, monitor, 
     if tc.finetune_from == "best" or model.train_model.optimizer is None:
         if best.is_file():
             model.train_model.load_weights(str(best))
-        _compile(model, strategy, tc, lr=lr)
+        compile_model(model, strategy, tc, lr=lr)
     else:
         model.train_model.optimizer.learning_rate.assign(lr * (strategy.num_replicas_in_sync
                                                                if tc.lr_scaling == "linear" else 1))

@@ -55,7 +55,7 @@ def target_energies(stats: Optional[Mapping], targets: Sequence[str]) -> Optiona
     """Mean energy per target over the training set from the train stage's `stats`, or None when absent.
 
     `stats["energy"][target]` is the duration-weighted mean square of each stem over the training split:
-    the prepare manifest's `stats` (`components.manifest.Manifest.stats_dict()`).
+    the prepare manifest's `stats` (`components.data.manifest.Manifest.stats_dict()`).
     """
     energy = (stats or {}).get("energy")
     if isinstance(energy, Mapping) and all(target in energy for target in targets):

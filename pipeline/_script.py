@@ -1,5 +1,5 @@
-"""For every `python pipeline/<script>.py`: Python puts pipeline/ first on `sys.path`, where
-pipeline/pipeline.py would shadow the `pipeline` package, so the project root takes its place."""
+"""For every `python pipeline/<script>.py`: Python puts pipeline/ first on `sys.path`; the project root must be
+importable instead (a clean clone is not necessarily pip-installed), so it takes that place."""
 import sys
 from pathlib import Path
 

@@ -58,7 +58,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def get_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pipeline/benchmark.py", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="musicsep benchmark", description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=("train", "separate", "stream", "memory"), help="what to measure")
     parser.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (tracing, caches)")
@@ -94,19 +94,20 @@ def benchmark_train(config, steps: int, warmup: int) -> dict:
     import keras
 
     from components import artifacts
-    from components.manifest import Manifest
-    from components.train import _compile, build_model, make_strategy, train_datasets, with_graph_optimization
+    from components.data.manifest import Manifest
+    from components.train import compile_model, make_strategy, train_datasets, with_graph_optimization
+    from components.training.trained import build_model
     from models.base import count_parameters
-    from pipeline import pipeline
+    from pipeline import definition
 
     prepare = artifacts.load(Path(config.artifacts_dir), "prepare")
     if prepare is None:
-        prepare, _ = pipeline.run_component(pipeline.component("prepare"), config)
+        prepare, _ = definition.run_component(definition.component("prepare"), config)
     strategy = make_strategy(config.train.replicas)
     with strategy.scope():
         model = build_model(config, Manifest.read(prepare).stats_dict())
     started = time.perf_counter()
-    _compile(model, strategy, config.train)  # as the train stage: optimizer slots and loss trackers built first
+    compile_model(model, strategy, config.train)  # as the train stage: optimizer slots and loss trackers built first
     compile_seconds = time.perf_counter() - started
     train, _, _ = train_datasets(prepare, config, model, config.train.batch_size, seed=config.train.seed)
     iterator = iter(train.repeat())
@@ -201,7 +202,8 @@ def benchmark_train_step(config, batch_size: int, repeats: int, threads: int, wi
     import numpy as np
     import tensorflow as tf
 
-    from components.train import build_loss_trackers, build_model, make_optimizer
+    from components.train import build_loss_trackers, make_optimizer
+    from components.training.trained import build_model
 
     model = build_model(config, {})
     nb_timesteps = model.input_samples(int(round(config.train.seq_seconds * config.data.sample_rate)))
@@ -288,8 +290,8 @@ def benchmark_separate(config, seconds: float, repeats: int, threads: int, tflit
     import tensorflow as tf
 
     from components import export
-    from components.separation import separate_array
-    from components.train import build_model
+    from components.inference.separation import separate_array
+    from components.training.trained import build_model
     from configs.config import to_plain
     from models.base import count_parameters
 
@@ -422,7 +424,7 @@ def musdb_excerpt(sample_rate: int, nb_channels: int, targets):
     being the sum of the stems; None when the excerpt is absent or lacks one of `targets`."""
     if MUSDB_EXCERPT is None or not all((MUSDB_EXCERPT / f"{target}.wav").is_file() for target in targets):
         return None
-    from components.audio import read_audio
+    from components.data.audio import read_audio
 
     stems = {target: read_audio(MUSDB_EXCERPT / f"{target}.wav", sample_rate=sample_rate, nb_channels=nb_channels)
              for target in targets}
@@ -430,8 +432,8 @@ def musdb_excerpt(sample_rate: int, nb_channels: int, targets):
 
 
 def _mean_sdr(references: dict, estimates: dict) -> float:
-    """Mean over targets of the whole-excerpt SDR (components.metrics.global_sdr), in dB."""
-    from components.metrics import global_sdr
+    """Mean over targets of the whole-excerpt SDR (components.evaluation.metrics.global_sdr), in dB."""
+    from components.evaluation.metrics import global_sdr
 
     return sum(global_sdr(references[t], estimates[t]) for t in references) / len(references)
 
@@ -483,7 +485,7 @@ def benchmark_stream(config, hops: int, warmup: int, threads: int) -> dict:
     import numpy as np
 
     from components import export
-    from components.train import build_model
+    from components.training.trained import build_model
     from models.base import count_parameters
     from models.streaming import StreamingOpenUnmix
 
@@ -541,7 +543,7 @@ def _export_untrained(updates: dict, named: list, family: str, saved: str) -> No
     import copy
 
     from components.export import write_saved_model, write_sidecar
-    from components.train import build_model
+    from components.training.trained import build_model
     from models.base import count_parameters
     from pipeline.experiment import resolve
 

@@ -28,7 +28,7 @@ MODELS = tuple(SWEEPS["families"][1]["model.name"])
 
 
 def get_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pipeline/compare.py", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="musicsep compare", description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated model names")
     parser.add_argument("--budget", type=float, default=120.0, help="training seconds per model (default 120)")
     parser.add_argument("--dir", default="artifacts/compare", help="where artifacts and runs go")

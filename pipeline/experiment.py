@@ -9,7 +9,7 @@ from pathlib import Path
 from configs import PRESETS, Config
 from configs.config import deep_merge, defaults
 from configs.errors import UserError
-from pipeline import pipeline
+from pipeline import definition
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("pipeline")
@@ -45,14 +45,14 @@ def build_experiment(args):
 
     SETTINGS.CAPTURE_MODE = "sys"
     SETTINGS.DISCOVER_SOURCES = "imported"
-    for stage in pipeline.STAGES + pipeline.EXTRA_STAGES:  # import the stages first so Sacred records their sources
-        pipeline.component(stage)
+    for stage in definition.STAGES + definition.EXTRA_STAGES:  # import the stages first so Sacred records their sources
+        definition.component(stage)
     experiment = Experiment("music-separation", base_dir=str(PROJECT_ROOT), save_git_info=False)
     experiment.add_config(base_config())
     for name, preset in PRESETS.items():
         experiment.add_named_config(name, preset)
     experiment.observers.extend(observers(args))
-    for stage in pipeline.STAGES + pipeline.EXTRA_STAGES:
+    for stage in definition.STAGES + definition.EXTRA_STAGES:
         experiment.command(_stage_command(stage), unobserved=False)
     experiment.logger = logging.getLogger("sacred")
     return experiment
@@ -176,8 +176,8 @@ def _one_line(error) -> str:
 def _stage_command(stage: str):
     def command(_config, _run):
         config = Config.from_dict({k: v for k, v in _config.items()})
-        spec = pipeline.component(stage)
-        artifact, skipped = pipeline.run_component(spec, config, force=_run.meta_info.get("force", False),
+        spec = definition.component(stage)
+        artifact, skipped = definition.run_component(spec, config, force=_run.meta_info.get("force", False),
                                                    log_scalar=_run.log_scalar)
         _run.info["artifact"] = str(artifact.path)
         _run.info["skipped"] = skipped
@@ -226,7 +226,7 @@ def release_updates(stages: list, updates: dict, named: list) -> dict:
 def run_stages(experiment, args, updates: dict, named: list, config: Config = None) -> int:
     """Run the stages of `--stage` in one Sacred run each, under the artifacts directory's lock. Every
     stage's `setup` hook runs first (before TensorFlow initialises); errors a user can fix are `UserError`s."""
-    specs = pipeline.create_pipeline(args.stage)
+    specs = definition.create_pipeline(args.stage)
     released = release_updates([spec.command for spec in specs], updates, named)
     if config is None or released != updates:
         updates, config = released, resolve(released, named)
@@ -237,7 +237,7 @@ def run_stages(experiment, args, updates: dict, named: list, config: Config = No
         if spec.setup is not None:
             spec.setup(config)
     # one run owns the artifacts directory for all its stages (see artifacts.exclusive)
-    with pipeline.artifacts_lock(config):
+    with definition.artifacts_lock(config):
         for spec in specs:
             _run_stage(experiment, args, updates, named, spec.command)
     return 0

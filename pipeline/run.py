@@ -22,7 +22,7 @@ STAGE_CHOICES = ("prepare", "train", "evaluate", "export", "all", "import")
 
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="pipeline/run.py",
+        prog="musicsep run",
         description="Music source separation pipeline: prepare -> train -> evaluate -> export.",
         epilog="Configuration follows Sacred: `with unittest model.name=umx data.root=/path artifacts_dir=/tmp/a`.",
     )
@@ -113,7 +113,7 @@ def network_parameters(model) -> dict:
 
 def describe_model(updates: dict, named: list) -> str:
     """The text of `--describe-model`: family, targets, each network's parameter count and the total."""
-    from components.train import build_model
+    from components.training.trained import build_model
     from models.base import count_parameters
     from pipeline.experiment import resolve
 

@@ -61,7 +61,7 @@ MEASURES = ("parameters", "train_loss", "val_loss", "train_seconds", "epochs", "
 
 
 def get_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sweep", description=__doc__.splitlines()[0],
+    parser = argparse.ArgumentParser(prog="musicsep sweep", description=__doc__.splitlines()[0],
                                      epilog="Configuration after `with`, as for pipeline/run.py (default: `with "
                                             "default`); grid values override it per point.")
     parser.add_argument("--grid", nargs="+", default=[], metavar="KEY=V1,V2",
@@ -162,9 +162,10 @@ def separation_speed(config, artifacts_dir: Path) -> float:
     """x real-time of the trained separator on the first track of the evaluation split (after a warm-up)."""
     import numpy as np
 
-    from components import artifacts, records
-    from components.separation import compiled, separate_array
-    from components.train import load_trained
+    from components import artifacts
+    from components.data import records
+    from components.inference.separation import compiled, separate_array
+    from components.training.trained import load_trained
 
     model = load_trained(artifacts.load(artifacts_dir, "train"), config)
     _, stems = next(iter(records.read_tracks(artifacts.load(artifacts_dir, "prepare"), config.evaluate.split)))

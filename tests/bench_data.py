@@ -48,15 +48,15 @@ def catalogue(folder: Path, copies: int, tmp: Path) -> Path:
 
 
 def time_prepare(label, config):
-    from components import synth
-    from pipeline import pipeline
+    from components.data import synth
+    from pipeline import definition
 
     started = time.time()
     if config.data.format == "default":  # generation timed apart from preparation
         synth.ensure(Path(config.artifacts_dir) / "default-data", synth.params_of(config.data))
         print(f"{label}: synthesized {sum(config.data.synth_tracks)} x {config.data.synth_seconds:.0f} s "
               f"in {time.time() - started:.1f} s")
-    artifact, _ = pipeline.run_component(pipeline.component("prepare"), config, force=True)
+    artifact, _ = definition.run_component(definition.component("prepare"), config, force=True)
     figures = artifact.figures
     print(f"{label}: prepared {figures['total_seconds']:.1f} s of audio in {figures['wall_seconds']:.2f} s "
           f"= {figures['audio_seconds_per_second']:.1f} audio s per s ({figures['megabytes']} MB of shards)")
@@ -64,7 +64,7 @@ def time_prepare(label, config):
 
 
 def time_reader(artifact, config, nb_batches):
-    from components import records
+    from components.data import records
 
     seq_samples = int(round(config.train.seq_seconds * config.data.sample_rate))
     batch_size = config.train.batch_size

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import soundfile
 
-from components import audio, records, synth
+from components.data import audio, records, synth
 from configs.errors import StageError
 from configs import PRESETS, Config
 from configs.config import defaults
-from pipeline import pipeline
+from pipeline import definition
 from configs.config import deep_merge
 from tests.cli import cli, python
 
@@ -41,7 +41,7 @@ def make_config(artifacts_dir, evaluate=None, **data) -> Config:
 
 
 def prepare(config, **kwargs):
-    return pipeline.run_component(pipeline.component("prepare"), config, **kwargs)
+    return definition.run_component(definition.component("prepare"), config, **kwargs)
 
 
 def no_artifact(artifacts_dir) -> bool:
@@ -437,7 +437,7 @@ def test_killed_prepare_leaves_no_complete_artifact(tmp_path):
     script = textwrap.dedent(f"""
         import os, signal, sys
         sys.path.insert(0, {str(PROJECT_ROOT)!r})
-        from components import records
+        from components.data import records
         from tests.test_data import make_config, prepare
         close = records.ShardWriter.close
         def close_then_die(self):

@@ -157,7 +157,7 @@ def test_loss_is_l1_on_waveforms_and_one_fit_lowers_it(tiny):
 
 
 def test_overlap_add_with_the_family_chunk_is_exact_for_an_identity_model(tiny):
-    from components.separation import separate_array
+    from components.inference.separation import separate_array
 
     chunk = tiny.chunk_samples
     assert chunk == 64 * 31 and tiny.input_samples(chunk) == chunk and tiny.overlap == 0.75

@@ -12,12 +12,15 @@ import numpy as np
 import pytest
 from scipy.signal import butter, sosfilt
 
-from components import baselines, evaluate, records, scoring, train
+from components.evaluation import baselines, runner, scoring
+from components import evaluate
+from components.training import trained
+from components.data import records
 from components.artifacts import Artifact
 from configs.errors import StageError
 from components.base import StageContext
-from components.manifest import Manifest, Split, TrackEntry
-from components.separation import chunk_layout, chunk_weights, separate_array
+from components.data.manifest import Manifest, Split, TrackEntry
+from components.inference.separation import chunk_layout, chunk_weights, separate_array
 from configs.config import Config, EvaluateConfig
 
 SAMPLE_RATE = 8000
@@ -49,7 +52,7 @@ def settings(**overrides):
 def run_tracks(tracks, output_dir, separate_fn=fixed_split_separator, cache=None, **overrides):
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    return evaluate.evaluate_tracks(tracks, separate_fn, targets=TARGETS, sample_rate=SAMPLE_RATE,
+    return runner.evaluate_tracks(tracks, separate_fn, targets=TARGETS, sample_rate=SAMPLE_RATE,
                                     settings=settings(**overrides), output_dir=output_dir,
                                     baseline_cache=cache, cache_key={"test": 1})
 
@@ -321,7 +324,7 @@ def prepare_meta(splits):
 
 
 def test_stage_executor_uses_records_and_train(tmp_path, monkeypatch):
-    """`run` with stand-ins for records.read_tracks and train.load_trained (their own tests cover them)."""
+    """`run` with stand-ins for records.read_tracks and trained.load_trained (their own tests cover them)."""
     from models.base import SeparationModel
 
     tracks = [("one", synthetic_track(30)), ("two", synthetic_track(31))]
@@ -339,7 +342,7 @@ def test_stage_executor_uses_records_and_train(tmp_path, monkeypatch):
 
     monkeypatch.setattr(records, "read_tracks", read_tracks)
     monkeypatch.setattr(records, "verify_shards", lambda *args: None)
-    monkeypatch.setattr(train, "load_trained", load_trained)
+    monkeypatch.setattr(trained, "load_trained", load_trained)
     config = Config.from_dict({"artifacts_dir": str(tmp_path / "artifacts"),
                                "data": {"sample_rate": SAMPLE_RATE, "nb_channels": 1, "targets": list(TARGETS)},
                                "evaluate": {"chunk_seconds": 1.0, "workers": 1, "max_tracks": 1}})

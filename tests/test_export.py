@@ -69,7 +69,7 @@ FRESH_LOAD = textwrap.dedent("""
 
 def test_fresh_process_savedmodel_matches_keras(exported, tmp_path):
     from components import artifacts
-    from components.train import load_trained
+    from components.training.trained import load_trained
     from pipeline.experiment import resolve
 
     config = resolve({"artifacts_dir": str(exported)}, ["unittest"])
@@ -93,7 +93,7 @@ def test_fresh_process_savedmodel_matches_keras(exported, tmp_path):
 def test_tflite_builtin_ops_only_and_parity(exported):
     from components.export import parity_db, run_tflite, tflite_ops
     from components import artifacts
-    from components.train import load_trained
+    from components.training.trained import load_trained
     from pipeline.experiment import resolve
 
     folder = exported / "export" / "tflite"
@@ -136,7 +136,7 @@ def test_quantized_tflite_loses_at_most_half_a_db_on_real_musdb(exported):
     # the exported float32 and quantized files separate the real MUSDB18-HQ excerpt (resampled to the model's
     # 8 kHz) chunk by chunk as an app would; SDR against the true stems, mean over the four targets
     from components.export import TFLiteChunkRunner
-    from components.separation import separate_array
+    from components.inference.separation import separate_array
     from pipeline.benchmark import MUSDB_EXCERPT, _mean_sdr, musdb_excerpt
 
     if MUSDB_EXCERPT is None:
@@ -160,7 +160,7 @@ def test_quantized_tflite_loses_at_most_half_a_db_on_real_musdb(exported):
 def test_float16_tflite_is_finite_where_every_target_estimate_is_zero():
     # float16 stores the Wiener filter's eps = 1e-10 as 0: bins where all targets estimate 0 must stay 0, not NaN
     from components.export import convert_tflite, parity_db, run_tflite
-    from components.train import build_model
+    from components.training.trained import build_model
     from pipeline.experiment import resolve
 
     config = resolve({}, ["unittest"])
@@ -187,7 +187,7 @@ def test_tflite_chunk_runner_runs_chunks_on_parallel_interpreters_with_the_one_c
     from ai_edge_litert.interpreter import Interpreter
 
     from components.export import SIGNATURE, TFLiteChunkRunner, convert_tflite, parity_db
-    from components.train import build_model
+    from components.training.trained import build_model
     from pipeline.experiment import resolve
 
     model = build_model(resolve({}, ["unittest"]), {})
@@ -334,7 +334,7 @@ def test_separate_real_musdb_mp4_with_tflite(exported, tmp_path):
 
 
 def test_separate_bad_inputs_and_overwrite(exported, tmp_path):
-    from pipeline.separate import safe_name
+    from components.inference.files import safe_name
 
     rate = 8000
     good = tmp_path / "good.wav"

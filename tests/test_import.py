@@ -29,7 +29,7 @@ def sdr(reference, estimate) -> float:
 
 def imported(path, family: str, preset: str = "unittest", **updates):
     """(config, model) of a release imported through the stage's own functions, as `--stage import` does."""
-    from components.train import build_model
+    from components.training.trained import build_model
     from models import registry
 
     base = {"import": {"path": str(path)}, "model": {"name": family}}
@@ -139,7 +139,7 @@ def test_blockwise_wiener_filters_every_block_on_its_own():
 
 def test_open_unmix_mapping_covers_the_published_umxhq_and_umxl_layouts():
     """Every tensor of open-unmix's published networks (shapes from the reference, random values)."""
-    from components.train import build_model
+    from components.training.trained import build_model
     from models.base import count_parameters
     from models.checkpoints import ReleasedCheckpoint
     from models.open_unmix import assign_released
@@ -291,7 +291,7 @@ def predict_track(network, song, input_length, output_length):
 def test_wave_u_net_tf1_checkpoint_matches_the_reference_graph(release, tensors, ignored):
     import dataclasses
 
-    from components.separation import compiled
+    from components.inference.separation import compiled
     from models import wave_u_net as wun
 
     key = release.split("/")[0]
@@ -362,7 +362,7 @@ def test_imported_model_through_prepare_evaluate_export_and_separate(tmp_path, i
 def test_missing_extra_and_misshapen_tensors_are_one_line_errors_and_nothing_is_assigned():
     import dataclasses
 
-    from components.train import build_model
+    from components.training.trained import build_model
     from models.tfc_tdf_unet import assign_released
 
     base = {"import": {"path": str(FIXTURES / "tfc_tdf_v3" / "multi")}, "model": {"name": "tfc_tdf_v3"}}

@@ -1,4 +1,4 @@
-"""The typed prepare manifest (`components.manifest`): the on-disk JSON round-trips exactly, older and damaged
+"""The typed prepare manifest (`components.data.manifest`): the on-disk JSON round-trips exactly, older and damaged
 manifests are one-line errors naming the file, and the questions stages ask get the prepared figures."""
 from __future__ import annotations
 
@@ -6,13 +6,13 @@ import json
 
 import pytest
 
-from components import records
+from components.data import records
 from components.artifacts import META_FILE
 from configs.errors import StageError
-from components.manifest import Manifest, Shard, Split, TrackEntry
+from components.data.manifest import Manifest, Shard, Split, TrackEntry
 from configs import PRESETS, Config
 from configs.config import defaults
-from pipeline import pipeline
+from pipeline import definition
 from configs.config import deep_merge
 
 REDO = "redo it with `python pipeline/run.py --stage prepare --force`"
@@ -23,7 +23,7 @@ def prepared(tmp_path_factory):
     """The unittest preset prepared once (2 + 1 + 1 generated tracks of 4 s at 8 kHz, 2 s segments)."""
     raw = deep_merge(defaults(), PRESETS["unittest"])
     raw["artifacts_dir"] = str(tmp_path_factory.mktemp("artifacts"))
-    artifact, _ = pipeline.run_component(pipeline.component("prepare"), Config.from_dict(raw))
+    artifact, _ = definition.run_component(definition.component("prepare"), Config.from_dict(raw))
     return artifact
 
 

@@ -12,7 +12,7 @@ from components import artifacts
 from components.base import ComponentSpec
 from configs import errors
 from configs.config import Config, defaults
-from pipeline import pipeline
+from pipeline import definition
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,16 +44,16 @@ def test_configs_import_nothing_from_models_pipeline_or_components():
 
 
 def test_create_pipeline_returns_the_specs_in_order():
-    specs = pipeline.create_pipeline("all")
+    specs = definition.create_pipeline("all")
     assert [spec.command for spec in specs] == ["prepare", "train", "evaluate", "export"]
     assert all(isinstance(spec, ComponentSpec) for spec in specs)
     train = specs[1]
     assert train.side_caches == (".train-work",) and train.setup is not None
     assert train.outputs == ("model.weights.h5", "best.weights.h5", "history.json")
-    (imported,) = pipeline.create_pipeline("import")
+    (imported,) = definition.create_pipeline("import")
     assert (imported.name, imported.command, imported.setup) == ("train", "import", None)
     with pytest.raises(errors.StageError, match="^unknown stage 'nope'; choose one of prepare, train"):
-        pipeline.create_pipeline("nope")
+        definition.create_pipeline("nope")
 
 
 def _config(tmp_path) -> Config:
@@ -76,7 +76,7 @@ def test_declared_outputs_are_checked_before_the_commit_and_side_caches_are_decl
     config = _config(tmp_path)
     complete = ComponentSpec(name="toy", inputs=(), config_sections=("data",), executor=executor,
                              outputs=("written.json",), side_caches=("scratch",))
-    artifact, skipped = pipeline.run_component(complete, config)
+    artifact, skipped = definition.run_component(complete, config)
     assert not skipped and seen["cache"] == tmp_path / "scratch"
     assert (tmp_path / "scratch" / "note.txt").read_text() == "kept between runs"
     assert json.loads((artifact.path / "artifact.json").read_text())["figures"] == {"n": 1}
@@ -84,7 +84,7 @@ def test_declared_outputs_are_checked_before_the_commit_and_side_caches_are_decl
     broken = ComponentSpec(name="toy2", inputs=(), config_sections=("data",), executor=executor,
                            outputs=("written.json", "missing.json"), side_caches=("scratch",))
     with pytest.raises(RuntimeError, match="^stage toy2: declared output missing.json was not written$"):
-        pipeline.run_component(broken, config)
+        definition.run_component(broken, config)
     assert artifacts.load(tmp_path, "toy2") is None  # nothing half-made is committed
 
 
@@ -96,7 +96,7 @@ def test_the_driver_runs_each_stage_setup_hook_before_the_stages(tmp_path, monke
     calls = []
     spec = ComponentSpec(name="toy", inputs=(), config_sections=(), executor=lambda context: {},
                          setup=lambda config: calls.append(("setup", config.artifacts_dir)))
-    monkeypatch.setattr(pipeline, "create_pipeline", lambda stage: [spec, spec])
+    monkeypatch.setattr(definition, "create_pipeline", lambda stage: [spec, spec])
     monkeypatch.setattr(experiment, "release_updates", lambda stages, updates, named: updates)
     monkeypatch.setattr(experiment, "_run_stage",
                         lambda experiment_, args, updates, named, stage: calls.append(("run", stage)))

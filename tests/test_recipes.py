@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import soundfile
 
-from components import optimizers, records
+from components.training import optimizers
+from components.data import records
 from configs.errors import ConfigError
 from configs.presets import PRESETS, RECIPE_DATA_KEYS, RECIPE_PRESETS, RECIPE_TRAIN_KEYS
 from tests.cli import cli, describe
@@ -238,7 +239,7 @@ def test_examples_with_a_silent_source_are_dropped(labelled):
 
 # -- offline pitch / tempo copies ---------------------------------------------------------------------------------
 def test_pitch_and_tempo_copies_shift_the_pitch_and_the_length():
-    from components import pitch_tempo
+    from components.data import pitch_tempo
 
     rate, seconds = 8000, 2
     t = np.arange(rate * seconds) / rate

@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from components import records
+from components.data import records
 from configs.errors import ConfigError, StageError
 from configs import PRESETS, Config
 from configs.config import defaults
-from pipeline import pipeline
+from pipeline import definition
 from configs.config import deep_merge
 from tests.cli import RUN, cli, environment, python, python_argv, start
 from tests.shared_artifacts import DATA, copy_stages
@@ -46,7 +46,7 @@ def make_config(artifacts_dir, data=None, prepare=None) -> Config:
 
 
 def run_prepare(config, **kwargs):
-    return pipeline.run_component(pipeline.component("prepare"), config, **kwargs)
+    return definition.run_component(definition.component("prepare"), config, **kwargs)
 
 
 def parsed_records(artifact) -> dict:
@@ -103,7 +103,7 @@ def test_parallel_processes_write_what_one_process_writes(tmp_path):
 
 
 def test_shard_plan_cuts_where_the_shard_writer_cuts(tmp_path):
-    from components.beam_prepare import plan_shards
+    from components.data.beam_prepare import plan_shards
 
     rng = np.random.default_rng(0)
     sizes = [(index, "train", list(rng.integers(10, 400, rng.integers(0, 6)))) for index in range(12)]
@@ -123,7 +123,7 @@ def test_shard_plan_cuts_where_the_shard_writer_cuts(tmp_path):
 def test_one_ffmpeg_run_decodes_the_samples_musdb_decodes():
     import musdb
 
-    from components import datasets
+    from components.data import datasets
 
     track = musdb.DB(root=str(MUSDB_SAMPLE), subsets="train").tracks[0]
     reference = track.stems  # stempeg: ffprobe, then one ffmpeg per stream
@@ -195,7 +195,7 @@ def test_beam_runner_without_beam_is_a_one_line_error(tmp_path, monkeypatch):
 
 
 def test_beam_options_default_to_the_multiprocess_direct_runner():
-    from components.beam_prepare import pipeline_options
+    from components.data.beam_prepare import pipeline_options
 
     config = make_config("/tmp/a", prepare={"workers": 3}).prepare
     assert pipeline_options(config)[:3] == ["--runner=DirectRunner", "--direct_running_mode=multi_processing",
@@ -210,11 +210,11 @@ def test_beam_options_default_to_the_multiprocess_direct_runner():
 MULTI_WORKER_STEP = textwrap.dedent("""
     import json, os, sys
     import numpy as np
-    from components import distribute
+    from components.training import distribute
     multi = bool(os.environ.get("TF_CONFIG"))
     strategy = distribute.multi_worker_strategy() if multi else None  # before any other TensorFlow op
     import keras, tensorflow as tf
-    from components.train import build_model
+    from components.training.trained import build_model
     from pipeline.experiment import resolve
     config = resolve({"model": {"umx": {"nb_layers": 1}}}, ["unittest"])
     rng = np.random.default_rng(0)
@@ -363,7 +363,7 @@ def test_beam_evaluation_writes_the_metrics_of_the_process_pool(tmp_path, umx_pi
         raw = deep_merge(deep_merge(defaults(), PRESETS["unittest"]),
                          {"artifacts_dir": str(root), "train": {"epochs": 1, "steps_per_epoch": 2},
                           "evaluate": {"workers": 2}, "prepare": prepare})
-        pipeline.run_component(pipeline.component("evaluate"), Config.from_dict(raw))
+        definition.run_component(definition.component("evaluate"), Config.from_dict(raw))
         found = json.loads((root / "evaluate" / "metrics.json").read_text())
         assert found["baseline_cache"].pop("path") == str(next((root / "evaluate-baselines").glob("*.json")))
         metrics[name] = found

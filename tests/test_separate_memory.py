@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import soundfile
 
-from components.separation import iter_separate, separate_array
+from components.inference.separation import iter_separate, separate_array
 from configs.errors import SeparateError
+from components.inference import files, separators
 from pipeline import separate
 
 
@@ -22,7 +23,7 @@ class IdentityStub:
         self.sample_rate, self.nb_channels = sample_rate, nb_channels
         self.targets = ["vocals", "drums", "bass", "other"]
         self.chunk_seconds = None
-        self.default_chunk_seconds = default_chunk_seconds or separate.DEFAULT_CHUNK_SECONDS
+        self.default_chunk_seconds = default_chunk_seconds or separators.DEFAULT_CHUNK_SECONDS
         self.shapes = []
 
     def __call__(self, batch):
@@ -41,12 +42,12 @@ def _song(path: Path, seconds: float, rate: int = 8000, channels: int = 2, subty
 @pytest.mark.parametrize("file_channels, model_channels", [(2, 2), (1, 2), (2, 1)])
 def test_a_file_decoded_chunk_by_chunk_separates_exactly_as_the_whole_decoded_array(tmp_path, file_channels,
                                                                                        model_channels):
-    from components.audio import conform
+    from components.data.audio import conform
 
     path = _song(tmp_path / "song.wav", 7.3, channels=file_channels)
     whole = conform(soundfile.read(str(path), dtype="float32", always_2d=True)[0], 8000, path, sample_rate=8000,
                     nb_channels=model_channels)
-    lazy = separate.FileMixture.open(path, 8000, model_channels)
+    lazy = files.FileMixture.open(path, 8000, model_channels)
     assert lazy.shape == whole.shape and lazy.file_channels == file_channels
 
     def identity(batch):
@@ -60,7 +61,7 @@ def test_a_file_decoded_chunk_by_chunk_separates_exactly_as_the_whole_decoded_ar
         lazy[0:10]
     lazy.close()
     # another rate than the model's, or an ffmpeg format: decoded whole by read_any (and resampled)
-    assert separate.FileMixture.open(path, 16000, model_channels) is None
+    assert files.FileMixture.open(path, 16000, model_channels) is None
 
 
 def test_nan_in_a_float_file_is_refused_before_any_stem_is_written(tmp_path):
@@ -68,7 +69,7 @@ def test_nan_in_a_float_file_is_refused_before_any_stem_is_written(tmp_path):
     audio[[3, 500], 1] = np.nan
     soundfile.write(str(tmp_path / "bad.wav"), audio, 8000, subtype="FLOAT")
     with pytest.raises(SeparateError, match=r"bad.wav: 2 NaN/Inf samples; re-export the file from its source"):
-        separate.separate_file(IdentityStub(), tmp_path / "bad.wav", tmp_path / "out", fmt="wav", chunk_seconds=1.0,
+        files.separate_file(IdentityStub(), tmp_path / "bad.wav", tmp_path / "out", fmt="wav", chunk_seconds=1.0,
                                overlap=0.25, force=False, progress=False)
     assert not (tmp_path / "out" / "bad").exists() or not any((tmp_path / "out" / "bad").iterdir())
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from components.metrics import global_sdr
+from components.evaluation.metrics import global_sdr
 from configs.errors import ConfigError
 from models.streaming import StreamingOpenUnmix, periodic_window_sum, stream_array
 from tests import model_harness as harness
@@ -24,7 +24,7 @@ def excerpt(sample_rate: int, seconds: float = 2.0) -> np.ndarray:
     if REAL_MIXTURE.is_file():
         import soundfile
 
-        from components.audio import resample
+        from components.data.audio import resample
 
         audio, rate = soundfile.read(str(REAL_MIXTURE), dtype="float32", always_2d=True, start=44100,
                                      frames=int(seconds * 44100))

@@ -178,7 +178,7 @@ def test_quantile_loss_trains(tiny):
 # Chunked separation
 # --------------------------------------------------------------------------------------------
 def test_overlap_add_with_the_family_chunk_is_exact_for_an_identity_model(tiny):
-    from components.separation import separate_array
+    from components.inference.separation import separate_array
 
     chunk = tiny.chunk_samples
     assert chunk == 64 * 31 and tiny.input_samples(chunk) == chunk and tiny.overlap == 0.875
@@ -200,7 +200,7 @@ def test_overlap_add_through_the_spectral_path_with_an_identity_network():
     """The family's STFT / fold / unfold / ISTFT with the U-Net replaced by a copy of its input per source."""
     import keras
 
-    from components.separation import separate_array
+    from components.inference.separation import separate_array
 
     config = registry.family_config(harness.tiny_config("tfc_tdf_v3").model)
     targets = ("vocals", "accompaniment")

@@ -127,7 +127,8 @@ def test_deterministic_mode_gives_identical_weights(prepared, tmp_path):
 MIRRORED_PARITY = textwrap.dedent("""
     import json, sys
     import numpy as np
-    from components.train import configure_devices, make_strategy, build_model
+    from components.train import configure_devices, make_strategy
+    from components.training.trained import build_model
     configure_devices(2)
     import keras, tensorflow as tf
     from pipeline.experiment import resolve
@@ -203,7 +204,7 @@ def test_the_first_step_of_a_multi_target_model_is_traced_once():
     import keras
     import tensorflow as tf
 
-    from components.train import _compile
+    from components.train import compile_model
     from pipeline.experiment import resolve
 
     mixture = keras.Input((None, 2))
@@ -213,7 +214,7 @@ def test_the_first_step_of_a_multi_target_model_is_traced_once():
     traces = []
     train_step = model.train_model.train_step
     model.train_model.train_step = lambda data: traces.append(1) or train_step(data)
-    _compile(model, tf.distribute.get_strategy(), resolve({}, ["unittest"]).train)
+    compile_model(model, tf.distribute.get_strategy(), resolve({}, ["unittest"]).train)
     batch = np.ones((2, 16, 2), "float32")
     model.train_model.train_on_batch(batch, {name: batch for name in outputs})
     assert len(traces) == 1
@@ -229,7 +230,7 @@ def test_a_model_declaring_no_graph_optimization_trains_without_grappler_and_the
     import keras
     import tensorflow as tf
 
-    from components.train import _compile, with_graph_optimization
+    from components.train import compile_model, with_graph_optimization
     from pipeline.experiment import resolve
     from tests import model_harness
 
@@ -243,7 +244,7 @@ def test_a_model_declaring_no_graph_optimization_trains_without_grappler_and_the
         outputs = {name: keras.layers.Dense(2, name=name)(hidden) for name in ("vocals", "bass")}
         model = types.SimpleNamespace(train_model=keras.Model(mixture, outputs), graph_optimization=declared,
                                       loss={name: keras.losses.MeanAbsoluteError() for name in outputs})
-        _compile(model, tf.distribute.get_strategy(), resolve({}, ["unittest"]).train)
+        compile_model(model, tf.distribute.get_strategy(), resolve({}, ["unittest"]).train)
         batch = np.random.default_rng(0).normal(0, 1, (2, 64, 2)).astype("float32")
         def step():
             model.train_model.train_on_batch(batch, {name: batch for name in outputs})

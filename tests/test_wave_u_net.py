@@ -182,7 +182,7 @@ def predict_track(network, song, input_length, output_length):
 
 @pytest.mark.parametrize("context", [True, False])
 def test_separator_is_the_references_chunked_prediction_for_static_and_dynamic_lengths(context):
-    from components.separation import compiled
+    from components.inference.separation import compiled
 
     config = tiny(context=context, predict_frames=100)
     model = build(config)

@@ -17,7 +17,7 @@ from components import artifacts
 from components.artifacts import Artifact
 from configs.errors import StageError
 from components.base import ComponentSpec, StageContext
-from components.manifest import Manifest
+from components.data.manifest import Manifest
 
 STAGES = ("prepare", "train", "evaluate", "export")
 # stages outside `all`: `import` writes the train artifact from released weights (components/importer.py;
@@ -70,7 +70,7 @@ def artifacts_lock(config):
     job share the directory by design: the chief holds the lock for the job, the other workers (which
     commit nothing) run under it."""
     if config.train.strategy == "multi_worker":
-        from components import distribute
+        from components.training import distribute
 
         try:
             cluster, task_type, index = distribute.cluster_from_env()

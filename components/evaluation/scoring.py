@@ -4,7 +4,7 @@ Per track, museval scores every target jointly on windows of `evaluate.window_se
 frames are kept as museval stores them (an infinite ratio as NaN, quantised to 1e-5). Aggregation is
 SiSEC18's: median over frames per track (NaN frames ignored), median over tracks per target, mean over
 targets. The MDX utterance-level uSDR (whole track) is averaged over tracks. q = (SDR - SDR_mix) /
-(SDR_irm - SDR_mix) places a model between the MIX and IRM baselines (`components.baselines`).
+(SDR_irm - SDR_mix) places a model between the MIX and IRM baselines (`components.evaluation.baselines`).
 `ScoringQueue` runs museval in worker processes; the local and the Beam evaluation both score here.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Mapping, Sequence, Tuple
 import numpy as np
 
 from configs.errors import StageError
-from components.metrics import global_sdr
+from components.evaluation.metrics import global_sdr
 
 METRICS = ("SDR", "SIR", "ISR", "SAR")
 

@@ -23,11 +23,11 @@ import time
 from pathlib import Path
 from typing import Dict, Iterable, List, Sequence, Tuple
 
-from components import datasets, prepare_tracks, records
+from components.data import datasets, prepare_tracks, records
 from components.artifacts import file_digest
 from configs.errors import StageError
 from components.base import StageContext
-from components.manifest import Shard, TrackEntry
+from components.data.manifest import Shard, TrackEntry
 
 SUMMARY_FILE = ".beam-summary.json"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -85,7 +85,7 @@ def quiet_beam_logs():
 def prepare_element(element, data, segment_samples: int):
     """(index, TrackRef) -> (index, record): the track's serialized examples and manifest entry, or its error."""
     index, ref = element
-    outcome = prepare_tracks._prepare_or_error(ref, data, segment_samples)
+    outcome = prepare_tracks.prepare_or_error(ref, data, segment_samples)
     if isinstance(outcome, StageError):
         return index, {"split": ref.split, "name": ref.name, "error": str(outcome)}
     # a training track's pitch/tempo-shifted copies follow it, as the local runner writes them
@@ -185,8 +185,6 @@ def build_pipeline(pipeline, items, data, segment_samples: int, output_dir: str)
 
 def run(context: StageContext) -> dict:
     """The `prepare` executor with `prepare.runner=beam`."""
-    from components import prepare
-
     beam = require_beam()
     from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -194,7 +192,7 @@ def run(context: StageContext) -> dict:
     data = config.data
     started = time.time()
     found = datasets.find_tracks(data, config.artifacts_dir, logger=logger)
-    segment_samples = prepare.segment_samples_of(data)
+    segment_samples = prepare_tracks.segment_samples_of(data)
     items = list(enumerate(ref for refs in found.values() for ref in refs))
     options = pipeline_options(config.prepare)
     logger.info("prepare: %d tracks (%s) from %s data, Apache Beam %s", len(items),
@@ -207,19 +205,19 @@ def run(context: StageContext) -> dict:
     summary = json.loads(summary_path.read_text())
     summary_path.unlink()
 
-    manifest = prepare.new_manifest(data, segment_samples)
+    manifest = prepare_tracks.new_manifest(data, segment_samples)
     tracks = {split: [] for split in found}
     for track in sorted(summary["tracks"], key=lambda t: t["index"]):
         if track["error"] is not None:
-            prepare.record_bad_track(manifest, track["split"], track["name"], StageError(track["error"]), data,
+            prepare_tracks.record_bad_track(manifest, track["split"], track["name"], StageError(track["error"]), data,
                                      logger)
             continue
-        prepare.record_track(manifest, tracks[track["split"]], TrackEntry.from_dict(track["entry"]), track["split"],
+        prepare_tracks.record_track(manifest, tracks[track["split"]], TrackEntry.from_dict(track["entry"]), track["split"],
                              logger)
         for copy in track.get("copies", []):
-            prepare.record_track(manifest, tracks[track["split"]], TrackEntry.from_dict(copy), track["split"], logger)
+            prepare_tracks.record_track(manifest, tracks[track["split"]], TrackEntry.from_dict(copy), track["split"], logger)
     for split in found:
         shards = sorted((s for s in summary["shards"] if s["split"] == split), key=lambda s: s["index"])
         shards = [Shard.from_dict(s) for s in shards]
-        manifest.splits[split] = prepare._split_entry(tracks[split], shards, data.targets)
-    return prepare.finish(manifest, data, started, logger)
+        manifest.splits[split] = prepare_tracks.split_entry(tracks[split], shards, data.targets)
+    return prepare_tracks.finish(manifest, data, started, logger)

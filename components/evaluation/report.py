@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from components.scoring import as_float
+from components.evaluation.scoring import as_float
 
 
 def write(output_dir: Path, metrics: Mapping, frames, names: Sequence[str], targets: Sequence[str], settings) -> None:

@@ -24,7 +24,7 @@ from typing import Callable, Dict, List, Mapping, Tuple
 
 import numpy as np
 
-from components import audio, synth
+from components.data import audio, synth
 from configs.config import MUSDB_TARGETS as MUSDB_SOURCES  # the four stems a MUSDB track stores
 from configs.errors import StageError
 

@@ -19,8 +19,9 @@ from typing import Dict, Mapping, Optional, Sequence
 
 import numpy as np
 
-from components import artifacts, scoring
-from components.report import json_safe
+from components import artifacts
+from components.evaluation import scoring
+from components.evaluation.report import json_safe
 
 BASELINES = ("mix", "irm")
 METHODS = ("model",) + BASELINES  # what evaluate scores: the model, then the baselines

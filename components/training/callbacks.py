@@ -61,8 +61,8 @@ class ValidationSnapshot(keras.callbacks.Callback):
             log.info("step %d: validation snapshot SDR %.2f dB", self.step, value)
 
     def measure(self) -> float:
-        from components.metrics import global_sdr
-        from components.separation import compiled
+        from components.evaluation.metrics import global_sdr
+        from components.inference.separation import compiled
 
         if self.separate_fn is None:
             self.separate_fn = compiled(self.separation_model.separator, self.separation_model.nb_channels)
@@ -107,8 +107,8 @@ class ValidationSdr(keras.callbacks.Callback):
             logs["val_sdr"] = self.measure()
 
     def measure(self) -> float:
-        from components.metrics import global_sdr
-        from components.separation import compiled, separate_array
+        from components.evaluation.metrics import global_sdr
+        from components.inference.separation import compiled, separate_array
 
         model = self.separation_model
         if self.separate_fn is None:

@@ -2,10 +2,10 @@
 
     tracks of the split -> Reshuffle -> per track, on a worker: read its segments from the shards that
     hold it, separate it with the trained model (loaded once per worker), compute the MIX/IRM baselines
-    unless cached, score everything with museval -> the driver aggregates with `evaluate.finish_metrics`
+    unless cached, score everything with museval -> the driver aggregates with `runner.finish_metrics`
 
-The per-track steps are `evaluate.separate_track`, `baselines.estimates` and `scoring.score_track`, as in
-`evaluate.evaluate_tracks`, and the aggregation is the same function, so metrics.json is the process pool's. Runner and flags as for prepare
+The per-track steps are `runner.separate_track`, `baselines.estimates` and `scoring.score_track`, as in
+`runner.evaluate_tracks`, and the aggregation is the same function, so metrics.json is the process pool's. Runner and flags as for prepare
 (`prepare.beam_options`); on a cluster `artifacts_dir` must be storage every worker reads.
 """
 from __future__ import annotations
@@ -19,10 +19,10 @@ from typing import Dict, Mapping, Sequence, Tuple
 
 import numpy as np
 
-from components import baselines, records, scoring
-from components import evaluate as local
+from components.evaluation import baselines, runner, scoring
+from components.data import records
 from components.artifacts import META_FILE, Artifact
-from components.manifest import Manifest
+from components.data.manifest import Manifest
 
 
 # -- reading one track without scanning the whole split --------------------------------------------------------
@@ -49,9 +49,9 @@ def read_track(prepare: Artifact, split: str, name: str) -> Dict[str, np.ndarray
 # -- one track, start to finish ----------------------------------------------------------------------------------
 def evaluate_track(index: int, track: str, stems: Mapping[str, np.ndarray], separate_fn, *, targets: Sequence[str],
                    sample_rate: int, settings, input_samples, with_baselines: bool) -> dict:
-    """What `evaluate.evaluate_tracks` does for one track: separate, check, score model (and baselines)."""
+    """What `runner.evaluate_tracks` does for one track: separate, check, score model (and baselines)."""
     started = time.time()
-    mixture, estimates, warnings = local.separate_track(index, track, stems, separate_fn, targets=targets,
+    mixture, estimates, warnings = runner.separate_track(index, track, stems, separate_fn, targets=targets,
                                                         sample_rate=sample_rate, settings=settings,
                                                         input_samples=input_samples)
     references = {t: np.asarray(stems[t], dtype=np.float32) for t in targets}
@@ -82,13 +82,13 @@ def _track_evaluator():
             self.config, self.prepare_path, self.train_path, self.cached = config, prepare_path, train_path, set(cached)
 
         def setup(self):
-            from components import train
-            from components.separation import compiled
+            from components.training import trained
+            from components.inference.separation import compiled
             from configs import Config
 
             self.settings = Config.from_dict(self.config)
             self.prepare = _artifact(self.prepare_path)
-            self.model = train.load_trained(_artifact(self.train_path), self.settings)
+            self.model = trained.load_trained(_artifact(self.train_path), self.settings)
             self.separate_fn = compiled(self.model.separator, self.model.nb_channels)
 
         def process(self, element):
@@ -107,8 +107,8 @@ def _write_results(_, path: str, results: list) -> None:
 
 
 def evaluate(context, *, targets: Sequence[str], key: Mapping) -> dict:
-    """`evaluate.evaluate_tracks` on Beam; writes and returns the same metrics."""
-    from components import beam_prepare
+    """`runner.evaluate_tracks` on Beam; writes and returns the same metrics."""
+    from components.data import beam_prepare
 
     beam = beam_prepare.require_beam()
     from apache_beam.options.pipeline_options import PipelineOptions
@@ -153,7 +153,7 @@ def evaluate(context, *, targets: Sequence[str], key: Mapping) -> dict:
         for method, scores in record["scores"].items():
             results[(record["track"], method)] = scores
             usdrs[method][record["track"]] = record["usdrs"][method]
-    return local.finish_metrics([r["track"] for r in done], fresh, results, usdrs, cached, warnings,
+    return runner.finish_metrics([r["track"] for r in done], fresh, results, usdrs, cached, warnings,
                                 targets=tuple(targets), sample_rate=config.data.sample_rate, settings=settings,
                                 output_dir=output_dir, baseline_cache=cache_path, key=key, logger=logger,
                                 log_scalar=context.log_scalar)

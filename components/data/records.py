@@ -27,7 +27,7 @@ from typing import Dict, Iterator, List, Mapping, Optional, Tuple, Union
 import numpy as np
 
 from components.artifacts import Artifact, file_digest
-from components.manifest import Manifest, Shard
+from components.data.manifest import Manifest, Shard
 from configs.errors import StageError
 
 PCM_DTYPES = {"int16": "<i2", "float16": "<f2", "float32": "<f4"}

@@ -1,0 +1,1 @@
+"""Evaluation libraries: BSSEval scoring, MIX/IRM baselines, reports, per-track work shared by the runners."""

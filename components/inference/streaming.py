@@ -1,0 +1,135 @@
+"""Separation hop by hop with an export's streaming model (models/streaming.py): one hop in, one hop per target
+out, stems written as they are produced."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from configs.errors import SeparateError
+
+
+class StreamingSeparator:
+    """The export's streaming model (SavedModel folder or .tflite) with its `stream.json` description."""
+
+    def __init__(self, path: Path):
+        from components import export
+
+        if path.suffix == ".tflite" and path.is_file():
+            description_path = path.parent / "stream.json"
+        elif (path / "saved_model.pb").is_file():
+            description_path = path.parent / "stream.json"
+        else:
+            raise SeparateError(f"{path}: not a streaming SavedModel or .tflite; use the export's stream/saved_model "
+                                "or stream/stream.float32.tflite (unidirectional Open-Unmix only)")
+        if not description_path.is_file():
+            raise SeparateError(f"{path}: no stream.json beside it; use a streaming model from an export stage")
+        self.description = json.loads(description_path.read_text())
+        self.sample_rate = int(self.description["sample_rate"])
+        self.nb_channels = int(self.description["nb_channels"])
+        self.targets = list(self.description["targets"])
+        self.hop = int(self.description["hop_samples"])
+        self.latency = int(self.description["latency_samples"])
+        if path.suffix == ".tflite":
+            self.step = export.tflite_stream_step(model_path=str(path), num_threads=1)
+        else:
+            self.step = export.saved_model_stream_step(path)
+
+    def initial_state(self) -> dict:
+        import numpy as np
+
+        return {name: np.zeros([1] + spec["shape"][1:], np.float32) for name, spec in self.description["state"].items()}
+
+
+def load_streaming(model: str | None, artifacts_dir: str) -> StreamingSeparator:
+    if model is None:
+        stream = Path(artifacts_dir) / "export" / "stream"
+        if not (stream / "stream.json").is_file():
+            raise SeparateError(f"no streaming model in {stream}; export a unidirectional Open-Unmix "
+                                "(model.umx.unidirectional=True) or pass --model")
+        return StreamingSeparator(stream / "saved_model")
+    path = Path(model)
+    if path.is_dir() and (path / "stream.json").is_file():  # the export's stream/ folder itself
+        path = path / "saved_model"
+    return StreamingSeparator(path)
+
+
+def pcm_hops(handle, fmt: str, nb_channels: int, hop: int):
+    """Hops `(hop, nb_channels)` float32 from a raw PCM byte stream; the last one zero-padded."""
+    import numpy as np
+
+    dtype, scale = (np.int16, 1 / 32768.0) if fmt == "s16le" else (np.float32, 1.0)
+    frame_bytes = np.dtype(dtype).itemsize * nb_channels
+    pending = b""
+    while True:
+        data = handle.read(hop * frame_bytes - len(pending))
+        if not data:
+            break
+        pending += data
+        if len(pending) == hop * frame_bytes:
+            yield np.frombuffer(pending, dtype=dtype).reshape(hop, nb_channels).astype(np.float32) * scale
+            pending = b""
+    if pending:
+        usable = len(pending) - len(pending) % frame_bytes
+        block = np.frombuffer(pending[:usable], dtype=dtype).reshape(-1, nb_channels).astype(np.float32) * scale
+        yield np.pad(block, ((0, hop - len(block)), (0, 0)))
+
+
+def file_hops(mixture, hop: int):
+    import numpy as np
+
+    for start in range(0, len(mixture), hop):
+        block = mixture[start:start + hop]
+        yield np.pad(block, ((0, hop - len(block)), (0, 0))) if len(block) < hop else block
+
+
+def stream_to_stems(streamer: StreamingSeparator, hops, destination: Path, *, nb_timesteps=None, out_channels: int,
+                    fmt: str, atomic: bool) -> dict:
+    """Run hops `(hop, channels at the model's layout)` through the streaming model, writing every stem as its
+    hops come out (flushed), aligned with the input: the first `latency` output samples are dropped and the
+    tail is flushed with silence. `nb_timesteps`: trim to the input length when known. Returns {target: file}."""
+    import numpy as np
+    import soundfile
+
+    from models.streaming import STATE_NAMES
+
+    destination.mkdir(parents=True, exist_ok=True)
+    files = {t: destination / f"{t}.{fmt}" for t in streamer.targets}
+    paths = {t: (f.with_name(f".{f.stem}.part.{fmt}") if atomic else f) for t, f in files.items()}
+    subtype = "FLOAT" if fmt == "wav" else "PCM_24"
+    writers = {t: soundfile.SoundFile(str(paths[t]), "w", samplerate=streamer.sample_rate, channels=out_channels,
+                                      subtype=subtype) for t in streamer.targets}
+    state = streamer.initial_state()
+    skip, written, consumed = streamer.latency, 0, 0
+    flush = [np.zeros((streamer.hop, streamer.nb_channels), np.float32)] * (-(-streamer.latency // streamer.hop))
+
+    def blocks():
+        nonlocal consumed
+        for block in hops:
+            consumed += len(block)
+            yield block
+        yield from flush
+
+    try:
+        for block in blocks():
+            outputs = streamer.step(audio=np.asarray(block, np.float32)[None], **state)
+            state = {name: outputs[name + "_out"] for name in STATE_NAMES}
+            start = min(skip, streamer.hop)
+            skip -= start
+            limit = (nb_timesteps if nb_timesteps is not None else consumed) - written
+            count = max(0, min(streamer.hop - start, limit))
+            if not count:
+                continue
+            for target, writer in writers.items():
+                stem = np.asarray(outputs[target])[0, start:start + count]
+                if out_channels != stem.shape[1]:
+                    stem = stem.mean(axis=1, keepdims=True) if out_channels == 1 else np.repeat(stem, out_channels, 1)
+                writer.write(np.clip(stem, -1, 1) if fmt == "flac" else stem)
+                writer.flush()  # a reader (or a pipe) sees the stem grow hop by hop
+            written += count
+    finally:
+        for writer in writers.values():
+            writer.close()
+    if atomic:
+        for target in streamer.targets:
+            paths[target].replace(files[target])
+    return files

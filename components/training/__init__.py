@@ -1,0 +1,1 @@
+"""Training libraries: optimizers, callbacks, distribution strategies, weight loading shared by the stages."""
