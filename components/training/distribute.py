@@ -15,11 +15,13 @@ Each worker reads the same seeded stream of global batches and keeps its own sli
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Tuple
 
 from configs.errors import StageError
 
+log = logging.getLogger("pipeline.train")
 _STRATEGY = None
 
 
@@ -96,22 +98,101 @@ def shard_by_data(dataset):
 
 
 def backup_callback(backup_dir: str, chief: bool):
-    """BackupAndRestore that only the chief writes; every worker restores from the chief's state."""
+    """The resume state of a training run (`.train-work/<fingerprint>/backup`): the chief writes it, atomically;
+    every worker restores from the chief's state (Keras 3's BackupAndRestore is not multi-worker aware: two
+    writers would race on one file)."""
+    return atomic_backup_class()(backup_dir, writer=chief)
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_backup_class():
+    """`keras.callbacks.BackupAndRestore` whose state survives a kill at any moment.
+
+    Keras writes `latest.weights.h5` in place, so a kill while it writes leaves a torn file that every rerun
+    fails to load. Here a backup is written beside (`incoming.*`), flushed to disk, and renamed into place
+    after the previous pair has been renamed to `previous.*`; `training_metadata.json` records the epoch and the
+    sha256 of its weights file. On restore, the newest metadata whose weights file is present with that
+    checksum wins, so a torn or missing latest pair falls back to the previous good one.
+    """
     import keras
 
-    if chief:
-        return keras.callbacks.BackupAndRestore(backup_dir)
+    from components.artifacts import file_digest
 
-    class RestoreFromChief(keras.callbacks.BackupAndRestore):
-        """Keras 3's BackupAndRestore is not multi-worker aware: two writers would race on one file."""
+    class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
+        def __init__(self, backup_dir: str, writer: bool = True):
+            super().__init__(backup_dir, delete_checkpoint=writer)
+            self.writer = writer
+            self._incoming_weights = os.path.join(backup_dir, "incoming.weights.h5")
+            self._incoming_metadata = os.path.join(backup_dir, "incoming_metadata.json")
+            # Keras loads only `*.weights.h5` names, so the previous pair is not Keras' `*.bkp`
+            self._prev_weights_path = os.path.join(backup_dir, "previous.weights.h5")
+            self._prev_training_metadata_path = os.path.join(backup_dir, "previous_metadata.json")
 
         def _save_model(self):
-            pass
+            if not self.writer:
+                return
+            os.makedirs(self.backup_dir, exist_ok=True)
+            self.model.save_weights(filepath=self._incoming_weights, overwrite=True)
+            _fsync(self._incoming_weights)
+            metadata = {"epoch": self._current_epoch, "batch": self._last_batch_seen,
+                        "weights_sha256": file_digest(self._incoming_weights)}
+            with open(self._incoming_metadata, "w") as handle:
+                handle.write(json.dumps(metadata))
+                handle.flush()
+                os.fsync(handle.fileno())
+            if os.path.exists(self._weights_path) and os.path.exists(self._training_metadata_path):
+                os.replace(self._weights_path, self._prev_weights_path)
+                os.replace(self._training_metadata_path, self._prev_training_metadata_path)
+            os.replace(self._incoming_weights, self._weights_path)
+            os.replace(self._incoming_metadata, self._training_metadata_path)
+            _fsync(self.backup_dir)
+
+        def good_state(self):
+            """(weights path, epoch) of the newest complete backup, or None when there is none."""
+            states = []
+            for path in (self._training_metadata_path, self._prev_training_metadata_path):
+                try:
+                    with open(path) as handle:
+                        metadata = json.loads(handle.read())
+                    states.append((int(metadata["epoch"]), metadata.get("weights_sha256")))
+                except (OSError, ValueError, KeyError, TypeError):
+                    continue
+            for epoch, digest in sorted(states, key=lambda state: -state[0]):
+                for weights in (self._weights_path, self._prev_weights_path):
+                    if os.path.isfile(weights) and (digest is None or file_digest(weights) == digest):
+                        return weights, epoch
+            return None
+
+        def on_train_begin(self, logs=None):
+            if not self.model.built:
+                raise ValueError("BackupAndRestore needs a built model")
+            state = self.good_state()
+            if state is None:
+                if any(os.path.exists(p) for p in (self._weights_path, self._prev_weights_path)):
+                    log.warning("train: no complete backup in %s (torn files from a kill); training starts "
+                                "from epoch 1", self.backup_dir)
+                return
+            weights, epoch = state
+            if self.model.optimizer is not None and not self.model.optimizer.built:
+                self.model.optimizer.build(self.model.trainable_variables)
+            self.model.load_weights(weights)
+            self.model._initial_epoch = epoch
+            if weights != self._weights_path:
+                log.warning("train: the latest backup in %s was incomplete; resumed from the previous one "
+                            "(epoch %d)", self.backup_dir, epoch)
 
         def on_train_end(self, logs=None):
-            pass
+            if self.writer:
+                super().on_train_end(logs)
 
-    return RestoreFromChief(backup_dir, delete_checkpoint=False)
+    return AtomicBackupAndRestore
 
 
 def build_for_fit(keras_model, dataset, strategy) -> None:
