@@ -463,3 +463,33 @@ def set_option_keys(options: Mapping[str, Any], known: Sequence[str], where: str
         if value not in (None, "", (), []):
             raise CheckpointError(f"{where}: import.{key} does not apply to this family; "
                                   f"it takes {', '.join('import.' + k for k in known) or 'no options'}")
+
+
+def load_release_yaml(path: Path) -> dict:
+    """A release's yaml config as a mapping: safe YAML plus the `!!python/tuple` tags some releases carry (read as
+    lists). Unreadable, malformed, unsafe (other python tags) or not a mapping: a one-line CheckpointError naming
+    the file."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_constructor("tag:yaml.org,2002:python/tuple", lambda loader, node: loader.construct_sequence(node))
+    fix = "pass the yaml config that came with the release (import.config=...)"
+    try:
+        with open(path) as handle:
+            settings = yaml.load(handle, Loader=Loader)
+    except OSError as error:
+        raise CheckpointError(f"import.config={path}: cannot be read ({error.strerror or error}); {fix}") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or type(error).__name__
+        raise CheckpointError(f"import.config={path}: not valid YAML{where} ({' '.join(str(problem).split())}); "
+                              f"{fix}") from None
+    if settings is None:
+        return {}
+    if not isinstance(settings, dict):
+        raise CheckpointError(f"import.config={path}: holds a {type(settings).__name__}, not a mapping of settings "
+                              f"(audio, model, training, ...); {fix}")
+    return settings

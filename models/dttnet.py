@@ -415,16 +415,15 @@ def read_released(path, config: Optional[str] = None, targets=(), **options):
     one file), the network read from `state_dict`. The sizes come from the tensors themselves (the reference
     does not save its hyper-parameters); the hop length and chunk (`dim_t`) from the model yaml of the
     reference (`configs/model/<target>.yaml`, import.config) when given, else the published 1024 / 256."""
-    from models.checkpoints import ReleasedCheckpoint, load_torch, set_option_keys, state_dict_of
+    from models.checkpoints import ReleasedCheckpoint, load_release_yaml, load_torch, set_option_keys, state_dict_of
     from configs.errors import CheckpointError
-    from models.tfc_tdf_unet import _load_yaml
 
     where = f"import {path}"
     set_option_keys(options, ("config", "targets"), where)
     path = Path(path)
-    yaml_settings = _load_yaml(Path(config)) if config else {}
     if config and not Path(config).is_file():
         raise CheckpointError(f"{where}: import.config={config} does not exist; pass the reference's model yaml")
+    yaml_settings = load_release_yaml(Path(config)) if config else {}
     if path.is_dir():
         files = {p.stem.split("-")[0].split("_")[0]: p for p in sorted(path.glob("*.ckpt"))}
         if targets:

@@ -472,28 +472,17 @@ def _release_config(path: Path, config: Optional[str]):
     return weights, yaml_file
 
 
-def _load_yaml(path: Path) -> dict:
-    import yaml
-
-    class Loader(yaml.SafeLoader):
-        """Safe YAML plus the `!!python/tuple` tags some releases carry (read as lists)."""
-
-    Loader.add_constructor("tag:yaml.org,2002:python/tuple", lambda loader, node: loader.construct_sequence(node))
-    with open(path) as handle:
-        return yaml.load(handle, Loader=Loader) or {}
-
-
 def read_released(path, config: Optional[str] = None, targets=(), **options):
     """An MDX23C / TFC-TDF-UNet v3 release: the checkpoint (`.ckpt`/`.pth`: the network's state dict, or a
     checkpoint dict holding it under `state_dict`) and its yaml config (audio / model / training / inference
     sections, as KUIELab's and ZFTurbo's code read them). Targets are `training.instruments`, or
     `[training.target_instrument]` when the model has one output."""
-    from models.checkpoints import ReleasedCheckpoint, load_torch, set_option_keys, state_dict_of
+    from models.checkpoints import ReleasedCheckpoint, load_release_yaml, load_torch, set_option_keys, state_dict_of
 
     where = f"import {path}"
     set_option_keys(options, ("config", "targets"), where)
     weights, yaml_file = _release_config(Path(path), config)
-    settings = _load_yaml(yaml_file)
+    settings = load_release_yaml(yaml_file)
     try:
         audio, model, training = settings["audio"], settings["model"], settings["training"]
         unsupported = {"norm": (model.get("norm"), "InstanceNorm"), "act": (model.get("act", "gelu"), "gelu"),

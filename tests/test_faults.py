@@ -120,3 +120,34 @@ def test_sigkill_while_backups_are_written_never_leaves_an_unloadable_state(tmp_
         restorer.set_model(model)
         restorer.on_train_begin()  # raised on a torn file before atomic backups
         assert model._initial_epoch in (done, done + 1), (kill, done, model._initial_epoch)
+
+
+# --------------------------------------------------------------------------------------------
+# Release yaml configs (import.config): one line naming the file
+# --------------------------------------------------------------------------------------------
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+BAD_YAML = {
+    "malformed": ("audio: {sample_rate: 44100\nmodel: [", r"not valid YAML at line \d+"),
+    "python_tag": ("audio: !!python/object/apply:os.system ['true']\n", r"not valid YAML at line 1 \(.*python/object"),
+    "a_list": ("- audio\n- model\n", r"holds a list, not a mapping of settings"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_YAML))
+@pytest.mark.parametrize("family, checkpoint", [("tfc_tdf_v3", "tfc_tdf_v3/multi/model.ckpt"),
+                                                ("dttnet", "dttnet/vocals.ckpt")])
+def test_a_broken_release_yaml_is_one_line_naming_the_file(kind, family, checkpoint, tmp_path):
+    from tests.cli import cli_here
+
+    text, message = BAD_YAML[kind]
+    config = tmp_path / "config.yaml"
+    config.write_text(text)
+    artifacts_dir = tmp_path / "artifacts"
+    result = cli_here("--stage", "import", "--no-file-observer", "-q", "with", "unittest", f"model.name={family}",
+                      f"import.path={FIXTURES / checkpoint}", f"import.config={config}",
+                      f"artifacts_dir={artifacts_dir}")
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode != 0 and len(lines) == 1, result.stderr
+    assert f"import.config={config}" in lines[0] and __import__("re").search(message, lines[0]), lines[0]
+    assert "Traceback" not in result.stderr
+    assert not (artifacts_dir / "import").exists() and not (artifacts_dir / "train").exists()
