@@ -49,6 +49,8 @@ class ComponentSpec:
     setup:           optional, config -> None, run by the driver before any stage of the run starts (and
                      before TensorFlow initialises), e.g. train's logical CPU devices
     stage:           the `--stage` name when it is not `name` (`import` writes the train artifact)
+    check_inputs:    optional, config -> None, raises a one-line StageError when the outside inputs are unusable
+                     (e.g. `data.root` missing); the driver calls it before any lock, folder or Sacred run
     """
 
     name: str
@@ -60,6 +62,7 @@ class ComponentSpec:
     outputs: Tuple[str, ...] = ()
     side_caches: Tuple[str, ...] = ()
     setup: Optional[Callable[[Any], None]] = None
+    check_inputs: Optional[Callable[[Any], None]] = None
     stage: Optional[str] = None
 
     @property

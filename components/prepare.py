@@ -64,4 +64,4 @@ def run(context: StageContext) -> dict:
 
 
 SPEC = ComponentSpec(name="prepare", inputs=(), config_sections=("data",), executor=run,
-                     input_payload=datasets.input_payload)
+                     input_payload=datasets.input_payload, check_inputs=datasets.check_inputs)

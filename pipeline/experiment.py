@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import re
 from pathlib import Path
 
 from configs import PRESETS, Config
@@ -168,9 +169,12 @@ def _within_timeout(call, where: str, problem: str) -> None:
     raise UserError(f"{where}: {problem} ({reason}); start it, fix the URL, or drop the option")
 
 
-def _one_line(error) -> str:
+def _one_line(error, limit: int = 100) -> str:
+    """The gist of a driver's error on one short line: pymongo appends its timeouts and the whole topology
+    description (~450 characters) after the reason, which is all a user needs."""
     text = " ".join(str(error).split()) or type(error).__name__
-    return text[:200]
+    text = re.split(r" \(configured timeouts|, Timeout: ", text)[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _stage_command(stage: str):
@@ -236,6 +240,9 @@ def run_stages(experiment, args, updates: dict, named: list, config: Config = No
     for spec in specs:
         if spec.setup is not None:
             spec.setup(config)
+    for spec in specs:  # outside inputs (data set, release files) checked before any lock, folder or Sacred run
+        if spec.check_inputs is not None:
+            spec.check_inputs(config)
     # one run owns the artifacts directory for all its stages (see artifacts.exclusive)
     with definition.artifacts_lock(config):
         for spec in specs:

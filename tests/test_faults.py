@@ -151,3 +151,18 @@ def test_a_broken_release_yaml_is_one_line_naming_the_file(kind, family, checkpo
     assert f"import.config={config}" in lines[0] and __import__("re").search(message, lines[0]), lines[0]
     assert "Traceback" not in result.stderr
     assert not (artifacts_dir / "import").exists() and not (artifacts_dir / "train").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# The driver: a missing data set is refused before any lock, artifacts folder or Sacred run
+# --------------------------------------------------------------------------------------------
+def test_a_missing_data_root_is_one_line_before_any_lock_folder_or_sacred_run(tmp_path):
+    from tests.cli import cli_here
+
+    artifacts_dir, runs = tmp_path / "artifacts", tmp_path / "runs"
+    result = cli_here("--stage", "all", "-q", "--runs-dir", str(runs), "with", "unittest", "data.format=musdb",
+                      f"data.root={tmp_path / 'nope'}", f"artifacts_dir={artifacts_dir}")
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"error: {tmp_path / 'nope'}: data.root does not exist or is not a directory; "
+                                     f"set data.root to the musdb data set")
+    assert not artifacts_dir.exists() and not runs.exists()  # no `.lock`, no Sacred run

@@ -355,6 +355,7 @@ def test_mongodb_unreachable_or_pymongo_missing_is_refused_in_seconds(monkeypatc
         url = f"mongodb://127.0.0.1:{port}/sacred"
         message = refused_quickly(monkeypatch, 6, mongo=url)
         assert message.startswith(f"--mongo {url}: cannot reach MongoDB (")
+        assert len(message) < 200, message  # not pymongo's 450-character topology description
 
 
 def test_an_observer_failure_is_one_line_from_the_cli_before_any_stage(tmp_path):

@@ -117,6 +117,12 @@ def input_payload(config) -> dict:
     return {"root": str(root.resolve()), "files": files}
 
 
+def check_inputs(config) -> None:
+    """A data set named by `data.root` must be a folder (the synthesizer makes its own)."""
+    if config.data.format != "default":
+        _existing_root(config.data)
+
+
 def _subset_of(data_format: str, split: str) -> str:
     return MUSDB_SPLITS[split][0] if data_format in ("musdb", "musdb-hq") and split in MUSDB_SPLITS else split
 
