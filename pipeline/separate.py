@@ -17,10 +17,11 @@ if __name__ == "__main__" and not __package__:  # `python pipeline/separate.py`
     from _script import put_project_root_first
     put_project_root_first()
 
-from components.inference.files import read_any, safe_name, separate_file, write_problem  # noqa: E402 - after the sys.path set-up
+from components.inference.files import (Terminated, clashing_inputs, finished, safe_name,  # noqa: E402 - after the
+                                        separate_file, track_folder, write_problem)          # sys.path set-up above
 from components.inference.separators import load_separator  # noqa: E402
-from components.inference.streaming import file_hops, load_streaming, pcm_hops, stream_to_stems  # noqa: E402
-from configs.errors import SeparateError, StageError  # noqa: E402
+from components.inference.streaming import load_streaming, stream_file, stream_pcm  # noqa: E402
+from configs.errors import SeparateError  # noqa: E402
 
 
 
@@ -39,6 +40,8 @@ def get_parser() -> argparse.ArgumentParser:
                         help=".tflite models: chunks separated at the same time, one 1-thread interpreter each "
                              "(default 2: on a quiet 2-core machine 1.8x faster than one 2-thread interpreter)")
     parser.add_argument("--force", action="store_true", help="overwrite existing stems")
+    parser.add_argument("--skip-existing", action="store_true",
+                        help="skip tracks whose stems all exist (exit 0), e.g. to rerun over a folder")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_stream_arguments(parser)
     return parser
@@ -58,20 +61,39 @@ def add_stream_arguments(parser: argparse.ArgumentParser) -> None:
 
 def stream_main(args) -> int:
     """`separate --stream FILE|- ...`: the streaming model, hop by hop."""
+    from pipeline.quiet import import_tensorflow
+
+    if args.pcm_rate is not None and args.pcm_rate <= 0:
+        return _refuse(f"--pcm-rate {args.pcm_rate}: must be a positive sample rate, e.g. --pcm-rate 44100")
+    if args.pcm_channels is not None and args.pcm_channels not in (1, 2):
+        return _refuse(f"--pcm-channels {args.pcm_channels}: 1 or 2 channels only")
+    out = Path(args.out)
+    problem = _output_problem(args.files, out)
+    if problem:
+        return _refuse(problem)
+    import_tensorflow()  # without the CPU-machine start-up notices
     try:
         streamer = load_streaming(args.model, args.artifacts_dir)
     except SeparateError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    out = Path(args.out)
+        return _refuse(str(error))
     out.mkdir(parents=True, exist_ok=True)
     failed = 0
     for name in args.files:
         try:
             if name == "-":
-                destination = _stream_stdin(streamer, args, out)
+                destination = out / safe_name(args.name)
+                if args.skip_existing and finished(streamer, destination, args.format):
+                    print(f"- -> {destination} (already separated, skipped)")
+                    continue
+                stream_pcm(streamer, sys.stdin.buffer, destination, pcm_format=args.pcm_format,
+                           rate=args.pcm_rate or streamer.sample_rate, channels=args.pcm_channels or
+                           streamer.nb_channels, fmt=args.format, force=args.force)
             else:
-                destination = _stream_file(streamer, Path(name), args, out)
+                destination = track_folder(Path(name), out)
+                if args.skip_existing and finished(streamer, destination, args.format):
+                    print(f"{name} -> {destination} (already separated, skipped)")
+                    continue
+                destination = stream_file(streamer, Path(name), out, fmt=args.format, force=args.force)
             print(f"{name} -> {destination}")
         except SeparateError as error:
             failed += 1
@@ -79,51 +101,21 @@ def stream_main(args) -> int:
     return 1 if failed else 0
 
 
-def _stream_file(streamer, path: Path, args, out: Path) -> Path:
-    from components.data.audio import conform
-
-    destination = out / safe_name(path.stem.removesuffix(".stem"))
-    existing = [destination / f"{t}.{args.format}" for t in streamer.targets
-                if (destination / f"{t}.{args.format}").exists()]
-    if existing and not args.force:
-        raise SeparateError(f"{path}: {existing[0]} exists; use --force to overwrite")
-    audio, rate = read_any(path)
-    if rate != streamer.sample_rate:
-        raise SeparateError(f"{path}: {rate} Hz; the streaming model runs at {streamer.sample_rate} Hz; resample it "
-                            f"first (ffmpeg -i {path.name} -ar {streamer.sample_rate} ...)")
-    try:
-        mixture = conform(audio, rate, path, sample_rate=streamer.sample_rate, nb_channels=streamer.nb_channels)
-    except StageError as error:
-        raise SeparateError(str(error)) from None
-    stream_to_stems(streamer, file_hops(mixture, streamer.hop), destination, nb_timesteps=len(mixture),
-                    out_channels=audio.shape[1], fmt=args.format, atomic=True)
-    return destination
+def _refuse(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
 
 
-def _stream_stdin(streamer, args, out: Path) -> Path:
-    import numpy as np
-
-    rate = args.pcm_rate or streamer.sample_rate
-    channels = args.pcm_channels or streamer.nb_channels
-    if rate != streamer.sample_rate:
-        raise SeparateError(f"--pcm-rate {rate}: the streaming model runs at {streamer.sample_rate} Hz; resample "
-                            f"upstream (e.g. ffmpeg ... -ar {streamer.sample_rate} -f {args.pcm_format} -)")
-    if channels not in (1, 2):
-        raise SeparateError(f"--pcm-channels {channels}: 1 or 2 channels only")
-    destination = out / safe_name(args.name)
-    existing = [destination / f"{t}.{args.format}" for t in streamer.targets
-                if (destination / f"{t}.{args.format}").exists()]
-    if existing and not args.force:
-        raise SeparateError(f"-: {existing[0]} exists; use --force to overwrite or --name to choose another folder")
-
-    def hops():
-        for block in pcm_hops(sys.stdin.buffer, args.pcm_format, channels, streamer.hop):
-            if channels != streamer.nb_channels:
-                block = np.repeat(block, streamer.nb_channels, 1) if channels == 1 else block.mean(1, keepdims=True)
-            yield block
-
-    stream_to_stems(streamer, hops(), destination, out_channels=channels, fmt=args.format, atomic=False)
-    return destination
+def _output_problem(names, out: Path):
+    """Why the output cannot be written (a file where the folder goes, two inputs for one folder), or None."""
+    if out.exists() and not out.is_dir():
+        return f"-o {out}: exists and is not a directory; choose a folder for the stems"
+    clash = clashing_inputs(names, out)
+    if clash:
+        first, second, folder = clash
+        return (f"{first} and {second} would both write their stems to {folder}; separate them into different "
+                f"-o folders or rename one")
+    return None
 
 
 def main(argv=None) -> int:
@@ -133,25 +125,21 @@ def main(argv=None) -> int:
     import signal
 
     args = get_parser().parse_args(argv)
-    if args.stream:
-        return stream_main(args)
+    what = ("finished tracks are kept, a file in progress left no files, and the stems of standard input hold "
+            "what was streamed" if args.stream else "finished tracks are kept, the unfinished one left no files")
     signal.signal(signal.SIGTERM, _terminated)
     try:
-        return _main(args)
+        return stream_main(args) if args.stream else _main(args)
     except KeyboardInterrupt:
-        print("\ninterrupted; finished tracks are kept, the unfinished one left no files", file=sys.stderr)
+        print(f"\ninterrupted; {what}", file=sys.stderr)
         return 130
-    except _Terminated:
-        print("terminated; finished tracks are kept, the unfinished one left no files", file=sys.stderr)
+    except Terminated:
+        print(f"terminated; {what}", file=sys.stderr)
         return 143
 
 
-class _Terminated(BaseException):
-    """SIGTERM, raised like KeyboardInterrupt so that the same cleanup runs."""
-
-
 def _terminated(signum, frame):
-    raise _Terminated()
+    raise Terminated()
 
 
 def _main(args) -> int:
@@ -167,9 +155,9 @@ def _main(args) -> int:
         print(f"error: --workers {args.workers}: must be at least 1; e.g. --workers 2", file=sys.stderr)
         return 2
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        print(f"error: -o {out}: exists and is not a directory; choose a folder for the stems", file=sys.stderr)
-        return 2
+    problem = _output_problem(args.files, out)
+    if problem:
+        return _refuse(problem)
     import_tensorflow()  # without the CPU-machine start-up notices
     try:
         separator = load_separator(args.model, args.artifacts_dir, args.workers)
@@ -184,6 +172,10 @@ def _main(args) -> int:
         return 2
     failed = 0
     for name in args.files:
+        destination = track_folder(Path(name), out)
+        if args.skip_existing and finished(separator, destination, args.format):
+            print(f"{name} -> {destination} (already separated, skipped)")
+            continue
         try:
             destination = separate_file(separator, Path(name), out, fmt=args.format,
                                         chunk_seconds=args.chunk_seconds or separator.default_chunk_seconds,

@@ -166,3 +166,141 @@ def test_a_missing_data_root_is_one_line_before_any_lock_folder_or_sacred_run(tm
     assert result.stderr.strip() == (f"error: {tmp_path / 'nope'}: data.root does not exist or is not a directory; "
                                      f"set data.root to the musdb data set")
     assert not artifacts_dir.exists() and not runs.exists()  # no `.lock`, no Sacred run
+
+
+# --------------------------------------------------------------------------------------------
+# separate: output folders, reruns, folders and truncated files as inputs
+# --------------------------------------------------------------------------------------------
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def _noise(path: Path, seconds: float = 1.0, rate: int = 8000) -> Path:
+    import soundfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    soundfile.write(str(path), 0.1 * np.random.default_rng(0).standard_normal((int(seconds * rate), 2)), rate)
+    return path
+
+
+def test_two_inputs_for_one_output_folder_are_refused_even_with_force(tmp_path):
+    """`separate in/x/song.wav in/y/song.wav -o out --force` once wrote both into out/song/, the second over the
+    first, exit 0. Refused before any model is loaded or anything written."""
+    from tests.cli import separate_here
+
+    first, second = _noise(tmp_path / "in" / "x" / "song.wav"), _noise(tmp_path / "in" / "y" / "song.flac")
+    for extra in ([], ["--force"], ["--stream"]):
+        result = separate_here(str(first), str(second), "-o", str(tmp_path / "out"), *extra,
+                               "--artifacts-dir", str(tmp_path / "none"))
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.strip() == (f"error: {first} and {second} would both write their stems to "
+                                         f"{tmp_path / 'out' / 'song'}; separate them into different -o folders or "
+                                         f"rename one")
+        assert not (tmp_path / "out").exists()
+
+
+def test_rerun_of_finished_tracks_skip_existing_exits_0_and_keeps_them(umx_pipeline, tmp_path):
+    from tests.cli import separate_here
+
+    song, out = _noise(tmp_path / "song.wav"), tmp_path / "out"
+    common = ["-o", str(out), "-q", "--artifacts-dir", str(umx_pipeline)]
+    assert separate_here(str(song), *common).returncode == 0
+    stems = sorted((out / "song").iterdir())
+    stamps = [path.stat().st_mtime_ns for path in stems]
+    again = separate_here(str(song), *common)
+    assert again.returncode == 1 and "use --force to overwrite or --skip-existing to skip it" in again.stderr
+    skipped = separate_here(str(song), "--skip-existing", *common)
+    assert skipped.returncode == 0 and skipped.stdout.strip() == f"{song} -> {out / 'song'} (already separated, skipped)"
+    assert [path.stat().st_mtime_ns for path in stems] == stamps
+
+
+def test_a_directory_input_says_it_is_a_directory(umx_pipeline, tmp_path):
+    from tests.cli import separate_here
+
+    (tmp_path / "album").mkdir()
+    result = separate_here(str(tmp_path / "album"), "-o", str(tmp_path / "out"), "-q",
+                           "--artifacts-dir", str(umx_pipeline))
+    assert result.returncode == 1
+    assert f"error: {tmp_path / 'album'}: is a directory; give the audio files in it" in result.stderr
+
+
+@pytest.mark.parametrize("source, cut, declared", [
+    ("waveunet-examples/Cristina Vane - So Easy/mix.mp3", 0.5, 30.00),
+    ("musdb18-sample/train/Music Delta - 80s Rock.stem.mp4", 0.6, 6.80),
+])
+def test_a_truncated_compressed_file_separates_with_a_warning_naming_both_durations(source, cut, declared,
+                                                                                    umx_pipeline, tmp_path):
+    import re
+    import soundfile
+
+    from tests.cli import separate_here
+
+    original = SHARED_DATA / source
+    if not original.is_file():
+        pytest.skip(f"{original} is absent (../shared/data)")
+    data = original.read_bytes()
+    truncated = tmp_path / original.name.replace(" ", "_")
+    truncated.write_bytes(data[: int(len(data) * cut)])
+    result = separate_here(str(truncated), "-o", str(tmp_path / "out"), "-q", "--artifacts-dir", str(umx_pipeline))
+    assert result.returncode == 0, result.stderr
+    found = re.search(rf"warning: {re.escape(str(truncated))}: decoded ([\d.]+) s of the {declared:.2f} s its header "
+                      rf"declares \(truncated\?\); the stems are ([\d.]+) s long", result.stderr)
+    assert found, result.stderr
+    decoded = float(found.group(1))
+    assert 0 < decoded < declared - 1
+    folder = tmp_path / "out" / truncated.name.split(".")[0]
+    info = soundfile.info(str(folder / "vocals.wav"))
+    assert abs(info.frames / info.samplerate - decoded) < 0.01
+
+
+# --------------------------------------------------------------------------------------------
+# separate --stream: bad PCM, NaN, interruptions, start-up noise
+# --------------------------------------------------------------------------------------------
+def _stream(stream_pipeline, *args, **kwargs):
+    from tests.cli import separate
+
+    return separate("--stream", *args, "--model", str(stream_pipeline / "export" / "stream"), check=False, text=False,
+                    **kwargs)
+
+
+def test_bad_pcm_on_standard_input_is_one_line_and_leaves_no_stems(stream_pipeline, tmp_path):
+    out = tmp_path / "out"
+    good = (0.1 * np.random.default_rng(0).standard_normal((4000, 2))).astype("<f4")
+    nan = good.copy()
+    nan[2000:2100] = np.nan
+    cases = {
+        "nan": (["--pcm-format", "f32le"], nan.tobytes(), 1, r"error: -: NaN/Inf samples at 0\.\d+ s; the stream is refused"),
+        "empty": ([], b"", 1, r"error: -: no audio \(the stream was empty\)"),
+        "odd": ([], good.astype("<i2").tobytes()[:-3], 1, r"error: -: the stream ended inside a sample frame \(1 of 4 bytes"),
+        "rate0": (["--pcm-rate", "0"], good.tobytes(), 2, r"error: --pcm-rate 0: must be a positive sample rate"),
+    }
+    import re
+
+    for name, (extra, data, code, message) in cases.items():
+        result = _stream(stream_pipeline, "-", "--name", name, "-o", str(out), *extra, input=data)
+        lines = [line for line in result.stderr.decode().splitlines() if line.strip()]
+        assert result.returncode == code and len(lines) == 1 and re.match(message, lines[0]), (name, lines)
+        assert not (out / name).exists(), name
+    # the same stream without the NaN separates, and TensorFlow's start-up notices are not printed
+    result = _stream(stream_pipeline, "-", "--name", "clean", "-o", str(out), "--pcm-format", "f32le",
+                     input=good.tobytes())
+    assert result.returncode == 0 and result.stderr.decode().strip() == "", result.stderr.decode()
+    assert sorted(p.name for p in (out / "clean").iterdir()) == ["bass.wav", "drums.wav", "other.wav", "vocals.wav"]
+
+
+@pytest.mark.parametrize("signum, code, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_an_interrupted_file_stream_leaves_no_part_files_and_says_so(signum, code, word, stream_pipeline, tmp_path):
+    from tests.cli import SEPARATE, start
+
+    song = _noise(tmp_path / "song.wav", seconds=120)
+    out = tmp_path / "out"
+    process = start([*SEPARATE, "--stream", str(song), "--model", str(stream_pipeline / "export" / "stream"),
+                     "-o", str(out)])
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None and not list((out / "song").glob(".*.part.*")):
+        time.sleep(0.05)
+    assert process.poll() is None, "the stream ended before it could be interrupted"
+    process.send_signal(signum)
+    _, err = process.communicate(timeout=120)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert process.returncode == code and len(lines) == 1 and lines[0].startswith(f"{word}; "), err
+    assert "Traceback" not in err and not (out / "song").exists()

@@ -13,7 +13,12 @@ from pathlib import Path
 
 from configs.errors import SeparateError, StageError
 
+class Terminated(BaseException):
+    """SIGTERM, raised like KeyboardInterrupt (by the command line's handler) so that the same cleanup runs."""
+
+
 FFMPEG_SUFFIXES = (".mp4", ".m4a", ".aac", ".webm", ".opus")
+LAZY_FORMATS = ("WAV", "WAVEX", "RF64", "W64", "FLAC", "AIFF", "CAF")  # soundfile formats FileMixture reads lazily
 
 
 def read_any(path: Path):
@@ -21,15 +26,19 @@ def read_any(path: Path):
     import numpy as np
     import soundfile
 
+    if path.is_dir():
+        raise SeparateError(f"{path}: is a directory; give the audio files in it (e.g. {path}/*.wav)")
     if not path.is_file():
         raise SeparateError(f"{path}: no such file")
     if path.stat().st_size == 0:
         raise SeparateError(f"{path}: empty file")
     if path.suffix.lower() not in FFMPEG_SUFFIXES:
         try:
+            declared = soundfile.info(str(path))
             audio, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
             if audio.shape[0] == 0:
                 raise SeparateError(f"{path}: no audio samples")
+            warn_if_truncated(path, audio.shape[0] / rate, declared.frames / declared.samplerate)
             return audio, rate
         except SeparateError:
             raise
@@ -38,7 +47,8 @@ def read_any(path: Path):
     if shutil.which("ffmpeg") is None or shutil.which("ffprobe") is None:
         raise SeparateError(f"{path}: cannot decode without ffmpeg/ffprobe; install ffmpeg (apt-get install ffmpeg)")
     probe = subprocess.run(["ffprobe", "-v", "error", "-select_streams", "a:0", "-show_entries",
-                            "stream=sample_rate,channels", "-of", "json", str(path)], capture_output=True, text=True)
+                            "stream=sample_rate,channels,duration", "-of", "json", str(path)], capture_output=True,
+                           text=True)
     streams = json.loads(probe.stdout or "{}").get("streams") if probe.returncode == 0 else None
     if not streams:
         raise SeparateError(f"{path}: not a decodable audio file")
@@ -49,7 +59,19 @@ def read_any(path: Path):
         reason = decoded.stderr.decode(errors="replace").strip().splitlines()
         raise SeparateError(f"{path}: ffmpeg could not decode it ({reason[-1] if reason else 'no audio'})")
     audio = np.frombuffer(decoded.stdout, dtype=np.float32).reshape(-1, channels)
+    try:
+        warn_if_truncated(path, audio.shape[0] / rate, float(streams[0]["duration"]))
+    except (KeyError, TypeError, ValueError):
+        pass  # no declared duration (raw AAC, some webm): nothing to compare
     return audio, rate
+
+
+def warn_if_truncated(path: Path, decoded: float, declared: float) -> None:
+    """A file that decodes shorter than its header declares (cut off in a download or a copy) separates into
+    stems that are shorter too: say so, with both durations."""
+    if declared - decoded > max(0.1, 0.01 * declared):
+        print(f"warning: {path}: decoded {decoded:.2f} s of the {declared:.2f} s its header declares (truncated?); "
+              f"the stems are {decoded:.2f} s long", file=sys.stderr)
 
 
 class FileMixture:
@@ -85,7 +107,9 @@ class FileMixture:
             handle = soundfile.SoundFile(str(path))
         except Exception:
             return None
-        if handle.samplerate != sample_rate or handle.frames <= 0 or handle.channels > 2 or not handle.seekable():
+        # only uncompressed and FLAC files declare their exact length (an mp3 may decode shorter: read_any checks)
+        if (handle.format not in LAZY_FORMATS or handle.samplerate != sample_rate or handle.frames <= 0
+                or handle.channels > 2 or not handle.seekable()):
             handle.close()
             return None
         if handle.subtype in ("FLOAT", "DOUBLE"):  # only float samples can be NaN/Inf: count them before anything
@@ -135,6 +159,30 @@ def safe_name(name: str) -> str:
     return name or "track"
 
 
+def track_folder(path: Path, out: Path) -> Path:
+    """Where the stems of the input `path` go: `out/<file name without extension (and .stem)>`."""
+    return out / safe_name(Path(path).stem.removesuffix(".stem"))
+
+
+def clashing_inputs(paths, out: Path):
+    """The first two different inputs whose stems would go to one folder (`in/x/song.wav`, `in/y/song.mp3`), as
+    (first, second, folder), or None. The same file named twice is no clash."""
+    seen = {}
+    for path in paths:
+        if str(path) == "-":
+            continue
+        folder = track_folder(Path(path), out)
+        first = seen.setdefault(folder, path)
+        if first is not path and Path(first).resolve() != Path(path).resolve():
+            return first, path, folder
+    return None
+
+
+def finished(separator, destination: Path, fmt: str) -> bool:
+    """Whether `destination` holds every stem of the separator's targets."""
+    return all((destination / f"{t}.{fmt}").exists() for t in separator.targets)
+
+
 def separate_file(separator, path: Path, out: Path, *, fmt: str, chunk_seconds: float, overlap: float,
                   force: bool, progress: bool) -> Path:
     """Separate one file into `out/<track>/<target>.<fmt>`.
@@ -149,13 +197,13 @@ def separate_file(separator, path: Path, out: Path, *, fmt: str, chunk_seconds: 
     from components.data.audio import conform, resample
     from components.inference.separation import iter_separate
 
-    destination = out / safe_name(path.stem.removesuffix(".stem"))
+    destination = track_folder(path, out)
     if destination.resolve().parent != out.resolve():
         raise SeparateError(f"{path}: track name would write outside {out}")
     files = {t: destination / f"{t}.{fmt}" for t in separator.targets}
     existing = [f for f in files.values() if f.exists()]
     if len(existing) == len(files) and not force:
-        raise SeparateError(f"{path}: {existing[0]} exists; use --force to overwrite")
+        raise SeparateError(f"{path}: {existing[0]} exists; use --force to overwrite or --skip-existing to skip it")
     mixture = FileMixture.open(path, separator.sample_rate, separator.nb_channels)
     if mixture is not None:  # at the model's rate: read chunk by chunk as the separation advances
         rate, nb_timesteps, nb_channels = separator.sample_rate, mixture.shape[0], mixture.file_channels

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from configs.errors import SeparateError
+from configs.errors import SeparateError, StageError
 
 
 class StreamingSeparator:
@@ -69,8 +69,11 @@ def pcm_hops(handle, fmt: str, nb_channels: int, hop: int):
             yield np.frombuffer(pending, dtype=dtype).reshape(hop, nb_channels).astype(np.float32) * scale
             pending = b""
     if pending:
-        usable = len(pending) - len(pending) % frame_bytes
-        block = np.frombuffer(pending[:usable], dtype=dtype).reshape(-1, nb_channels).astype(np.float32) * scale
+        if len(pending) % frame_bytes:
+            raise SeparateError(f"-: the stream ended inside a sample frame ({len(pending) % frame_bytes} of "
+                                f"{frame_bytes} bytes: {nb_channels} channel(s) of {fmt}); --pcm-format and "
+                                f"--pcm-channels must match what is piped in")
+        block = np.frombuffer(pending, dtype=dtype).reshape(-1, nb_channels).astype(np.float32) * scale
         yield np.pad(block, ((0, hop - len(block)), (0, 0)))
 
 
@@ -83,15 +86,23 @@ def file_hops(mixture, hop: int):
 
 
 def stream_to_stems(streamer: StreamingSeparator, hops, destination: Path, *, nb_timesteps=None, out_channels: int,
-                    fmt: str, atomic: bool) -> dict:
+                    fmt: str, atomic: bool, source: str = "-") -> dict:
     """Run hops `(hop, channels at the model's layout)` through the streaming model, writing every stem as its
     hops come out (flushed), aligned with the input: the first `latency` output samples are dropped and the
-    tail is flushed with silence. `nb_timesteps`: trim to the input length when known. Returns {target: file}."""
+    tail is flushed with silence. `nb_timesteps`: trim to the input length when known. Returns {target: file}.
+
+    `atomic` (a file input): the stems are `.part` files renamed together at the end; any error or interruption
+    removes them. Otherwise (standard input, a live stream) the stems grow in place: an interruption (Ctrl-C,
+    SIGTERM: how a live stream is ended) closes them as valid files holding what was streamed; an error (NaN/Inf
+    samples, a malformed or empty stream) removes them, as nothing valid can be promised after it."""
     import numpy as np
     import soundfile
 
     from models.streaming import STATE_NAMES
 
+    from components.inference.files import Terminated, cleanup_destination, remove_parts, rename_together
+
+    created = not destination.exists()
     destination.mkdir(parents=True, exist_ok=True)
     files = {t: destination / f"{t}.{fmt}" for t in streamer.targets}
     paths = {t: (f.with_name(f".{f.stem}.part.{fmt}") if atomic else f) for t, f in files.items()}
@@ -105,8 +116,13 @@ def stream_to_stems(streamer: StreamingSeparator, hops, destination: Path, *, nb
     def blocks():
         nonlocal consumed
         for block in hops:
+            if not np.all(np.isfinite(block)):
+                raise SeparateError(f"{source}: NaN/Inf samples at {consumed / streamer.sample_rate:.2f} s; "
+                                    f"the stream is refused (check what produces it)")
             consumed += len(block)
             yield block
+        if not consumed:
+            raise SeparateError(f"{source}: no audio (the stream was empty)")
         yield from flush
 
     try:
@@ -126,10 +142,73 @@ def stream_to_stems(streamer: StreamingSeparator, hops, destination: Path, *, nb
                 writer.write(np.clip(stem, -1, 1) if fmt == "flac" else stem)
                 writer.flush()  # a reader (or a pipe) sees the stem grow hop by hop
             written += count
-    finally:
+    except BaseException as error:
         for writer in writers.values():
             writer.close()
+        if atomic:
+            remove_parts(destination)
+            cleanup_destination(destination, created)
+        elif not isinstance(error, (KeyboardInterrupt, Terminated)):
+            for path in files.values():
+                path.unlink(missing_ok=True)
+            cleanup_destination(destination, created)
+        raise
+    for writer in writers.values():
+        writer.close()
     if atomic:
-        for target in streamer.targets:
-            paths[target].replace(files[target])
+        rename_together(paths, files)
     return files
+
+
+def stream_file(streamer: StreamingSeparator, path: Path, out: Path, *, fmt: str, force: bool) -> Path:
+    """Separate the audio file `path` hop by hop into `out/<track>/<target>.<fmt>` (all stems or none)."""
+    import numpy as np
+
+    from components.data.audio import conform
+    from components.inference.files import read_any, track_folder
+
+    destination = track_folder(path, out)
+    existing = [destination / f"{t}.{fmt}" for t in streamer.targets if (destination / f"{t}.{fmt}").exists()]
+    if existing and not force:
+        raise SeparateError(f"{path}: {existing[0]} exists; use --force to overwrite or --skip-existing to skip it")
+    audio, rate = read_any(path)
+    if not np.all(np.isfinite(audio)):
+        raise SeparateError(f"{path}: {int(np.count_nonzero(~np.isfinite(audio)))} NaN/Inf samples; re-export the "
+                            f"file from its source")
+    if rate != streamer.sample_rate:
+        raise SeparateError(f"{path}: {rate} Hz; the streaming model runs at {streamer.sample_rate} Hz; resample it "
+                            f"first (ffmpeg -i {path.name} -ar {streamer.sample_rate} ...)")
+    try:
+        mixture = conform(audio, rate, path, sample_rate=streamer.sample_rate, nb_channels=streamer.nb_channels)
+    except StageError as error:
+        raise SeparateError(str(error)) from None
+    stream_to_stems(streamer, file_hops(mixture, streamer.hop), destination, nb_timesteps=len(mixture),
+                    out_channels=audio.shape[1], fmt=fmt, atomic=True, source=str(path))
+    return destination
+
+
+def stream_pcm(streamer: StreamingSeparator, handle, destination: Path, *, pcm_format: str, rate: int, channels: int,
+               fmt: str, force: bool) -> Path:
+    """Separate raw PCM read from `handle` (standard input) hop by hop into `destination/<target>.<fmt>`, the
+    stems growing as the hops are separated."""
+    import numpy as np
+
+    if rate <= 0:
+        raise SeparateError(f"--pcm-rate {rate}: must be a positive sample rate, e.g. --pcm-rate {streamer.sample_rate}")
+    if rate != streamer.sample_rate:
+        raise SeparateError(f"--pcm-rate {rate}: the streaming model runs at {streamer.sample_rate} Hz; resample "
+                            f"upstream (e.g. ffmpeg ... -ar {streamer.sample_rate} -f {pcm_format} -)")
+    if channels not in (1, 2):
+        raise SeparateError(f"--pcm-channels {channels}: 1 or 2 channels only")
+    existing = [destination / f"{t}.{fmt}" for t in streamer.targets if (destination / f"{t}.{fmt}").exists()]
+    if existing and not force:
+        raise SeparateError(f"-: {existing[0]} exists; use --force to overwrite or --name to choose another folder")
+
+    def hops():
+        for block in pcm_hops(handle, pcm_format, channels, streamer.hop):
+            if channels != streamer.nb_channels:
+                block = np.repeat(block, streamer.nb_channels, 1) if channels == 1 else block.mean(1, keepdims=True)
+            yield block
+
+    stream_to_stems(streamer, hops(), destination, out_channels=channels, fmt=fmt, atomic=False)
+    return destination
