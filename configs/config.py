@@ -398,8 +398,10 @@ def _coerce(hint, value, key):
             raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
         return _freeze(value)
     if hint is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false"):  # `with key=true` (Sacred keeps a string)
+            return value.lower() == "true"
         if not isinstance(value, bool):
-            raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+            raise ConfigError(f"config key '{key}' must be true or false (any case), got {value!r}")
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):

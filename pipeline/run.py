@@ -54,7 +54,17 @@ def split_updates(tokens):
     if options:
         raise UserError(f"{options[0]} after `with` is read as configuration; put options before `with`, e.g. "
                         f"`python pipeline/run.py --stage all {options[0]} with unittest`")
-    return get_config_updates(tokens[1:])
+    updates, named = get_config_updates(tokens[1:])
+    return _booleans(updates), named
+
+
+def _booleans(updates):
+    """`key=true` / `key=FALSE` as booleans (Sacred reads only Python's True/False as such)."""
+    if isinstance(updates, dict):
+        return {key: _booleans(value) for key, value in updates.items()}
+    if isinstance(updates, str) and updates.lower() in ("true", "false"):
+        return updates.lower() == "true"
+    return updates
 
 
 def main(argv=None) -> int:

@@ -304,3 +304,27 @@ def test_an_interrupted_file_stream_leaves_no_part_files_and_says_so(signum, cod
     lines = [line for line in err.splitlines() if line.strip()]
     assert process.returncode == code and len(lines) == 1 and lines[0].startswith(f"{word}; "), err
     assert "Traceback" not in err and not (out / "song").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration as users type it
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("typed, expected", [("true", True), ("True", True), ("TRUE", True), ("false", False),
+                                             ("False", False)])
+def test_a_boolean_key_takes_true_and_false_in_any_case(typed, expected):
+    from pipeline.experiment import resolve
+    from pipeline.run import split_updates
+
+    updates, named = split_updates(["with", "unittest", f"model.umx.unidirectional={typed}"])
+    assert resolve(updates, named).model.params("umx")["unidirectional"] is expected
+
+
+def test_a_boolean_key_names_what_it_accepts():
+    from configs.errors import UserError
+    from pipeline.experiment import resolve
+    from pipeline.run import split_updates
+
+    updates, named = split_updates(["with", "unittest", "model.umx.unidirectional=maybe"])
+    with pytest.raises(UserError, match=r"^config key 'model.umx.unidirectional' must be true or false \(any case\), "
+                                        r"got 'maybe'$"):
+        resolve(updates, named)
