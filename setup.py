@@ -2,7 +2,7 @@ from setuptools import find_packages, setup
 
 setup(
     name="music-separation",
-    version="0.1.0",
+    version="0.2.0",
     description="Music source separation pipeline in TensorFlow/Keras: prepare, train, evaluate, export.",
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
@@ -27,7 +27,9 @@ setup(
         "db": ["SQLAlchemy>=2", "psycopg[binary]>=3.1", "pymongo>=4"],
         # prepare.runner=beam (and evaluation on Beam): ~365 MB installed (pyarrow), protobuf 6 beside TF 2.21
         "beam": ["apache-beam>=2.77"],
-        "dev": ["pytest>=8", "SQLAlchemy>=2", "psycopg[binary]>=3.1", "apache-beam>=2.77"],
+        "docs": ["mkdocs==1.6.1", "mkdocs-material==9.8.1"],
+        "dev": ["pytest>=8", "SQLAlchemy>=2", "psycopg[binary]>=3.1", "apache-beam>=2.77", "mkdocs==1.6.1",
+                "mkdocs-material==9.8.1"],
     },
     entry_points={
         "console_scripts": [

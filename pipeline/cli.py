@@ -9,7 +9,13 @@ A subcommand's module is imported only when it is chosen, so `musicsep --help` i
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter; errors still show
+if __name__ == "__main__" and not __package__:  # `python pipeline/cli.py`
+    from _script import put_project_root_first
+    put_project_root_first()
 
 SUBCOMMANDS = {
     "run": ("pipeline.run", "run pipeline stages (prepare, train, evaluate, export, import, all)"),

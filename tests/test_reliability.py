@@ -413,7 +413,7 @@ def test_a_track_with_only_some_stems_is_finished_without_force(exported, tmp_pa
     result = separate(exported, str(song), "-o", str(out))  # complete now: kept unless --force
     assert result.returncode == 1
     assert error_lines(result.stderr) == [f"error: {song}: {out / 'song' / 'vocals.wav'} exists; use --force to "
-                                          "overwrite"]
+                                          "overwrite or --skip-existing to skip it"]
 
 
 def test_bad_inputs_and_an_output_that_is_a_file_are_one_line_each_and_the_others_still_run(exported, tmp_path):
