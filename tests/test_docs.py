@@ -134,6 +134,7 @@ def check_command(script: str, argv) -> None:
     split = argv.index("with") if "with" in argv else len(argv)
     own, configuration = argv[:split], argv[split:]
     parser = importlib.import_module(f"pipeline.{script}").get_parser()
+    parser.allow_abbrev = False  # a documented flag must be spelled in full: a renamed one must not match by prefix
     try:
         parser.parse_args(own)
     except SystemExit as exit_:
