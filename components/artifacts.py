@@ -64,10 +64,10 @@ def file_digest(path: Path, chunk: int = 1 << 20) -> str:
 
 def load(artifacts_dir: Path, stage: str) -> Optional[Artifact]:
     """The complete artifact of `stage`, or None when there is none (or its files are damaged)."""
-    return _load(artifacts_dir, stage)[0]
+    return load_checked(artifacts_dir, stage)[0]
 
 
-def _load(artifacts_dir: Path, stage: str):
+def load_checked(artifacts_dir: Path, stage: str):
     """(artifact or None, why it is not usable or None)."""
     path = Path(artifacts_dir) / stage
     meta_path = path / META_FILE
@@ -86,7 +86,7 @@ def _load(artifacts_dir: Path, stage: str):
 
 
 def require(artifacts_dir: Path, stage: str, needed_by: str) -> Artifact:
-    artifact, problem = _load(artifacts_dir, stage)
+    artifact, problem = load_checked(artifacts_dir, stage)
     if artifact is None and problem:
         raise StageError(f"stage '{needed_by}' needs the '{stage}' artifact but {problem}; redo it with "
                          f"`python pipeline/run.py --stage {stage} --force` (same artifacts_dir)")

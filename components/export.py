@@ -25,12 +25,11 @@ from configs.config import to_plain
 from configs.errors import StageError
 from components.base import ComponentSpec, StageContext
 from components.data.manifest import Manifest
+from components.inference.exported import (INPUT_NAME, SIDECAR, SIGNATURE, ExportLayout, run_tflite,
+                                           saved_model_stream_step, tflite_ops, tflite_stream_step)
 
 log = logging.getLogger("pipeline.export")
 
-SIGNATURE = "serving_default"
-SIDECAR = "model.json"  # the export's description, read by `separate`
-INPUT_NAME = "waveform"
 
 
 # --------------------------------------------------------------------------------------------
@@ -105,79 +104,6 @@ def convert_tflite(keras_model, chunk: int, nb_channels: int, quantize: str = ""
             raise StageError(f"TFLite conversion with built-in ops only failed: {first}") from None
 
 
-def tflite_ops(model_bytes: bytes) -> list:
-    from ai_edge_litert.interpreter import Interpreter
-
-    interpreter = Interpreter(model_content=model_bytes)
-    return sorted({op["op_name"] for op in interpreter._get_ops_details()})
-
-
-def run_tflite(model_bytes: bytes, chunk: np.ndarray) -> dict:
-    """Run a .tflite separator on one chunk `(1, chunk, channels)`; returns {output name: array}."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    interpreter = Interpreter(model_content=model_bytes, num_threads=2)
-    runner = interpreter.get_signature_runner(SIGNATURE)
-    return {name: np.asarray(value) for name, value in runner(**{INPUT_NAME: chunk.astype(np.float32)}).items()}
-
-
-class TFLiteChunkRunner:
-    """A .tflite chunk model `(1, chunk, channels)` run on a batch of chunks `(batch, chunk, channels)`, the
-    chunks shared out over `workers` interpreters of `threads_per_worker` threads that run at the same time.
-
-    Why not one call at batch B: the fused UNIDIRECTIONAL_SEQUENCE_LSTM kernel (lite/kernels/lstm_eval.cc) does
-    a step's gate products as FullyConnected calls on one thread, and TFLite runs one op at a time; a file
-    converted at batch 4 or 16 measured no faster per chunk than batch 1 (README, "TFLite for phones").
-    Independent chunks on independent interpreters can use every core instead, with the same numbers as
-    running them one by one (`invoke` releases the GIL): on a quiet 2-core machine two 1-thread workers took
-    2.10 s against 3.78 s for one 2-thread interpreter (UMX-HQ, 30 s), so `separate` runs 2 by default.
-
-    Every chunk starts from the zero LSTM state: UNIDIRECTIONAL_SEQUENCE_LSTM (the float16 file's; the float32
-    and dynamic files run WHILE loops that keep nothing) keeps its hidden and cell state
-    in variable tensors that persist from one `invoke` to the next, so an interpreter reused without
-    `reset_all_variables()` starts chunk k from chunk k-1's last state (measured 48 dB from the Keras
-    separator instead of >= 130 dB at the unittest size)."""
-
-    def __init__(self, model_bytes: bytes = None, model_path: str = None, workers: int = 1,
-                 threads_per_worker: int = 1, signature: str = SIGNATURE):
-        from concurrent.futures import ThreadPoolExecutor
-
-        from ai_edge_litert.interpreter import Interpreter
-
-        if workers < 1 or threads_per_worker < 1:
-            raise ValueError(f"TFLiteChunkRunner: workers ({workers}) and threads_per_worker ({threads_per_worker}) "
-                             "must be at least 1")
-        self.workers = workers
-        self.interpreters = [Interpreter(model_content=model_bytes, model_path=model_path,
-                                         num_threads=threads_per_worker) for _ in range(workers)]
-        for interpreter in self.interpreters:
-            interpreter.allocate_tensors()  # the variable tensors exist from here on: reset_all_variables needs them
-        self.runners = [interpreter.get_signature_runner(signature) for interpreter in self.interpreters]
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="tflite") if workers > 1 else None
-
-    def __call__(self, batch: np.ndarray) -> dict:
-        batch = np.asarray(batch, np.float32)
-        rows = [None] * len(batch)
-
-        def work(worker: int) -> None:  # chunks worker, worker + workers, ...: one interpreter, in order
-            for index in range(worker, len(batch), self.workers):
-                # the fused LSTMs keep their last state in variable tensors: each chunk starts from zeros
-                self.interpreters[worker].reset_all_variables()
-                rows[index] = self.runners[worker](**{INPUT_NAME: batch[index:index + 1]})
-
-        used = min(self.workers, len(batch))
-        if used == 1:
-            work(0)
-        else:
-            for future in [self._pool.submit(work, worker) for worker in range(used)]:
-                future.result()
-        return {name: np.concatenate([np.asarray(row[name]) for row in rows]) for name in rows[0]}
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-
-
 PARITY_CAP_DB = 200.0  # identical outputs: a finite figure for model.json
 
 
@@ -234,39 +160,6 @@ def convert_stream_tflite(stream) -> bytes:
         except Exception as error:
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise StageError(f"streaming TFLite conversion with built-in ops only failed: {first}") from None
-
-
-def saved_model_stream_step(path: Path):
-    """A loaded streaming SavedModel's step: keyword numpy arrays in, {name: numpy array} out."""
-    import tensorflow as tf
-
-    from models.streaming import STEP_SIGNATURE
-
-    loaded = tf.saved_model.load(str(path))
-    signature = loaded.signatures[STEP_SIGNATURE]
-
-    def step(**inputs):
-        return {k: v.numpy() for k, v in signature(**{k: tf.constant(v) for k, v in inputs.items()}).items()}
-
-    step.loaded = loaded  # keep the trackable alive
-    return step
-
-
-def tflite_stream_step(model_bytes: bytes = None, model_path: str = None, num_threads: int = 1):
-    """A streaming .tflite's step (same calling convention as `saved_model_stream_step`)."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    from models.streaming import STEP_SIGNATURE
-
-    interpreter = Interpreter(model_content=model_bytes, model_path=model_path, num_threads=num_threads)
-    runner = interpreter.get_signature_runner(STEP_SIGNATURE)
-
-    def step(**inputs):
-        outputs = runner(**{k: np.asarray(v, np.float32) for k, v in inputs.items()})
-        return {k: np.asarray(v) for k, v in outputs.items()}
-
-    step.interpreter = interpreter
-    return step
 
 
 def export_stream(model, folder: Path, probe: np.ndarray, logger=log) -> dict:
@@ -328,15 +221,16 @@ def run(context: StageContext) -> dict:
     config = context.config
     name = config.model.name
     out = context.output_dir
+    layout = ExportLayout(Path(out))
     model = load_trained(context.inputs["train"], config)
     rate = config.data.sample_rate
     channels = config.data.nb_channels
     figures = {"parameters": count_parameters(model.train_model)}
 
     # SavedModel for TF Serving
-    saved = out / "saved_model" / name / str(config.export.version)
+    saved = layout.saved_model(name, config.export.version)
     write_saved_model(model.separator, saved, channels)
-    (out / "saved_model" / "models.config").write_text(serving_config([name]))
+    layout.serving_config.write_text(serving_config([name]))
     probe = _probe_chunk(context, int(round(min(5.0, config.data.segment_seconds) * rate)))
     keras_out = {k: np.asarray(v) for k, v in model.separator(probe, training=False).items()}
     figures["saved_model_megabytes"] = round(sum(f.stat().st_size for f in saved.rglob("*") if f.is_file()) / 1e6, 3)
@@ -349,10 +243,10 @@ def run(context: StageContext) -> dict:
     if model.mobile is None:
         context.logger.warning("model %s has no TFLite-compatible form; skipping TFLite export", name)
     else:
-        tflite = _export_tflite(context, model, out / "tflite", figures)
+        tflite = _export_tflite(context, model, layout.tflite, figures)
 
     # hop-by-hop real-time form (unidirectional Open-Unmix)
-    stream = _export_stream_if_supported(context, model, out, figures)
+    stream = _export_stream_if_supported(context, model, layout.stream, figures)
 
     evaluate = context.inputs.get("evaluate")
     sidecar = {
@@ -374,7 +268,7 @@ def run(context: StageContext) -> dict:
     }
     if stream is not None:
         sidecar["stream"] = stream
-    (out / SIDECAR).write_text(json.dumps(sidecar, indent=1, default=str))
+    layout.sidecar.write_text(json.dumps(sidecar, indent=1, default=str))
     write_sidecar(saved, sidecar)
     return {"figures": figures, "result": figures.get("tflite_float32_parity_db")}
 
@@ -434,13 +328,13 @@ def _export_tflite(context: StageContext, model, folder: Path, figures: dict) ->
     return description
 
 
-def _export_stream_if_supported(context: StageContext, model, out: Path, figures: dict):
+def _export_stream_if_supported(context: StageContext, model, folder: Path, figures: dict):
     from models import streaming
 
     if not streaming.supports(model):
         return None
     probe = _probe_chunk(context, int(round(min(3.0, context.config.data.segment_seconds) * model.sample_rate)))[0]
-    description = export_stream(model, out / "stream", probe, context.logger)
+    description = export_stream(model, folder, probe, context.logger)
     figures["stream_latency_ms"] = description["latency_ms"]
     figures["stream_tflite_parity_db"] = description["tflite_parity_db"]
     return description

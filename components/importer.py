@@ -27,8 +27,8 @@ def _family(config):
     from models import registry
 
     module = registry.module(config.model.name)
-    if not hasattr(module, "read_released"):
-        importable = [name for name in registry.names() if hasattr(registry.module(name), "read_released")]
+    if not registry.importable(config.model.name):
+        importable = [name for name in registry.names() if registry.importable(name)]
         raise StageError(f"import: model family '{config.model.name}' has no importer; "
                          f"choose model.name from {', '.join(importable)}")
     return module

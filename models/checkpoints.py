@@ -257,10 +257,6 @@ def _storage_class(name: str):
     return make
 
 
-class _Reconstruct:
-    """numpy arrays inside checkpoints (e.g. Lightning loop state) without numpy's pickle hooks."""
-
-
 class _OrderedDict(dict):
     """collections.OrderedDict as pickled by torch: a state dict also carries `_metadata` (via BUILD)."""
 
@@ -493,3 +489,13 @@ def load_release_yaml(path: Path) -> dict:
         raise CheckpointError(f"import.config={path}: holds a {type(settings).__name__}, not a mapping of settings "
                               f"(audio, model, training, ...); {fix}")
     return settings
+
+
+def torch_conv_kernel(weight):
+    """PyTorch Conv2d `(out, in, kh, kw)` over the reference's `(t, f)` plane -> Keras `(kh, kw, in, out)`."""
+    return np.ascontiguousarray(np.transpose(weight, (2, 3, 1, 0)))
+
+
+def torch_transposed_kernel(weight):
+    """PyTorch ConvTranspose2d `(in, out, kh, kw)` -> Keras Conv2DTranspose `(kh, kw, out, in)`."""
+    return np.ascontiguousarray(np.transpose(weight, (2, 3, 1, 0)))

@@ -36,7 +36,7 @@ from configs.config import MUSDB_TARGETS, bounded, check_fields
 from configs.errors import ConfigError
 from models.base import SeparationModel
 from models.layers import LSTM, FusedBatchNormalization, check_stft
-from models.tfc_tdf_unet import CropFrames, PadFrames, _torch_init
+from models.layers import CropFrames, PadFrames, torch_uniform
 from models.transforms import ISTFT, STFT
 
 
@@ -127,7 +127,7 @@ class DualPathModule(keras.layers.Layer):
                 path[axis] = (
                     keras.layers.GroupNormalization(groups, axis=-1, epsilon=1e-5, name=f"{axis}{index}_norm"),
                     LSTM(hidden, bidirectional=True, unroll=unroll, name=f"{axis}{index}_blstm"),
-                    keras.layers.Dense(features, kernel_initializer=_torch_init(), name=f"{axis}{index}_fc",
+                    keras.layers.Dense(features, kernel_initializer=torch_uniform(), name=f"{axis}{index}_fc",
                                        bias_initializer=keras.initializers.RandomUniform(
                                            -(2 * hidden) ** -0.5, (2 * hidden) ** -0.5)),
                 )
@@ -230,7 +230,7 @@ def _conv(x, channels: int, kernel: int, name: str, stride: int = 1, transpose: 
     layer = keras.layers.Conv2DTranspose if transpose else keras.layers.Conv2D
     bound = (kernel * kernel * (channels if transpose else x.shape[-1])) ** -0.5
     return layer(channels, kernel, strides=stride, padding="same" if stride == 1 else "valid",
-                 kernel_initializer=_torch_init(), bias_initializer=keras.initializers.RandomUniform(-bound, bound),
+                 kernel_initializer=torch_uniform(), bias_initializer=keras.initializers.RandomUniform(-bound, bound),
                  name=name)(x)
 
 
@@ -253,7 +253,7 @@ def tfc_tdf_res2(x, channels: int, layers: int, kernel: int, bottleneck_factor: 
     x = tfc(x, channels, layers, kernel, f"{name}_tfc1")
     y = keras.layers.Permute((1, 3, 2), name=f"{name}_tdf_to_bins")(x)  # (samples, frames, channels, bins)
     for index, units in enumerate((nb_bins // bottleneck_factor, nb_bins)):
-        y = keras.layers.Dense(units, use_bias=False, kernel_initializer=_torch_init(), name=f"{name}_tdf_fc{index}")(y)
+        y = keras.layers.Dense(units, use_bias=False, kernel_initializer=torch_uniform(), name=f"{name}_tdf_fc{index}")(y)
         y = keras.layers.ReLU(name=f"{name}_tdf_relu{index}")(_bn(f"{name}_tdf_bn{index}", axis=2)(y))
     y = keras.layers.Permute((1, 3, 2), name=f"{name}_tdf_to_channels")(y)
     x = keras.layers.Add(name=f"{name}_tdf_residual")([x, y])
@@ -486,12 +486,12 @@ def read_released(path, config: Optional[str] = None, targets=(), **options):
 def assign_released(model: SeparationModel, released) -> dict:
     """DTTNet-Pytorch's DPTDFNet state dicts -> one Keras network per target: the one mapping table of this family."""
     from models.checkpoints import Assign, assign_table, transpose
-    from models.tfc_tdf_unet import _conv_kernel, _transposed_kernel
+    from models.checkpoints import torch_conv_kernel, torch_transposed_kernel
 
     config = model.config
     rows = []
     for target, net in model.networks.items():
-        def conv(source, layer, convert=_conv_kernel):
+        def conv(source, layer, convert=torch_conv_kernel):
             layer = net.get_layer(layer)
             return [Assign((f"{target}/{source}.weight",), layer.kernel, convert),
                     Assign((f"{target}/{source}.bias",), layer.bias)]
@@ -538,7 +538,7 @@ def assign_released(model: SeparationModel, released) -> dict:
                              Assign((f"{source}.rnn.bias_hh_l0{suffix}",), direction["recurrent_bias"])]
         for index in range(config.num_scales):  # the reference's us[i] / decoding_blocks[i] work at scale n - 1 - i
             scale = config.num_scales - 1 - index
-            rows += conv(f"us.{index}.0", f"decoder{scale}_up", _transposed_kernel) + bn(f"us.{index}.1",
+            rows += conv(f"us.{index}.0", f"decoder{scale}_up", torch_transposed_kernel) + bn(f"us.{index}.1",
                                                                                          f"decoder{scale}_up_bn")
             rows += block(f"decoding_blocks.{index}", f"decoder{scale}")
         rows += conv("final_conv.0", "final_conv")

@@ -27,6 +27,40 @@ def torch_uniform():
     return keras.initializers.VarianceScaling(scale=1.0 / 3.0, mode="fan_in", distribution="uniform")
 
 
+# ---------------------------------------------------------------------------------------- frames
+
+
+class PadFrames(keras.layers.Layer):
+    """Zero-pads axis 1 (frames) at the end to a multiple of `multiple`."""
+
+    def __init__(self, multiple: int, **kwargs):
+        super().__init__(**kwargs)
+        self.multiple = multiple
+
+    def call(self, x):
+        missing = (-tf.shape(x)[1]) % self.multiple
+        return tf.pad(x, [[0, 0], [0, missing]] + [[0, 0]] * (x.shape.rank - 2))
+
+    def compute_output_shape(self, input_shape):
+        frames = input_shape[1]
+        if frames is not None:
+            frames = -(-frames // self.multiple) * self.multiple
+        return (input_shape[0], frames) + tuple(input_shape[2:])
+
+    def get_config(self):
+        return {**super().get_config(), "multiple": self.multiple}
+
+
+class CropFrames(keras.layers.Layer):
+    """`x[:, :nb_frames of reference]`: undoes `PadFrames`."""
+
+    def call(self, inputs, reference):
+        return inputs[:, : tf.shape(reference)[1]]
+
+    def compute_output_shape(self, inputs_shape, reference_shape):
+        return (inputs_shape[0], reference_shape[1]) + tuple(inputs_shape[2:])
+
+
 def batch_norm(name: str, *, torch_momentum: float = None, keras_momentum: float = None, epsilon: float = 1e-3,
                axis: int = -1, **kwargs) -> keras.layers.BatchNormalization:
     """A Keras BatchNormalization from the momentum of either convention (exactly one of the two)."""

@@ -33,7 +33,7 @@ from configs.config import MUSDB_TARGETS, bounded, check_fields
 from configs.errors import ConfigError
 from models.base import SeparationModel
 from models.filtering import WienerFilter, WienerISTFT
-from models.layers import LSTM, check_stft, lstm_cell, lstm_sequence, sequence_lstm
+from models.layers import LSTM, check_stft, lstm_cell, lstm_sequence, sequence_lstm, torch_uniform
 from models.transforms import STFT, ISTFT, ComplexNorm, bandwidth_to_max_bin, complex_norm, in_tflite_lstm_loop, stft
 
 
@@ -65,11 +65,6 @@ class Config:
 # --------------------------------------------------------------------------------------------- layers
 
 
-def _torch_dense_init():
-    # PyTorch nn.Linear default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
-    return keras.initializers.VarianceScaling(scale=1.0 / 3.0, mode="fan_in", distribution="uniform")
-
-
 @keras.saving.register_keras_serializable(package="musicsep")
 class OpenUnmix(keras.layers.Layer):
     """One target's network: magnitude `(nb_samples, nb_frames, nb_bins, nb_channels)` -> estimate, same shape.
@@ -92,15 +87,15 @@ class OpenUnmix(keras.layers.Layer):
         # PyTorch BatchNorm1d defaults (momentum 0.1); batch statistics over the global batch under
         # MirroredStrategy, so n replicas train exactly like one device on the same global batch
         bn = dict(momentum=0.9, epsilon=1e-5, synchronized=True)
-        self.fc1 = keras.layers.Dense(hidden_size, use_bias=False, kernel_initializer=_torch_dense_init(), name="fc1")
+        self.fc1 = keras.layers.Dense(hidden_size, use_bias=False, kernel_initializer=torch_uniform(), name="fc1")
         self.bn1 = keras.layers.BatchNormalization(name="bn1", **bn)
         lstm_units = hidden_size if unidirectional else hidden_size // 2
         self.lstms = [LSTM(lstm_units, bidirectional=not unidirectional, unroll=unroll, name=f"lstm_{index}")
                       for index in range(nb_layers)]
         self.dropouts = [keras.layers.Dropout(0.4, name=f"lstm_dropout_{index}") for index in range(nb_layers - 1)]
-        self.fc2 = keras.layers.Dense(hidden_size, use_bias=False, kernel_initializer=_torch_dense_init(), name="fc2")
+        self.fc2 = keras.layers.Dense(hidden_size, use_bias=False, kernel_initializer=torch_uniform(), name="fc2")
         self.bn2 = keras.layers.BatchNormalization(name="bn2", **bn)
-        self.fc3 = keras.layers.Dense(nb_bins * nb_channels, use_bias=False, kernel_initializer=_torch_dense_init(),
+        self.fc3 = keras.layers.Dense(nb_bins * nb_channels, use_bias=False, kernel_initializer=torch_uniform(),
                                       name="fc3")
         self.bn3 = keras.layers.BatchNormalization(name="bn3", **bn)
 

@@ -8,11 +8,38 @@ family: the `model` section carries each family's knobs as a mapping, checked he
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Protocol, runtime_checkable
 
 from configs.config import build_section
 from configs.errors import ConfigError
 from models import c_unet, dttnet, m_unet, open_unmix, tfc_tdf_unet, unet, wave_u_net
+
+@runtime_checkable
+class Family(Protocol):
+    """What a model family module provides (one file in models/).
+
+    `Config`: a dataclass of the family's published defaults, every field with a default and validated in
+    `__post_init__` (it is `model.<name>.*`). `build(config, *, data, stats=None)`: the `SeparationModel`
+    (models/base.py) for that config and the data section (rate, channels, targets); `stats` are the prepare
+    manifest's training statistics (mean energy per target) for the families that use them. The mobile (TFLite)
+    and streaming forms are attributes of the built `SeparationModel`, not of the module."""
+
+    Config: type
+
+    def build(self, config, *, data, stats=None): ...
+
+
+@runtime_checkable
+class ReleasedFamily(Family, Protocol):
+    """A family whose authors' released weights `--stage import` reads: `read_released(path, **options)` returns
+    the checkpoint (`models.checkpoints.ReleasedCheckpoint`: tensors and the config overrides they imply;
+    options are `import.*`), `assign_released(model, released)` maps every tensor onto the Keras weights and
+    returns the mapping figures."""
+
+    def read_released(self, path, **options): ...
+
+    def assign_released(self, model, released) -> dict: ...
+
 
 # name -> module. Every family is imported with the registry: `check` validates every family's knobs
 # anyway, and callers import the registry lazily (the driver when it resolves a configuration).
@@ -35,6 +62,11 @@ def module(name: str):
     if name not in FAMILIES:
         raise ConfigError(f"model.name '{name}' is not a registered model; choose one of {', '.join(names())}")
     return FAMILIES[name]
+
+
+def importable(name: str) -> bool:
+    """Whether `--stage import` can read this family's released weights."""
+    return isinstance(module(name), ReleasedFamily)
 
 
 def default_params(name: str) -> dict:

@@ -40,7 +40,7 @@ import tensorflow as tf
 from configs.config import bounded, check_fields, choice
 from configs.errors import CheckpointError, ConfigError
 from models.base import SeparationModel
-from models.layers import check_stft
+from models.layers import CropFrames, PadFrames, check_stft, torch_uniform
 from models.transforms import ISTFT, STFT, istft, stft
 
 LOSSES = ("mse", "quantile_coarse", "quantile_element")
@@ -149,12 +149,6 @@ def make_loss(config: Config):
 # --------------------------------------------------------------------------------------------- layers
 
 
-def _torch_init():
-    # PyTorch Conv2d / Linear / ConvTranspose2d default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)); keras computes the
-    # transposed conv's fan_in from the output channels, as PyTorch does
-    return keras.initializers.VarianceScaling(scale=1.0 / 3.0, mode="fan_in", distribution="uniform")
-
-
 class FoldSubbands(keras.layers.Layer):
     """`(nb_samples, nb_frames, nb_bins, nb_channels, 2)` -> `(nb_samples, nb_frames, dim_f / k, nb_channels·2·k)`.
 
@@ -248,37 +242,6 @@ class PadBins(keras.layers.Layer):
         return {**super().get_config(), "nb_bins": self.nb_bins}
 
 
-class PadFrames(keras.layers.Layer):
-    """Zero-pads axis 1 (frames) at the end to a multiple of `multiple`."""
-
-    def __init__(self, multiple: int, **kwargs):
-        super().__init__(**kwargs)
-        self.multiple = multiple
-
-    def call(self, x):
-        missing = (-tf.shape(x)[1]) % self.multiple
-        return tf.pad(x, [[0, 0], [0, missing]] + [[0, 0]] * (x.shape.rank - 2))
-
-    def compute_output_shape(self, input_shape):
-        frames = input_shape[1]
-        if frames is not None:
-            frames = -(-frames // self.multiple) * self.multiple
-        return (input_shape[0], frames) + tuple(input_shape[2:])
-
-    def get_config(self):
-        return {**super().get_config(), "multiple": self.multiple}
-
-
-class CropFrames(keras.layers.Layer):
-    """`x[:, :nb_frames of reference]`: undoes `PadFrames`."""
-
-    def call(self, inputs, reference):
-        return inputs[:, : tf.shape(reference)[1]]
-
-    def compute_output_shape(self, inputs_shape, reference_shape):
-        return (inputs_shape[0], reference_shape[1]) + tuple(inputs_shape[2:])
-
-
 def _norm_act(x, name: str, axis: int = -1):
     # InstanceNorm2d(affine=True): per sample and channel over both spatial axes = one group per channel
     x = keras.layers.GroupNormalization(groups=-1, axis=axis, epsilon=1e-5, name=f"{name}_norm")(x)
@@ -288,13 +251,13 @@ def _norm_act(x, name: str, axis: int = -1):
 def _conv(channels: int, kernel: int, name: str, stride: int = 1, transpose: bool = False):
     layer = keras.layers.Conv2DTranspose if transpose else keras.layers.Conv2D
     return layer(channels, kernel, strides=stride, padding="same" if kernel == 3 else "valid", use_bias=False,
-                 kernel_initializer=_torch_init(), name=name)
+                 kernel_initializer=torch_uniform(), name=name)
 
 
 def tfc_tdf(x, channels: int, nb_blocks: int, bottleneck_factor: int, name: str):
     """TFC-TDF blocks on `(nb_samples, nb_frames, nb_bins, features)` -> `(..., channels)`; nb_bins must be static."""
     nb_bins = x.shape[2]
-    dense = dict(use_bias=False, kernel_initializer=_torch_init())
+    dense = dict(use_bias=False, kernel_initializer=torch_uniform())
     for index in range(nb_blocks):
         prefix = f"{name}_{index}"
         shortcut = _conv(channels, 1, f"{prefix}_shortcut")(x)
@@ -525,26 +488,16 @@ def read_released(path, config: Optional[str] = None, targets=(), **options):
                               description=f"TFC-TDF-UNet v3 {weights.name} ({', '.join(released_targets)})")
 
 
-def _conv_kernel(weight):
-    """PyTorch Conv2d `(out, in, kh, kw)` over the reference's `(t, f)` plane -> Keras `(kh, kw, in, out)`."""
-    return np.ascontiguousarray(np.transpose(weight, (2, 3, 1, 0)))
-
-
-def _transposed_kernel(weight):
-    """PyTorch ConvTranspose2d `(in, out, kh, kw)` -> Keras Conv2DTranspose `(kh, kw, out, in)`."""
-    return np.ascontiguousarray(np.transpose(weight, (2, 3, 1, 0)))
-
-
 def tfc_tdf_rows(net, config: Config, prefix: str = "") -> list:
     """The mapping table of KUIELab's `TFC_TDF_net` state dict onto `tfc_tdf_net` (shared with DTTNet's TFC-TDF
     parts where names agree). `prefix` is prepended to every source name."""
-    from models.checkpoints import Assign, transpose
+    from models.checkpoints import Assign, torch_conv_kernel, torch_transposed_kernel, transpose
 
     def norm(source, layer):
         layer = net.get_layer(layer)
         return [Assign((f"{prefix}{source}.weight",), layer.gamma), Assign((f"{prefix}{source}.bias",), layer.beta)]
 
-    def conv(source, layer, convert=_conv_kernel):
+    def conv(source, layer, convert=torch_conv_kernel):
         return [Assign((f"{prefix}{source}.weight",), net.get_layer(layer).kernel, convert)]
 
     def blocks(source, name):
@@ -567,7 +520,7 @@ def tfc_tdf_rows(net, config: Config, prefix: str = "") -> list:
     for index in range(config.num_scales):  # the reference's decoder_blocks[i] works at scale n - 1 - i
         scale = config.num_scales - 1 - index
         rows += norm(f"decoder_blocks.{index}.upscale.conv.0", f"decoder{scale}_upscale_norm")
-        rows += conv(f"decoder_blocks.{index}.upscale.conv.2", f"decoder{scale}_upscale", _transposed_kernel)
+        rows += conv(f"decoder_blocks.{index}.upscale.conv.2", f"decoder{scale}_upscale", torch_transposed_kernel)
         rows += blocks(f"decoder_blocks.{index}.tfc_tdf", f"decoder{scale}")
     rows += conv("final_conv.0", "final_conv1") + conv("final_conv.2", "final_conv2")
     return rows

@@ -37,7 +37,7 @@ import math
 import pathlib
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import List, Tuple
 
 import keras
 import tensorflow as tf

@@ -37,7 +37,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Mapping, Optional
+from typing import Dict, Optional
 
 import keras
 from keras import ops
@@ -459,7 +459,7 @@ def chunk_lengths(config: Config):
 # --------------------------------------------------------------------------------------------
 # The family builder
 # --------------------------------------------------------------------------------------------
-def build(config: Config, *, data, stats: Mapping) -> SeparationModel:
+def build(config: Config, *, data, stats=None) -> SeparationModel:
     targets = tuple(data.targets)
     nb_channels = int(data.nb_channels)
     train_model = wave_u_net(config, targets, nb_channels)

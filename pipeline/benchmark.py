@@ -290,6 +290,7 @@ def benchmark_separate(config, seconds: float, repeats: int, threads: int, tflit
     import tensorflow as tf
 
     from components import export
+    from components.inference import exported
     from components.inference.separation import separate_array
     from components.training.trained import build_model
     from configs.config import to_plain
@@ -305,7 +306,7 @@ def benchmark_separate(config, seconds: float, repeats: int, threads: int, tflit
     with tempfile.TemporaryDirectory() as tmp:
         saved = Path(tmp) / "saved_model"
         export.write_saved_model(model.separator, saved, config.data.nb_channels)
-        serving = tf.saved_model.load(str(saved)).signatures[export.SIGNATURE]
+        serving = tf.saved_model.load(str(saved)).signatures[exported.SIGNATURE]
         batch = tf.constant(mixture[None])
         serving(waveform=batch)  # warm-up: tracing, allocations
         runs = {"saved_model": lambda: serving(waveform=batch)}
@@ -326,7 +327,7 @@ def benchmark_separate(config, seconds: float, repeats: int, threads: int, tflit
                 report[f"tflite_{variant}_convert_seconds"] = round(time.perf_counter() - started, 1)
                 # as `separate --model x.tflite`: one interpreter of `threads` threads, or `workers` chunks at a
                 # time on single-threaded interpreters
-                runner = export.TFLiteChunkRunner(blob, workers=workers,
+                runner = exported.TFLiteChunkRunner(blob, workers=workers,
                                                   threads_per_worker=threads if workers == 1 else 1)
                 if model.postprocess is None:
                     separate_fn = runner
@@ -339,7 +340,7 @@ def benchmark_separate(config, seconds: float, repeats: int, threads: int, tflit
                 if variant == "float32" and threads > 1:  # the other driver, same file, same run
                     other = 1 if workers > 1 else threads
                     name = "tflite_float32_one_interpreter" if other == 1 else f"tflite_float32_{other}_workers"
-                    alternative = export.TFLiteChunkRunner(blob, workers=other,
+                    alternative = exported.TFLiteChunkRunner(blob, workers=other,
                                                            threads_per_worker=threads if other == 1 else 1)
                     if model.postprocess is not None:
                         alternative = lambda b, runner=alternative: model.postprocess(b, runner(b))  # noqa: E731
@@ -485,6 +486,7 @@ def benchmark_stream(config, hops: int, warmup: int, threads: int) -> dict:
     import numpy as np
 
     from components import export
+    from components.inference import exported
     from components.training.trained import build_model
     from models.base import count_parameters
     from models.streaming import StreamingOpenUnmix
@@ -511,30 +513,14 @@ def benchmark_stream(config, hops: int, warmup: int, threads: int) -> dict:
                                                                       "algorithmic_latency_ms")}}
     with tempfile.TemporaryDirectory() as tmp:
         export.write_stream_saved_model(stream, Path(tmp) / "saved_model")
-        seconds = per_hop(export.saved_model_stream_step(Path(tmp) / "saved_model"))
+        seconds = per_hop(exported.saved_model_stream_step(Path(tmp) / "saved_model"))
         result["saved_model"] = {"ms_per_hop": round(1000 * seconds, 3), "x_realtime": round(hop_seconds / seconds, 2)}
         blob = export.convert_stream_tflite(stream)
-        seconds = per_hop(export.tflite_stream_step(blob, num_threads=threads))
+        seconds = per_hop(exported.tflite_stream_step(blob, num_threads=threads))
         result["tflite_float32"] = {"ms_per_hop": round(1000 * seconds, 3),
                                     "x_realtime": round(hop_seconds / seconds, 2),
                                     "megabytes": round(len(blob) / 1e6, 2)}
     return result
-
-
-def _write_song(path: Path, seconds: float, sample_rate: int = 44100, nb_channels: int = 2) -> None:
-    """A synthetic stereo song written block by block (the benchmark's own memory stays small): a few
-    tones and noise, 16-bit PCM."""
-    import numpy as np
-    import soundfile
-
-    rng = np.random.default_rng(0)
-    block = 10 * sample_rate
-    with soundfile.SoundFile(str(path), "w", samplerate=sample_rate, channels=nb_channels, subtype="PCM_16") as f:
-        for start in range(0, int(seconds * sample_rate), block):
-            t = (start + np.arange(min(block, int(seconds * sample_rate) - start))) / sample_rate
-            tones = sum(0.1 * np.sin(2 * np.pi * f0 * t) for f0 in (110.0, 440.0, 1320.0))
-            audio = tones[:, None] + 0.05 * rng.standard_normal((len(t), nb_channels))
-            f.write(audio.astype(np.float32))
 
 
 def _export_untrained(updates: dict, named: list, family: str, saved: str) -> None:
@@ -566,10 +552,11 @@ def benchmark_memory(updates: dict, named: list, families, minutes: float, work:
     import shutil
     import subprocess
 
-    from components.export import SIDECAR
+    from components.data import synth
+    from components.inference.exported import SIDECAR
 
     song = work / "song.wav"
-    _write_song(song, minutes * 60.0)
+    synth.write_song(song, minutes * 60.0)
     report = {"song_minutes": minutes, "song_megabytes": round(song.stat().st_size / 1e6, 1),
               "chunk_seconds": chunk_seconds or "separate's default", "families": {}}
     for family in families:

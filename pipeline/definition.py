@@ -93,7 +93,7 @@ def _run_component(spec, config, force, log_scalar):
         if found is not None:
             upstream[name] = found
     fingerprint = stage_fingerprint(spec, config, upstream)
-    existing, problem = artifacts._load(root, spec.name)
+    existing, problem = artifacts.load_checked(root, spec.name)
     if problem:
         log.warning("stage %s: the existing artifact is damaged (%s); redoing it", spec.name, problem)
     if existing is not None and existing.fingerprint == fingerprint and not force:

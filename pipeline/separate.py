@@ -61,21 +61,14 @@ def add_stream_arguments(parser: argparse.ArgumentParser) -> None:
 
 def stream_main(args) -> int:
     """`separate --stream FILE|- ...`: the streaming model, hop by hop."""
-    from pipeline.quiet import import_tensorflow
-
     if args.pcm_rate is not None and args.pcm_rate <= 0:
         return _refuse(f"--pcm-rate {args.pcm_rate}: must be a positive sample rate, e.g. --pcm-rate 44100")
     if args.pcm_channels is not None and args.pcm_channels not in (1, 2):
         return _refuse(f"--pcm-channels {args.pcm_channels}: 1 or 2 channels only")
+    streamer, code = _load(args, lambda: load_streaming(args.model, args.artifacts_dir))
+    if streamer is None:
+        return code
     out = Path(args.out)
-    problem = _output_problem(args.files, out)
-    if problem:
-        return _refuse(problem)
-    import_tensorflow()  # without the CPU-machine start-up notices
-    try:
-        streamer = load_streaming(args.model, args.artifacts_dir)
-    except SeparateError as error:
-        return _refuse(str(error))
     out.mkdir(parents=True, exist_ok=True)
     failed = 0
     for name in args.files:
@@ -99,6 +92,21 @@ def stream_main(args) -> int:
             failed += 1
             print(f"error: {error}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _load(args, load):
+    """(the model `load()` returns, None) after the checks both modes make first (the output folder, inputs that
+    clash) and TensorFlow's quiet import; (None, exit code) when one fails."""
+    from pipeline.quiet import import_tensorflow
+
+    problem = _output_problem(args.files, Path(args.out))
+    if problem:
+        return None, _refuse(problem)
+    import_tensorflow()  # without the CPU-machine start-up notices
+    try:
+        return load(), None
+    except SeparateError as error:
+        return None, _refuse(str(error))
 
 
 def _refuse(message: str) -> int:
@@ -143,8 +151,6 @@ def _terminated(signum, frame):
 
 
 def _main(args) -> int:
-    from pipeline.quiet import import_tensorflow
-
     if not 0 <= args.overlap < 1:
         print(f"error: --overlap {args.overlap:g}: must be a fraction in [0, 1); e.g. --overlap 0.25", file=sys.stderr)
         return 2
@@ -154,16 +160,10 @@ def _main(args) -> int:
     if args.workers is not None and args.workers < 1:
         print(f"error: --workers {args.workers}: must be at least 1; e.g. --workers 2", file=sys.stderr)
         return 2
+    separator, code = _load(args, lambda: load_separator(args.model, args.artifacts_dir, args.workers))
+    if separator is None:
+        return code
     out = Path(args.out)
-    problem = _output_problem(args.files, out)
-    if problem:
-        return _refuse(problem)
-    import_tensorflow()  # without the CPU-machine start-up notices
-    try:
-        separator = load_separator(args.model, args.artifacts_dir, args.workers)
-    except SeparateError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:

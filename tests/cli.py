@@ -110,6 +110,22 @@ def start(argv, **kwargs) -> subprocess.Popen:
     return subprocess.Popen(list(map(str, argv)), cwd=ROOT, **kwargs)
 
 
+def interrupt_when(argv, ready, signum=None, *, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Start `argv`, wait until `ready()` is true (e.g. a staging folder or a `.part` file exists), send it
+    `signum` (SIGINT by default) and wait for it to end; fails when it ended before it could be interrupted."""
+    import signal
+    import time
+
+    process = start(argv)
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None and not ready():
+        time.sleep(0.05)
+    assert process.poll() is None, "finished before it could be interrupted"
+    process.send_signal(signal.SIGINT if signum is None else signum)
+    out, err = process.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
 def python_argv(code: str, *args) -> list:
     """argv of `python -c code *args` for `start` (pass `env=environment()` so the project imports)."""
     return [sys.executable, "-c", code, *map(str, args)]

@@ -168,7 +168,8 @@ def check_saved_model_parity(model, path, lengths=(1001,), nb_samples: int = 2, 
     Returns the worst absolute difference."""
     import tensorflow as tf
 
-    from components.export import INPUT_NAME, SIGNATURE, write_saved_model
+    from components.export import write_saved_model
+    from components.inference.exported import INPUT_NAME, SIGNATURE
 
     write_saved_model(model.separator, path, model.nb_channels)
     signature = tf.saved_model.load(str(path)).signatures[SIGNATURE]
@@ -190,7 +191,8 @@ def check_tflite_parity(model, chunk: int, min_parity_db: float = 80.0, forbidde
     `model.postprocess` (when the family has one), gives the Keras separator's waveforms on the same chunk:
     SDR of TFLite against Keras >= `min_parity_db` for every target (export.parity_db, the export stage's
     figure). Returns {"ops", "parity_db", "megabytes"}."""
-    from components.export import TFLiteChunkRunner, convert_tflite, parity_db, run_tflite, tflite_ops
+    from components.export import convert_tflite, parity_db
+    from components.inference.exported import TFLiteChunkRunner, run_tflite, tflite_ops
 
     assert model.mobile is not None, "family has no mobile form"
     blob = convert_tflite(model.mobile(chunk), chunk, model.nb_channels)

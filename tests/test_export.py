@@ -91,7 +91,8 @@ def test_fresh_process_savedmodel_matches_keras(exported, tmp_path):
 
 
 def test_tflite_builtin_ops_only_and_parity(exported):
-    from components.export import parity_db, run_tflite, tflite_ops
+    from components.export import parity_db
+    from components.inference.exported import run_tflite, tflite_ops
     from components import artifacts
     from components.training.trained import load_trained
     from pipeline.experiment import resolve
@@ -135,7 +136,7 @@ def test_tflite_builtin_ops_only_and_parity(exported):
 def test_quantized_tflite_loses_at_most_half_a_db_on_real_musdb(exported):
     # the exported float32 and quantized files separate the real MUSDB18-HQ excerpt (resampled to the model's
     # 8 kHz) chunk by chunk as an app would; SDR against the true stems, mean over the four targets
-    from components.export import TFLiteChunkRunner
+    from components.inference.exported import TFLiteChunkRunner
     from components.inference.separation import separate_array
     from pipeline.benchmark import MUSDB_EXCERPT, _mean_sdr, musdb_excerpt
 
@@ -159,7 +160,8 @@ def test_quantized_tflite_loses_at_most_half_a_db_on_real_musdb(exported):
 
 def test_float16_tflite_is_finite_where_every_target_estimate_is_zero():
     # float16 stores the Wiener filter's eps = 1e-10 as 0: bins where all targets estimate 0 must stay 0, not NaN
-    from components.export import convert_tflite, parity_db, run_tflite
+    from components.export import convert_tflite, parity_db
+    from components.inference.exported import run_tflite
     from components.training.trained import build_model
     from pipeline.experiment import resolve
 
@@ -186,7 +188,8 @@ def test_tflite_chunk_runner_runs_chunks_on_parallel_interpreters_with_the_one_c
 
     from ai_edge_litert.interpreter import Interpreter
 
-    from components.export import SIGNATURE, TFLiteChunkRunner, convert_tflite, parity_db
+    from components.export import convert_tflite, parity_db
+    from components.inference.exported import SIGNATURE, TFLiteChunkRunner
     from components.training.trained import build_model
     from pipeline.experiment import resolve
 
@@ -253,7 +256,8 @@ def _numpy_lstm(inputs, kernel, recurrent_kernel, bias):
 def test_sequence_lstm_is_one_fused_tflite_op_without_cell_clipping():
     import tensorflow as tf
 
-    from components.export import parity_db, tflite_ops
+    from components.export import parity_db
+    from components.inference.exported import tflite_ops
     from models.layers import sequence_lstm
 
     nb_frames, nb_samples, features, units = 40, 2, 24, 16

@@ -5,7 +5,6 @@ Each test reproduces the fault as the user met it and asserts what is left behin
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -289,20 +288,15 @@ def test_bad_pcm_on_standard_input_is_one_line_and_leaves_no_stems(stream_pipeli
 
 @pytest.mark.parametrize("signum, code, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
 def test_an_interrupted_file_stream_leaves_no_part_files_and_says_so(signum, code, word, stream_pipeline, tmp_path):
-    from tests.cli import SEPARATE, start
+    from tests.cli import SEPARATE, interrupt_when
 
     song = _noise(tmp_path / "song.wav", seconds=120)
     out = tmp_path / "out"
-    process = start([*SEPARATE, "--stream", str(song), "--model", str(stream_pipeline / "export" / "stream"),
-                     "-o", str(out)])
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None and not list((out / "song").glob(".*.part.*")):
-        time.sleep(0.05)
-    assert process.poll() is None, "the stream ended before it could be interrupted"
-    process.send_signal(signum)
-    _, err = process.communicate(timeout=120)
+    result = interrupt_when([*SEPARATE, "--stream", str(song), "--model", str(stream_pipeline / "export" / "stream"),
+                             "-o", str(out)], lambda: list((out / "song").glob(".*.part.*")), signum)
+    err = result.stderr
     lines = [line for line in err.splitlines() if line.strip()]
-    assert process.returncode == code and len(lines) == 1 and lines[0].startswith(f"{word}; "), err
+    assert result.returncode == code and len(lines) == 1 and lines[0].startswith(f"{word}; "), err
     assert "Traceback" not in err and not (out / "song").exists()
 
 

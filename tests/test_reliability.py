@@ -22,7 +22,7 @@ import soundfile
 
 from components import artifacts
 from configs.errors import LockedError, UserError
-from tests.cli import RUN, SEPARATE, cli, cli_here, environment, python_argv, separate_here, start
+from tests.cli import RUN, SEPARATE, cli, cli_here, environment, interrupt_when, python_argv, separate_here, start
 
 TARGETS = ("vocals", "drums", "bass", "other")
 
@@ -107,14 +107,10 @@ def test_the_lock_names_its_holder_is_reentrant_and_dies_with_its_process(tmp_pa
 def test_ctrl_c_during_a_stage_exits_130_without_a_traceback_and_keeps_the_previous_artifact(exported, tmp_path):
     folder = tmp_path / "artifacts"
     shutil.copytree(exported[0], folder)
-    process = start([*RUN, "--stage", "train", "--force", *unittest_run(folder)])
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None and not list(folder.glob(".train.staging-*")):
-        time.sleep(0.05)
-    assert process.poll() is None, "finished before it could be interrupted"
-    process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=300)
-    assert process.returncode == 130
+    result = interrupt_when([*RUN, "--stage", "train", "--force", *unittest_run(folder)],
+                            lambda: list(folder.glob(".train.staging-*")))
+    err = result.stderr
+    assert result.returncode == 130
     assert "Traceback" not in err
     assert error_lines(err)[-1] == ("interrupted; finished stages are kept, the interrupted one resumes (train) or "
                                     "restarts on the next run")
@@ -384,14 +380,10 @@ def stems_of(folder: Path) -> dict:
 def test_ctrl_c_during_separate_leaves_no_stems_no_part_files_and_a_rerun_finishes(exported, tmp_path):
     song = noise_wav(tmp_path / "song.wav", 120.0)
     out = tmp_path / "stems"
-    process = start([*SEPARATE, song, "-o", out, "--artifacts-dir", exported[0], "--chunk-seconds", "0.25", "-q"])
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None and not list((out / "song").glob(".*.part.*")):
-        time.sleep(0.05)
-    assert process.poll() is None, "finished before it could be interrupted"
-    process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=120)
-    assert process.returncode == 130
+    result = interrupt_when([*SEPARATE, song, "-o", out, "--artifacts-dir", exported[0], "--chunk-seconds", "0.25",
+                             "-q"], lambda: list((out / "song").glob(".*.part.*")))
+    err = result.stderr
+    assert result.returncode == 130
     assert "Traceback" not in err
     assert error_lines(err) == ["interrupted; finished tracks are kept, the unfinished one left no files"]
     assert not (out / "song").exists()  # no stems, no .part files, no empty folder

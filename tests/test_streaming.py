@@ -119,7 +119,7 @@ def exported(model, tmp_path_factory):
 
 
 def test_exported_stream_tflite_matches_saved_model(model, exported):
-    from components import export
+    from components.inference.exported import tflite_stream_step
 
     folder, description = exported
     assert description["hop_samples"] == 64 and description["latency_samples"] == 192
@@ -138,7 +138,7 @@ def test_exported_stream_tflite_matches_saved_model(model, exported):
     assert sum(int(np.prod(shape)) for shape in stored) == sum(int(np.prod(w.shape)) for w in model.train_model.weights)
     # the exported TFLite stream, loaded from its file, against the Keras stream on other audio
     x = excerpt(model.sample_rate, 2.0)[8000:]
-    step = export.tflite_stream_step(model_path=str(folder / "stream.float32.tflite"))
+    step = tflite_stream_step(model_path=str(folder / "stream.float32.tflite"))
     stream = StreamingOpenUnmix(model)
     streamed = stream_array(step, stream.initial_state(), x, stream.hop_length)
     keras_streamed = stream_array(stream.compiled(), stream.initial_state(), x, stream.hop_length)

@@ -65,14 +65,6 @@ def segment_bounds(nb_timesteps: int, segment_samples: int) -> List[Tuple[int, i
     return [(offset, min(segment_samples, nb_timesteps - offset)) for offset in range(0, nb_timesteps, segment_samples)]
 
 
-def track_examples(track, *, segment_samples: int, pcm: str, sample_rate: int):
-    """Serialized examples of one `datasets.Track`; yields (bytes, nb_clipped_samples)."""
-    nb_channels = next(iter(track.stems.values())).shape[1]
-    for offset, length, blobs, clipped in encode_segments(track.stems, segment_samples=segment_samples, pcm=pcm):
-        yield serialize_segment(track.name, track.split, offset, length, blobs, sample_rate=sample_rate,
-                                nb_channels=nb_channels), clipped
-
-
 def encode_segments(stems: Mapping[str, np.ndarray], *, segment_samples: int, pcm: str):
     """The PCM of each segment of a track, numpy only (no TensorFlow: runs in worker processes).
 

@@ -344,3 +344,19 @@ def _bandpass(signal, low, high, sample_rate):
     high = min(high, 0.9 * sample_rate / 2)
     low = min(low, 0.5 * high)
     return sosfilt(butter(2, [low, high], btype="bandpass", fs=sample_rate, output="sos"), signal)
+
+
+def write_song(path, seconds: float, sample_rate: int = 44100, nb_channels: int = 2) -> None:
+    """A long synthetic stereo song for benchmarks, written block by block (memory stays small): a few tones and
+    noise, 16-bit PCM."""
+    import numpy as np
+    import soundfile
+
+    rng = np.random.default_rng(0)
+    block = 10 * sample_rate
+    with soundfile.SoundFile(str(path), "w", samplerate=sample_rate, channels=nb_channels, subtype="PCM_16") as f:
+        for start in range(0, int(seconds * sample_rate), block):
+            t = (start + np.arange(min(block, int(seconds * sample_rate) - start))) / sample_rate
+            tones = sum(0.1 * np.sin(2 * np.pi * f0 * t) for f0 in (110.0, 440.0, 1320.0))
+            audio = tones[:, None] + 0.05 * rng.standard_normal((len(t), nb_channels))
+            f.write(audio.astype(np.float32))

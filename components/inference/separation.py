@@ -65,25 +65,16 @@ def chunk_weights(index: int, nb_chunks: int, chunk_samples: int, overlap_sample
     return own / total
 
 
-def separate_array(
-    separate_fn: Callable[[np.ndarray], Mapping[str, object]],
-    mixture: np.ndarray,
-    *,
-    sample_rate: int,
-    chunk_seconds: float,
-    overlap: float,
-    batch_size: int = 1,
-    input_samples: Optional[Callable[[int], int]] = None,
-) -> Dict[str, np.ndarray]:
+def separate_array(separate_fn: Callable[[np.ndarray], Mapping[str, object]], mixture: np.ndarray,
+                   **settings) -> Dict[str, np.ndarray]:
     """Separate a full track chunk by chunk; returns {target: float32 `(nb_timesteps, nb_channels)`}.
 
-    The arguments are those of `iter_separate`, which this collects.
+    The arguments are those of `iter_separate` (`sample_rate`, `chunk_seconds`, `overlap`, `batch_size`,
+    `input_samples`, keywords only), which this collects.
     """
     nb_timesteps, nb_channels = np.shape(mixture)[0], np.shape(mixture)[-1]
     outputs: Dict[str, np.ndarray] = {}
-    for start, stop, blocks in iter_separate(separate_fn, mixture, sample_rate=sample_rate,
-                                             chunk_seconds=chunk_seconds, overlap=overlap, batch_size=batch_size,
-                                             input_samples=input_samples):
+    for start, stop, blocks in iter_separate(separate_fn, mixture, **settings):
         for target, block in blocks.items():
             outputs.setdefault(target, np.zeros((nb_timesteps, nb_channels), dtype=np.float32))[start:stop] = block
     return outputs

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from components.export import SIDECAR
+from components.inference.exported import SIDECAR, ExportLayout
 from configs.errors import SeparateError
 
 DEFAULT_CHUNK_SECONDS = 10.0  # --chunk-seconds when the model declares no chunk of its own
@@ -49,7 +49,7 @@ class TFLiteSeparator:
     WORKERS = 2
 
     def __init__(self, path: Path, workers: int = None):
-        from components.export import TFLiteChunkRunner
+        from components.inference.exported import TFLiteChunkRunner
 
         description_path = path.parent / (path.name.split(".")[0] + ".json")
         export_sidecar = path.parent.parent / SIDECAR
@@ -95,13 +95,12 @@ def find_sidecar(saved_model: Path) -> dict:
 
 def load_separator(model: str | None, artifacts_dir: str, workers: int = None):
     if model is None:
-        export = Path(artifacts_dir) / "export"
-        meta = export / "artifact.json"
+        export = ExportLayout(Path(artifacts_dir) / "export")
+        meta = export.root / "artifact.json"
         if not meta.is_file():
             raise SeparateError(f"no exported model in {export}; run `python pipeline/run.py --stage all` "
                                 "or pass --model")
-        sidecar = json.loads((export / SIDECAR).read_text())
-        model = str(export / "saved_model" / sidecar["model"] / str(sidecar["version"]))
+        model = str(export.latest_saved_model())
     path = Path(model)
     if path.suffix == ".tflite" and path.is_file():
         return TFLiteSeparator(path, workers)

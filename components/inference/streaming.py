@@ -12,7 +12,7 @@ class StreamingSeparator:
     """The export's streaming model (SavedModel folder or .tflite) with its `stream.json` description."""
 
     def __init__(self, path: Path):
-        from components import export
+        from components.inference import exported
 
         if path.suffix == ".tflite" and path.is_file():
             description_path = path.parent / "stream.json"
@@ -30,9 +30,9 @@ class StreamingSeparator:
         self.hop = int(self.description["hop_samples"])
         self.latency = int(self.description["latency_samples"])
         if path.suffix == ".tflite":
-            self.step = export.tflite_stream_step(model_path=str(path), num_threads=1)
+            self.step = exported.tflite_stream_step(model_path=str(path), num_threads=1)
         else:
-            self.step = export.saved_model_stream_step(path)
+            self.step = exported.saved_model_stream_step(path)
 
     def initial_state(self) -> dict:
         import numpy as np
@@ -42,7 +42,9 @@ class StreamingSeparator:
 
 def load_streaming(model: str | None, artifacts_dir: str) -> StreamingSeparator:
     if model is None:
-        stream = Path(artifacts_dir) / "export" / "stream"
+        from components.inference.exported import ExportLayout
+
+        stream = ExportLayout(Path(artifacts_dir) / "export").stream
         if not (stream / "stream.json").is_file():
             raise SeparateError(f"no streaming model in {stream}; export a unidirectional Open-Unmix "
                                 "(model.umx.unidirectional=True) or pass --model")
