@@ -188,6 +188,9 @@ class SilentStem:
     target: str
 
 
+_PARSED: Dict[Tuple[str, str], "Manifest"] = {}  # (artifact folder, fingerprint) -> its parsed manifest
+
+
 @dataclass(frozen=True)
 class Manifest:
     """Everything a stage needs to know about the prepared data, without opening a shard."""
@@ -210,9 +213,20 @@ class Manifest:
     # -- reading ---------------------------------------------------------------------------------------
     @classmethod
     def read(cls, source: Union[Artifact, str, Path]) -> "Manifest":
-        """The manifest of a prepare artifact: an Artifact, its directory, or its artifact.json."""
+        """The manifest of a prepare artifact: an Artifact, its directory, or its artifact.json.
+
+        A committed artifact never changes under its fingerprint, so its manifest is parsed once per process and
+        the same (frozen) object handed to every reader: a stage's data, statistics, validation and evaluation
+        code all see one manifest."""
         if isinstance(source, Artifact):
-            return cls.parse(source.meta, source.path / META_FILE)
+            key = (str(Path(source.path).resolve()), source.meta.get("fingerprint"))
+            if key[1] is None:
+                return cls.parse(source.meta, source.path / META_FILE)
+            if key not in _PARSED:
+                if len(_PARSED) >= 8:
+                    _PARSED.pop(next(iter(_PARSED)))
+                _PARSED[key] = cls.parse(source.meta, source.path / META_FILE)
+            return _PARSED[key]
         path = Path(source)
         meta_path = path if path.name == META_FILE else path / META_FILE
         if not meta_path.is_file():
