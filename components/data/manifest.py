@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 from components.artifacts import META_FILE, Artifact
+from models.base import Stats  # the typed training statistics model builders read
 from configs.errors import StageError
 
 REDO = "redo it with `python pipeline/run.py --stage prepare --force`"
@@ -158,18 +159,6 @@ class Split:
                 files.append(shard.file)
             start = end
         return files
-
-
-@dataclass(frozen=True)
-class Stats:
-    """Per-target statistics of the training split, what model builders read for loss weighting (EBW)."""
-
-    split: str
-    energy: Mapping[str, float]
-    rms: Mapping[str, float]
-
-    def to_dict(self) -> dict:
-        return {"split": self.split, "energy": dict(self.energy), "rms": dict(self.rms)}
 
 
 @dataclass(frozen=True)
