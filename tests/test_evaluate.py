@@ -310,8 +310,10 @@ def test_silent_estimate_is_scored_not_fatal(tmp_path):
     assert abs(metrics["model"]["vocals"]["SDR"]) < 0.01  # "no estimate": |s|^2 / |0 - s|^2 = 0 dB
 
 
-def prepare_meta(splits):
-    """The meta of a prepare artifact whose manifest lists `splits` {split: [track name]} (3 s tracks, no shards)."""
+def prepare_meta(splits, fingerprint="p1"):
+    """The meta of a prepare artifact whose manifest lists `splits` {split: [track name]} (3 s tracks, no shards).
+
+    A committed artifact's manifest is cached per (folder, fingerprint): another manifest needs another fingerprint."""
     zero = {t: 0.0 for t in TARGETS}
     tracks = {split: tuple(TrackEntry(name=name, nb_timesteps=3 * SAMPLE_RATE, seconds=3.0, segments=0, energy=zero,
                                       rms=zero, peak=zero, silent=(), clipped_samples=0, sources=())
@@ -320,7 +322,7 @@ def prepare_meta(splits):
                         segment_samples=SAMPLE_RATE, pcm="int16", compression="",
                         splits={split: Split(tracks=entries, seconds=3.0 * len(entries), segments=0, energy=zero,
                                              rms=zero, shards=()) for split, entries in tracks.items()})
-    return {"fingerprint": "p1", "manifest": manifest.to_dict()}
+    return {"fingerprint": fingerprint, "manifest": manifest.to_dict()}
 
 
 def test_stage_executor_uses_records_and_train(tmp_path, monkeypatch):
@@ -366,10 +368,10 @@ def test_stage_executor_uses_records_and_train(tmp_path, monkeypatch):
     assert len(caches) == 1 and json.loads(caches[0].read_text())["key"]["prepare"] == "p1"
 
     # the MUSDB sample has only `train`: the message says how to evaluate on it
-    inputs["prepare"] = Artifact("prepare", tmp_path / "prepare", prepare_meta({"train": ["one"], "test": []}))
+    inputs["prepare"] = Artifact("prepare", tmp_path / "prepare", prepare_meta({"train": ["one"], "test": []}, "p2"))
     with pytest.raises(StageError, match=r"split 'test' .* has no tracks; .*\(train\).*evaluate.split=train"):
         evaluate.run(context)
-    inputs["prepare"] = Artifact("prepare", tmp_path / "prepare", prepare_meta({"train": ["one"]}))
+    inputs["prepare"] = Artifact("prepare", tmp_path / "prepare", prepare_meta({"train": ["one"]}, "p3"))
     with pytest.raises(StageError, match=r"split 'test' was not prepared \(prepared: train\)"):
         evaluate.run(context)
 
