@@ -138,3 +138,31 @@ def describe(preset: str) -> list:
     """Lines naming each deliberate difference of `preset` from the authors' recipe, for `--describe-model`."""
     return [f"  {key}: ours {ours!r}, authors {theirs!r}: {reason}"
             for key, (theirs, ours, reason) in DIFFERENCES.get(preset, {}).items()]
+
+
+def _show(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, bool) or value is None:
+        return str(value).lower()
+    return str(value)
+
+
+def markdown() -> str:
+    """docs/recipes.md's "Reference table" section, written from REFERENCE and DIFFERENCES (tests check the page
+    holds exactly this text: `python -c "from configs.recipes import markdown; print(markdown())"`)."""
+    lines = ["## Reference table", "",
+             "Each value the authors' code sets, as `configs/recipes.py` records it; `tests/test_reference_table.py` "
+             "checks every recipe preset against it value by value. Commit \"-\": revision not recorded.", ""]
+    for preset, rows in REFERENCE.items():
+        lines += [f"### `{preset}`", "", "| key | authors' value | source | commit |", "|---|---|---|---|"]
+        for key, (value, repo, path, commit) in sorted(rows.items()):
+            lines.append(f"| `{key}` | {_show(value)} | {repo} `{path}` | {commit} |")
+        differences = DIFFERENCES[preset]
+        if differences:
+            lines += ["", "Deliberate differences (printed by `--describe-model`):", "",
+                      "| key | authors | ours | reason |", "|---|---|---|---|"]
+            for key, (theirs, ours, reason) in differences.items():
+                lines.append(f"| `{key}` | {_show(theirs)} | {_show(ours)} | {reason} |")
+        lines.append("")
+    return "\n".join(lines)
