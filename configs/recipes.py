@@ -24,7 +24,9 @@ def _open_unmix():
                     train__beta_2=0.999, train__epsilon=1e-8, train__weight_decay=1e-5, train__batch_size=16,
                     train__epochs=1000, train__seq_seconds=6.0, train__lr_schedule="plateau",
                     train__lr_decay_patience=80, train__lr_decay_gamma=0.3, train__early_stopping=True,
-                    train__patience=140, train__checkpoint_metric="val_loss"),
+                    train__patience=140, train__checkpoint_metric="val_loss", train__plateau_impl="torch",
+                    train__lr_monitor="val_loss", train__lr_threshold=1e-4, train__lr_threshold_mode="rel",
+                    train__lr_cooldown=10),
             **_rows(UMX, "openunmix/data.py", train__samples_per_track=64, data__mixing="independent",
                     data__gain_range=[0.25, 1.25], data__channel_swap=True, data__remix_probability=0.0)}
 
@@ -46,7 +48,9 @@ def _m_unet():
                     train__seq_seconds=6.0, data__sample_rate=10880, data__nb_channels=1,
                     model__m_unet__n_fft=1022, model__m_unet__hop_length=256, model__m_unet__patch_frames=256),
             **_rows(MUN, "train/train.py", train__nesterov=False, train__lr_schedule="plateau",
-                    train__lr_decay_patience=7, train__lr_decay_gamma=0.1, train__early_stopping=True),
+                    train__lr_decay_patience=7, train__lr_decay_gamma=0.1, train__early_stopping=True,
+                    train__plateau_impl="torch", train__lr_monitor="loss", train__lr_threshold=3e-4,
+                    train__lr_threshold_mode="rel", train__lr_cooldown=0),
             **_rows(MUN, "dataset/filter_musdb_split.py", data__silent_energy=0.5, data__mixing="segment",
                     data__gain_range=[1.0, 1.0], data__channel_swap=False)}
 

@@ -38,3 +38,28 @@ def test_max_mode_and_early_stopping():
     assert _rates([1.0, 2.0, 2.0, 2.0], mode="max", patience=1, factor=0.1) == pytest.approx([1.0, 1.0, 1.0, 0.1])
     stopper = TorchEarlyStopping(patience=2, threshold=1e-5, threshold_mode="rel")
     assert [stopper.stop(v) for v in [1.0, 0.999995, 0.5, 0.5, 0.5]] == [False, False, False, False, True]
+
+
+def test_callback_steps_the_optimizer_on_the_training_loss():
+    import keras
+
+    from components.training.callbacks import TorchPlateauCallback
+
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.01), loss="mse")
+    callback = TorchPlateauCallback("loss", patience=1, factor=0.1, threshold=3e-4, threshold_mode="rel")
+    callback.set_model(model)
+    for epoch, loss in enumerate([100.0, 99.98, 99.98]):  # no relative improvement of 3e-4 after the first
+        callback.on_epoch_end(epoch, {"loss": loss, "val_loss": 0.0})
+    assert float(model.optimizer.learning_rate.numpy()) == pytest.approx(0.001)
+
+
+def test_torch_plateau_keys_resolve_and_are_checked():
+    from configs.errors import ConfigError
+    from pipeline.experiment import resolve
+
+    config = resolve({}, ["m_unet_paper"]).train
+    assert (config.plateau_impl, config.lr_monitor, config.lr_threshold, config.lr_threshold_mode,
+            config.lr_cooldown) == ("torch", "loss", 3e-4, "rel", 0)
+    with pytest.raises(ConfigError, match="lr_threshold_mode"):
+        resolve({"train": {"lr_threshold_mode": "relative"}}, ["unittest"])
