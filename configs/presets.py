@@ -146,7 +146,7 @@ def _sdx23_recipe(num_steps: int) -> dict:
 
 def _dttnet_recipe() -> dict:
     """junyuchen-cjy/DTTNet-Pytorch configs/experiment/vocals_dis.yaml, configs/callbacks/default.yaml,
-    configs/datamodule/musdb18_hq.yaml, src/dp_tdf/abstract.py, src/datamodules/datasets/musdb.py (commit 432d77a)."""
+    configs/datamodule/musdb18_hq.yaml, configs/datamodule/musdb_dev14.yaml (the 86-track training split), src/dp_tdf/abstract.py, src/datamodules/datasets/musdb.py (commit 432d77a)."""
     return {
         "train": {
             # torch.optim.AdamW(lr=2e-4): weight_decay 0.01, betas 0.9/0.999, eps 1e-8 (PyTorch defaults)

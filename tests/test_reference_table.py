@@ -70,8 +70,9 @@ def test_the_comparison_fails_on_drift():
 
 def test_describe_lists_each_difference_with_its_reason():
     lines = describe("dttnet_paper")
-    assert len(lines) == 2 and "train.batch_size: ours 8, authors 16" in lines[1] and "synchronized BN" in lines[1]
-    assert describe("paper") == []
+    assert len(lines) == 4 and "train.batch_size: ours 8, authors 16" in lines[1] and "synchronized BN" in lines[1]
+    assert describe("paper") == ["  authors: validation on whole tracks, batch 1; ours: validation on excerpts (not yet built)"]
+    assert describe("default") == []
 
 
 def test_describe_model_prints_the_presets_differences():
@@ -79,7 +80,7 @@ def test_describe_model_prints_the_presets_differences():
 
     output = describe_model("dttnet_paper").splitlines()
     assert "differences of 'dttnet_paper' from the authors' recipe (docs/recipes.md):" in output
-    assert output[-2:] == describe("dttnet_paper")
+    assert output[-4:] == describe("dttnet_paper")
 
 
 def test_docs_page_holds_the_generated_reference_table():
