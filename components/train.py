@@ -259,7 +259,14 @@ def _recipe_callbacks(context, model, tc, monitor: str, mode: str, best_path: Pa
     if tc.early_stopping:
         callbacks.append(keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=tc.patience,
                                                        baseline=baseline))
-    if tc.lr_schedule == "plateau":
+    if tc.lr_schedule == "plateau" and tc.plateau_impl == "torch":
+        from components.training.callbacks import TorchPlateauCallback
+
+        callbacks.append(TorchPlateauCallback(
+            monitor if tc.lr_monitor == "auto" else tc.lr_monitor, mode=mode if tc.lr_monitor == "auto" else "min",
+            factor=tc.lr_decay_gamma, patience=tc.lr_decay_patience, threshold=tc.lr_threshold,
+            threshold_mode=tc.lr_threshold_mode, cooldown=tc.lr_cooldown, min_lr=tc.lr_min))
+    elif tc.lr_schedule == "plateau":
         callbacks.append(keras.callbacks.ReduceLROnPlateau(
             monitor=monitor, mode=mode, patience=tc.lr_decay_patience, factor=tc.lr_decay_gamma, min_lr=tc.lr_min,
             cooldown=10 if tc.lr_decay_patience > 10 else 0))
@@ -387,7 +394,7 @@ def _finetune(context, model, strategy, valid_ds, work, sacred_logger, monitor, 
     previous_best = _best(sacred_logger.history, monitor, mode)
     # Training.optimise keeps best_loss across the rounds: a fine-tuning epoch counts as worse unless it beats it
     callbacks = _recipe_callbacks(context, model, tc, monitor, mode, best, previous_best, baseline=previous_best)
-    callbacks = [c for c in callbacks if type(c).__name__ != "ReduceLROnPlateau"]  # the reference keeps lr fixed
+    callbacks = [c for c in callbacks if type(c).__name__ not in ("ReduceLROnPlateau", "TorchPlateauCallback")]  # the reference keeps lr fixed
     enter, leave = optimizers.ema_window() if tc.ema_momentum is not None else (None, None)
     fit(model,
         train_ds, initial_epoch=start, epochs=start + tc.finetune_epochs, steps_per_epoch=steps,

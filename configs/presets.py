@@ -26,6 +26,8 @@ def _open_unmix_recipe() -> dict:
             "batch_size": 16, "epochs": 1000, "samples_per_track": 64, "steps_per_epoch": None, "seq_seconds": 6.0,
             # ReduceLROnPlateau(factor=0.3, patience=80, cooldown=10); utils.EarlyStopping(patience=140) on val loss
             "lr_schedule": "plateau", "lr_decay_patience": 80, "lr_decay_gamma": 0.3,
+            "plateau_impl": "torch", "lr_monitor": "val_loss", "lr_threshold": 1e-4, "lr_threshold_mode": "rel",
+            "lr_cooldown": 10,
             "early_stopping": True, "patience": 140,
             "ema_momentum": None, "checkpoint_metric": "val_loss", "clip_norm": None,  # best = lowest valid loss
         },
@@ -69,6 +71,9 @@ def _m_unet_recipe() -> dict:
             "batch_size": 16, "epochs": 60000, "early_stopping": True, "patience": 60,
             # ReduceLROnPlateau(optimizer, patience=7, threshold=3e-4): PyTorch's factor 0.1
             "lr_schedule": "plateau", "lr_decay_patience": 7, "lr_decay_gamma": 0.1,
+            # scheduler.step(self.loss) after the training epoch: torch's plateau on the training loss, rel 3e-4
+            "plateau_impl": "torch", "lr_monitor": "loss", "lr_threshold": 3e-4, "lr_threshold_mode": "rel",
+            "lr_cooldown": 0,
             "seq_seconds": 6.0,  # DURATION 6 s chunks, one 256-frame patch
             "ema_momentum": None, "checkpoint_metric": "val_loss", "clip_norm": None,  # bestcheckpoint.pth
         },
@@ -141,7 +146,7 @@ def _sdx23_recipe(num_steps: int) -> dict:
 
 def _dttnet_recipe() -> dict:
     """junyuchen-cjy/DTTNet-Pytorch configs/experiment/vocals_dis.yaml, configs/callbacks/default.yaml,
-    configs/datamodule/musdb18_hq.yaml, src/dp_tdf/abstract.py, src/datamodules/datasets/musdb.py (commit 432d77a)."""
+    configs/datamodule/musdb18_hq.yaml, configs/datamodule/musdb_dev14.yaml (the 86-track training split), src/dp_tdf/abstract.py, src/datamodules/datasets/musdb.py (commit 432d77a)."""
     return {
         "train": {
             # torch.optim.AdamW(lr=2e-4): weight_decay 0.01, betas 0.9/0.999, eps 1e-8 (PyTorch defaults)

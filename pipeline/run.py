@@ -123,7 +123,8 @@ def network_parameters(model) -> dict:
 
 
 def describe_model(updates: dict, named: list) -> str:
-    """The text of `--describe-model`: family, targets, each network's parameter count and the total."""
+    """The text of `--describe-model`: family, targets, each network's parameter count and the total, then each
+    recipe preset's deliberate differences from the authors' recipe (`configs/recipes.py`)."""
     from components.training.trained import build_model
     from models.base import count_parameters
     from pipeline.experiment import resolve
@@ -137,6 +138,12 @@ def describe_model(updates: dict, named: list) -> str:
     for name, count in counts.items():
         lines.append(f"  {name:<{width}}  {count:>14,} trainable parameters")
     lines.append(f"total: {count_parameters(model.train_model):,} trainable parameters")
+    from configs.recipes import describe as recipe_differences
+
+    for preset in named:  # each recipe preset's deliberate differences from the authors' recipe
+        differences = recipe_differences(preset)
+        if differences:
+            lines += [f"differences of '{preset}' from the authors' recipe (docs/recipes.md):", *differences]
     return "\n".join(lines)
 
 

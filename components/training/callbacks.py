@@ -120,3 +120,69 @@ class ValidationSdr(keras.callbacks.Callback):
                                        input_samples=model.input_samples)
             scores.extend(global_sdr(truth, estimates[target]) for target, truth in stems.items())
         return float(np.mean(scores))
+
+
+class TorchPlateau:
+    """torch.optim.lr_scheduler.ReduceLROnPlateau's bookkeeping (mode min/max, threshold_mode rel/abs, cooldown,
+    min_lr, eps 1e-8): `step(value, lr)` returns the new rate. Torch reduces after `patience + 1` epochs
+    without improvement (Keras' callback after `patience`); rel: better means value < best * (1 - threshold)."""
+
+    def __init__(self, *, mode="min", factor=0.1, patience=10, threshold=1e-4, threshold_mode="rel", cooldown=0,
+                 min_lr=0.0, eps=1e-8):
+        self.mode, self.factor, self.patience = mode, factor, patience
+        self.threshold, self.threshold_mode, self.cooldown = threshold, threshold_mode, cooldown
+        self.min_lr, self.eps = min_lr, eps
+        self.best = float("inf") if mode == "min" else -float("inf")
+        self.bad_epochs = self.cooldown_counter = 0
+
+    def is_better(self, value, best) -> bool:
+        if self.mode == "min":
+            return value < (best * (1 - self.threshold) if self.threshold_mode == "rel" else best - self.threshold)
+        return value > (best * (1 + self.threshold) if self.threshold_mode == "rel" else best + self.threshold)
+
+    def step(self, value: float, lr: float) -> float:
+        if self.is_better(value, self.best):
+            self.best, self.bad_epochs = value, 0
+        else:
+            self.bad_epochs += 1
+        if self.cooldown_counter > 0:
+            self.cooldown_counter -= 1
+            self.bad_epochs = 0
+        if self.bad_epochs > self.patience:
+            new = max(lr * self.factor, self.min_lr)
+            if lr - new > self.eps:
+                lr = new
+            self.cooldown_counter, self.bad_epochs = self.cooldown, 0
+        return lr
+
+
+class TorchEarlyStopping(TorchPlateau):
+    """open-unmix's utils.EarlyStopping / the same rel-or-abs test: stop once `patience` epochs passed without
+    improvement. `stop(value)` is True when training should end."""
+
+    def stop(self, value: float) -> bool:
+        if self.is_better(value, self.best):
+            self.best, self.bad_epochs = value, 0
+        else:
+            self.bad_epochs += 1
+        return self.bad_epochs >= self.patience
+
+
+class TorchPlateauCallback(keras.callbacks.Callback):
+    """TorchPlateau on `monitor` (e.g. the training `loss`, as M-U-Net's `scheduler.step(self.loss)`) at each
+    epoch's end; sets the optimizer's learning rate."""
+
+    def __init__(self, monitor: str, **kwargs):
+        super().__init__()
+        self.monitor, self.plateau = monitor, TorchPlateau(**kwargs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.monitor)
+        if value is None:
+            return
+        optimizer = self.model.optimizer
+        lr = float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+        new = self.plateau.step(float(value), lr)
+        if new != lr:
+            optimizer.learning_rate = new
+            log.info("epoch %d: %s did not improve; learning rate %.3g -> %.3g", epoch + 1, self.monitor, lr, new)
