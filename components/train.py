@@ -178,8 +178,14 @@ def run(context: StageContext) -> dict:
     replicas = strategy.num_replicas_in_sync
     if tc.batch_size % replicas:
         raise StageError(f"train.batch_size={tc.batch_size} must be a multiple of the {replicas} replicas")
+    init = None
     with strategy.scope():
         model = build_model(config, stats)
+        if tc.init_from:  # fine-tuning: the init's weights now; a resumed run's backup replaces them in `fit`
+            from components.training import finetune
+
+            init = finetune.apply_init(model, config, build_model)
+            init["frozen_weights"] = len(finetune.freeze(model, config))
     from components.data.records import verify_shards
 
     verify_shards(prepare, ("train", "valid"))
@@ -188,7 +194,7 @@ def run(context: StageContext) -> dict:
                                                else None)
     if tc.strategy == "multi_worker":  # one seeded stream; every worker keeps its slice of each global batch
         train_ds, valid_ds = distribute.shard_by_data(train_ds), valid_ds and distribute.shard_by_data(valid_ds)
-    if model.adapt is not None and not (work.parent / context.fingerprint / "backup").exists():
+    if model.adapt is not None and init is None and not (work.parent / context.fingerprint / "backup").exists():
         model.adapt(mixture for mixture, _ in train_ds.take(max(1, min(steps, 8))))
     nb_params = count_parameters(model.train_model)
     context.logger.info("model %s: %s trainable parameters, %d replica(s), global batch %d, %d steps/epoch",
@@ -222,6 +228,7 @@ def run(context: StageContext) -> dict:
         "stats": stats,
         "model": {"name": config.model.name, "family_config": to_plain(model.config)},
         "result": figures["best_" + monitor],
+        **({"init": init} if init is not None else {}),
     }
 
 
@@ -404,5 +411,19 @@ def setup(config) -> None:
         configure_devices(config.train.replicas)
 
 
+def init_payload(config):
+    """The fine-tune's init weights (path, sha256) in the fingerprint: a changed init trains again."""
+    from components.training import finetune
+
+    return finetune.payload(config)
+
+
+def check_init(config) -> None:
+    from components.training import finetune
+
+    finetune.check(config)
+
+
 SPEC = ComponentSpec(name="train", inputs=("prepare",), config_sections=("data", "model", "train"), executor=run,
-                     outputs=WEIGHT_FILES + ("history.json",), side_caches=(WORK_CACHE,), setup=setup)
+                     outputs=WEIGHT_FILES + ("history.json",), side_caches=(WORK_CACHE,), setup=setup,
+                     input_payload=init_payload, check_inputs=check_init)

@@ -178,7 +178,9 @@ def _one_line(error, limit: int = 100) -> str:
 
 
 def _stage_command(stage: str):
-    def command(_config, _run):
+    # `train` is captured (and unused: `_config` has it) so that Sacred accepts the keys of the free-form mapping
+    # train.init_targets (a key a config does not have is otherwise ConfigAddedError); Config checks every key
+    def command(_config, _run, train=None):
         config = Config.from_dict({k: v for k, v in _config.items()})
         spec = definition.component(stage)
         artifact, skipped = definition.run_component(spec, config, force=_run.meta_info.get("force", False),
@@ -215,6 +217,11 @@ def release_updates(stages: list, updates: dict, named: list) -> dict:
     rebuild the same model. A key given on the command line with another value is a one-line error;
     preset values give way.
     """
+    init_from = resolve(updates, named).train.init_from
+    if init_from:  # a fine-tune: family, sizes, STFT, rate (and targets unless given) from the init model
+        from components.training import finetune
+
+        return finetune.merge_init(updates, init_from)
     if "train" in stages:
         return updates
     from components import importer
