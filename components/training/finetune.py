@@ -70,6 +70,10 @@ def locate(init_from: str) -> artifacts.Artifact:
     path = Path(init_from).expanduser()
     if path.is_file() and path.name == artifacts.META_FILE:
         path = path.parent
+    if not path.exists() and "/" not in init_from and not init_from.startswith("."):
+        raise StageError(f"train.init_from={init_from}: catalogue names need the released-model catalogue, which "
+                         "this version does not have; import the release (--stage import) and give its artifacts "
+                         "directory")
     if not path.exists():
         raise StageError(f"train.init_from={init_from}: no such file or folder; give an artifacts directory or "
                          "its train/ folder")
