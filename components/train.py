@@ -203,10 +203,13 @@ def run(context: StageContext) -> dict:
     history, seconds, examples = _fit_phases(context, model, strategy, train_ds, valid_ds, steps, work)
 
     out = context.output_dir
-    save_weights(model, out, best=work / "best.weights.h5")
+    save_weights(model, out, best=work / "best.weights.h5")  # (the TensorBoard logs: kept in train/tensorboard)
     for name in WEIGHT_FILES:
         load_weights_checked(model, out / name)  # never commit weights that do not load
     (out / "history.json").write_text(json.dumps(history, indent=1))
+    from components.training.callbacks import plot_curves
+
+    plot_curves(out / "training_curves.png", history, _snapshots(work))
     if (work / "tensorboard").is_dir():
         shutil.copytree(work / "tensorboard", out / "tensorboard")
     shutil.rmtree(work, ignore_errors=True)
@@ -230,6 +233,11 @@ def run(context: StageContext) -> dict:
         "result": figures["best_" + monitor],
         **({"init": init} if init is not None else {}),
     }
+
+
+def _snapshots(work: Path) -> list:
+    path = work / "snapshots.json"
+    return json.loads(path.read_text()) if path.is_file() else []
 
 
 def monitored(train_config, has_valid: bool):
@@ -350,7 +358,9 @@ def _fit_phases(context, model, strategy, train_ds, valid_ds, steps, work: Path)
         callbacks.append(TimeBudget(tc.max_seconds))
     if tc.snapshot_every_steps:
         callbacks.append(ValidationSnapshot(model, snapshot_tracks(context.inputs["prepare"], config),
-                                            tc.snapshot_every_steps, context.log_scalar))
+                                            tc.snapshot_every_steps, context.log_scalar,
+                                            record=work / "snapshots.json", tensorboard=work / "tensorboard",
+                                            sample_rate=config.data.sample_rate))
     if tc.strategy == "multi_worker":
         distribute.build_for_fit(model.train_model, train_ds, strategy)
     started = time.time()
