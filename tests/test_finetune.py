@@ -107,9 +107,10 @@ def test_new_target_starts_as_the_source_target_before_the_first_step(released):
     for target, origin in (("accompaniment", "other"), ("vocals", "vocals")):
         for mine, theirs in zip(model.networks[target].weights, source.networks[origin].weights):
             assert np.array_equal(np.asarray(mine), np.asarray(theirs)), (target, mine.path)
-    # and differs from the target it did not come from
-    assert not np.array_equal(np.asarray(model.networks["accompaniment"].weights[2]),
-                              np.asarray(source.networks["drums"].weights[2]))
+    # and differs from the targets it did not come from
+    for other in ("drums", "bass", "vocals"):
+        assert not np.array_equal(*(next(np.asarray(w) for w in network.weights if w.path.endswith("/fc1/kernel"))
+                                    for network in (model.networks["accompaniment"], source.networks[other])))
 
 
 def test_resume_after_kill_resumes_the_finetune(released, umx_pipeline, tmp_path):
@@ -195,3 +196,34 @@ def test_import_finetune_evaluate_export_separate(released, umx_pipeline, tmp_pa
     for target in ("vocals", "drums", "bass", "other"):
         stem, stem_rate = soundfile.read(str(tmp_path / "stems" / "song" / f"{target}.wav"), dtype="float32")
         assert stem_rate == rate and stem.shape == song.shape and np.all(np.isfinite(stem))
+
+
+HQ_SAMPLE = MUSDB_SAMPLE.parent / "musdb18hq-sample" / "train" / "Music Delta - 80s Rock"
+
+
+@pytest.mark.skipif(not HQ_SAMPLE.is_dir(), reason=f"the real MUSDB18-HQ sample is not at {HQ_SAMPLE}")
+def test_finetune_on_own_stems_with_a_new_target_name(released, tmp_path):
+    """data.format=folder with stems named vocals and guitar: guitar starts from the release's `other`."""
+    track = tmp_path / "stems" / "train" / "song"
+    track.mkdir(parents=True)
+    (track / "vocals.wav").symlink_to(HQ_SAMPLE / "vocals.wav")
+    (track / "guitar.wav").symlink_to(HQ_SAMPLE / "other.wav")
+    root = tmp_path / "tuned"
+    args = ["--no-file-observer", "-q", "with", "unittest", "data.format=folder", f"data.root={tmp_path / 'stems'}",
+            "evaluate.split=train", f"artifacts_dir={root}", f"train.init_from={released}",
+            'data.targets=["vocals", "guitar"]', 'train.init_targets={"guitar": "other"}', "train.steps_per_epoch=2"]
+    cli("--stage", "prepare", *args)
+    cli("--stage", "train", *args)
+    meta = json.loads((root / "train" / "artifact.json").read_text())
+    assert meta["init"]["target_origins"] == {"vocals": "vocals", "guitar": "other"}
+    tuned, source = _model(root), _model(released)
+    moved = [name for name, mine, theirs in _pairs(tuned, source, meta["init"]["target_origins"])
+             if not np.array_equal(mine, theirs)]
+    assert any(name.startswith("guitar:fc1/") for name in moved) and any(name.startswith("vocals:") for name in moved)
+    # the guitar network is the release's `other` network fine-tuned: still much closer to it than to `drums`
+    def kernel(network):
+        return next(np.asarray(w) for w in network.weights if w.path.endswith("/fc1/kernel"))
+
+    mine = kernel(tuned.networks["guitar"])
+    assert np.abs(mine - kernel(source.networks["other"])).mean() < \
+        0.1 * np.abs(mine - kernel(source.networks["drums"])).mean()

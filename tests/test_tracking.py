@@ -74,11 +74,13 @@ def test_stage_all_is_one_chain_of_runs_with_files_git_and_tensorboard(tmp_path,
     assert all(status == "COMPLETED" for _, status, _ in runs.values())
     prepare_id, train_id = runs["prepare"][0], runs["train"][0]
     train_info, evaluate_info = runs["train"][2], runs["evaluate"][2]
-    assert train_info["upstream"]["prepare"]["run_id"] == prepare_id
+    # (the SQL table keeps run ids as text; the info JSON as Sacred's observer gave them)
+    assert str(train_info["upstream"]["prepare"]["run_id"]) == prepare_id
     assert train_info["upstream"]["prepare"]["fingerprint"] == runs["prepare"][2]["fingerprint"]
-    assert evaluate_info["upstream"]["train"] == {"run_id": train_id, "fingerprint": train_info["fingerprint"],
-                                                  "path": str(root / "train")}
-    assert runs["export"][2]["upstream"]["train"]["run_id"] == train_id
+    upstream = dict(evaluate_info["upstream"]["train"], run_id=str(evaluate_info["upstream"]["train"]["run_id"]))
+    assert upstream == {"run_id": train_id, "fingerprint": train_info["fingerprint"], "path": str(root / "train")}
+    assert str(runs["export"][2]["upstream"]["train"]["run_id"]) == train_id
+    assert str(runs["export"][2]["upstream"]["evaluate"]["run_id"]) == runs["evaluate"][0]
     git = runs["export"][2]["git"]
     assert re.fullmatch(r"[0-9a-f]{40}", git["commit"]) and isinstance(git["dirty"], bool)
     attached = {(run_id, name) for run_id, name in files}
