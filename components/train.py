@@ -159,7 +159,7 @@ def run(context: StageContext) -> dict:
     config = context.config
     tc = config.train
     prepare = context.inputs["prepare"]
-    stats = Manifest.read(prepare).stats_dict()
+    stats = Manifest.read(prepare).stats  # typed (models.base.Stats), or None without a training split
     if tc.deterministic:
         keras.utils.set_random_seed(tc.seed)
         tf.config.experimental.enable_op_determinism()
@@ -228,7 +228,7 @@ def run(context: StageContext) -> dict:
     }
     return {
         "figures": figures,
-        "stats": stats,
+        "stats": stats.to_dict() if stats is not None else {},
         "model": {"name": config.model.name, "family_config": to_plain(model.config)},
         "result": figures["best_" + monitor],
         **({"init": init} if init is not None else {}),

@@ -11,6 +11,30 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 
+@dataclass(frozen=True)
+class Stats:
+    """Per-target statistics of the training split, what model builders read for loss weighting (EBW)."""
+
+    split: str
+    energy: Mapping[str, float]
+    rms: Mapping[str, float]
+
+    def to_dict(self) -> dict:
+        return {"split": self.split, "energy": dict(self.energy), "rms": dict(self.rms)}
+
+    @classmethod
+    def of(cls, value) -> Optional["Stats"]:
+        """`value` as Stats: Stats, a mapping as `to_dict` writes it (a train artifact's `stats`), or None / {}
+        when there are none (no training split, an imported model)."""
+        if value is None or isinstance(value, cls):
+            return value
+        if not value:
+            return None
+        return cls(split=str(value.get("split", "train")), energy=dict(value.get("energy") or {}),
+                   rms=dict(value.get("rms") or {}))
+
+
+
 @dataclass
 class SeparationModel:
     """A built model family.

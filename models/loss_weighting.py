@@ -51,13 +51,16 @@ def ebw_weights(energies: Sequence[float], power: float = 1.0) -> np.ndarray:
     return (energies.max() / energies) ** power
 
 
-def target_energies(stats: Optional[Mapping], targets: Sequence[str]) -> Optional[np.ndarray]:
+def target_energies(stats, targets: Sequence[str]) -> Optional[np.ndarray]:
     """Mean energy per target over the training set from the train stage's `stats`, or None when absent.
 
-    `stats["energy"][target]` is the duration-weighted mean square of each stem over the training split:
-    the prepare manifest's `stats` (`components.data.manifest.Manifest.stats_dict()`).
+    `stats.energy[target]` (models.base.Stats; its dict form is accepted too) is the duration-weighted mean square
+    of each stem over the training split: the prepare manifest's `stats`.
     """
-    energy = (stats or {}).get("energy")
+    from models.base import Stats
+
+    stats = Stats.of(stats)
+    energy = stats.energy if stats is not None else None
     if isinstance(energy, Mapping) and all(target in energy for target in targets):
         return np.asarray([float(energy[target]) for target in targets], np.float64)
     return None
@@ -185,8 +188,8 @@ class RequireEnergies(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         if not self.found:
             raise ValueError(f"{self.key}.weighting=ebw needs the mean energy per target over the training set: "
-                             "the train stage must pass stats={'energy': {target: mean square}} (the prepare "
-                             "manifest's splits.train.energy)")
+                             "the train stage passes the prepare manifest's training statistics (models.base.Stats: "
+                             "energy per target)")
 
 
 def weighted_losses(weighting: str, targets: Sequence[str], stats: Optional[Mapping], *, temperature: float = 2.0,

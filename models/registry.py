@@ -8,10 +8,11 @@ family: the `model` section carries each family's knobs as a mapping, checked he
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Optional, Protocol, runtime_checkable
+from typing import Any, Optional, Protocol, runtime_checkable
 
 from configs.config import build_section
 from configs.errors import ConfigError
+from models.base import Stats
 from models import c_unet, dttnet, m_unet, open_unmix, tfc_tdf_unet, unet, wave_u_net
 
 @runtime_checkable
@@ -91,5 +92,7 @@ def check(model_config) -> None:
         family_config(model_config, name)
 
 
-def build(model_config, *, data, stats: Mapping[str, Any]):
-    return module(model_config.name).build(family_config(model_config), data=data, stats=stats)
+def build(model_config, *, data, stats=None):
+    """The selected family's SeparationModel; `stats` (models.base.Stats, or its dict form, or None) reaches the
+    family's `build` as Stats or None."""
+    return module(model_config.name).build(family_config(model_config), data=data, stats=Stats.of(stats))

@@ -105,7 +105,7 @@ def benchmark_train(config, steps: int, warmup: int) -> dict:
         prepare, _ = definition.run_component(definition.component("prepare"), config)
     strategy = make_strategy(config.train.replicas)
     with strategy.scope():
-        model = build_model(config, Manifest.read(prepare).stats_dict())
+        model = build_model(config, Manifest.read(prepare).stats)
     started = time.perf_counter()
     compile_model(model, strategy, config.train)  # as the train stage: optimizer slots and loss trackers built first
     compile_seconds = time.perf_counter() - started

@@ -261,13 +261,13 @@ def _flat(figures, prefix=""):
             yield f"{prefix}{key}", float(value)
 
 
-def release_updates(stages: list, updates: dict, named: list) -> dict:
+def release_updates(stages: list, updates: dict, named: list, config: Config = None) -> dict:
     """`updates` plus the settings a released checkpoint fixes (rate, targets, STFT, sizes).
 
     `stages`: the `--stage` names of the run. `--stage import`: from the released files themselves;
     evaluate/export (and prepare) after an import: from the imported train artifact, so those stages
     rebuild the same model. A key given on the command line with another value is a one-line error;
-    preset values give way.
+    preset values give way. `config`: `updates` and `named` already resolved (resolved here when not given).
     """
     init_from = resolve(updates, named).train.init_from
     if init_from:  # a fine-tune: family, sizes, STFT, rate (and targets unless given) from the init model
@@ -278,10 +278,11 @@ def release_updates(stages: list, updates: dict, named: list) -> dict:
         return updates
     from components import importer
 
+    config = config if config is not None else resolve(updates, named)
     if "import" in stages:
-        overrides, source = importer.release_overrides(resolve(updates, named)), "the released checkpoint"
+        overrides, source = importer.release_overrides(config), "the released checkpoint"
     else:
-        overrides = importer.imported_overrides(resolve(updates, named).artifacts_dir)
+        overrides = importer.imported_overrides(config.artifacts_dir)
         source = "the imported model in the train artifact"
     return importer.merge_overrides(updates, overrides, source)
 
@@ -290,7 +291,7 @@ def run_stages(experiment, args, updates: dict, named: list, config: Config = No
     """Run the stages of `--stage` in one Sacred run each, under the artifacts directory's lock. Every
     stage's `setup` hook runs first (before TensorFlow initialises); errors a user can fix are `UserError`s."""
     specs = definition.create_pipeline(args.stage)
-    released = release_updates([spec.command for spec in specs], updates, named)
+    released = release_updates([spec.command for spec in specs], updates, named, config)
     if config is None or released != updates:
         updates, config = released, resolve(released, named)
     if args.print_config:

@@ -16,8 +16,9 @@ if __name__ == "__main__" and not __package__:  # `python pipeline/run.py`
     put_project_root_first()
 
 from configs.errors import UserError  # noqa: E402 - after the sys.path set-up above
+from pipeline.definition import EXTRA_STAGES, STAGES  # noqa: E402
 
-STAGE_CHOICES = ("prepare", "train", "evaluate", "export", "all", "import")
+STAGE_CHOICES = (*STAGES, "all", *EXTRA_STAGES)
 
 
 def get_parser() -> argparse.ArgumentParser:

@@ -130,3 +130,16 @@ def test_the_driver_reports_a_damaged_manifest_in_one_line(tmp_path, umx_pipelin
     assert result.returncode == 2
     assert [line for line in result.stderr.splitlines() if line.strip()] == [
         f"error: {meta_path}: damaged or older prepare manifest (no 'splits.train.shards[0].examples'); {REDO}"]
+
+
+def test_a_committed_manifest_is_parsed_once_and_shared(umx_pipeline):
+    """Every reader of one prepare artifact (data, statistics, validation, evaluation) gets the same object."""
+    import dataclasses
+
+    from components import artifacts
+
+    prepare = artifacts.load(umx_pipeline, "prepare")
+    first = Manifest.read(prepare)
+    assert Manifest.read(artifacts.load(umx_pipeline, "prepare")) is first
+    other = dataclasses.replace(prepare, meta={**prepare.meta, "fingerprint": "another"})
+    assert Manifest.read(other) is not first and Manifest.read(other) == first

@@ -97,7 +97,7 @@ def test_the_driver_runs_each_stage_setup_hook_before_the_stages(tmp_path, monke
     spec = ComponentSpec(name="toy", inputs=(), config_sections=(), executor=lambda context: {},
                          setup=lambda config: calls.append(("setup", config.artifacts_dir)))
     monkeypatch.setattr(definition, "create_pipeline", lambda stage: [spec, spec])
-    monkeypatch.setattr(experiment, "release_updates", lambda stages, updates, named: updates)
+    monkeypatch.setattr(experiment, "release_updates", lambda stages, updates, named, config=None: updates)
     monkeypatch.setattr(experiment, "_run_stage",
                         lambda experiment_, args, updates, named, stage: calls.append(("run", stage)))
     args = SimpleNamespace(stage="toy", print_config=False)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 from components.artifacts import META_FILE, Artifact
+from models.base import Stats  # the typed training statistics model builders read
 from configs.errors import StageError
 
 REDO = "redo it with `python pipeline/run.py --stage prepare --force`"
@@ -161,18 +162,6 @@ class Split:
 
 
 @dataclass(frozen=True)
-class Stats:
-    """Per-target statistics of the training split, what model builders read for loss weighting (EBW)."""
-
-    split: str
-    energy: Mapping[str, float]
-    rms: Mapping[str, float]
-
-    def to_dict(self) -> dict:
-        return {"split": self.split, "energy": dict(self.energy), "rms": dict(self.rms)}
-
-
-@dataclass(frozen=True)
 class Skipped:
     """A track that failed validation and was left out (`data.skip_bad_tracks`)."""
 
@@ -186,6 +175,9 @@ class SilentStem:
     track: str
     split: str
     target: str
+
+
+_PARSED: Dict[Tuple[str, str], "Manifest"] = {}  # (artifact folder, fingerprint) -> its parsed manifest
 
 
 @dataclass(frozen=True)
@@ -210,9 +202,20 @@ class Manifest:
     # -- reading ---------------------------------------------------------------------------------------
     @classmethod
     def read(cls, source: Union[Artifact, str, Path]) -> "Manifest":
-        """The manifest of a prepare artifact: an Artifact, its directory, or its artifact.json."""
+        """The manifest of a prepare artifact: an Artifact, its directory, or its artifact.json.
+
+        A committed artifact never changes under its fingerprint, so its manifest is parsed once per process and
+        the same (frozen) object handed to every reader: a stage's data, statistics, validation and evaluation
+        code all see one manifest."""
         if isinstance(source, Artifact):
-            return cls.parse(source.meta, source.path / META_FILE)
+            key = (str(Path(source.path).resolve()), source.meta.get("fingerprint"))
+            if key[1] is None:
+                return cls.parse(source.meta, source.path / META_FILE)
+            if key not in _PARSED:
+                if len(_PARSED) >= 8:
+                    _PARSED.pop(next(iter(_PARSED)))
+                _PARSED[key] = cls.parse(source.meta, source.path / META_FILE)
+            return _PARSED[key]
         path = Path(source)
         meta_path = path if path.name == META_FILE else path / META_FILE
         if not meta_path.is_file():
