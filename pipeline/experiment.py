@@ -269,16 +269,15 @@ def release_updates(stages: list, updates: dict, named: list, config: Config = N
     rebuild the same model. A key given on the command line with another value is a one-line error;
     preset values give way. `config`: `updates` and `named` already resolved (resolved here when not given).
     """
-    init_from = resolve(updates, named).train.init_from
-    if init_from:  # a fine-tune: family, sizes, STFT, rate (and targets unless given) from the init model
+    config = config if config is not None else resolve(updates, named)
+    if config.train.init_from:  # a fine-tune: family, sizes, STFT, rate (and targets unless given) from the init
         from components.training import finetune
 
-        return finetune.merge_init(updates, init_from)
+        return finetune.merge_init(updates, config.train.init_from)
     if "train" in stages:
         return updates
     from components import importer
 
-    config = config if config is not None else resolve(updates, named)
     if "import" in stages:
         overrides, source = importer.release_overrides(config), "the released checkpoint"
     else:
