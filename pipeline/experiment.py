@@ -303,7 +303,7 @@ def run_stages(experiment, args, updates: dict, named: list, config: Config = No
         if spec.check_inputs is not None:
             spec.check_inputs(config)
     # one run owns the artifacts directory for all its stages (see artifacts.exclusive)
-    meta = invocation_meta(args.force)  # one id for every stage run of this command
+    meta = invocation_meta(getattr(args, "force", False))  # one id for every stage run of this command
     with definition.artifacts_lock(config):
         for spec in specs:
             _run_stage(experiment, args, updates, named, spec.command, meta)
