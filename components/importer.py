@@ -63,6 +63,9 @@ def imported_overrides(artifacts_dir) -> Dict[str, Any]:
     artifact = load(Path(artifacts_dir), "train")
     if artifact is None:
         return {}
+    if "init" in artifact.meta:  # a fine-tuned model: its init's settings, and its own targets
+        return {**artifact.meta["init"]["config_overrides"],
+                "data.targets": artifact.meta["config"]["data"]["targets"]}
     return dict(artifact.meta.get("imported", {}).get("config_overrides", {}))
 
 

@@ -178,8 +178,14 @@ def run(context: StageContext) -> dict:
     replicas = strategy.num_replicas_in_sync
     if tc.batch_size % replicas:
         raise StageError(f"train.batch_size={tc.batch_size} must be a multiple of the {replicas} replicas")
+    init = None
     with strategy.scope():
         model = build_model(config, stats)
+        if tc.init_from:  # fine-tuning: the init's weights now; a resumed run's backup replaces them in `fit`
+            from components.training import finetune
+
+            init = finetune.apply_init(model, config, build_model)
+            init["frozen_weights"] = len(finetune.freeze(model, config))
     from components.data.records import verify_shards
 
     verify_shards(prepare, ("train", "valid"))
@@ -188,7 +194,7 @@ def run(context: StageContext) -> dict:
                                                else None)
     if tc.strategy == "multi_worker":  # one seeded stream; every worker keeps its slice of each global batch
         train_ds, valid_ds = distribute.shard_by_data(train_ds), valid_ds and distribute.shard_by_data(valid_ds)
-    if model.adapt is not None and not (work.parent / context.fingerprint / "backup").exists():
+    if model.adapt is not None and init is None and not (work.parent / context.fingerprint / "backup").exists():
         model.adapt(mixture for mixture, _ in train_ds.take(max(1, min(steps, 8))))
     nb_params = count_parameters(model.train_model)
     context.logger.info("model %s: %s trainable parameters, %d replica(s), global batch %d, %d steps/epoch",
@@ -197,10 +203,13 @@ def run(context: StageContext) -> dict:
     history, seconds, examples = _fit_phases(context, model, strategy, train_ds, valid_ds, steps, work)
 
     out = context.output_dir
-    save_weights(model, out, best=work / "best.weights.h5")
+    save_weights(model, out, best=work / "best.weights.h5")  # (the TensorBoard logs: kept in train/tensorboard)
     for name in WEIGHT_FILES:
         load_weights_checked(model, out / name)  # never commit weights that do not load
     (out / "history.json").write_text(json.dumps(history, indent=1))
+    from components.training.callbacks import plot_curves
+
+    plot_curves(out / "training_curves.png", history, _snapshots(work))
     if (work / "tensorboard").is_dir():
         shutil.copytree(work / "tensorboard", out / "tensorboard")
     shutil.rmtree(work, ignore_errors=True)
@@ -222,7 +231,13 @@ def run(context: StageContext) -> dict:
         "stats": stats.to_dict() if stats is not None else {},
         "model": {"name": config.model.name, "family_config": to_plain(model.config)},
         "result": figures["best_" + monitor],
+        **({"init": init} if init is not None else {}),
     }
+
+
+def _snapshots(work: Path) -> list:
+    path = work / "snapshots.json"
+    return json.loads(path.read_text()) if path.is_file() else []
 
 
 def monitored(train_config, has_valid: bool):
@@ -350,7 +365,9 @@ def _fit_phases(context, model, strategy, train_ds, valid_ds, steps, work: Path)
         callbacks.append(TimeBudget(tc.max_seconds))
     if tc.snapshot_every_steps:
         callbacks.append(ValidationSnapshot(model, snapshot_tracks(context.inputs["prepare"], config),
-                                            tc.snapshot_every_steps, context.log_scalar))
+                                            tc.snapshot_every_steps, context.log_scalar,
+                                            record=work / "snapshots.json", tensorboard=work / "tensorboard",
+                                            sample_rate=config.data.sample_rate))
     if tc.strategy == "multi_worker":
         distribute.build_for_fit(model.train_model, train_ds, strategy)
     started = time.time()
@@ -411,5 +428,19 @@ def setup(config) -> None:
         configure_devices(config.train.replicas)
 
 
+def init_payload(config):
+    """The fine-tune's init weights (path, sha256) in the fingerprint: a changed init trains again."""
+    from components.training import finetune
+
+    return finetune.payload(config)
+
+
+def check_init(config) -> None:
+    from components.training import finetune
+
+    finetune.check(config)
+
+
 SPEC = ComponentSpec(name="train", inputs=("prepare",), config_sections=("data", "model", "train"), executor=run,
-                     outputs=WEIGHT_FILES + ("history.json",), side_caches=(WORK_CACHE,), setup=setup)
+                     outputs=WEIGHT_FILES + ("history.json",), side_caches=(WORK_CACHE,), setup=setup,
+                     input_payload=init_payload, check_inputs=check_init)

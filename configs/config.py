@@ -224,6 +224,10 @@ class TrainConfig:
     # val_loss | val_sdr: the best weights by loss or by whole-track validation SDR; last: the final weights are
     # the model (recipes without model selection: the sdx23 and Spleeter scripts save the last step)
     checkpoint_metric: str = choice("val_loss", ("val_loss", "val_sdr", "last"))
+    # fine-tuning (docs/fine-tuning.md): start from this artifacts directory's (or train artifact folder's) model
+    init_from: Optional[str] = None
+    freeze: Tuple[str, ...] = ()  # named parts of the family kept fixed (components/training/finetune.py)
+    init_targets: Mapping[str, str] = field(default_factory=lambda: FrozenDict())  # {new target: init target}
 
     def __post_init__(self):
         check_fields(self, "train.")

@@ -46,8 +46,9 @@ def stage_fingerprint(spec: ComponentSpec, config, upstream: dict) -> str:
         "config": {section: config.section(section) for section in spec.config_sections},
         "inputs": {name: art.fingerprint for name, art in sorted(upstream.items())},
     }
-    if spec.input_payload is not None:
-        payload["outside"] = spec.input_payload(config)
+    outside = spec.input_payload(config) if spec.input_payload is not None else None
+    if outside is not None:  # e.g. the files of an import, the init weights of a fine-tune
+        payload["outside"] = outside
     return artifacts.fingerprint(payload)
 
 

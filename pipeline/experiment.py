@@ -178,7 +178,9 @@ def _one_line(error, limit: int = 100) -> str:
 
 
 def _stage_command(stage: str):
-    def command(_config, _run):
+    # `train` is captured (and unused: `_config` has it) so that Sacred accepts the keys of the free-form mapping
+    # train.init_targets (a key a config does not have is otherwise ConfigAddedError); Config checks every key
+    def command(_config, _run, train=None):
         config = Config.from_dict({k: v for k, v in _config.items()})
         spec = definition.component(stage)
         artifact, skipped = definition.run_component(spec, config, force=_run.meta_info.get("force", False),
@@ -187,16 +189,68 @@ def _stage_command(stage: str):
         _run.info["skipped"] = skipped
         _run.info["fingerprint"] = artifact.fingerprint
         _run.info["figures"] = artifact.figures
+        record_lineage(_run, artifact)
         if not skipped:
             for name, value in _flat(artifact.figures):
                 _run.log_scalar(f"{stage}.{name}", value)
         if artifact.file("artifact.json").is_file():  # a non-chief training worker commits nothing
             _run.add_artifact(str(artifact.file("artifact.json")), name=f"{stage}.artifact.json")
+            for relative in ATTACHED.get(artifact.stage, ()):
+                if artifact.file(relative).is_file():
+                    _run.add_artifact(str(artifact.file(relative)), name=f"{artifact.stage}.{relative}")
         result = artifact.meta.get("result")
         return float(result) if isinstance(result, (int, float)) else None
 
     command.__name__ = stage
     return command
+
+
+# the files of each artifact attached to its Sacred run (weights stay in the artifacts directory, listed with their
+# sha256 in the attached artifact.json)
+ATTACHED = {
+    "train": ("history.json", "training_curves.png"),
+    "evaluate": ("metrics.json", "per_track.csv", "sdr_boxplot.png"),
+    "export": ("model.json",),
+}
+
+
+def invocation_meta(force: bool, **extra) -> dict:
+    """The meta_info of the Sacred runs of one driver invocation: its id, the git state of the project, and the
+    Sacred run id of each stage run so far (`runs`, filled in as the stages finish)."""
+    import uuid
+
+    return {"force": force, "invocation": uuid.uuid4().hex[:12], "git": git_state(), "runs": {}, **extra}
+
+
+def git_state(root: Path = PROJECT_ROOT):
+    """{"commit", "dirty"} of the project's git checkout (None when it is not one, or git is missing)."""
+    import subprocess
+
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10)
+        if commit.returncode != 0:
+            return None
+        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
+
+
+def record_lineage(run, artifact) -> None:
+    """The invocation id, git state, sweep point and upstream stage runs (Sacred run id when run by this
+    invocation, artifact fingerprint and path) in the run's info; the run's own id in the invocation's table."""
+    meta = run.meta_info
+    for key in ("invocation", "git", "sweep"):
+        if meta.get(key) is not None:
+            run.info[key] = meta[key]
+    runs = meta.get("runs")
+    run.info["upstream"] = {name: {"fingerprint": entry["fingerprint"], "path": entry["path"],
+                                   "run_id": (runs or {}).get(name)}
+                            for name, entry in (artifact.meta.get("inputs") or {}).items()}
+    if runs is not None:
+        runs[artifact.stage] = run._id
 
 
 def _flat(figures, prefix=""):
@@ -215,11 +269,15 @@ def release_updates(stages: list, updates: dict, named: list, config: Config = N
     rebuild the same model. A key given on the command line with another value is a one-line error;
     preset values give way. `config`: `updates` and `named` already resolved (resolved here when not given).
     """
+    config = config if config is not None else resolve(updates, named)
+    if config.train.init_from:  # a fine-tune: family, sizes, STFT, rate (and targets unless given) from the init
+        from components.training import finetune
+
+        return finetune.merge_init(updates, config.train.init_from)
     if "train" in stages:
         return updates
     from components import importer
 
-    config = config if config is not None else resolve(updates, named)
     if "import" in stages:
         overrides, source = importer.release_overrides(config), "the released checkpoint"
     else:
@@ -245,16 +303,17 @@ def run_stages(experiment, args, updates: dict, named: list, config: Config = No
         if spec.check_inputs is not None:
             spec.check_inputs(config)
     # one run owns the artifacts directory for all its stages (see artifacts.exclusive)
+    meta = invocation_meta(getattr(args, "force", False))  # one id for every stage run of this command
     with definition.artifacts_lock(config):
         for spec in specs:
-            _run_stage(experiment, args, updates, named, spec.command)
+            _run_stage(experiment, args, updates, named, spec.command, meta)
     return 0
 
 
-def _run_stage(experiment, args, updates, named, stage) -> None:
+def _run_stage(experiment, args, updates, named, stage, meta=None) -> None:
     try:
         run = experiment.run(stage, config_updates=updates, named_configs=named,
-                             meta_info={"force": args.force},
+                             meta_info=meta if meta is not None else {"force": args.force},
                              options={"--loglevel": "WARNING" if args.quiet else "INFO"})
     except UserError:
         raise

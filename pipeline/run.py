@@ -88,6 +88,7 @@ def main(argv=None) -> int:
         config = resolve(updates, named)  # every key checked before anything is written or connected to
         # Sacred's "Failed after 0:00:01!": the one-line error (or the traceback) that follows says what failed
         _drop_sacred_notice("Failed after ")
+        _drop_sacred_notice('Added new config entry: "train.init_targets.')  # a mapping's keys (train.init_targets)
         if args.no_file_observer and not (args.sql or args.mongo):
             _drop_sacred_notice("No observers have been added to this run")  # the user asked for none
         experiment = build_experiment(args)

@@ -208,7 +208,7 @@ def run_sweep(*, grid: dict, seeds: int, updates: dict, named: list, root: Path,
     """
     from components import artifacts
     from configs.config import deep_merge, nested
-    from pipeline.experiment import build_experiment, resolve
+    from pipeline.experiment import build_experiment, invocation_meta, resolve
 
     grid_points = points(grid, seeds)
     configs = []
@@ -225,7 +225,14 @@ def run_sweep(*, grid: dict, seeds: int, updates: dict, named: list, root: Path,
         configs.append((values, seed, point_updates, config))
 
     experiment = build_experiment(observers_args)
-    meta = lambda text: {"force": False, "comment": f"sweep {name or 'grid'}: {text}"}  # noqa: E731
+    invocation = invocation_meta(False)
+    point_runs: dict = {}  # label -> {stage: Sacred run id}
+    points_by_label = {label(values, seed): {"values": values, "seed": seed} for values, seed, _, _ in configs}
+
+    def meta(text):  # one invocation; each point its own chain of runs, recording the sweep and its grid values
+        return {**invocation, "runs": point_runs.setdefault(text, {}), "comment": f"sweep {name or 'grid'}: {text}",
+                "sweep": {"name": name or "grid", "root": str(root), "point": text, "grid": grid,
+                          **points_by_label[text]}}
 
     def run_stage(stage, stage_updates, text):
         try:

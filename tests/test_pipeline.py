@@ -99,7 +99,7 @@ def test_the_driver_runs_each_stage_setup_hook_before_the_stages(tmp_path, monke
     monkeypatch.setattr(definition, "create_pipeline", lambda stage: [spec, spec])
     monkeypatch.setattr(experiment, "release_updates", lambda stages, updates, named, config=None: updates)
     monkeypatch.setattr(experiment, "_run_stage",
-                        lambda experiment_, args, updates, named, stage: calls.append(("run", stage)))
+                        lambda experiment_, args, updates, named, stage, meta=None: calls.append(("run", stage)))
     args = SimpleNamespace(stage="toy", print_config=False)
     config = _config(tmp_path)
     assert experiment.run_stages(None, args, {}, [], config) == 0

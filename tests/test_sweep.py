@@ -159,6 +159,14 @@ def test_tiny_grid_writes_tables_plots_and_sacred_runs(swept):
     config = json.loads((runs[4] / "config.json").read_text())
     assert config["model"]["umx"]["unidirectional"] is True and config["train"]["epochs"] == 1
     assert run_info(runs[3])["skipped"] is True and run_info(runs[0])["skipped"] is False  # shared prepare
+    # one invocation; every run records its sweep point (grid values, seed) and its upstream runs within the point
+    infos = [run_info(r) for r in runs]
+    assert len({info["invocation"] for info in infos}) == 1
+    assert [info["sweep"]["values"] for info in infos] == [{"model.umx.unidirectional": False}] * 3 + \
+        [{"model.umx.unidirectional": True}] * 3
+    assert all(info["sweep"]["seed"] == 0 and info["sweep"]["grid"] == {"model.umx.unidirectional": [False, True]}
+               for info in infos)
+    assert str(infos[5]["upstream"]["train"]["run_id"]) == runs[4].name
 
 
 def test_interrupted_sweep_resumes_without_redoing_points(swept):

@@ -4,6 +4,7 @@
                                             q, settings, warnings (strict JSON: NaN -> null)
     museval/<method>/<split>/<track>.json   museval's own TrackStore files (schema-validated)
     sdr_boxplot.png                         SDR per track (median over frames) per target and method
+    per_track.csv                           the per-track table: method, track, target, median scores
 """
 from __future__ import annotations
 
@@ -23,6 +24,22 @@ def write(output_dir: Path, metrics: Mapping, frames, names: Sequence[str], targ
     write_museval(output_dir / "museval", frames, names, targets, settings)
     plot(output_dir / "sdr_boxplot.png", metrics["per_track"], targets)
     (output_dir / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=2))
+    write_table(output_dir / "per_track.csv", metrics["per_track"])
+
+
+def write_table(path: Path, per_track) -> None:
+    """One row per method, track and target with its scores (median over frames): the per-track table."""
+    import csv
+
+    names = sorted({metric for method in per_track.values() for track in method.values()
+                    for scores in track.values() for metric in scores})
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["method", "track", "target", *names])
+        for method, tracks in per_track.items():
+            for track, targets in tracks.items():
+                for target, scores in targets.items():
+                    writer.writerow([method, track, target, *(scores.get(name) for name in names)])
 
 
 def write_museval(folder: Path, frames, names, targets, settings) -> None:

@@ -40,38 +40,67 @@ class SacredLogger(keras.callbacks.Callback):
 
 
 class ValidationSnapshot(keras.callbacks.Callback):
-    """Every N steps: a quick SDR of the separator on a few validation excerpts (seed 000)."""
+    """Every N steps: a quick SDR of the separator on a few validation excerpts (seed 000), logged to Sacred by
+    step, kept in `record` (JSON) and, with `tensorboard`, written there with the audio of the first excerpt's
+    estimate of every target."""
 
-    def __init__(self, separation_model, tracks, every: int, log_scalar):
+    def __init__(self, separation_model, tracks, every: int, log_scalar, record=None, tensorboard=None,
+                 sample_rate: int = 44100):
         super().__init__()
         self.separation_model = separation_model
         self.tracks = tracks
         self.every = every
         self.log_scalar = log_scalar
         self.step = 0
-        self.snapshots = []
+        self.record = Path(record) if record else None
+        self.snapshots = json.loads(self.record.read_text()) if self.record and self.record.is_file() else []
+        self.tensorboard = tensorboard
+        self.sample_rate = sample_rate
+        self.writer = None
         self.separate_fn = None
 
     def on_train_batch_end(self, batch, logs=None):
         self.step += 1
         if self.step % self.every == 0:
-            value = self.measure()
-            self.snapshots.append({"step": self.step, "sdr": value})
-            self.log_scalar("train.snapshot_sdr", value, self.step)
-            log.info("step %d: validation snapshot SDR %.2f dB", self.step, value)
+            value, estimates = self.measure()
+            step = int(self.model.optimizer.iterations.numpy()) if self.model is not None else self.step
+            self.snapshots.append({"step": step, "sdr": value})
+            self.log_scalar("train.snapshot_sdr", value, step)
+            log.info("step %d: validation snapshot SDR %.2f dB", step, value)
+            if self.record is not None:
+                tmp = self.record.with_suffix(".tmp")
+                tmp.write_text(json.dumps(self.snapshots))
+                os.replace(tmp, self.record)
+            if self.tensorboard is not None:
+                self.summarise(step, value, estimates)
 
-    def measure(self) -> float:
+    def summarise(self, step: int, value: float, estimates) -> None:
+        import tensorflow as tf
+
+        if self.writer is None:
+            self.writer = tf.summary.create_file_writer(str(Path(self.tensorboard) / "snapshots"))
+        with self.writer.as_default(step=step):
+            tf.summary.scalar("snapshot_sdr", value)
+            for target, audio in estimates.items():  # (nb_timesteps, nb_channels) of the first excerpt
+                clipped = np.clip(np.asarray(audio, np.float32), -1.0, 1.0)[None]
+                tf.summary.audio(f"estimate/{target}", clipped, self.sample_rate, max_outputs=1)
+        self.writer.flush()
+
+    def measure(self):
+        """(mean SDR over excerpts and targets, {target: estimate of the first excerpt})."""
         from components.evaluation.metrics import global_sdr
         from components.inference.separation import compiled
 
         if self.separate_fn is None:
             self.separate_fn = compiled(self.separation_model.separator, self.separation_model.nb_channels)
-        scores = []
+        scores, first = [], None
         for mixture, stems in self.tracks:
             estimates = self.separate_fn(mixture[None])
+            if first is None:
+                first = {target: np.asarray(estimates[target])[0] for target in stems}
             for target, truth in stems.items():
                 scores.append(global_sdr(truth, np.asarray(estimates[target])[0]))
-        return float(np.mean(scores))
+        return float(np.mean(scores)), first
 
 
 class TimeBudget(keras.callbacks.Callback):
@@ -186,3 +215,37 @@ class TorchPlateauCallback(keras.callbacks.Callback):
         if new != lr:
             optimizer.learning_rate = new
             log.info("epoch %d: %s did not improve; learning rate %.3g -> %.3g", epoch + 1, self.monitor, lr, new)
+
+
+def plot_curves(path: Path, history, snapshots=()) -> None:
+    """training_curves.png: loss and validation loss per epoch (and every per-target loss), the validation SDR per
+    epoch when measured, and the snapshot SDR by step when taken."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    sdr_epochs = [h for h in history if "val_sdr" in h]
+    panels = 1 + bool(sdr_epochs or snapshots)
+    figure, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), squeeze=False)
+    epochs = [h["epoch"] for h in history]
+    losses = sorted({k for h in history for k in h if k.endswith("loss")})
+    for key in losses:
+        axes[0][0].plot(epochs, [h.get(key, np.nan) for h in history], marker="o", label=key,
+                        linewidth=2 if key in ("loss", "val_loss") else 1)
+    axes[0][0].set(xlabel="epoch", ylabel="loss", title="training and validation loss")
+    axes[0][0].legend(fontsize="small")
+    if panels > 1:
+        axis = axes[0][1]
+        if sdr_epochs:
+            axis.plot([h["epoch"] for h in sdr_epochs], [h["val_sdr"] for h in sdr_epochs], marker="o",
+                      label="validation SDR (epoch)")
+        if snapshots:
+            twin = axis.twiny()
+            twin.plot([s["step"] for s in snapshots], [s["sdr"] for s in snapshots], color="tab:orange",
+                      marker=".", label="snapshot SDR (step)")
+            twin.set_xlabel("step")
+        axis.set(xlabel="epoch", ylabel="SDR (dB)", title="validation SDR")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
