@@ -96,7 +96,7 @@ def _catalogue(tmp_path, server, **entry):
     """A test catalogue (MUSICSEP_CATALOG) with entry 'tiny-umx' serving the fixture; the env for it."""
     files = [{"url": f"{server.url}/models/{name}",
               "sha256": name[:-4].split("-")[1] if name.endswith(".pth") else None} for name in server.files]
-    item = {"name": "tiny-umx", "family": "umx", "files": files, "import": {}, "sample_rate": 16000,
+    item = {"name": "tiny-umx", "family": "umx", "files": files, "import": {}, "sample_rate": 8000,
             "targets": ["vocals", "drums", "bass", "other"], "license": "MIT", "source": "tests/fixtures/make_umx.py"}
     item.update(entry)
     path = tmp_path / "catalogue.json"
@@ -285,3 +285,45 @@ def test_an_archive_is_unpacked_after_its_check(tmp_path):
         assert (folder / "vocals.pth").read_bytes() == (UMX / "vocals.pth").read_bytes()
     finally:
         served.close()
+
+
+# ---------------------------------------------------------------------------------------------- separate -n
+def test_separate_by_name_equals_the_import_export_separate_path(tmp_path, server):
+    """`separate -n <entry>` (download, convert once into the cache, separate) gives the stems of
+    `--stage import with import.path=<the authors' folder>`, `--stage export` (no prepare), `separate`."""
+    import numpy as np
+    import soundfile as sf
+
+    from tests.cli import command
+
+    env = environment() | _catalogue(tmp_path, server)
+    song = tmp_path / "song.wav"
+    sf.write(song, np.random.default_rng(0).normal(0, 0.1, (8000 * 2, 2)).astype(np.float32), 8000, subtype="FLOAT")
+    by_name = subprocess.run(command("separate", song, "-n", "tiny-umx", "-o", tmp_path / "by-name", "-q"), cwd=ROOT,
+                             env=env, capture_output=True, text=True, timeout=900)
+    assert by_name.returncode == 0, by_name.stderr[-2000:]
+    cache = Path(env["MUSICSEP_CACHE"]) / "tiny-umx" / "converted"
+    (converted,) = [p for p in cache.iterdir() if p.is_dir()]  # one conversion, renamed into place
+    assert (converted / "export" / "artifact.json").is_file() and not (converted / "prepare").exists()
+
+    reference = tmp_path / "reference"
+    for argv in (("--stage", "import", "--no-file-observer", "-q", "with", "model.name=umx", f"import.path={UMX}",
+                  f"artifacts_dir={reference}"),
+                 ("--stage", "export", "--no-file-observer", "-q", "with", f"artifacts_dir={reference}")):
+        run = subprocess.run(command("run", *argv), cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        assert run.returncode == 0, run.stderr[-2000:]
+    run = subprocess.run(command("separate", song, "--artifacts-dir", reference, "-o", tmp_path / "local", "-q"),
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-2000:]
+    for target in ("vocals", "drums", "bass", "other"):
+        ours, theirs = (sf.read(tmp_path / where / "song" / f"{target}.wav")[0] for where in ("by-name", "local"))
+        assert ours.shape == (16000, 2) and np.abs(ours).max() > 1e-4
+        np.testing.assert_allclose(ours, theirs, atol=1e-6)
+
+    requests = len(server.requests)  # second use: cached, no download, no conversion
+    again = subprocess.run(command("separate", song, "-n", "tiny-umx", "-o", tmp_path / "again", "-q"), cwd=ROOT,
+                           env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0 and len(server.requests) == requests and "converting" not in again.stderr
+    listed = subprocess.run(command("separate", "--list-models"), cwd=ROOT, env=env, capture_output=True, text=True)
+    assert re.search(r"^tiny-umx\s+umx\s+vocals,drums,bass,other\s+8000\s+MIT\s+yes$", listed.stdout, re.M)
+    assert re.search(r"^umxhq\s+umx\s+vocals,drums,bass,other\s+44100\s+5\.41\s+MIT\s+no$", listed.stdout, re.M)

@@ -37,13 +37,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
+from configs.errors import UserError
+
 CATALOGUE_FILE = Path(__file__).with_name("catalogue.json")
 ARCHIVES = (".tar.gz", ".tgz", ".tar", ".zip")
 _HEX = re.compile(r"^[0-9a-f]{8,64}$")
 _CHUNK = 1 << 20
 
 
-class CatalogueError(RuntimeError):
+class CatalogueError(UserError, RuntimeError):
     """A fault a user can fix (unknown name, bad catalogue, failed or refused download): one line."""
 
 
@@ -213,7 +215,7 @@ def sha256_of(path: Path) -> str:
 
 
 @contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def locked(path: Path) -> Iterator[None]:
     """An exclusive lock on `path` (a lock file in the cache), held by one process at a time."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as handle:
@@ -367,7 +369,7 @@ def fetch(item: Entry, *, environ: Optional[Mapping[str, str]] = None, progress:
         if item.manual and not target.is_file():
             raise CatalogueError(f"model '{item.name}' is not downloadable: get {released.name} by hand "
                                  f"({item.manual}) and put it at {target}")
-        with _locked(folder.parent / "locks" / f"{released.name}.lock"):
+        with locked(folder.parent / "locks" / f"{released.name}.lock"):
             if target.is_file():
                 if released.archive and not (folder / (released.name + ".unpacked")).is_dir():
                     _unpack(target, folder)
@@ -410,3 +412,37 @@ def table(environ: Optional[Mapping[str, str]] = None) -> List[Dict[str, Any]]:
                      "rate": item.sample_rate, "sdr": item.reported_sdr(), "license": item.license,
                      "cached": is_cached(item, environ), "manual": bool(item.manual)})
     return rows
+
+
+def import_updates(name: str, updates: Mapping[str, Any], environ: Optional[Mapping[str, str]] = None,
+                   progress: Optional[bool] = None) -> Dict[str, Any]:
+    """The config `updates` for `--stage import with import.name=<entry>`: the entry fetched (downloaded once,
+    checked, cached), `import.path` at its files, `model.name` its family and its `import.*` options. A
+    conflicting `import.path`, `model.name` or import option given beside it is a one-line error."""
+    from configs.config import deep_merge
+
+    item = entry(name, environ)
+    given_import = dict(updates.get("import", {}) or {})
+    given_model = (updates.get("model", {}) or {}).get("name")
+    if given_import.get("path"):
+        raise CatalogueError(f"import.name={name} and import.path={given_import['path']} both given; drop one")
+    if given_model not in (None, item.family):
+        raise CatalogueError(f"import.name={name} is a model.name={item.family} release but model.name={given_model} "
+                             "was given; drop model.name")
+    for key, value in item.import_options.items():
+        if key in given_import and given_import[key] != value:
+            raise CatalogueError(f"import.{key}={given_import[key]} on the command line but the catalogue's '{name}' "
+                                 f"has {value}; drop import.{key}")
+    path = fetch(item, environ=environ, progress=progress)
+    return deep_merge(dict(updates), {"model": {"name": item.family},
+                                      "import": {**item.import_options, "path": str(path)}})
+
+
+def converted_dir(item: Entry, environ: Optional[Mapping[str, str]] = None) -> Path:
+    """Where the entry's converted model (an artifacts directory: train + export) is cached, keyed by the entry's
+    name and its files' checksums (published, else trusted on first use): new files convert anew."""
+    folder = files_dir(item, environ)
+    trusted = _trusted(folder)
+    key = json.dumps([item.name, item.family, dict(item.import_options),
+                      [[f.name, f.sha256 or trusted.get(f.name)] for f in item.files]], sort_keys=True)
+    return cache_root(environ) / item.name / "converted" / hashlib.sha256(key.encode()).hexdigest()[:16]
