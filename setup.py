@@ -9,6 +9,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["pipeline", "components", "components.*", "models", "models.*",
                                     "configs"]),
+    package_data={"components.inference": ["catalogue.json"]},  # the released-model catalogue
     install_requires=[
         "tensorflow>=2.21,<2.22",
         "keras>=3.10,<4",

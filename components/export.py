@@ -198,11 +198,12 @@ def export_stream(model, folder: Path, probe: np.ndarray, logger=log) -> dict:
 # The executor
 # --------------------------------------------------------------------------------------------
 def _probe_chunk(context: StageContext, samples: int) -> np.ndarray:
-    """A real mixture chunk for parity checks (the first prepared track), else seeded noise."""
+    """A real mixture chunk for parity checks (the first prepared track), else seeded noise (no prepare
+    artifact: an imported release is exported from its checkpoint alone)."""
     from components.data import records
 
-    prepare = context.inputs["prepare"]
-    split = Manifest.read(prepare).first_split_with_tracks(("test", "valid", "train"))
+    prepare = context.inputs.get("prepare")
+    split = None if prepare is None else Manifest.read(prepare).first_split_with_tracks(("test", "valid", "train"))
     if split is not None:
         _, stems = next(iter(records.read_tracks(prepare, split)))
         mixture = np.sum(list(stems.values()), axis=0).astype(np.float32)
@@ -340,6 +341,6 @@ def _export_stream_if_supported(context: StageContext, model, folder: Path, figu
     return description
 
 
-SPEC = ComponentSpec(name="export", inputs=("prepare", "train"), optional_inputs=("evaluate",),
+SPEC = ComponentSpec(name="export", inputs=("train",), optional_inputs=("prepare", "evaluate"),
                      config_sections=("data", "model", "train", "export"), executor=run,
                      outputs=("model.json", "saved_model/models.config"))

@@ -36,14 +36,15 @@ def _family(config):
 
 def _options(config) -> Dict[str, Any]:
     section = config.section("import")
-    return {key: value for key, value in section.items() if key != "path" and value not in (None, "", [], ())}
+    return {key: value for key, value in section.items() if key not in ("path", "name") and value not in (None, "", [], ())}
 
 
 def read(config):
     """The family's ReleasedCheckpoint for `import.path` (CheckpointError -> StageError, one line)."""
     path = config.import_.path
     if not path:
-        raise StageError("import: no checkpoint given; set import.path=<released file or folder>")
+        raise StageError("import: no checkpoint given; set import.path=<released file or folder> or "
+                         "import.name=<released model> (separate --list-models)")
     if not Path(path).exists() and not Path(f"{path}.index").exists():  # a TF checkpoint is named by its prefix
         raise StageError(f"import: {path} does not exist; set import.path to the released file or folder")
     family = _family(config)

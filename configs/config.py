@@ -270,6 +270,7 @@ class ImportConfig:
     """
 
     path: Optional[str] = None  # the released file or folder, as downloaded
+    name: Optional[str] = None  # a released model by catalogue name (downloaded, checked, cached): sets path
     model: Optional[str] = None  # published model name where the files do not say (open-unmix: umxhq, umx, umxl)
     config: Optional[str] = None  # the release's config file when it is not beside the weights (yaml/json)
     targets: Tuple[str, ...] = ()  # targets to import, in this order (default: every target released)

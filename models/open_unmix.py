@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
@@ -450,6 +451,8 @@ PUBLISHED_FILES = {
     "bass-646024d3": "umx", "drums-5a48008b": "umx", "other-f8e132cc": "umx", "vocals-c8df74a5": "umx",
     "bass-2ca1ce51": "umxl", "drums-69e0ebd4": "umxl", "other-c8c5b3e6": "umxl", "vocals-bccbd9aa": "umxl",
     "speech-f5ae7c4c": "umxse", "noise-2ccb2e32": "umxse",
+    # as openunmix/__init__.py's umxse_spec names them (an underscore before the hash)
+    "speech_f5e0d9f9": "umxse", "noise_04a6fc2d": "umxse",
 }
 # in state dicts of open-unmix < 1.1 (the 2019 UMX / UMX-HQ files), not parameters of the network
 _IGNORABLE = {
@@ -462,11 +465,17 @@ _IGNORABLE = {
 }
 
 
+def _target_of(stem: str) -> str:
+    """The target of `<target>.pth`, `<target>-<hash>.pth` or `<target>_<8 hex>.pth` (UMX-SE's names)."""
+    hashed = re.fullmatch(r"(.+?)_[0-9a-f]{8}", stem)
+    return hashed.group(1) if hashed else stem.split("-")[0]
+
+
 def _target_file(folder: Path, target: str) -> Optional[Path]:
     exact = folder / f"{target}.pth"
     if exact.is_file():
         return exact
-    found = sorted(folder.glob(f"{target}-*.pth"))
+    found = sorted(p for p in folder.glob(f"{target}[-_]*.pth") if _target_of(p.name[:-4]) == target)
     return found[0] if found else None
 
 
@@ -487,13 +496,13 @@ def read_released(path, model: Optional[str] = None, targets=(), **options):
                               f"choose one of {', '.join(PUBLISHED)}")
     if path.is_file():
         stem = path.name[: -len(".pth")] if path.name.endswith(".pth") else path.stem
-        files = {stem.split("-")[0]: path}
+        files = {_target_of(stem): path}
     else:
         if targets:
             files = {t: _target_file(folder, t) for t in targets}
         else:
             names = sorted({p.name[:-5] for p in folder.glob("*.json") if p.name != "separator.json"}
-                           | {p.name[:-4].split("-")[0] for p in folder.glob("*.pth")},
+                           | {_target_of(p.name[:-4]) for p in folder.glob("*.pth")},
                            key=lambda t: (MUSDB_TARGETS.index(t) if t in MUSDB_TARGETS else len(MUSDB_TARGETS), t))
             files = {t: _target_file(folder, t) for t in names}
         missing = [t for t, f in files.items() if f is None]

@@ -278,6 +278,11 @@ def release_updates(stages: list, updates: dict, named: list, config: Config = N
         return updates
     from components import importer
 
+    if "import" in stages and config.import_.name:  # a catalogue entry: fetched, then imported as a local path
+        from components.inference import catalogue
+
+        updates = catalogue.import_updates(config.import_.name, updates)
+        config = resolve(updates, named)
     if "import" in stages:
         overrides, source = importer.release_overrides(config), "the released checkpoint"
     else:

@@ -27,7 +27,11 @@ from configs.errors import SeparateError  # noqa: E402
 
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="musicsep separate", description=__doc__.splitlines()[0])
-    parser.add_argument("files", nargs="+", help="audio files: wav, flac, ogg, mp3 (soundfile); mp4, m4a, aac (ffmpeg)")
+    parser.add_argument("files", nargs="*", help="audio files: wav, flac, ogg, mp3 (soundfile); mp4, m4a, aac (ffmpeg)")
+    parser.add_argument("-n", "--pretrained", metavar="NAME",
+                        help="a released model by name (--list-models): downloaded, checked, converted and cached "
+                             "on first use")
+    parser.add_argument("--list-models", action="store_true", help="list the released models and exit")
     parser.add_argument("--model", help="SavedModel directory or .tflite file (default: latest export in "
                                         "--artifacts-dir)")
     parser.add_argument("--artifacts-dir", default="artifacts", help="where the pipeline exported (default: artifacts)")
@@ -132,7 +136,21 @@ def main(argv=None) -> int:
     finished are kept, the one in progress leaves nothing."""
     import signal
 
-    args = get_parser().parse_args(argv)
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    if args.list_models:
+        from components.inference.catalogue import CatalogueError
+        from pipeline.pretrained import list_models
+
+        try:
+            print(list_models())
+        except CatalogueError as error:
+            return _refuse(str(error))
+        return 0
+    if not args.files:
+        parser.error("give the audio files to separate (or --list-models)")
+    if args.pretrained and args.model:
+        return _refuse(f"-n {args.pretrained} and --model {args.model} both given; choose one")
     what = ("finished tracks are kept, a file in progress left no files, and the stems of standard input hold "
             "what was streamed" if args.stream else "finished tracks are kept, the unfinished one left no files")
     signal.signal(signal.SIGTERM, _terminated)
@@ -160,7 +178,16 @@ def _main(args) -> int:
     if args.workers is not None and args.workers < 1:
         print(f"error: --workers {args.workers}: must be at least 1; e.g. --workers 2", file=sys.stderr)
         return 2
-    separator, code = _load(args, lambda: load_separator(args.model, args.artifacts_dir, args.workers))
+    artifacts_dir = args.artifacts_dir
+    if args.pretrained:
+        from components.inference.catalogue import CatalogueError
+        from pipeline.pretrained import converted
+
+        try:
+            artifacts_dir = str(converted(args.pretrained, quiet=args.quiet))
+        except (CatalogueError, SeparateError) as error:
+            return _refuse(str(error))
+    separator, code = _load(args, lambda: load_separator(args.model, artifacts_dir, args.workers))
     if separator is None:
         return code
     out = Path(args.out)
