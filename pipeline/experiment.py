@@ -273,7 +273,11 @@ def release_updates(stages: list, updates: dict, named: list, config: Config = N
     if config.train.init_from:  # a fine-tune: family, sizes, STFT, rate (and targets unless given) from the init
         from components.training import finetune
 
-        return finetune.merge_init(updates, config.train.init_from)
+        init_from = config.train.init_from
+        if finetune.names_a_release(init_from):  # a catalogue name: fetched and converted once, then a folder
+            init_from = str(convert_release(init_from, quiet=True))
+            updates = deep_merge(dict(updates), {"train": {"init_from": init_from}})
+        return finetune.merge_init(updates, init_from)
     if "train" in stages:
         return updates
     from components import importer
@@ -289,6 +293,43 @@ def release_updates(stages: list, updates: dict, named: list, config: Config = N
         overrides = importer.imported_overrides(config.artifacts_dir)
         source = "the imported model in the train artifact"
     return importer.merge_overrides(updates, overrides, source)
+
+
+def convert_release(name: str, quiet: bool = False) -> Path:
+    """The artifacts directory of the catalogue's release `name`, ready to use: fetched (downloaded once and
+    checked), then `--stage import with import.name=<name>` and `--stage export` run once into a staging
+    folder beside the cache entry, renamed into place when both finished; a lock makes two processes convert
+    once. A failed conversion caches nothing."""
+    import argparse
+    import os
+    import shutil
+    import sys
+
+    from components.inference import catalogue
+
+    item = catalogue.entry(name)
+    catalogue.fetch(item, progress=None if not quiet else False)
+    target = catalogue.converted_dir(item)
+    if (target / "export" / "artifact.json").is_file():
+        return target
+    with catalogue.locked(target.parent / ".convert.lock"):
+        if (target / "export" / "artifact.json").is_file():
+            return target
+        staging = target.with_name(f"{target.name}.converting")
+        shutil.rmtree(staging, ignore_errors=True)
+        if not quiet:
+            print(f"converting {name} (import + export, once; cached in {target})", file=sys.stderr)
+        args = argparse.Namespace(force=False, runs_dir="runs", no_file_observer=True, sql=None, mongo=None,
+                                  print_config=False, quiet=True)
+        try:
+            for stage, updates in (("import", {"import": {"name": name}}), ("export", {})):
+                args.stage = stage
+                run_stages(build_experiment(args), args, {**updates, "artifacts_dir": str(staging)}, ["default"])
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        os.replace(staging, target)
+    return target
 
 
 def run_stages(experiment, args, updates: dict, named: list, config: Config = None) -> int:

@@ -3,44 +3,22 @@ exported once into the cache, in this process, from the checkpoint alone (no dat
 
     artifacts_dir = pretrained.converted("umxhq")   # <cache>/umxhq/converted/<key>/ with train/ and export/
 
-The conversion runs the pipeline's own `--stage import with import.name=<name>` and `--stage export` into a
-staging folder beside the cache entry, renamed into place only when both finished; a lock in the cache makes
-two processes convert once.
+The conversion (pipeline.experiment.convert_release) runs the pipeline's own `--stage import with
+import.name=<name>` and `--stage export` into a staging folder beside the cache entry, renamed into place only
+when both finished; a lock in the cache makes two processes convert once.
 """
 from __future__ import annotations
 
-import os
-import shutil
-import sys
 from pathlib import Path
 
 from components.inference import catalogue
-from configs.errors import SeparateError
 
 
 def converted(name: str, quiet: bool = False) -> Path:
     """The artifacts directory of the converted release `name` (converting it on first use)."""
-    item = catalogue.entry(name)
-    catalogue.fetch(item, progress=None if not quiet else False)
-    target = catalogue.converted_dir(item)
-    if (target / "export" / "artifact.json").is_file():
-        return target
-    with catalogue.locked(target.parent / ".convert.lock"):
-        if (target / "export" / "artifact.json").is_file():
-            return target
-        staging = target.with_name(f"{target.name}.converting")
-        shutil.rmtree(staging, ignore_errors=True)
-        from pipeline.run import main as run
+    from pipeline.experiment import convert_release
 
-        if not quiet:
-            print(f"converting {name} (import + export, once; cached in {target})", file=sys.stderr)
-        for stage, extra in (("import", [f"import.name={name}"]), ("export", [])):
-            code = run(["--stage", stage, "--no-file-observer", "-q", "with", *extra, f"artifacts_dir={staging}"])
-            if code != 0:
-                shutil.rmtree(staging, ignore_errors=True)
-                raise SeparateError(f"converting {name}: --stage {stage} failed (exit {code}); nothing was cached")
-        os.replace(staging, target)
-    return target
+    return convert_release(name, quiet)
 
 
 def list_models() -> str:

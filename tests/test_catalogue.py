@@ -327,3 +327,16 @@ def test_separate_by_name_equals_the_import_export_separate_path(tmp_path, serve
     listed = subprocess.run(command("separate", "--list-models"), cwd=ROOT, env=env, capture_output=True, text=True)
     assert re.search(r"^tiny-umx\s+umx\s+vocals,drums,bass,other\s+8000\s+MIT\s+yes$", listed.stdout, re.M)
     assert re.search(r"^umxhq\s+umx\s+vocals,drums,bass,other\s+44100\s+5\.41\s+MIT\s+no$", listed.stdout, re.M)
+
+    # fine-tuning from the release by name starts from the same cached conversion (no download, no conversion)
+    shown = subprocess.run(command("run", "--stage", "train", "--print-config", "with", "unittest",
+                                   "train.init_from=tiny-umx", f"artifacts_dir={tmp_path / 'tuned'}"),
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    config = json.loads(shown.stdout)
+    assert config["train"]["init_from"] == str(converted) and config["model"]["name"] == "umx"
+    assert config["data"]["sample_rate"] == 8000 and len(server.requests) == requests
+    unknown = subprocess.run(command("run", "--stage", "train", "--print-config", "with", "unittest",
+                                     "train.init_from=tiny-umc"), cwd=ROOT, env=env, capture_output=True, text=True)
+    assert unknown.returncode == 2 and unknown.stderr.strip().splitlines()[-1] == (
+        "error: no released model named 'tiny-umc'; did you mean tiny-umx? (separate --list-models lists them)")

@@ -64,16 +64,23 @@ FREEZE_PARTS: Dict[str, Dict[str, str]] = {
 # --------------------------------------------------------------------------------------------
 # Where the init comes from
 # --------------------------------------------------------------------------------------------
+def names_a_release(init_from: str) -> bool:
+    """True when `init_from` is a released model's catalogue name rather than a path (a name that is also an
+    existing folder here is the folder); an unknown bare name is the catalogue's one-line error."""
+    if Path(init_from).expanduser().exists() or "/" in init_from or init_from.startswith("."):
+        return False
+    from components.inference import catalogue
+
+    catalogue.entry(init_from)  # raises "no released model named ...; did you mean ..."
+    return True
+
+
 def locate(init_from: str) -> artifacts.Artifact:
     """The complete train artifact `init_from` names (an artifacts directory or a train artifact folder), its
     weight files checked against their sha256; a one-line StageError otherwise."""
     path = Path(init_from).expanduser()
     if path.is_file() and path.name == artifacts.META_FILE:
         path = path.parent
-    if not path.exists() and "/" not in init_from and not init_from.startswith("."):
-        raise StageError(f"train.init_from={init_from}: catalogue names need the released-model catalogue, which "
-                         "this version does not have; import the release (--stage import) and give its artifacts "
-                         "directory")
     if not path.exists():
         raise StageError(f"train.init_from={init_from}: no such file or folder; give an artifacts directory or "
                          "its train/ folder")
