@@ -14,6 +14,7 @@ Layout written into `artifacts_dir/export/`:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import tempfile
@@ -26,7 +27,7 @@ from configs.errors import StageError
 from components.base import ComponentSpec, StageContext
 from components.data.manifest import Manifest
 from components.inference.exported import (INPUT_NAME, SIDECAR, SIGNATURE, ExportLayout, run_tflite,
-                                           saved_model_stream_step, tflite_ops, tflite_stream_step)
+                                           saved_model_stream_step, tflite_ops, tflite_stream_step, xla_functions)
 
 log = logging.getLogger("pipeline.export")
 
@@ -35,8 +36,18 @@ log = logging.getLogger("pipeline.export")
 # --------------------------------------------------------------------------------------------
 # SavedModel
 # --------------------------------------------------------------------------------------------
-def write_saved_model(separator, path: Path, nb_channels: int) -> None:
-    """`serving_default`: float32 `(batch, samples, channels)` (any batch, any length) -> {target: same}."""
+def write_saved_model(separator, path: Path, nb_channels: int, xla: bool = False) -> None:
+    """`serving_default`: float32 `(batch, samples, channels)` (any batch, any length) -> {target: same}.
+
+    `xla=False`: traced inside `transforms.without_xla()`, so no function must be XLA-compiled and stock
+    TensorFlow Serving (XLA's CPU JIT off by default) runs it; `xla=True` keeps the compiled functions."""
+    from models.transforms import without_xla
+
+    with (contextlib.nullcontext() if xla else without_xla()):
+        _write_endpoint(separator, path, nb_channels)
+
+
+def _write_endpoint(separator, path: Path, nb_channels: int) -> None:
     import keras
     import tensorflow as tf
 
@@ -230,7 +241,8 @@ def run(context: StageContext) -> dict:
 
     # SavedModel for TF Serving
     saved = layout.saved_model(name, config.export.version)
-    write_saved_model(model.separator, saved, channels)
+    write_saved_model(model.separator, saved, channels, xla=config.export.xla)
+    figures["saved_model_xla_functions"] = len(xla_functions(saved))
     layout.serving_config.write_text(serving_config([name]))
     probe = _probe_chunk(context, int(round(min(5.0, config.data.segment_seconds) * rate)))
     keras_out = {k: np.asarray(v) for k, v in model.separator(probe, training=False).items()}
@@ -266,6 +278,7 @@ def run(context: StageContext) -> dict:
         "evaluation": (json.loads(evaluate.file("metrics.json").read_text()).get("mean")
                        if evaluate is not None and evaluate.file("metrics.json").is_file() else None),
         "tflite": tflite,
+        "xla": config.export.xla,  # true: the server must run with XLA's CPU JIT on
     }
     if stream is not None:
         sidecar["stream"] = stream

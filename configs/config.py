@@ -256,6 +256,9 @@ class ExportConfig:
     # dynamic: int8 weights, float activations (the fused LSTM and FULLY_CONNECTED run int8 kernels: faster);
     # float16: half-size weights dequantized to float32 at load (smaller file, not faster on CPU)
     quantize: str = choice("dynamic", ("float16", "dynamic"))
+    # true: the serving SavedModel keeps its XLA-compiled functions (STFT, LSTM loops, Wiener filter): faster, but
+    # only for servers started with XLA's CPU JIT on (TF Serving: --xla_cpu_compilation_enabled=true)
+    xla: bool = False
 
     def __post_init__(self):
         check_fields(self, "export.")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from models.transforms import in_tflite_graph, inverse_stft, istft
+from models.transforms import compiled_or_plain, in_tflite_graph, inverse_stft, istft, xla_allowed
 
 
 def softmask(target_magnitudes, mix_stft, eps: float = 1e-10) -> tf.Tensor:
@@ -394,12 +394,12 @@ class WienerFilter(keras.layers.Layer):
         self.scale_factor = scale_factor
         self.win_len = win_len  # frames per independently filtered block; 0: the whole input
         # XLA fuses the EM's ~100 elementwise passes over (frames, bins, sources) tensors: ~3x faster on CPU.
-        # Server graphs only: TFLite converts plain ops, not XLA-compiled functions
+        # In-process graphs only: TFLite and `without_xla` graphs (TF Serving) get the plain ops
         self.jit_compile = jit_compile
         self._compiled = tf.function(blockwise_wiener, jit_compile=True) if jit_compile else None
 
     def call(self, target_magnitudes, mix_stft):
-        filter_fn = self._compiled or blockwise_wiener
+        filter_fn = self._compiled if self._compiled is not None and xla_allowed() else blockwise_wiener
         return filter_fn(target_magnitudes, mix_stft, self.win_len, self.niter, self.residual, self.eps,
                          self.scale_factor)
 
@@ -423,7 +423,8 @@ class WienerISTFT(keras.layers.Layer):
     iteration (open-unmix's default) runs fused: `first_em_statistics` as one XLA function, then per source
     one XLA function from its estimate to its waveform (`first_em_source`, `transforms.inverse_stft`); the
     sources' functions are independent ops that TensorFlow runs on separate cores. Other settings run
-    `blockwise_wiener` (XLA) and `istft`. Server graphs only: TFLite converts neither.
+    `blockwise_wiener` (XLA) and `istft`. Inside `transforms.without_xla` (the serving SavedModel) the same
+    functions are traced plain: no function must be XLA-compiled. TFLite converts neither.
     """
 
     def __init__(self, niter: int = 1, residual: bool = False, eps: float = 1e-10, scale_factor: float = 10.0,
@@ -437,9 +438,9 @@ class WienerISTFT(keras.layers.Layer):
         self.n_fft = n_fft
         self.hop_length = hop_length
         self.center = center
-        self._statistics = tf.function(self._statistics_fn, jit_compile=True)
-        self._source = tf.function(self._source_fn, jit_compile=True)
-        self._filter = tf.function(blockwise_wiener, jit_compile=True)
+        self._statistics = compiled_or_plain(self._statistics_fn)
+        self._source = compiled_or_plain(self._source_fn)
+        self._filter = compiled_or_plain(blockwise_wiener)
 
     def _statistics_fn(self, target_magnitudes, mix_stft):
         return first_em_statistics(target_magnitudes, mix_stft, self.win_len, self.residual, self.eps,

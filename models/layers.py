@@ -14,6 +14,7 @@ import keras
 import tensorflow as tf
 
 from configs.errors import ConfigError
+from models.transforms import compiled_or_plain
 
 
 # ---------------------------------------------------------------------------------------- initialisers
@@ -259,7 +260,7 @@ def _previous(sequence):
     return tf.concat([tf.zeros_like(sequence[:1]), sequence[:-1]], axis=0)
 
 
-@tf.function(jit_compile=True)
+@compiled_or_plain
 def _lstm_forward(projected, recurrent_kernel):
     """Hidden and cell states `(nb_frames, ..., units)` of the PyTorch-order LSTM over time-major `projected`
     `(nb_frames, ..., 4 * units)` (input projection and both biases already added); `recurrent_kernel`
@@ -271,7 +272,7 @@ def _lstm_forward(projected, recurrent_kernel):
     return tf.scan(lstm_cell(recurrent_kernel), projected, initializer=(zeros, zeros))
 
 
-@tf.function(jit_compile=True)
+@compiled_or_plain
 def _lstm_backward(projected, recurrent_kernel, hidden, cells, d_hidden):
     """Gradients of `_lstm_forward`'s hidden states w.r.t. `projected` and `recurrent_kernel`, given `d_hidden`.
 

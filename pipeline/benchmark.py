@@ -2,8 +2,8 @@
 
 train:    training examples per second and seconds per step (after warm-up) of the configured model
           on the prepared data (running prepare first when its artifact is missing).
-separate: seconds and x real-time to separate the same 30 s stereo input with the SavedModel and with
-          each TFLite variant, on 2 CPU threads, plus where the SavedModel's time goes (STFT/ISTFT,
+separate: seconds and x real-time to separate the same 30 s stereo input with the SavedModel (the serving
+          graph as exported, and its XLA variant `export.xla=true` as `saved_model_xla`) and with each TFLite variant, on 2 CPU threads, plus where the SavedModel's time goes (STFT/ISTFT,
           networks, Wiener filter). The TFLite files run as `separate --model x.tflite` does: one interpreter
           of --threads threads (or `--tflite-workers` 1-thread interpreters on that many chunks at once); the
           float32 file also runs the other way in the same run (`tflite_float32_<n>_workers` or
@@ -304,12 +304,17 @@ def benchmark_separate(config, seconds: float, repeats: int, threads: int, tflit
               "sample_rate": rate, "threads": threads, "family_config": to_plain(model.config)}
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
-        saved = Path(tmp) / "saved_model"
-        export.write_saved_model(model.separator, saved, config.data.nb_channels)
-        serving = tf.saved_model.load(str(saved)).signatures[exported.SIGNATURE]
         batch = tf.constant(mixture[None])
-        serving(waveform=batch)  # warm-up: tracing, allocations
-        runs = {"saved_model": lambda: serving(waveform=batch)}
+        runs = {}
+        # `saved_model`: the serving graph as exported (export.xla, default false: what stock TF Serving runs);
+        # `saved_model_xla` / `saved_model_plain`: the other variant, timed in turn in the same run
+        other = "saved_model_plain" if config.export.xla else "saved_model_xla"
+        for name, xla in (("saved_model", config.export.xla), (other, not config.export.xla)):
+            saved = Path(tmp) / name
+            export.write_saved_model(model.separator, saved, config.data.nb_channels, xla=xla)
+            serving = tf.saved_model.load(str(saved)).signatures[exported.SIGNATURE]
+            serving(waveform=batch)  # warm-up: tracing, compilation, allocations
+            runs[name] = lambda serving=serving: serving(waveform=batch)
         reference = open_unmix_reference() if with_reference and config.model.name == "umx" else None
         if reference is not None:  # timed in turn with the SavedModel, so that both see the same load
             runs["open_unmix_pytorch"] = _reference_separate(reference, model, config, mixture, threads)
@@ -362,6 +367,7 @@ def benchmark_separate(config, seconds: float, repeats: int, threads: int, tflit
         cpu = {}
         rows.update(_best_of_alternating(repeats, runs, cpu))
         report["cpu_seconds"] = {k: round(v, 3) for k, v in cpu.items()}
+        report[f"{other}_over_saved_model"] = round(rows["saved_model"] / rows[other], 2)  # > 1: the other is faster
         if "tflite_float32" in rows:  # > 1: faster than the SavedModel / than float32, same run
             report["tflite_float32_over_saved_model"] = round(rows["saved_model"] / rows["tflite_float32"], 2)
             quantized = f"tflite_{config.export.quantize}"

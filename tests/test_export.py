@@ -44,27 +44,59 @@ def test_serving_layout_and_signature_contract(exported):
     assert meta["figures"]["saved_model_max_abs_diff"] <= 1e-5
 
 
-def test_saved_model_keeps_the_server_separators_xla_functions(exported):
-    # the SavedModel stores the XLA-compiled functions as functions marked _XlaMustCompile, which the serving
-    # process compiles on load (test_fresh_process_savedmodel_matches_keras runs it): the STFT, the Wiener
-    # statistics and the one function every source runs from its estimate to its waveform, besides the LSTM loops
-    from tensorflow.core.protobuf import saved_model_pb2
+def test_serving_graph_needs_no_xla_and_export_xla_keeps_it(exported, tmp_path):
+    """TensorFlow Serving (and the C API, TF Java) run with XLA's CPU JIT off unless told otherwise; a function
+    marked _XlaMustCompile fails there on the first request. The default export holds none; `export.xla=true`
+    keeps the STFT, LSTM loops, Wiener statistics and per-source functions compiled (for servers started with
+    --xla_cpu_compilation_enabled=true), with the same numbers."""
+    from components import artifacts
+    from components.export import write_saved_model
+    from components.inference.exported import xla_functions
+    from components.training.trained import load_trained
+    from pipeline.experiment import resolve
 
-    saved = saved_model_pb2.SavedModel()
-    saved.ParseFromString((exported / "export" / "saved_model" / "umx" / "1" / "saved_model.pb").read_bytes())
-    compiled = [function.signature.name for function in saved.meta_graphs[0].graph_def.library.function
-                if function.attr["_XlaMustCompile"].b]
-    counts = {part: sum(f"_{part}_" in name for name in compiled) for part in ("stft", "statistics_fn", "source_fn")}
-    assert counts == {"stft": 1, "statistics_fn": 1, "source_fn": 1}, compiled
+    served = exported / "export" / "saved_model" / "umx" / "1"
+    meta = json.loads((exported / "export" / "artifact.json").read_text())
+    assert xla_functions(served) == [] and meta["figures"]["saved_model_xla_functions"] == 0
+    assert json.loads((exported / "export" / "model.json").read_text())["xla"] is False
+
+    config = resolve({"artifacts_dir": str(exported)}, ["unittest"])
+    model = load_trained(artifacts.load(exported, "train"), config)
+    write_saved_model(model.separator, tmp_path / "xla", config.data.nb_channels, xla=True)
+    compiled = xla_functions(tmp_path / "xla")
+    counts = {part: sum(f"_{part}_" in name for name in compiled)
+              for part in ("stft", "lstm_forward", "statistics_fn", "source_fn")}
+    assert counts == {"stft": 1, "lstm_forward": 1, "statistics_fn": 1, "source_fn": 1}, compiled
+
+    waveform = np.random.default_rng(2).normal(0, 0.1, (1, 9000, 2)).astype(np.float32)
+    np.save(tmp_path / "in.npy", waveform)
+    keras_out = model.separator(waveform, training=False)
+    for folder, ok in ((served, True), (tmp_path / "xla", False)):
+        result = _serve_without_xla(folder, tmp_path / "in.npy", tmp_path / "out.npz", tmp_path)
+        if not ok:  # the server's own error, on the first request
+            assert result.returncode != 0 and "XLA compilation disabled" in result.stderr
+            continue
+        assert result.returncode == 0, result.stderr[-2000:]
+        out = np.load(tmp_path / "out.npz")
+        assert max(np.max(np.abs(out[t] - np.asarray(keras_out[t]))) for t in config.data.targets) <= 1e-5
 
 
+# A fresh process that loads the SavedModel as TensorFlow Serving does by default: XLA compilation disabled with
+# the same C++ call (tensorflow::DisableXlaCompilation) the server makes for --xla_cpu_compilation_enabled=false.
 FRESH_LOAD = textwrap.dedent("""
-    import sys, numpy as np, tensorflow as tf
+    import ctypes, os, sys, numpy as np, tensorflow as tf
+    ctypes.CDLL(os.path.join(os.path.dirname(tf.__file__), "libtensorflow_cc.so.2"))._ZN10tensorflow21DisableXlaCompilationEv()
     model = tf.saved_model.load(sys.argv[1])
     out = model.signatures["serving_default"](waveform=tf.constant(np.load(sys.argv[2])))
     np.savez(sys.argv[3], **{k: v.numpy() for k, v in out.items()})
     print(sorted(m for m in sys.modules if m.split(".")[0] in ("models", "components", "pipeline", "configs")))
 """)
+
+
+def _serve_without_xla(saved_model, waveform, out, cwd):
+    return subprocess.run([sys.executable, "-c", FRESH_LOAD, str(saved_model), str(waveform), str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=cwd,
+                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
 
 
 def test_fresh_process_savedmodel_matches_keras(exported, tmp_path):
@@ -77,10 +109,8 @@ def test_fresh_process_savedmodel_matches_keras(exported, tmp_path):
     rng = np.random.default_rng(1)
     waveform = rng.normal(0, 0.1, (2, 12345, 2)).astype(np.float32)  # odd length, batch of two
     np.save(tmp_path / "in.npy", waveform)
-    result = subprocess.run([sys.executable, "-c", FRESH_LOAD, str(exported / "export" / "saved_model" / "umx" / "1"),
-                             str(tmp_path / "in.npy"), str(tmp_path / "out.npz")],
-                            capture_output=True, text=True, timeout=300, cwd=tmp_path,
-                            env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    result = _serve_without_xla(exported / "export" / "saved_model" / "umx" / "1", tmp_path / "in.npy",
+                                tmp_path / "out.npz", tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == "[]", "the fresh process imported project code"
     served = np.load(tmp_path / "out.npz")

@@ -507,6 +507,10 @@ def test_every_registered_family_runs_all_stages_from_the_cli(family, family_run
     sidecar = json.loads(export.file("model.json").read_text())
     assert sidecar["model"] == family and sidecar["targets"] == list(TARGETS)
     assert export.figures["saved_model_max_abs_diff"] < 1e-4
+    # stock TensorFlow Serving runs with XLA's CPU JIT off: no function of the serving graph may need XLA
+    from components.inference.exported import xla_functions
+
+    assert xla_functions(export.path / "saved_model" / family / "1") == [] and sidecar["xla"] is False
     # measured (unittest preset): wave_u_net 97 dB, unet 120 dB (float32); dttnet's 59 dB was the old parity_db's
     # epsilon on quiet outputs (untrained, without it: 118 dB in test_model_contract)
     if sidecar["tflite"]:

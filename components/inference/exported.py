@@ -21,6 +21,26 @@ SIDECAR = "model.json"  # the export's description, read by `separate`
 INPUT_NAME = "waveform"
 
 
+XLA_OPS = frozenset({"XlaLaunch", "_XlaCompile", "_XlaRun", "XlaCallModule", "_XlaMerge"})
+
+
+def xla_functions(saved_model: Path) -> list:
+    """Names of what in `saved_model`'s graph needs XLA: functions marked `_XlaMustCompile` (what TensorFlow
+    Serving, the C API and TF Java fail on with XLA's CPU JIT off, their default) and nodes of XLA launch ops."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    saved = saved_model_pb2.SavedModel()
+    saved.ParseFromString((Path(saved_model) / "saved_model.pb").read_bytes())
+    found = []
+    for graph in saved.meta_graphs:
+        library = graph.graph_def.library.function
+        found += [f.signature.name for f in library if f.attr["_XlaMustCompile"].b]
+        nodes = list(graph.graph_def.node) + [node for f in library for node in f.node_def]
+        found += [f"{node.name} ({node.op})" for node in nodes
+                  if node.op in XLA_OPS or node.attr["_XlaMustCompile"].b]
+    return found
+
+
 @dataclass(frozen=True)
 class ExportLayout:
     """The files of one export folder (`artifacts_dir/export`)."""
