@@ -211,10 +211,12 @@ def test_finetune_on_own_stems_with_a_new_target_name(released, tmp_path):
     root = tmp_path / "tuned"
     args = ["--no-file-observer", "-q", "with", "unittest", "data.format=folder", f"data.root={tmp_path / 'stems'}",
             "evaluate.split=train", f"artifacts_dir={root}", f"train.init_from={released}",
-            'data.targets=["vocals", "guitar"]', 'train.init_targets={"guitar": "other"}', "train.steps_per_epoch=2"]
+            'data.targets=["vocals", "guitar"]', 'train.init_targets={"guitar": "other"}', "train.steps_per_epoch=2",
+            "train.replicas=2"]  # under MirroredStrategy (two logical CPU devices)
     cli("--stage", "prepare", *args)
     cli("--stage", "train", *args)
     meta = json.loads((root / "train" / "artifact.json").read_text())
+    assert meta["figures"]["replicas"] == 2, meta["figures"]
     assert meta["init"]["target_origins"] == {"vocals": "vocals", "guitar": "other"}
     tuned, source = _model(root), _model(released)
     moved = [name for name, mine, theirs in _pairs(tuned, source, meta["init"]["target_origins"])
