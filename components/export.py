@@ -253,7 +253,7 @@ def run(context: StageContext) -> dict:
 
     # TFLite for phones
     tflite = {}
-    if model.mobile is None:
+    if model.inference.mobile is None:
         context.logger.warning("model %s has no TFLite-compatible form; skipping TFLite export", name)
     else:
         tflite = _export_tflite(context, model, layout.tflite, figures)
@@ -274,7 +274,7 @@ def run(context: StageContext) -> dict:
         "config": {"data": config.section("data"), "model": config.section("model")},
         "train_fingerprint": context.inputs["train"].fingerprint,
         "parameters": figures["parameters"],
-        "separation_chunk_samples": model.separation_chunk_samples,
+        "separation_chunk_samples": model.inference.separation_chunk_samples,
         "evaluation": (json.loads(evaluate.file("metrics.json").read_text()).get("mean")
                        if evaluate is not None and evaluate.file("metrics.json").is_file() else None),
         "tflite": tflite,
@@ -301,11 +301,11 @@ def _export_tflite(context: StageContext, model, folder: Path, figures: dict) ->
     rate = config.data.sample_rate
     chunk = int(round(config.export.tflite_chunk_seconds * rate))
     chunk = model.input_samples(chunk)
-    mobile = model.mobile(chunk)
+    mobile = model.inference.mobile(chunk)
     probe = _probe_chunk(context, chunk)
     # the mobile model reproduces the separator (waveforms) unless the family leaves a post-processing
     # step to the app, in which case it reproduces the train-domain outputs
-    reference_model = model.separator if model.postprocess is None else model.train_model
+    reference_model = model.separator if model.inference.postprocess is None else model.train_model
     reference = {k: np.asarray(v) for k, v in reference_model(probe, training=False).items()}
     folder.mkdir(parents=True)
     variants = {}
@@ -331,7 +331,8 @@ def _export_tflite(context: StageContext, model, folder: Path, figures: dict) ->
         "latency_seconds": chunk / rate,
         "input": {INPUT_NAME: [1, chunk, config.data.nb_channels]},
         "outputs": {k: list(v.shape) for k, v in reference.items()},
-        "outputs_are": "waveforms" if model.postprocess is None else "train-domain outputs; apply the postprocess",
+        "outputs_are": ("waveforms" if model.inference.postprocess is None
+                        else "train-domain outputs; apply the postprocess"),
         # the fused LSTM ops keep their state in variable tensors across invokes: an app resets them before
         # every chunk (Interpreter.resetVariableTensors() / ResetVariableTensors() / reset_all_variables())
         "reset_variables_before_each_chunk": any("UNIDIRECTIONAL_SEQUENCE_LSTM" in info["ops"]

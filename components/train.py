@@ -194,8 +194,9 @@ def run(context: StageContext) -> dict:
                                                else None)
     if tc.strategy == "multi_worker":  # one seeded stream; every worker keeps its slice of each global batch
         train_ds, valid_ds = distribute.shard_by_data(train_ds), valid_ds and distribute.shard_by_data(valid_ds)
-    if model.adapt is not None and init is None and not (work.parent / context.fingerprint / "backup").exists():
-        model.adapt(mixture for mixture, _ in train_ds.take(max(1, min(steps, 8))))
+    adapt = model.training.adapt
+    if adapt is not None and init is None and not (work.parent / context.fingerprint / "backup").exists():
+        adapt(mixture for mixture, _ in train_ds.take(max(1, min(steps, 8))))
     nb_params = count_parameters(model.train_model)
     context.logger.info("model %s: %s trainable parameters, %d replica(s), global batch %d, %d steps/epoch",
                         config.model.name, f"{nb_params:,}", replicas, tc.batch_size, steps)
@@ -266,7 +267,7 @@ def _recipe_callbacks(context, model, tc, monitor: str, mode: str, best_path: Pa
 
         tracks = snapshot_tracks(context.inputs["prepare"], context.config, whole=True)
         callbacks.append(ValidationSdr(model, tracks, chunk_seconds=model.chunk_seconds or 10.0,
-                                       overlap=0.25 if model.overlap is None else model.overlap))
+                                       overlap=0.25 if model.inference.overlap is None else model.inference.overlap))
     if tc.checkpoint_metric != "last":
         callbacks.append(keras.callbacks.ModelCheckpoint(
             str(best_path), monitor=monitor, mode=mode, save_best_only=True, save_weights_only=True,
@@ -293,7 +294,7 @@ def with_graph_optimization(model, function, *args, **kwargs):
     `graph_optimization=False`; the previous setting is restored after (evaluation and export graphs are
     optimised as usual). A plain call otherwise: `fit` run inside a `with` block (a context manager form of
     this) made the training iterator's teardown wait ~50 s at the end of every `--stage all` (3 of 3 runs)."""
-    if model.graph_optimization:
+    if model.training.graph_optimization:
         return function(*args, **kwargs)
     import tensorflow as tf
 
@@ -359,7 +360,7 @@ def _fit_phases(context, model, strategy, train_ds, valid_ds, steps, work: Path)
         keras.callbacks.TensorBoard(str(work / "tensorboard"), update_freq="epoch"),
         sacred_logger,
         *([leave] if leave else []),
-        *model.callbacks,
+        *model.training.callbacks,
     ]
     if tc.max_seconds:
         callbacks.append(TimeBudget(tc.max_seconds))
@@ -417,7 +418,7 @@ def _finetune(context, model, strategy, valid_ds, work, sacred_logger, monitor, 
         train_ds, initial_epoch=start, epochs=start + tc.finetune_epochs, steps_per_epoch=steps,
         validation_data=valid_ds, verbose=2,
         callbacks=[*([enter] if enter else []), *callbacks, keras.callbacks.TerminateOnNaN(), sacred_logger,
-                   *([leave] if leave else []), *model.callbacks])
+                   *([leave] if leave else []), *model.training.callbacks])
     return (len(sacred_logger.history) - start) * steps * batch
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 
 @dataclass(frozen=True)
@@ -35,9 +35,65 @@ class Stats:
 
 
 
-@dataclass
+@dataclass(frozen=True)
+class TrainingHooks:
+    """What the train stage asks of a family beyond its training graph (defaults suit most families).
+
+    adapt:         called once before training with an iterable of mixture batches (e.g. Open-Unmix's per-bin
+                   input mean/scale from the training set)
+    callbacks:     extra keras callbacks the family needs in training (e.g. DWA loss weighting)
+    loss_weighting: the layer holding the per-target loss weights (M-U-Net's DWA / EBW `LossWeighting`)
+    loss_domain:   what the loss compares, where the family resolves it from its config (M-U-Net: masks or
+                   magnitudes)
+    graph_optimization: False: training runs with TensorFlow's graph optimiser (Grappler's meta optimiser) off,
+                   for graphs where its pass at the first step costs more than it saves (DTTNet's ~25,000-op
+                   training step); the numbers do not change
+    """
+
+    adapt: Optional[Callable[[Any], None]] = None
+    callbacks: Tuple[Any, ...] = ()
+    loss_weighting: Optional[Any] = None
+    loss_domain: Optional[str] = None
+    graph_optimization: bool = True
+
+
+@dataclass(frozen=True)
+class InferencePieces:
+    """Named inference pieces, for export, separate, streaming, benchmarks, fine-tuning and checkpoint import
+    (None or empty where a family has no such thing).
+
+    make_separator: keyword options -> another separator keras.Model with these weights: `nb_timesteps`,
+                   `batch_size` (static shapes) and the family's own (Open-Unmix: `wiener_iterations`, `residual`)
+    mobile:        chunk length in samples -> a static-shape keras.Model with this model's weights, mixture
+                   `(1, chunk, nb_channels)` -> the same outputs as `train_model`, built from TFLite built-in ops
+                   only (e.g. LSTMs unrolled); None when the family cannot
+    postprocess:   (mixture waveform chunk, mobile outputs) -> {target: waveform}; what an app does after the
+                   .tflite model (e.g. Wiener filter + ISTFT). None when the mobile outputs are waveforms
+    networks:      {target: keras.Model} of families with one network per target (Open-Unmix, Spleeter, DTTNet)
+    network:       the one keras.Model every target shares (C-U-Net, M-U-Net, TFC-TDF-UNet v3)
+    max_bin:       frequency bins the networks see (bins above it are not modelled)
+    chunk_samples: the reference's inference chunk in samples, when the family prescribes one (TFC-TDF-UNet v3,
+                   DTTNet). Validation snapshots separate with it
+    overlap:       fraction of `chunk_samples` neighbouring chunks share, with `chunk_samples`
+    separation_chunk_samples: the chunk `separate` uses by default (export records it in the sidecar;
+                   `--chunk-seconds` overrides it), for families whose per-chunk activations at their published
+                   size would not fit a 2 GB budget in 10 s chunks; None: the CLI's 10 s
+    """
+
+    make_separator: Optional[Callable[..., Any]] = None
+    mobile: Optional[Callable[[int], Any]] = None
+    postprocess: Optional[Callable[[Any, Dict[str, Any]], Dict[str, Any]]] = None
+    networks: Mapping[str, Any] = field(default_factory=dict)
+    network: Optional[Any] = None
+    max_bin: Optional[int] = None
+    chunk_samples: Optional[int] = None
+    overlap: Optional[float] = None
+    separation_chunk_samples: Optional[int] = None
+
+
+@dataclass(frozen=True)
 class SeparationModel:
-    """A built model family.
+    """A built model family: what every family has, then its training hooks and its inference pieces.
 
     targets:       target names, the keys of every output dict
     sample_rate:   rate the model works at
@@ -49,37 +105,11 @@ class SeparationModel:
     loss:          keras loss (or dict per target) for `train_model`
     separator:     keras.Model, mixture `(nb_samples, nb_timesteps, nb_channels)` -> {target: waveform of the
                    same shape}; shares weights with `train_model`; used by evaluate, export and separate
+    config:        the family's frozen Config, recorded with the artifacts
     input_samples: rule mapping a wanted excerpt length to the length the model accepts
                    (e.g. Wave-U-Net's valid convolutions), identity by default
-    adapt:         optional, called once before training with an iterable of mixture batches
-                   (e.g. Open-Unmix's per-bin input mean/scale from the training set)
-    callbacks:     extra keras callbacks the family needs in training (e.g. DWA loss weighting)
-    mobile:        optional, chunk length in samples -> a static-shape keras.Model with this model's
-                   weights, mixture `(1, chunk, nb_channels)` -> the same outputs as `train_model`, built
-                   from TFLite built-in ops only (e.g. LSTMs unrolled); None when the family cannot
-    postprocess:   optional, (mixture waveform chunk, mobile outputs) -> {target: waveform}; what an app
-                   does after the .tflite model (e.g. Wiener filter + ISTFT). Identity when outputs are waveforms
-    config:        the family's frozen Config, recorded with the artifacts
-
-    Named inference pieces, for tests, benchmarks, export, streaming and checkpoint import (None or empty
-    where a family has no such thing):
-    make_separator: keyword options -> another separator keras.Model with these weights: `nb_timesteps`,
-                   `batch_size` (static shapes) and the family's own (Open-Unmix: `wiener_iterations`, `residual`)
-    networks:      {target: keras.Model} of families with one network per target (Open-Unmix, Spleeter, DTTNet)
-    network:       the one keras.Model every target shares (C-U-Net, M-U-Net, TFC-TDF-UNet v3)
-    max_bin:       frequency bins the networks see (bins above it are not modelled)
-    chunk_samples: the reference's inference chunk in samples, when the family prescribes one (TFC-TDF-UNet v3,
-                   DTTNet); `chunk_seconds` in seconds. Validation snapshots separate with it
-    overlap:       fraction of `chunk_samples` neighbouring chunks share, with `chunk_samples`
-    separation_chunk_samples: the chunk `separate` uses by default (export records it in the sidecar;
-                   `--chunk-seconds` overrides it), for families whose per-chunk activations at their published
-                   size would not fit a 2 GB budget in 10 s chunks; None: the CLI's 10 s
-    loss_weighting: the layer holding the per-target loss weights (M-U-Net's DWA / EBW `LossWeighting`)
-    loss_domain:   what the loss compares, where the family resolves it from its config (M-U-Net: masks or
-                   magnitudes)
-    graph_optimization: False: training runs with TensorFlow's graph optimiser (Grappler's meta optimiser) off,
-                   for graphs where its pass at the first step costs more than it saves (DTTNet's ~25,000-op
-                   training step); the numbers do not change
+    training:      `TrainingHooks` (what only the train stage reads)
+    inference:     `InferencePieces` (what export, separate, streaming and import read)
     """
 
     targets: Tuple[str, ...]
@@ -91,25 +121,14 @@ class SeparationModel:
     separator: Any
     config: Any
     input_samples: Callable[[int], int] = lambda n: n
-    adapt: Optional[Callable[[Any], None]] = None
-    callbacks: List[Any] = field(default_factory=list)
-    mobile: Optional[Callable[[int], Any]] = None
-    postprocess: Optional[Callable[[Any, Dict[str, Any]], Dict[str, Any]]] = None
-    make_separator: Optional[Callable[..., Any]] = None
-    networks: Mapping[str, Any] = field(default_factory=dict)
-    network: Optional[Any] = None
-    max_bin: Optional[int] = None
-    chunk_samples: Optional[int] = None
-    overlap: Optional[float] = None
-    separation_chunk_samples: Optional[int] = None
-    loss_weighting: Optional[Any] = None
-    loss_domain: Optional[str] = None
-    graph_optimization: bool = True
+    training: TrainingHooks = field(default_factory=TrainingHooks)
+    inference: InferencePieces = field(default_factory=InferencePieces)
 
     @property
     def chunk_seconds(self) -> Optional[float]:
-        """`chunk_samples` in seconds (None when the family prescribes no chunk)."""
-        return None if self.chunk_samples is None else self.chunk_samples / self.sample_rate
+        """`inference.chunk_samples` in seconds (None when the family prescribes no chunk)."""
+        chunk = self.inference.chunk_samples
+        return None if chunk is None else chunk / self.sample_rate
 
 
 def count_parameters(obj) -> int:

@@ -35,7 +35,7 @@ from configs.errors import ConfigError
 from models import unet_core
 from models.layers import MergePatches, SpectrogramPatches, check_stft
 from models.loss_weighting import WeightedL1
-from models.transforms import ComplexNorm, complex_norm
+from models.transforms import ComplexNorm, Float32Layer, complex_norm
 
 NB_LAYERS = 6
 MULTIPLE = 2 ** NB_LAYERS
@@ -130,7 +130,7 @@ class UntileTargets(keras.layers.Layer):
         return {**super().get_config(), "nb_targets": self.nb_targets}
 
 
-class MinMaxNorm(keras.layers.Layer):
+class MinMaxNorm(Float32Layer):
     """`(B, F, K, C)` -> (x - min) / (max - min) over all but the batch axis (`spec_mag(norm=True)`); 0 if constant."""
 
     def call(self, magnitude):
@@ -139,7 +139,7 @@ class MinMaxNorm(keras.layers.Layer):
         return tf.math.divide_no_nan(magnitude - low, high - low)
 
 
-class ApplyPatchMasks(keras.layers.Layer):
+class ApplyPatchMasks(Float32Layer):
     """[masks `(B, F, K, C, J)`, magnitude `(B, F, K, C)`] -> estimates mask x magnitude."""
 
     def call(self, masks, magnitude):
@@ -149,7 +149,7 @@ class ApplyPatchMasks(keras.layers.Layer):
         return tuple(masks_shape)
 
 
-class EstimateMasks(keras.layers.Layer):
+class EstimateMasks(Float32Layer):
     """[estimates `(B, F, max_bin, C, J)`, mixture STFT] -> masks estimate / |X| (the sigmoid masks back)."""
 
     def call(self, estimates, mix_stft):

@@ -34,7 +34,7 @@ import tensorflow as tf
 
 from configs.config import MUSDB_TARGETS, bounded, check_fields
 from configs.errors import ConfigError
-from models.base import SeparationModel
+from models.base import InferencePieces, SeparationModel, TrainingHooks
 from models.layers import LSTM, FusedBatchNormalization, check_stft
 from models.layers import CropFrames, PadFrames, torch_uniform
 from models.transforms import ISTFT, STFT
@@ -362,14 +362,16 @@ def build(config: Config, *, data, stats=None) -> SeparationModel:
         separator=separator,
         config=config,
         input_samples=lambda n: valid_samples(config, n),
-        mobile=make_mobile,
-        chunk_samples=config.hop_length * (config.inference_dim_t - 1),
-        overlap=1.0 - 1.0 / config.num_overlap,
-        separation_chunk_samples=config.hop_length * (config.separate_dim_t - 1),
         # Grappler spent ~6 s of the first step optimising the training graph (default preset, 4 targets, batch 2:
         # first step 18.5 -> 13.2 s without it on a quiet 2-core machine; steady step within 4 %)
-        graph_optimization=False,
-        networks=nets,
+        training=TrainingHooks(graph_optimization=False),
+        inference=InferencePieces(
+            mobile=make_mobile,
+            chunk_samples=config.hop_length * (config.inference_dim_t - 1),
+            overlap=1.0 - 1.0 / config.num_overlap,
+            separation_chunk_samples=config.hop_length * (config.separate_dim_t - 1),
+            networks=nets,
+        ),
     )
 
 
@@ -490,7 +492,7 @@ def assign_released(model: SeparationModel, released) -> dict:
 
     config = model.config
     rows = []
-    for target, net in model.networks.items():
+    for target, net in model.inference.networks.items():
         def conv(source, layer, convert=torch_conv_kernel):
             layer = net.get_layer(layer)
             return [Assign((f"{target}/{source}.weight",), layer.kernel, convert),

@@ -16,7 +16,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from models.transforms import compiled_or_plain, in_tflite_graph, inverse_stft, istft, xla_allowed
+from models.transforms import Float32Layer, compiled_or_plain, in_tflite_graph, inverse_stft, istft, xla_allowed
 
 
 def softmask(target_magnitudes, mix_stft, eps: float = 1e-10) -> tf.Tensor:
@@ -382,7 +382,7 @@ def first_em_source(target_magnitudes, mix_stft, scale, spatial, z, index: int, 
 
 
 @keras.saving.register_keras_serializable(package="musicsep")
-class WienerFilter(keras.layers.Layer):
+class WienerFilter(Float32Layer):
     """[target magnitudes `(B, F, K, C, J)`, mixture STFT `(B, F, K, C, 2)`] -> `(B, F, K, C, J [+1], 2)`."""
 
     def __init__(self, niter: int = 1, residual: bool = False, eps: float = 1e-10, scale_factor: float = 10.0,
@@ -414,7 +414,7 @@ class WienerFilter(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="musicsep")
-class WienerISTFT(keras.layers.Layer):
+class WienerISTFT(Float32Layer):
     """The server separator after its networks: [target magnitudes `(J, F, B, C, K)` (targets first, see
     `first_em_statistics`), mixture STFT
     `(B, F, K, C, 2)`, mixture waveform `(B, T, C)`] -> one waveform `(B, T, C)` per source (J [+1]).

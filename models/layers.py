@@ -14,7 +14,7 @@ import keras
 import tensorflow as tf
 
 from configs.errors import ConfigError
-from models.transforms import compiled_or_plain
+from models.transforms import Float32Layer, compiled_or_plain
 
 
 # ---------------------------------------------------------------------------------------- initialisers
@@ -206,8 +206,8 @@ class StackTargets(keras.layers.Layer):
         return tuple(input_shape[0]) + (len(input_shape),)
 
 
-class SplitTargets(keras.layers.Layer):
-    """`(..., nb_targets)` -> {target: `(...)`}, the output dict of every graph."""
+class SplitTargets(Float32Layer):
+    """`(..., nb_targets)` -> {target: `(...)`}, the output dict of every graph (float32 under any precision)."""
 
     def __init__(self, targets: Sequence[str] = (), **kwargs):
         super().__init__(**kwargs)

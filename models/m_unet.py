@@ -41,7 +41,7 @@ from configs.errors import ConfigError
 from models import unet_core
 from models.layers import MergePatches, SpectrogramPatches, check_stft, torch_batch_norm
 from models.loss_weighting import WEIGHTINGS, weighted_losses
-from models.transforms import ComplexNorm, complex_norm
+from models.transforms import ComplexNorm, Float32Layer, complex_norm
 
 LOSS_DOMAINS = ("auto", "magnitudes", "masks")
 LOG_FLOOR = 1e-30
@@ -115,7 +115,7 @@ def warp_grid(size_out: int, warp: bool) -> np.ndarray:
     return np.log(y * 10 + 11) / np.log(21) * 2 - 1
 
 
-class Resample(keras.layers.Layer):
+class Resample(Float32Layer):
     """`(N, T_in, F_in, D)` -> `(N, T_out, F_out, D)`: fixed interpolation matrices on the time and frequency axes."""
 
     def __init__(self, time_matrix=None, freq_matrix=None, **kwargs):
@@ -197,14 +197,14 @@ def flerken_unet(patch_frames: int, log_bins: int, nb_in: int, nb_out: int, conf
 # ------------------------------------------------------------------------------------------------ layers
 
 
-class LogInput(keras.layers.Layer):
+class LogInput(Float32Layer):
     """Warped magnitude -> log(max(magnitude, 1e-30)) (the reference's `torch.log`, finite on silence)."""
 
     def call(self, magnitude):
         return tf.math.log(tf.maximum(magnitude, LOG_FLOOR))
 
 
-class MaskPairs(keras.layers.Layer):
+class MaskPairs(Float32Layer):
     """[network output `(N, T, G, C * J)` channel-major, warped mixture `(N, T, G, C)`] ->
     `(N, T, G, C, 2, J)`: ReLU masks and the warped mixture magnitude side by side (the loss needs both)."""
 
@@ -226,7 +226,7 @@ class MaskPairs(keras.layers.Layer):
         return {**super().get_config(), "nb_channels": self.nb_channels, "nb_targets": self.nb_targets}
 
 
-class UnwarpMasks(keras.layers.Layer):
+class UnwarpMasks(Float32Layer):
     """[training outputs `(B, F, G, C, 2, J)`, mixture STFT] -> linear-frequency masks `(B, F, nb_bins, C, J)`."""
 
     def __init__(self, patch_frames: int = 256, log_bins: int = 256, nb_bins: int = 512, unwarp=None, **kwargs):
@@ -317,7 +317,7 @@ def build(config: Config, *, data, stats=None):
         name="m_unet", config=config, data=data, analysis=analysis, estimate=estimate, to_masks=to_masks,
         synthesis=synthesis, train_targets=train_targets, input_samples=input_samples, loss=loss,
         train_wrapper=weighting, callbacks=callbacks,
-        network=network, loss_weighting=weighting, loss_domain=domain,
+        training={"loss_weighting": weighting, "loss_domain": domain}, network=network,
         separation_chunk_samples=input_samples(config.separate_patches * config.patch_frames * config.hop_length))
 
 

@@ -32,10 +32,11 @@ import tensorflow as tf
 
 from configs.config import MUSDB_TARGETS, bounded, check_fields
 from configs.errors import ConfigError
-from models.base import SeparationModel
+from models.base import InferencePieces, SeparationModel, TrainingHooks
 from models.filtering import WienerFilter, WienerISTFT
 from models.layers import LSTM, check_stft, lstm_cell, lstm_sequence, sequence_lstm, torch_uniform
-from models.transforms import STFT, ISTFT, ComplexNorm, bandwidth_to_max_bin, complex_norm, in_tflite_lstm_loop, stft
+from models.transforms import (STFT, ISTFT, ComplexNorm, Float32Layer, bandwidth_to_max_bin, complex_norm,
+                               in_tflite_lstm_loop, stft)
 
 
 @dataclass(frozen=True)
@@ -232,7 +233,7 @@ def _tflite_lstm_loop(sequences, weights):
 
 
 @keras.saving.register_keras_serializable(package="musicsep")
-class StackedOpenUnmix(keras.layers.Layer):
+class StackedOpenUnmix(Float32Layer):  # inference only: float32 whatever train.precision
     """Every target's network at inference as one graph: magnitude `(nb_samples, nb_frames, nb_bins, nb_channels)`
     -> estimates `(nb_samples, nb_frames, nb_bins, nb_channels, nb_targets)`.
 
@@ -413,7 +414,7 @@ def build(config: Config, *, data, stats=None) -> SeparationModel:
         LSTMs: TFLite built-in ops only. Weights are copied from this model at call time."""
         static = build(dataclasses.replace(config, unroll=True), data=data, stats=stats)
         static.train_model.set_weights(train_model.get_weights())
-        return static.make_separator(nb_timesteps=nb_timesteps)
+        return static.inference.make_separator(nb_timesteps=nb_timesteps)
 
     return SeparationModel(
         targets=targets,
@@ -424,11 +425,8 @@ def build(config: Config, *, data, stats=None) -> SeparationModel:
         loss={target: keras.losses.MeanSquaredError() for target in targets},
         separator=make_separator(),
         config=config,
-        adapt=adapt,
-        mobile=mobile,
-        make_separator=make_separator,
-        networks=networks,
-        max_bin=max_bin,
+        training=TrainingHooks(adapt=adapt),
+        inference=InferencePieces(mobile=mobile, make_separator=make_separator, networks=networks, max_bin=max_bin),
     )
 
 
@@ -581,7 +579,7 @@ def assign_released(model: SeparationModel, released) -> dict:
     from models.checkpoints import Assign, assign_table, transpose
 
     rows = []
-    for target, network in model.networks.items():
+    for target, network in model.inference.networks.items():
         def source(name):
             return (f"{target}/{name}",)
 

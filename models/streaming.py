@@ -44,7 +44,7 @@ STATE_NAMES = ("frame_buffer", "overlap_tail", "lstm_state")
 
 def supports(model) -> bool:
     """True for a SeparationModel that has a streaming form (unidirectional Open-Unmix)."""
-    return bool(model.networks) and getattr(model.config, "unidirectional", False) \
+    return bool(model.inference.networks) and getattr(model.config, "unidirectional", False) \
         and hasattr(model.config, "hop_length")
 
 
@@ -76,7 +76,7 @@ class StreamingOpenUnmix:
         config = model.config
         self.model = model
         self.targets = tuple(model.targets)
-        self.networks = [model.networks[t] for t in self.targets]
+        self.networks = [model.inference.networks[t] for t in self.targets]
         self.residual = config.residual if residual is None else residual
         self.sources = self.targets + (("residual",) if self.residual else ())
         self.n_fft, self.hop_length = config.n_fft, config.hop_length

@@ -39,7 +39,7 @@ import tensorflow as tf
 
 from configs.config import bounded, check_fields, choice
 from configs.errors import CheckpointError, ConfigError
-from models.base import SeparationModel
+from models.base import InferencePieces, SeparationModel
 from models.layers import CropFrames, PadFrames, check_stft, torch_uniform
 from models.transforms import ISTFT, STFT, istft, stft
 
@@ -396,14 +396,16 @@ def build(config: Config, *, data, stats=None) -> SeparationModel:
         separator=separator,
         config=config,
         input_samples=lambda n: valid_samples(config, n),
-        mobile=make_mobile,
-        postprocess=postprocess if config.loss_domain == "spectrogram" else None,
-        # the reference's inference chunks of inference_dim_t frames overlap so that their hop is
-        # chunk / num_overlap (evaluate.overlap = 1 - 1/num_overlap)
-        chunk_samples=config.hop_length * (config.inference_dim_t - 1),
-        overlap=1.0 - 1.0 / config.num_overlap,
-        separation_chunk_samples=config.hop_length * (config.separate_dim_t - 1),
-        network=net,
+        inference=InferencePieces(
+            mobile=make_mobile,
+            postprocess=postprocess if config.loss_domain == "spectrogram" else None,
+            # the reference's inference chunks of inference_dim_t frames overlap so that their hop is
+            # chunk / num_overlap (evaluate.overlap = 1 - 1/num_overlap)
+            chunk_samples=config.hop_length * (config.inference_dim_t - 1),
+            overlap=1.0 - 1.0 / config.num_overlap,
+            separation_chunk_samples=config.hop_length * (config.separate_dim_t - 1),
+            network=net,
+        ),
     )
 
 
@@ -530,5 +532,5 @@ def assign_released(model: SeparationModel, released) -> dict:
     """KUIELab's TFC_TDF_net state dict -> our network: the one mapping table of this family."""
     from models.checkpoints import assign_table
 
-    return assign_table(tfc_tdf_rows(model.network, model.config), released, model.train_model.weights,
+    return assign_table(tfc_tdf_rows(model.inference.network, model.config), released, model.train_model.weights,
                         where="import tfc_tdf_v3")

@@ -137,12 +137,44 @@ def compiled_or_plain(function):
     picks."""
     compiled, plain = tf.function(function, jit_compile=True), tf.function(function)
 
+    @tf.autograph.experimental.do_not_convert  # a Python choice at trace time; each tf.function converts itself
     def call(*args, **kwargs):
         return (compiled if xla_allowed() else plain)(*args, **kwargs)
 
-    call.__name__ = call.__qualname__ = function.__name__
     call.__doc__ = function.__doc__
     return call
+
+
+# --------------------------------------------------------------------------------------------
+# Precision: mixed precision applies to the networks, never to the signal processing
+# --------------------------------------------------------------------------------------------
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+
+
+@contextlib.contextmanager
+def precision(policy: str = "float32"):
+    """Layers created inside this block take Keras' dtype policy `policy` (`train.precision`): a mixed policy
+    keeps float32 variables and computes in float16 / bfloat16; `keras.Model.compile` then adds dynamic loss
+    scaling for float16. `Float32Layer`s stay float32 whatever the policy."""
+    if policy not in PRECISIONS:
+        raise ValueError(f"precision {policy!r}: choose one of {', '.join(PRECISIONS)}")
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+class Float32Layer(keras.layers.Layer):
+    """A layer that computes in float32 under any dtype policy (STFT/ISTFT, spectrogram norms, masks, Wiener
+    filtering, signal clipping): its inputs are cast to float32 and its outputs are float32, so the networks
+    between such layers are what a mixed policy speeds up, and the losses see float32."""
+
+    def __init__(self, **kwargs):
+        if kwargs.get("dtype") is None:
+            kwargs["dtype"] = "float32"
+        super().__init__(**kwargs)
 
 
 def in_tflite_lstm_loop() -> bool:
@@ -320,7 +352,7 @@ def complex_norm(spectrogram, power: float = 1.0, mono: bool = False) -> tf.Tens
 
 
 @keras.saving.register_keras_serializable(package="musicsep")
-class STFT(keras.layers.Layer):
+class STFT(Float32Layer):
     """Waveform `(nb_samples, nb_timesteps, nb_channels)` -> `(nb_samples, nb_frames, nb_bins, nb_channels, 2)`.
 
     `jit_compile`: one XLA function (in-process graphs; TFLite and `layers.without_xla` graphs get plain ops): the
@@ -354,7 +386,7 @@ class STFT(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="musicsep")
-class ISTFT(keras.layers.Layer):
+class ISTFT(Float32Layer):
     """`(nb_samples, nb_frames, nb_bins, *extra, 2)` -> `(nb_samples, nb_timesteps, *extra)`.
 
     The output length is `length` (an int) or, when `reference` (a waveform
@@ -381,7 +413,7 @@ class ISTFT(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="musicsep")
-class ComplexNorm(keras.layers.Layer):
+class ComplexNorm(Float32Layer):
     """`(..., nb_channels, 2)` -> magnitude `(..., nb_channels)` (`|X| ** power`, optionally channel-averaged)."""
 
     def __init__(self, power: float = 1.0, mono: bool = False, **kwargs):

@@ -47,7 +47,7 @@ from configs.errors import CheckpointError, ConfigError
 from models import unet_core
 from models.layers import ACTIVATIONS, MergePatches, SpectrogramPatches, StackTargets, activation, check_stft
 from models.loss_weighting import WeightedL1
-from models.transforms import ComplexNorm, complex_norm
+from models.transforms import ComplexNorm, Float32Layer, complex_norm
 
 NB_LAYERS = 6  # stride-2 layers: both spectrogram axes must be multiples of 2 ** NB_LAYERS
 MULTIPLE = 2 ** NB_LAYERS
@@ -156,7 +156,7 @@ def jansson_unet(patch_frames: int, padded_bins: int, nb_channels: int, config: 
     return keras.Model(spectrogram, masks, name=name)
 
 
-class MaskPatches(keras.layers.Layer):
+class MaskPatches(Float32Layer):
     """[masks or logits `(N, T, F, C, J)`, patches `(N, T, F, C)`] -> estimates mask x patch (softmax over J first)."""
 
     def __init__(self, softmax: bool = False, **kwargs):
@@ -175,7 +175,7 @@ class MaskPatches(keras.layers.Layer):
         return {**super().get_config(), "softmax": self.softmax}
 
 
-class SeparationMasks(keras.layers.Layer):
+class SeparationMasks(Float32Layer):
     """[estimates `(B, F, max_bin, C, J)`, mixture STFT] -> masks: Spleeter's ratio masks or estimate / |X|."""
 
     def __init__(self, separation: str = "ratio", exponent: float = 2.0, **kwargs):
@@ -356,7 +356,7 @@ def assign_released(model, released: ReleasedCheckpoint) -> dict:
     bottleneck BNs are ignorable), every weight of every target network assigned once, shapes equal."""
     rows = []
     for index, target in enumerate(model.targets):
-        net = model.networks[target]
+        net = model.inference.networks[target]
         for source, layer_name, weight_name in spleeter_mapping(index, net.name):
             layer = net.get_layer(layer_name)
             variable = next(w for w in layer.weights if w.name == weight_name)

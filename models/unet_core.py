@@ -21,10 +21,10 @@ import keras
 import tensorflow as tf
 
 from configs.errors import ConfigError
-from models.base import SeparationModel
+from models.base import InferencePieces, SeparationModel, TrainingHooks
 from models.filtering import wiener
 from models.layers import SplitTargets
-from models.transforms import complex_norm, istft, stft
+from models.transforms import Float32Layer, complex_norm, istft, stft
 
 FRAMINGS = ("centered", "spleeter")
 MASK_EXTENSIONS = ("zeros", "average")
@@ -84,7 +84,7 @@ def whole_patches(n: int, *, n_fft: int, hop_length: int, patch_frames: int, fra
     return patches * patch_frames * hop_length - n_fft
 
 
-class Analysis(keras.layers.Layer):
+class Analysis(Float32Layer):
     """Waveform `(B, T, C)` -> mixture STFT `(B, nb_frames, nb_bins, C, 2)` with `framing`."""
 
     def __init__(self, n_fft: int = 4096, hop_length: int = 1024, framing: str = "centered", **kwargs):
@@ -153,7 +153,7 @@ def ratio_masks(estimates, exponent: float = 2.0, epsilon: float = 1e-10) -> tf.
     return (powered + epsilon / nb_targets) / total
 
 
-class ApplyMasks(keras.layers.Layer):
+class ApplyMasks(Float32Layer):
     """[masks `(B, F, max_bin, C, J)`, mixture STFT, mixture waveform `(B, T, C)`] -> `(B, T, C, J)` (`apply_masks`)."""
 
     def __init__(self, n_fft: int = 4096, hop_length: int = 1024, framing: str = "centered",
@@ -184,12 +184,13 @@ class ApplyMasks(keras.layers.Layer):
 
 def assemble(*, name: str, config, data, analysis: keras.layers.Layer, estimate: Callable, to_masks: Callable,
              synthesis: ApplyMasks, train_targets: Callable, loss, input_samples: Callable[[int], int],
-             train_wrapper: Optional[Callable] = None, callbacks=(), **named) -> SeparationModel:
+             train_wrapper: Optional[Callable] = None, callbacks=(), training: Optional[dict] = None,
+             **named) -> SeparationModel:
     """A `SeparationModel` from a family's pieces (see the module docstring); every graph shares their weights.
 
     `train_wrapper` (optional) maps the train model's output dict before it leaves the graph (M-U-Net's
-    `LossWeighting` layer). `named`: the family's named inference pieces (`networks` or `network`, `max_bin`,
-    ...; see `SeparationModel`).
+    `LossWeighting` layer). `training`: the family's other `TrainingHooks` (`loss_weighting`, `loss_domain`);
+    `named`: its `InferencePieces` (`networks` or `network`, `max_bin`, ...).
     """
     targets = tuple(data.targets)
     nb_channels = data.nb_channels
@@ -230,9 +231,6 @@ def assemble(*, name: str, config, data, analysis: keras.layers.Layer, estimate:
         separator=make_separator(),
         config=config,
         input_samples=input_samples,
-        callbacks=list(callbacks),
-        mobile=mobile,
-        postprocess=postprocess,
-        make_separator=make_separator,
-        **named,
+        training=TrainingHooks(callbacks=tuple(callbacks), **(training or {})),
+        inference=InferencePieces(mobile=mobile, postprocess=postprocess, make_separator=make_separator, **named),
     )

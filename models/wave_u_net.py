@@ -44,7 +44,8 @@ from keras import ops
 
 from configs.config import bounded, check_fields, choice
 from configs.errors import CheckpointError, ConfigError
-from models.base import SeparationModel
+from models.base import InferencePieces, SeparationModel
+from models.transforms import Float32Layer
 
 LEAKY_RELU_SLOPE = 0.2  # the reference code's LeakyReLU (Keras' own default slope would be 0.3)
 UPSAMPLING = ("linear", "learned")
@@ -243,7 +244,7 @@ class CentreCrop(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="wave_u_net")
-class TakeFirst(keras.layers.Layer):
+class TakeFirst(Float32Layer):  # the separator's outputs: float32 under any precision
     """[x `(nb_samples, n_x, F)`, like `(nb_samples, n, ...)`] -> the first n steps of x."""
 
     def call(self, inputs):
@@ -288,7 +289,7 @@ class PadToValid(keras.layers.Layer):
                 "merge_filter_size": g.merge_filter_size, "context": g.context}
 
 
-class PredictTrack(keras.layers.Layer):
+class PredictTrack(Float32Layer):  # the separator's outputs: float32 under any precision
     """The reference's `Evaluate.predict_track` around `network` (the train model): mixture `(nb_samples,
     n, nb_channels)` of any length -> {target: `(nb_samples, n, nb_channels)`}.
 
@@ -440,7 +441,7 @@ def separator_model(train_model, config: Config, targets, nb_channels: int):
         input_length, output_length = chunk_lengths(config)
         estimates = PredictTrack(train_model, input_length, output_length, targets,
                                       name="predict_track")(mixture)
-        outputs = {t: keras.layers.Identity(name=f"{t}_trim")(estimates[t]) for t in targets}
+        outputs = {t: keras.layers.Identity(name=f"{t}_trim", dtype="float32")(estimates[t]) for t in targets}
         return keras.Model(mixture, outputs, name="wave_u_net_separator")
     padded = PadToValid(config.num_layers, config.filter_size, config.merge_filter_size, config.context,
                              name="pad_to_valid")(mixture)
@@ -492,7 +493,7 @@ def build(config: Config, *, data, stats=None) -> SeparationModel:
         separator=separator,
         config=config,
         input_samples=functools.partial(input_samples, config),
-        mobile=mobile,
+        inference=InferencePieces(mobile=mobile),
     )
 
 

@@ -175,7 +175,7 @@ def _reference_networks(reference, model, config):
     cfg = model.config
     return {target: reference.OpenUnmix(nb_bins=cfg.n_fft // 2 + 1, nb_channels=config.data.nb_channels,
                                         hidden_size=cfg.hidden_size, nb_layers=cfg.nb_layers,
-                                        unidirectional=cfg.unidirectional, max_bin=model.max_bin)
+                                        unidirectional=cfg.unidirectional, max_bin=model.inference.max_bin)
             for target in model.targets}
 
 
@@ -320,10 +320,10 @@ def benchmark_separate(config, seconds: float, repeats: int, threads: int, tflit
             runs["open_unmix_pytorch"] = _reference_separate(reference, model, config, mixture, threads)
             runs["open_unmix_pytorch"]()
             report["open_unmix"] = _open_unmix_versions()
-        if with_tflite and model.mobile is not None:  # converted first, then timed in turn with the SavedModel
+        if with_tflite and model.inference.mobile is not None:  # converted first, timed in turn with the SavedModel
             excerpt = musdb_excerpt(rate, config.data.nb_channels, model.targets)
             chunk = model.input_samples(int(round(tflite_chunk * rate)))
-            mobile = model.mobile(chunk)
+            mobile = model.inference.mobile(chunk)
             workers = tflite_workers or 1
             variants = {"float32": "", config.export.quantize: config.export.quantize}
             for variant, quantize in variants.items():
@@ -334,10 +334,10 @@ def benchmark_separate(config, seconds: float, repeats: int, threads: int, tflit
                 # time on single-threaded interpreters
                 runner = exported.TFLiteChunkRunner(blob, workers=workers,
                                                   threads_per_worker=threads if workers == 1 else 1)
-                if model.postprocess is None:
+                if model.inference.postprocess is None:
                     separate_fn = runner
                 else:
-                    separate_fn = lambda b, runner=runner: model.postprocess(b, runner(b))  # noqa: E731
+                    separate_fn = lambda b, runner=runner: model.inference.postprocess(b, runner(b))  # noqa: E731
                 runs[f"tflite_{variant}"] = lambda separate_fn=separate_fn: separate_array(  # noqa: E731
                     separate_fn, mixture, sample_rate=rate, chunk_seconds=chunk / rate, overlap=0.0,
                     batch_size=workers)
@@ -347,8 +347,9 @@ def benchmark_separate(config, seconds: float, repeats: int, threads: int, tflit
                     name = "tflite_float32_one_interpreter" if other == 1 else f"tflite_float32_{other}_workers"
                     alternative = exported.TFLiteChunkRunner(blob, workers=other,
                                                            threads_per_worker=threads if other == 1 else 1)
-                    if model.postprocess is not None:
-                        alternative = lambda b, runner=alternative: model.postprocess(b, runner(b))  # noqa: E731
+                    if model.inference.postprocess is not None:
+                        alternative = lambda b, runner=alternative: (  # noqa: E731
+                            model.inference.postprocess(b, runner(b)))
                     runs[name] = lambda alternative=alternative, other=other: separate_array(  # noqa: E731
                         alternative, mixture, sample_rate=rate, chunk_seconds=chunk / rate, overlap=0.0,
                         batch_size=other)
@@ -400,7 +401,7 @@ def _matmul_floor(model, nb_timesteps: int, repeats: int) -> dict:
     import numpy as np
     import tensorflow as tf
 
-    networks = list((model.networks or {}).values())
+    networks = list((model.inference.networks or {}).values())
     kernels = [weight for network in networks for weight in network.weights if len(weight.shape) == 2]
     if not kernels or not hasattr(model.config, "hop_length") or any(
             len(weight.shape) > 2 for network in networks for weight in network.weights):
@@ -457,10 +458,10 @@ def _separator_parts(model, mixture):
     import keras
     import tensorflow as tf
 
-    make = model.make_separator
+    make = model.inference.make_separator
     batch = tf.constant(mixture[None])
     parts = {"stft+networks": tf.function(lambda x: model.train_model(x, training=False))}
-    networks = model.networks or None
+    networks = model.inference.networks or None
     if networks is not None and hasattr(model.config, "n_fft"):
         # the networks alone on the mixture magnitude: one graph per target (as training runs them) versus
         # the separator's stacked graph (models/open_unmix.py StackedOpenUnmix), same weights
@@ -546,7 +547,7 @@ def _export_untrained(updates: dict, named: list, family: str, saved: str) -> No
     write_saved_model(model.separator, Path(saved), config.data.nb_channels)
     sidecar = {"model": family, "sample_rate": config.data.sample_rate, "nb_channels": config.data.nb_channels,
                "targets": list(model.targets), "parameters": count_parameters(model.train_model), "untrained": True,
-               "separation_chunk_samples": model.separation_chunk_samples,
+               "separation_chunk_samples": model.inference.separation_chunk_samples,
                "config": {"data": config.section("data"), "model": config.section("model")}}
     write_sidecar(Path(saved), sidecar)
 

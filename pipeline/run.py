@@ -114,7 +114,7 @@ def network_parameters(model) -> dict:
 
     from models.base import count_parameters
 
-    networks = dict(model.networks)
+    networks = dict(model.inference.networks)
     if not networks:
         networks = {layer.name: layer for layer in model.train_model.layers
                     if isinstance(layer, keras.Model) and layer.trainable_weights}

@@ -121,7 +121,7 @@ def check_fit_lowers_loss(model, steps: int = 5, nb_timesteps: int = 4001, nb_sa
     optimizer = optimizer if optimizer is not None else keras.optimizers.SGD(1e-2)
     model.train_model.compile(optimizer=optimizer, loss=model.loss, jit_compile=False, run_eagerly=run_eagerly)
     history = model.train_model.fit(mixture, truth, batch_size=nb_samples, epochs=steps, shuffle=False, verbose=0,
-                                    callbacks=list(model.callbacks))
+                                    callbacks=list(model.training.callbacks))
     losses = history.history["loss"]
     assert np.all(np.isfinite(losses)), f"non-finite losses {losses}"
     assert losses[-1] < losses[0], f"loss did not decrease over {steps} steps: {losses}"
@@ -187,15 +187,15 @@ def check_saved_model_parity(model, path, lengths=(1001,), nb_samples: int = 2, 
 
 
 def check_tflite_parity(model, chunk: int, min_parity_db: float = 80.0, forbidden_ops=(), required_ops=()):
-    """`model.mobile(chunk)` converted with TFLite built-in ops only, run by the LiteRT interpreter, then
-    `model.postprocess` (when the family has one), gives the Keras separator's waveforms on the same chunk:
+    """`model.inference.mobile(chunk)` converted with TFLite built-in ops only, run by the LiteRT interpreter, then
+    `model.inference.postprocess` (when the family has one), gives the Keras separator's waveforms on the same chunk:
     SDR of TFLite against Keras >= `min_parity_db` for every target (export.parity_db, the export stage's
     figure). Returns {"ops", "parity_db", "megabytes"}."""
     from components.export import convert_tflite, parity_db
     from components.inference.exported import TFLiteChunkRunner, run_tflite, tflite_ops
 
-    assert model.mobile is not None, "family has no mobile form"
-    blob = convert_tflite(model.mobile(chunk), chunk, model.nb_channels)
+    assert model.inference.mobile is not None, "family has no mobile form"
+    blob = convert_tflite(model.inference.mobile(chunk), chunk, model.nb_channels)
     ops = tflite_ops(blob)
     assert not _forbidden(ops, forbidden_ops), f"non-builtin or forbidden ops {_forbidden(ops, forbidden_ops)}"
     assert set(required_ops) <= set(ops), f"ops {sorted(set(required_ops) - set(ops))} missing from {ops}"
@@ -206,7 +206,7 @@ def check_tflite_parity(model, chunk: int, min_parity_db: float = 80.0, forbidde
     again = TFLiteChunkRunner(blob, workers=1)(np.concatenate([mixture[:, ::-1], mixture]))
     stale = parity_db(outputs, {k: v[1:] for k, v in again.items()})
     assert stale >= min_parity_db, f"TFLite chunk after chunk: {stale:.1f} dB from a fresh interpreter's output"
-    waveforms = model.postprocess(mixture, outputs) if model.postprocess is not None else outputs
+    waveforms = model.inference.postprocess(mixture, outputs) if model.inference.postprocess is not None else outputs
     separated = {k: np.asarray(v) for k, v in model.separator(mixture, training=False).items()}
     for target in model.targets:
         assert np.shape(waveforms[target]) == mixture.shape, (target, np.shape(waveforms[target]))

@@ -97,7 +97,7 @@ def test_config_round_trip_validation_and_paper_preset():
 
 def test_one_network_per_target_shapes_and_shared_weights(tiny):
     four = harness.build_tiny("dttnet")  # the unittest preset: all four MUSDB targets
-    nets = four.networks
+    nets = four.inference.networks
     assert set(nets) == set(four.targets) == {"vocals", "drums", "bass", "other"}
     assert nets["bass"].inputs[0].shape[2] == 32 and nets["vocals"].inputs[0].shape[2] == 64
     counts = {t: harness.count_parameters(n) for t, n in nets.items()}
@@ -131,7 +131,7 @@ def test_separator_runs_the_networks_in_turn_with_the_training_graphs_numbers(tm
     for target in three.targets[1:]:
         (controls,) = [c for name, c in waits.items() if f"/after_{target}" in name]
         assert controls and all("/istft" in name for name in controls), waits
-    assert three.separation_chunk_samples == 64 * 127  # separate_dim_t 128 frames
+    assert three.inference.separation_chunk_samples == 64 * 127  # separate_dim_t 128 frames
     harness.check_saved_model_parity(three, tmp_path / "saved", lengths=(3001,), nb_samples=1)  # what `separate` loads
 
 
@@ -159,11 +159,11 @@ def test_loss_is_l1_on_waveforms_and_one_fit_lowers_it(tiny):
 def test_overlap_add_with_the_family_chunk_is_exact_for_an_identity_model(tiny):
     from components.inference.separation import separate_array
 
-    chunk = tiny.chunk_samples
-    assert chunk == 64 * 31 and tiny.input_samples(chunk) == chunk and tiny.overlap == 0.75
+    chunk = tiny.inference.chunk_samples
+    assert chunk == 64 * 31 and tiny.input_samples(chunk) == chunk and tiny.inference.overlap == 0.75
     mixture = noise((9_000, 2), 3)
     out = separate_array(lambda batch: {t: batch for t in tiny.targets}, mixture, sample_rate=8000,
-                         chunk_seconds=chunk / 8000, overlap=tiny.overlap, batch_size=3,
+                         chunk_seconds=chunk / 8000, overlap=tiny.inference.overlap, batch_size=3,
                          input_samples=tiny.input_samples)
     for target in tiny.targets:
         assert np.max(np.abs(out[target] - mixture)) < 1e-6

@@ -197,7 +197,7 @@ def test_float16_tflite_is_finite_where_every_target_estimate_is_zero():
 
     config = resolve({}, ["unittest"])
     model = build_model(config, {})
-    for network in model.networks.values():
+    for network in model.inference.networks.values():
         scale = np.ones(network.output_scale.shape, np.float32)
         scale[40:] = 0.0  # mask = relu(0 * x + 0) = 0 above bin 40 for every target
         network.output_scale.assign(scale)
@@ -205,7 +205,7 @@ def test_float16_tflite_is_finite_where_every_target_estimate_is_zero():
     chunk = model.input_samples(4000)
     probe = np.random.default_rng(4).normal(0, 0.1, (1, chunk, 2)).astype(np.float32)
     reference = {k: np.asarray(v) for k, v in model.separator(probe, training=False).items()}
-    outputs = run_tflite(convert_tflite(model.mobile(chunk), chunk, 2, "float16"), probe)
+    outputs = run_tflite(convert_tflite(model.inference.mobile(chunk), chunk, 2, "float16"), probe)
     assert all(np.all(np.isfinite(value)) for value in outputs.values())
     assert parity_db(reference, outputs) >= 25.0
 
@@ -225,7 +225,7 @@ def test_tflite_chunk_runner_runs_chunks_on_parallel_interpreters_with_the_one_c
 
     model = build_model(resolve({}, ["unittest"]), {})
     chunk = model.input_samples(4000)
-    blob = convert_tflite(model.mobile(chunk), chunk, 2)
+    blob = convert_tflite(model.inference.mobile(chunk), chunk, 2)
     batch = np.random.default_rng(5).normal(0, 0.1, (5, chunk, 2)).astype(np.float32)
     # each chunk on a fresh interpreter: a reused one would start from the previous chunk's LSTM state
     rows = [Interpreter(model_content=blob, num_threads=1).get_signature_runner(SIGNATURE)(
@@ -236,7 +236,7 @@ def test_tflite_chunk_runner_runs_chunks_on_parallel_interpreters_with_the_one_c
     # why the runner resets the state: the float16 file's fused LSTMs keep it in variable tensors from one
     # invoke to the next; the float32 file's WHILE loops start from zeros on every invoke
     for quantize, stale_db in (("", lambda db: db == 200.0), ("float16", lambda db: db < 80.0)):
-        file = blob if not quantize else convert_tflite(model.mobile(chunk), chunk, 2, quantize)
+        file = blob if not quantize else convert_tflite(model.inference.mobile(chunk), chunk, 2, quantize)
         fresh = Interpreter(model_content=file, num_threads=1).get_signature_runner(SIGNATURE)(waveform=batch[1:2])
         reused = Interpreter(model_content=file, num_threads=1)
         stale = [reused.get_signature_runner(SIGNATURE)(waveform=batch[index:index + 1]) for index in range(2)][1]

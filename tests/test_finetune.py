@@ -42,7 +42,7 @@ def _model(root: Path):
 def _pairs(tuned, init, origins):
     """(inner weight path, fine-tuned value, init value) of every weight of every target network."""
     for target, origin in origins.items():
-        network, source = tuned.networks[target], init.networks[origin]
+        network, source = tuned.inference.networks[target], init.inference.networks[origin]
         for mine, theirs in zip(network.weights, source.weights):
             inner = mine.path.split("/", 1)[1]
             assert inner == theirs.path.split("/", 1)[1]
@@ -103,14 +103,15 @@ def test_new_target_starts_as_the_source_target_before_the_first_step(released):
     model = build_model(config, {})
     record = finetune.apply_init(model, config, build_model)
     source = _model(released)
-    assert record["weights_copied"] == 2 * len(source.networks["other"].weights)
+    assert record["weights_copied"] == 2 * len(source.inference.networks["other"].weights)
     for target, origin in (("accompaniment", "other"), ("vocals", "vocals")):
-        for mine, theirs in zip(model.networks[target].weights, source.networks[origin].weights):
+        for mine, theirs in zip(model.inference.networks[target].weights, source.inference.networks[origin].weights):
             assert np.array_equal(np.asarray(mine), np.asarray(theirs)), (target, mine.path)
     # and differs from the targets it did not come from
     for other in ("drums", "bass", "vocals"):
         assert not np.array_equal(*(next(np.asarray(w) for w in network.weights if w.path.endswith("/fc1/kernel"))
-                                    for network in (model.networks["accompaniment"], source.networks[other])))
+                                    for network in (model.inference.networks["accompaniment"],
+                                                    source.inference.networks[other])))
 
 
 def test_resume_after_kill_resumes_the_finetune(released, umx_pipeline, tmp_path):
@@ -226,6 +227,6 @@ def test_finetune_on_own_stems_with_a_new_target_name(released, tmp_path):
     def kernel(network):
         return next(np.asarray(w) for w in network.weights if w.path.endswith("/fc1/kernel"))
 
-    mine = kernel(tuned.networks["guitar"])
-    assert np.abs(mine - kernel(source.networks["other"])).mean() < \
-        0.1 * np.abs(mine - kernel(source.networks["drums"])).mean()
+    mine = kernel(tuned.inference.networks["guitar"])
+    assert np.abs(mine - kernel(source.inference.networks["other"])).mean() < \
+        0.1 * np.abs(mine - kernel(source.inference.networks["drums"])).mean()

@@ -106,7 +106,7 @@ def test_open_unmix_network_and_separator_match_openunmix(folder, window):
     assert config.data.sample_rate == 8000
     assert config.model.params("umx")["hidden_size"] == (16 if folder == "bidirectional" else 12)
     magnitude = np.transpose(reference[f"{folder}/magnitude"], (0, 3, 2, 1))  # -> (samples, frames, bins, channels)
-    for target, network in model.networks.items():
+    for target, network in model.inference.networks.items():
         ours = np.asarray(network(magnitude, training=False))
         theirs = np.transpose(reference[f"{folder}/network/{target}"], (0, 3, 2, 1))
         assert np.max(np.abs(ours - theirs)) <= 1e-4 * np.max(np.abs(theirs)), target
@@ -158,7 +158,7 @@ def test_open_unmix_mapping_covers_the_published_umxhq_and_umxl_layouts():
         # the reference's parameter count (running statistics and counters are buffers, not parameters)
         reference_count = sum(int(np.prod(v)) for k, v in shapes[name].items() if "running" not in k and "num_batches" not in k)
         assert count_parameters(model.train_model) == reference_count == {"umxhq": 8_893_348, "umxl": 28_257_188}[name]
-        np.testing.assert_array_equal(model.networks["vocals"].lstms[2].directions[1]["kernel"].numpy(),
+        np.testing.assert_array_equal(model.inference.networks["vocals"].lstms[2].directions[1]["kernel"].numpy(),
                                       tensors["vocals/lstm.weight_ih_l2_reverse"].T)
 
 
@@ -220,7 +220,7 @@ def test_tfc_tdf_v3_network_and_forward_match_kuielab(release, tensors):
     assert config.model.params("tfc_tdf_v3")["num_scales"] == (2 if release == "multi" else 3)
     assert config.data.targets == (("vocals", "drums", "bass", "other") if release == "multi" else ("vocals",))
     folded = np.transpose(reference[f"{release}/net_input"], (0, 3, 2, 1))  # (1, dim_c, f, t) -> (1, t, f, dim_c)
-    ours = np.asarray(model.network(folded, training=False))
+    ours = np.asarray(model.inference.network(folded, training=False))
     theirs = np.transpose(reference[f"{release}/net_output"], (0, 3, 2, 1))
     assert np.max(np.abs(ours - theirs)) <= 1e-4 * np.max(np.abs(theirs))
     estimates = model.separator(np.transpose(reference[f"{release}/mixture"], (0, 2, 1)), training=False)
@@ -255,7 +255,7 @@ def test_dttnet_networks_and_chunk_separator_match_the_reference():
     settings = config.model.params("dttnet")
     assert (settings["dim_f"], settings["bass_dim_f"], settings["num_heads"], settings["growth"]) == (32, 16, 2, 16)
     for target in model.targets:
-        network = model.networks[target]
+        network = model.inference.networks[target]
         ours = np.asarray(network(np.transpose(reference[f"{target}/net_input"], (0, 3, 2, 1)), training=False))
         theirs = np.transpose(reference[f"{target}/net_output"], (0, 3, 2, 1))
         assert np.max(np.abs(ours - theirs)) <= 1e-4 * np.max(np.abs(theirs)), target

@@ -65,7 +65,7 @@ def test_every_family_meets_the_contract(name, tmp_path):
                                              max_abs_diff=SAVED_MODEL_MAX_ABS_DIFF)
     assert worst <= SAVED_MODEL_MAX_ABS_DIFF
 
-    if model.mobile is None:
+    if model.inference.mobile is None:
         return
     chunk = case.get("chunk", model.input_samples(2001))
     tflite = harness.check_tflite_parity(model, chunk, min_parity_db=TFLITE_MIN_PARITY_DB,

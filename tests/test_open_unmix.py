@@ -22,8 +22,8 @@ def test_parameter_count_matches_reference(changes, expected):
     # stereo, 44.1 kHz, n_fft 4096, hop 1024, bandwidth 16 kHz -> max_bin 1487; one target
     model = open_unmix.build(open_unmix.Config(wiener_iterations=0, **changes),
                              data=DataConfig(targets=("vocals",)), stats={})
-    assert model.max_bin == 1487
-    assert harness.count_parameters(model.networks["vocals"]) == expected
+    assert model.inference.max_bin == 1487
+    assert harness.count_parameters(model.inference.networks["vocals"]) == expected
     assert harness.count_parameters(model.train_model) == expected  # transforms add no parameters
 
 
@@ -83,7 +83,7 @@ def test_network_matches_numpy_reference_forward():
     # 2 LSTM layers and a bandwidth crop (max_bin < nb_bins) exercise every path
     model = harness.build_tiny("umx", overrides={"data": {"targets": ["vocals", "drums"]},
                                                  "model": {"umx": {"nb_layers": 2, "bandwidth": 3000.0}}})
-    net = model.networks["vocals"]
+    net = model.inference.networks["vocals"]
     assert net.max_bin == 97 and net.nb_bins == 129
     rng = np.random.default_rng(0)
     for weight in net.weights:  # non-trivial BN statistics and scalers too
@@ -108,19 +108,19 @@ def test_harness_shapes_weights_and_fit(tiny):
 def test_adapt_sets_input_statistics(tiny):
     mixture, _ = harness.random_batch(tiny, 2, 4001, seed=5)
     batches = [mixture[:1], mixture[1:]]
-    tiny.adapt(iter(batches))
+    tiny.training.adapt(iter(batches))
     magnitudes = np.stack([np.mean([np.abs(numpy_stft(mixture[b, :, c].astype(np.float64), 256, 64))
                                     for c in range(2)], axis=0) for b in range(2)])  # (B, F, K) mono
     mean = magnitudes.reshape(-1, 129).mean(0)
     std = magnitudes.reshape(-1, 129).std(0)
     std = np.maximum(std, 1e-4 * std.max())
-    for net in tiny.networks.values():
+    for net in tiny.inference.networks.values():
         np.testing.assert_allclose(net.input_mean.numpy(), -mean, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(net.input_scale.numpy(), 1 / std, rtol=1e-4)
 
 
 def test_soft_mask_separator_sums_to_mixture_and_residual(tiny):
-    separator = tiny.make_separator(wiener_iterations=0, residual=True)
+    separator = tiny.inference.make_separator(wiener_iterations=0, residual=True)
     mixture, _ = harness.random_batch(tiny, 1, 3001, seed=6)
     outputs = {name: np.asarray(value) for name, value in separator(mixture, training=False).items()}
     assert set(outputs) == {"vocals", "drums", "residual"}
@@ -133,7 +133,7 @@ def test_unrolled_lstm_matches_loop():
     unrolled = harness.build_tiny("umx", overrides={**TWO_TARGETS, "model": {"umx": {"unroll": True}}})
     unrolled.train_model.set_weights(looped.train_model.get_weights())
     mixture, _ = harness.random_batch(looped, 1, 2001, seed=7)
-    static = unrolled.make_separator(nb_timesteps=2001)
+    static = unrolled.inference.make_separator(nb_timesteps=2001)
     expected = looped.separator(mixture, training=False)
     got = static(mixture, training=False)
     for target in looped.targets:
@@ -146,7 +146,7 @@ def test_stacked_networks_match_per_target_networks(changes):
     # computes exactly what every target's own network computes, on the same (non-trivial) weights
     model = harness.build_tiny("umx", overrides={"data": {"targets": ["vocals", "drums", "bass"]},
                                                  "model": {"umx": {"nb_layers": 2, "bandwidth": 3000.0, **changes}}})
-    networks = list(model.networks.values())
+    networks = list(model.inference.networks.values())
     rng = np.random.default_rng(1)
     for network in networks:
         for weight in network.weights:

@@ -39,9 +39,9 @@ def model():
 
     keras.utils.set_random_seed(0)  # the same weights on every run: the figures below are measured on them
     built = harness.build_tiny("umx", overrides=UNIDIRECTIONAL)
-    built.adapt([excerpt(built.sample_rate)[None]])
+    built.training.adapt([excerpt(built.sample_rate)[None]])
     rng = np.random.default_rng(1)
-    for network in built.networks.values():
+    for network in built.inference.networks.values():
         for weight in network.weights:  # BN statistics and output scale/mean away from their identity defaults
             if any(key in weight.path for key in ("moving_mean", "output_mean")):
                 weight.assign(rng.uniform(-0.5, 0.5, weight.shape).astype(np.float32))
@@ -59,7 +59,7 @@ def offline_and_streamed(model, x):
     streamed = stream_array(stream.compiled(), stream.initial_state(), np.concatenate([np.zeros((2 * hop, 2)), x]),
                             hop)
     padded = np.concatenate([np.zeros((n_fft // 2 + hop, 2)), x, np.zeros((n_fft, 2))]).astype(np.float32)
-    separator = model.make_separator(wiener_iterations=0)
+    separator = model.inference.make_separator(wiener_iterations=0)
     offline = {k: np.asarray(v)[0] for k, v in separator(padded[None]).items()}
     return stream, offline, streamed, n_fft // 2 + hop, 2 * hop
 
@@ -230,7 +230,7 @@ def test_stream_per_frame_wiener_is_the_offline_em_on_each_frame(model):
     padded = np.concatenate([np.zeros((n_fft // 2 + hop, 2)), x, np.zeros((n_fft, 2))]).astype(np.float32)
     mix_stft = stft(padded[None], n_fft, hop)  # (1, frames, bins, channels, 2)
     magnitude = complex_norm(mix_stft)
-    estimates = tf.stack([model.networks[t](magnitude, training=False) for t in model.targets], axis=-1)
+    estimates = tf.stack([model.inference.networks[t](magnitude, training=False) for t in model.targets], axis=-1)
     # every frame its own batch item with a one-frame axis: the EM sees that frame only
     per_frame = wiener(tf.transpose(estimates, [1, 0, 2, 3, 4]), tf.transpose(mix_stft, [1, 0, 2, 3, 4]), 1)
     sources = tf.transpose(per_frame, [1, 0, 2, 3, 4, 5])

@@ -120,7 +120,7 @@ def test_shapes_and_shared_weights(tiny):
     chunk = tiny.input_samples(1000)
     assert chunk == 960
     with pytest.raises(ValueError, match="not a valid TFC-TDF-UNet input; use input_samples"):
-        tiny.mobile(chunk + 1)
+        tiny.inference.mobile(chunk + 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -159,12 +159,12 @@ def test_train_targets_are_stems_or_their_spectrograms_and_one_fit_lowers_the_lo
 
     stems = {t: noise((1, 2000, 2), i) for i, t in enumerate(tiny.targets)}
     # the default: the loss on waveforms after the ISTFT (the reference train.py); training graph = separator
-    assert tiny.train_model is tiny.separator and tiny.postprocess is None
+    assert tiny.train_model is tiny.separator and tiny.inference.postprocess is None
     np.testing.assert_array_equal(tiny.train_targets(stems)["drums"], stems["drums"])
     spectral = harness.build_tiny("tfc_tdf_v3", overrides={"model": {"tfc_tdf_v3": {"loss_domain": "spectrogram"}}})
     truth = spectral.train_targets(stems)
     np.testing.assert_allclose(truth["drums"], stft(stems["drums"], 256, 64)[:, :, :128], atol=1e-6)
-    assert spectral.postprocess is not None
+    assert spectral.inference.postprocess is not None
     first, last = harness.check_fit_lowers_loss(tiny, steps=3, nb_timesteps=2000)
     assert last < first
 
@@ -180,8 +180,8 @@ def test_quantile_loss_trains(tiny):
 def test_overlap_add_with_the_family_chunk_is_exact_for_an_identity_model(tiny):
     from components.inference.separation import separate_array
 
-    chunk = tiny.chunk_samples
-    assert chunk == 64 * 31 and tiny.input_samples(chunk) == chunk and tiny.overlap == 0.875
+    chunk = tiny.inference.chunk_samples
+    assert chunk == 64 * 31 and tiny.input_samples(chunk) == chunk and tiny.inference.overlap == 0.875
     mixture = noise((10_000, 2), 3)
     calls = []
 
@@ -190,7 +190,7 @@ def test_overlap_add_with_the_family_chunk_is_exact_for_an_identity_model(tiny):
         return {t: batch for t in tiny.targets}
 
     out = separate_array(identity, mixture, sample_rate=8000, chunk_seconds=chunk / 8000,
-                         overlap=tiny.overlap, batch_size=2, input_samples=tiny.input_samples)
+                         overlap=tiny.inference.overlap, batch_size=2, input_samples=tiny.input_samples)
     assert {shape[1] for shape in calls} == {chunk}
     for target in tiny.targets:
         assert np.max(np.abs(out[target] - mixture)) < 1e-6

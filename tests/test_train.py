@@ -231,18 +231,20 @@ def test_a_model_declaring_no_graph_optimization_trains_without_grappler_and_the
     import tensorflow as tf
 
     from components.train import compile_model, with_graph_optimization
+    from models.base import TrainingHooks
     from pipeline.experiment import resolve
     from tests import model_harness
 
-    assert model_harness.build_tiny("dttnet").graph_optimization is False
-    assert model_harness.build_tiny("umx").graph_optimization is True
+    assert model_harness.build_tiny("dttnet").training.graph_optimization is False
+    assert model_harness.build_tiny("umx").training.graph_optimization is True
 
     def one_step(declared):
         keras.utils.set_random_seed(3)
         mixture = keras.Input((None, 2))
         hidden = keras.layers.Conv1D(8, 5, padding="same", activation="tanh")(mixture)
         outputs = {name: keras.layers.Dense(2, name=name)(hidden) for name in ("vocals", "bass")}
-        model = types.SimpleNamespace(train_model=keras.Model(mixture, outputs), graph_optimization=declared,
+        model = types.SimpleNamespace(train_model=keras.Model(mixture, outputs),
+                                      training=TrainingHooks(graph_optimization=declared),
                                       loss={name: keras.losses.MeanAbsoluteError() for name in outputs})
         compile_model(model, tf.distribute.get_strategy(), resolve({}, ["unittest"]).train)
         batch = np.random.default_rng(0).normal(0, 1, (2, 64, 2)).astype("float32")

@@ -80,7 +80,7 @@ def test_spleeter_and_jansson_parameter_counts():
     assert spleeter_parameters() == 9_822_725
     assert jansson_parameters(2, 2) == 9_824_514 and jansson_parameters(1, 1) == 9_823_313
     four = unet.build(unet.Config(conv_activation="elu", deconv_activation="elu"), data=DataConfig(), stats={})
-    assert [harness.count_parameters(net) for net in four.networks.values()] == [9_822_725] * 4
+    assert [harness.count_parameters(net) for net in four.inference.networks.values()] == [9_822_725] * 4
     assert harness.count_parameters(four.train_model) == 4 * 9_822_725
     jansson = unet.build(unet.Config(network="jansson"), data=DataConfig(targets=("vocals", "accompaniment"),
                                                                          nb_channels=1), stats={})
@@ -92,7 +92,7 @@ def test_m_unet_has_the_authors_124_4_million_parameters():
     assert flerken_parameters(dims, 1, 4) == 124_448_772  # "124.4M" for K = 4, mono
     model = m_unet.build(m_unet.Config(weighting="equal"), data=DataConfig(nb_channels=1), stats={})
     assert harness.count_parameters(model.train_model) == 124_448_772
-    layers = {layer.name: layer for layer in model.network.layers}
+    layers = {layer.name: layer for layer in model.inference.network.layers}
     assert layers["m_unet_down1_bn1"].momentum == pytest.approx(0.9) and layers["m_unet_down1_bn1"].epsilon == 1e-5
     assert layers["m_unet_down1_act1"].negative_slope == pytest.approx(0.1)
     assert layers["m_unet_down1_drop1"].rate == pytest.approx(0.1)
@@ -104,7 +104,7 @@ def test_c_unet_parameter_counts_and_authors_layer_settings():
     assert harness.count_parameters(conditioned.train_model) == 12_161_078
     simple = c_unet.build(c_unet.Config(film="simple", control_units=(16, 64, 256)), data=stereo, stats={})
     assert harness.count_parameters(simple.train_model) == 9_846_050
-    layers = {layer.name: layer for layer in conditioned.network.layers}
+    layers = {layer.name: layer for layer in conditioned.inference.network.layers}
     assert all(layer.momentum == pytest.approx(0.9) for layer in layers.values()
                if layer.__class__.__name__ == "BatchNormalization")
     dropped = sorted(name for name in layers if name.endswith("_dropout") and "deconv" in name)
@@ -137,9 +137,10 @@ def test_describe_model_prints_the_paper_presets_published_sizes(preset, network
     lines = describe(preset).strip().splitlines()
     family = preset.split("_paper")[0].split("_44k")[0]
     assert lines[0].startswith(f"family: {family} ")
-    counts = {line.split()[0]: int(line.split()[1].replace(",", "")) for line in lines[1:-1]}
+    end = next(i for i, line in enumerate(lines) if line.startswith("total: "))  # the recipe differences follow
+    counts = {line.split()[0]: int(line.split()[1].replace(",", "")) for line in lines[1:end]}
     assert counts == networks
-    assert lines[-1] == f"total: {total:,} trainable parameters"
+    assert lines[end] == f"total: {total:,} trainable parameters"
 
 
 def test_unittest_preset_sizes():
@@ -376,7 +377,7 @@ def test_shapes_for_odd_lengths_shared_weights_and_fit(name):
 def test_c_unet_outputs_are_the_u_net_run_once_per_one_hot_target():
     model = tiny("c_unet")
     rng = np.random.default_rng(7)  # the authors' N(0, 0.02) init leaves the conditions almost without effect
-    for weight in model.network.trainable_weights:
+    for weight in model.inference.network.trainable_weights:
         weight.assign(rng.normal(0, 0.3, weight.shape).astype(np.float32))
     mixture, _ = harness.random_batch(model, 2, 4032, seed=3)
     outputs = model.train_model(mixture, training=False)
@@ -386,7 +387,7 @@ def test_c_unet_outputs_are_the_u_net_run_once_per_one_hot_target():
     for index, target in enumerate(model.targets):
         condition = np.zeros((2, 2), np.float32)
         condition[:, index] = 1
-        masks = np.asarray(model.network([normalised, condition], training=False))
+        masks = np.asarray(model.inference.network([normalised, condition], training=False))
         np.testing.assert_allclose(np.asarray(outputs[target]), masks * magnitude[:, :, :64], rtol=1e-4, atol=1e-6)
     assert np.max(np.abs(np.asarray(outputs["vocals"]) - np.asarray(outputs["drums"]))) > 1e-4
 
@@ -400,7 +401,7 @@ def test_m_unet_masks_are_relu_of_the_network_on_the_log_warped_mixture():
     time = m_unet.grid_sample_matrix(np.linspace(-1, 1, 64), 64, False)
     warp = m_unet.grid_sample_matrix(m_unet.warp_grid(config.log_bins, True), 129, False)
     warped = np.einsum("ut,gf,tfc->ugc", time, warp, magnitude)
-    net = np.asarray(model.network(np.log(warped)[None].astype(np.float32), training=False))[0]
+    net = np.asarray(model.inference.network(np.log(warped)[None].astype(np.float32), training=False))[0]
     masks = np.maximum(net, 0).reshape(64, 64, 2, 2)  # channel-major: (C, J)
     for index, target in enumerate(model.targets):
         np.testing.assert_allclose(np.asarray(outputs[target])[0, ..., 0], masks[..., index], rtol=1e-4, atol=1e-5)
@@ -455,7 +456,7 @@ def fit(model, epochs, callbacks=(), learning_rate=1e-2):
 
 
 class Recorder:
-    """Stands in for the train stage's SacredLogger, which comes *before* model.callbacks in its list."""
+    """Stands in for the train stage's SacredLogger, which comes *before* model.training.callbacks in its list."""
 
     def __init__(self):
         import keras
@@ -474,14 +475,14 @@ def test_dwa_callback_changes_the_loss_weights_between_epochs_and_logs_them():
     # both targets' losses fall at nearly the same rate here: a low temperature makes their lambdas part visibly
     model = tiny("m_unet", {"weighting": "dwa", "dwa_temperature": 0.01})
     recorder = Recorder()
-    history = fit(model, epochs=3, callbacks=[recorder.callback, *model.callbacks])
+    history = fit(model, epochs=3, callbacks=[recorder.callback, *model.training.callbacks])
     logged = np.array([[epoch[f"lambda_{t}"] for t in model.targets] for epoch in recorder.epochs])
     np.testing.assert_array_equal(logged[:2], np.ones((2, 2)))
     losses = np.array([[history[f"{t}_loss"][epoch] for t in model.targets] for epoch in range(2)])
     np.testing.assert_allclose(logged[2], loss_weighting.dwa_weights(losses, 0.01), rtol=1e-5)
     assert np.max(np.abs(logged[2] - 1.0)) > 1e-3 and abs(logged[2].sum() - 2.0) < 1e-5
     assert abs(history["loss"][2] - sum(history[f"{t}_loss"][2] for t in model.targets)) < 1e-4 * history["loss"][2]
-    layer = model.loss_weighting
+    layer = model.training.loss_weighting
     assert int(layer.epochs_recorded.numpy()) == 2 and float(layer.pending.numpy()) == 1.0
     assert {"loss_weights", "epoch_losses", "running_losses"} <= {w.name for w in model.train_model.weights}
 
@@ -489,8 +490,8 @@ def test_dwa_callback_changes_the_loss_weights_between_epochs_and_logs_them():
 def test_ebw_weights_apply_to_the_mask_l1_and_missing_energies_stop_training():
     energies = {"vocals": 0.01, "drums": 0.04}
     model = tiny("m_unet", {"weighting": "ebw", "ebw_power": 2.0}, stats={"energy": energies})
-    assert model.loss_domain == "masks"  # EnergyBasedLossPowerPMask: L1 on the masks
-    np.testing.assert_allclose(model.loss_weighting.loss_weights.numpy(), [16.0, 1.0])
+    assert model.training.loss_domain == "masks"  # EnergyBasedLossPowerPMask: L1 on the masks
+    np.testing.assert_allclose(model.training.loss_weighting.loss_weights.numpy(), [16.0, 1.0])
     mixture, truth = _fixed_batch(model)
     model.train_model.compile(loss=model.loss, jit_compile=False)
     result = model.train_model.evaluate(mixture, truth, batch_size=2, verbose=0, return_dict=True)
@@ -506,7 +507,7 @@ def test_ebw_weights_apply_to_the_mask_l1_and_missing_energies_stop_training():
     missing = tiny("m_unet", {"weighting": "ebw"}, stats={})  # builds (inference needs no energies) ...
     missing.train_model.compile(optimizer="sgd", loss=missing.loss, jit_compile=False)
     with pytest.raises(ValueError, match="energy"):  # ... but refuses to train with silently equal weights
-        missing.train_model.fit(mixture, truth, epochs=1, verbose=0, callbacks=list(missing.callbacks))
+        missing.train_model.fit(mixture, truth, epochs=1, verbose=0, callbacks=list(missing.training.callbacks))
 
 
 # ------------------------------------------------------------------------------ Spleeter checkpoint import
@@ -571,7 +572,7 @@ def test_spleeter_mapping_uses_every_tensor_once_and_reports_mismatches(tmp_path
     model = tiny("unet", targets=("vocals", "accompaniment"))
     names = {}
     for index, target in enumerate(model.targets):
-        net = model.networks[target]
+        net = model.inference.networks[target]
         for source, layer, weight in unet.spleeter_mapping(index, net.name):
             names[source] = next(w for w in net.get_layer(layer).weights if w.name == weight)
     tensors = {source: np.full(tuple(weight.shape), 0.5, np.float32) for source, weight in names.items()}

@@ -353,7 +353,7 @@ def test_mobile_model_is_static_and_matches_the_separator():
     config = tiny()
     model = build(config)
     for chunk in (model.input_samples(500), 500):  # a valid train-model input length, and any other
-        mobile = model.mobile(chunk)
+        mobile = model.inference.mobile(chunk)
         assert tuple(mobile.inputs[0].shape) == (1, chunk, 2)
         mixture = noise((1, chunk, 2))
         for target in MUSDB.targets:

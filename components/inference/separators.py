@@ -71,9 +71,9 @@ class TFLiteSeparator:
         import numpy as np
 
         outputs = self.runner(batch)
-        if self.model.postprocess is None:
+        if self.model.inference.postprocess is None:
             return outputs
-        return {k: np.asarray(v) for k, v in self.model.postprocess(batch, outputs).items()}
+        return {k: np.asarray(v) for k, v in self.model.inference.postprocess(batch, outputs).items()}
 
 
 def family_model(sidecar):

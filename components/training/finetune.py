@@ -234,12 +234,12 @@ def apply_init(model, config, build_model) -> dict:
     init_model = build_model(init_config, artifact.meta.get("stats", {}))
     load_weights_checked(init_model, artifact.file("best.weights.h5"), artifact)
     copied, fresh = 0, []
-    if model.networks:
+    if model.inference.networks:
         origins = {}
-        for target, network in model.networks.items():
+        for target, network in model.inference.networks.items():
             origin = tc.init_targets.get(target, target)
             origins[target] = origin
-            values = init_model.networks[origin].get_weights()
+            values = init_model.inference.networks[origin].get_weights()
             network.set_weights(values)
             copied += len(values)
     else:
@@ -272,7 +272,7 @@ def freeze(model, config) -> list:
         return []
     parts = FREEZE_PARTS[config.model.name]
     pattern = re.compile("|".join(f"(?:{parts[part]})" for part in config.train.freeze))
-    networks = dict(model.networks) or {"": model.train_model}
+    networks = dict(model.inference.networks) or {"": model.train_model}
     frozen = []
     for name, network in networks.items():
         prefix = network.name if name else None
