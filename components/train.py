@@ -23,6 +23,7 @@ from configs.errors import StageError
 from components.base import ComponentSpec, StageContext
 from components.data.manifest import Manifest
 from models.base import count_parameters
+from models.transforms import precision
 
 log = logging.getLogger("pipeline.train")
 # resume state (BackupAndRestore, per-epoch checkpoints) under `artifacts_dir/.train-work/<fingerprint>/`
@@ -180,7 +181,8 @@ def run(context: StageContext) -> dict:
         raise StageError(f"train.batch_size={tc.batch_size} must be a multiple of the {replicas} replicas")
     init = None
     with strategy.scope():
-        model = build_model(config, stats)
+        with precision(tc.precision):  # mixed: the networks compute in float16/bfloat16, variables stay float32
+            model = build_model(config, stats)
         if tc.init_from:  # fine-tuning: the init's weights now; a resumed run's backup replaces them in `fit`
             from components.training import finetune
 

@@ -185,6 +185,10 @@ class TrainConfig:
     seed: int = 42
     deterministic: bool = False
     replicas: int = bounded(0, 0)  # 0: every visible GPU (or 1 CPU); n > 1 on CPU: n logical CPU devices
+    # Keras dtype policy of the networks in training: mixed_float16 (dynamic loss scaling, as torch's autocast +
+    # GradScaler) or mixed_bfloat16; float32 variables either way. STFT, masks, Wiener filter and losses stay
+    # float32 (models.transforms.Float32Layer); evaluation and export always build the model in float32
+    precision: str = choice("float32", ("float32", "mixed_float16", "mixed_bfloat16"))
     # wall-clock training budget: stop after the step that exceeds it
     max_seconds: Optional[float] = bounded(None, 0, low_open=True)
     snapshot_every_steps: int = bounded(0, 0)  # quick validation SDR every N steps (0: off)

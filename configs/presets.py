@@ -134,6 +134,8 @@ def _sdx23_recipe(num_steps: int) -> dict:
             "batch_size": 6, "epochs": num_steps // 1000, "steps_per_epoch": 1000, "lr_schedule": "constant",
             "early_stopping": False, "ema_momentum": 0.999, "checkpoint_metric": "last", "clip_norm": None,
             "seq_seconds": 1024 * 255 / 44100,  # audio.chunk_size 261,120 = hop 1024 x (dim_t 256 - 1)
+            # train.py: torch.cuda.amp.autocast() around the forward pass and GradScaler on the loss
+            "precision": "mixed_float16",
         },
         # MSSDataset.load_source: every source from random.choice(tracks) at a random offset, redrawn while
         # mean |x| < audio.min_mean_abs 0.01; no gain, swap or remix. 12 s segments leave room for the offsets;
@@ -160,6 +162,8 @@ def _dttnet_recipe() -> dict:
             "seq_seconds": 1024 * 255 / 44100,  # hop_length 1024 x (dim_t 256 - 1)
             # ModelCheckpoint(monitor "val/usdr", mode max): mean over validation tracks of the whole-track SDR
             "ema_momentum": None, "checkpoint_metric": "val_sdr", "clip_norm": None,
+            # configs/experiment/multigpu_default.yaml (vocals_dis.yaml's defaults): trainer precision 16, native amp
+            "precision": "mixed_float16",
         },
         # MusdbTrainDataset.__getitem__: every source from random.choice(metadata) (the original and the 24
         # pitch/tempo-shifted copies) at a random offset; no gain, swap or quiet-chunk test. aug_params [2, 20]:

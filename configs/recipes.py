@@ -83,7 +83,8 @@ def _c_unet():
 def _sdx23(steps):
     return {**_rows(SDX, "my_submission/src/train.py", train__optimizer="adam", train__lr=1e-4, train__beta_1=0.9,
                     train__beta_2=0.999, train__epsilon=1e-8, train__weight_decay=0.0, train__clip_norm=None,
-                    train__lr_schedule="constant", train__early_stopping=False, train__checkpoint_metric="last"),
+                    train__lr_schedule="constant", train__early_stopping=False, train__checkpoint_metric="last",
+                    train__precision="mixed_float16"),
             **_rows(SDX, "my_submission/src/ema.py", train__ema_momentum=0.999),
             **_rows(SDX, "ckpts/modelA/config.yaml", train__batch_size=6, train__seq_seconds=1024 * 255 / 44100),
             **_rows(SDX, "my_submission/src/dataset.py", data__mixing="independent", data__quiet_threshold=0.01,
@@ -94,6 +95,7 @@ def _dttnet():
     return {**_rows(DTT, "src/dp_tdf/abstract.py", train__optimizer="adamw", train__lr=2e-4, train__beta_1=0.9,
                     train__beta_2=0.999, train__epsilon=1e-8, train__weight_decay=0.01, train__lr_schedule="constant"),
             **_rows(DTT, "configs/experiment/vocals_dis.yaml", train__seq_seconds=1024 * 255 / 44100),
+            **_rows(DTT, "configs/experiment/multigpu_default.yaml", train__precision="mixed_float16"),
             **_rows(DTT, "configs/callbacks/default.yaml", train__early_stopping=False,
                     train__checkpoint_metric="val_sdr"),
             **_rows(DTT, "src/datamodules/datasets/musdb.py", data__mixing="independent", data__gain_range=[1.0, 1.0],
@@ -147,13 +149,11 @@ NOTES = {
                      ("progressive augmentation, zero and all-mix conditions, one condition per example",
                       "remix with probability 0.25, every condition", "not yet built")],
     "unet_44k": [("training spectrograms quantised to uint8 dB", "full precision", "not yet built")],
-    "tfc_tdf_v3_sdx23": [("fp16 autocast with a gradient scaler", "float32", "train.precision not yet built")],
     "tfc_tdf_v3_musdb18": [("ZFTurbo config_musdb18_mdx23c.yaml: n_fft 8192, hop 1024, lr 9e-5, plateau x0.95 after "
                             "2, q 0.95, loudness and mixup augmentation, AMP",
                             "the report's Sec. 4 model (hop 2048) with sdx23's train.py recipe and MSE",
                             "ours: this preset is our own setting, not a published config")],
-    "dttnet_paper": [("16-bit mixed precision (precision: 16)", "float32", "train.precision not yet built"),
-                     ("training split configs/datamodule/musdb_dev14.yaml", "the same 86 tracks",
+    "dttnet_paper": [("training split configs/datamodule/musdb_dev14.yaml", "the same 86 tracks",
                       "citation only")],
 }
 
