@@ -20,31 +20,37 @@ from tests.shared_artifacts import seed_data
 POLICIES = {"mixed_float16": "float16", "mixed_bfloat16": "bfloat16"}
 
 
-def _families():
-    from models.registry import FAMILIES
+def _recipe_presets():
+    from configs.presets import RECIPE_PRESETS
 
-    return list(FAMILIES)
+    return list(RECIPE_PRESETS)  # every family has one
 
 
 @pytest.mark.parametrize("policy", list(POLICIES))
-@pytest.mark.parametrize("family", _families())
-def test_every_family_trains_a_step_under_each_mixed_policy(family, policy, tmp_path):
+@pytest.mark.parametrize("preset", _recipe_presets())
+def test_every_recipe_preset_trains_under_each_mixed_policy(preset, policy, tmp_path):
+    """Each recipe preset's optimizer (SGD, Adam as torch or TF1, AdamW, EMA, clipping, weight decay) on its
+    family's tiny model under the policy: half-precision networks, float32 variables and signal layers, finite
+    losses and moving weights, the EMA swap (sdx23) through the loss-scale wrapper, float32 separator outputs,
+    and the same weights in a float32 build (what evaluate and export load)."""
     import keras
     import tensorflow as tf
 
     from components.train import compile_model
+    from components.training.optimizers import swap_average
     from models.transforms import Float32Layer, precision
     from pipeline.experiment import resolve
 
+    config = resolve({"train": {"precision": policy}}, [preset])
+    family = config.model.name
     with precision(policy):
         model = model_harness.build_tiny(family)
     assert keras.config.dtype_policy().name == "float32"  # the global policy is restored after the build
-    tc = resolve({"train": {"precision": policy}}, ["unittest"]).train
-    compile_model(model, tf.distribute.get_strategy(), tc)
+    compile_model(model, tf.distribute.get_strategy(), config.train)
     optimizer = model.train_model.optimizer
     assert isinstance(optimizer, keras.optimizers.LossScaleOptimizer) == (policy == "mixed_float16")
 
-    layers = [layer for layer in model.train_model._flatten_layers(include_self=False)]
+    layers = list(model.train_model._flatten_layers(include_self=False))
     compute = {layer.compute_dtype for layer in layers if layer.weights and not isinstance(layer, Float32Layer)}
     assert POLICIES[policy] in compute, compute  # the networks compute in half precision
     assert all(layer.compute_dtype == "float32" for layer in layers if isinstance(layer, Float32Layer))
@@ -52,18 +58,25 @@ def test_every_family_trains_a_step_under_each_mixed_policy(family, policy, tmp_
 
     mixture, stems = model_harness.random_batch(model, nb_timesteps=model.input_samples(8000))
     truth = {k: np.asarray(v) for k, v in model.train_targets(stems).items()}
-    before = [np.array(v) for v in model.train_model.trainable_weights]
+    before = [v.numpy() for v in model.train_model.trainable_weights]
     # float16: a step whose scaled gradients overflow is skipped and the loss scale halved (as torch's GradScaler
     # does), so the first steps of a fresh run may leave the weights; within a few steps they move
     for step in range(8):
         loss = model.train_model.train_on_batch(mixture, truth, return_dict=True)["loss"]
         assert np.isfinite(loss), loss
-        moved = sum(not np.array_equal(a, np.asarray(b)) for a, b in zip(before, model.train_model.trainable_weights))
+        moved = sum(not np.array_equal(a, b.numpy()) for a, b in zip(before, model.train_model.trainable_weights))
         if moved > 0.5 * len(before):
             break
     assert moved > 0.5 * len(before), (step, moved, len(before))
     if policy == "mixed_float16":
         assert float(optimizer.dynamic_scale) == 2.0 ** 15 / 2 ** step  # halved once per skipped step
+    if config.train.ema_momentum is not None:
+        weights = [v.numpy() for v in model.train_model.trainable_weights]
+        swap_average(model.train_model)
+        averaged = [v.numpy() for v in model.train_model.trainable_weights]
+        swap_average(model.train_model)
+        assert any(not np.array_equal(a, b) for a, b in zip(weights, averaged))
+        assert all(np.array_equal(a, b.numpy()) for a, b in zip(weights, model.train_model.trainable_weights))
     outputs = model.separator(mixture, training=False)
     assert {str(np.asarray(v).dtype) for v in outputs.values()} == {"float32"}
 
@@ -71,8 +84,7 @@ def test_every_family_trains_a_step_under_each_mixed_policy(family, policy, tmp_
     model.train_model.save_weights(tmp_path / "mixed.weights.h5")
     plain = model_harness.build_tiny(family)
     plain.train_model.load_weights(tmp_path / "mixed.weights.h5")
-    assert all(np.array_equal(np.asarray(a), np.asarray(b))
-               for a, b in zip(model.train_model.weights, plain.train_model.weights))
+    assert all(np.array_equal(a.numpy(), b.numpy()) for a, b in zip(model.train_model.weights, plain.train_model.weights))
     assert all(layer.compute_dtype == "float32" for layer in plain.train_model._flatten_layers(include_self=False))
     full = plain.separator(mixture, training=False)
     for target in model.targets:  # half-precision networks: the same separation, to the precision's rounding

@@ -173,7 +173,7 @@ def swap_average(model) -> None:
     """Exchange the model's trainable weights with the optimizer's moving averages (twice = no change)."""
     import tensorflow as tf
 
-    optimizer = model.optimizer
+    optimizer = getattr(model.optimizer, "inner_optimizer", model.optimizer)  # under a LossScaleOptimizer (float16)
     for var, average in zip(model.trainable_variables, optimizer._model_variables_moving_average):
         raw = tf.identity(var)
         var.assign(average)
