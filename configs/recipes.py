@@ -51,6 +51,7 @@ def _m_unet():
                     train__lr_decay_patience=7, train__lr_decay_gamma=0.1, train__early_stopping=True,
                     train__plateau_impl="torch", train__lr_monitor="loss", train__lr_threshold=3e-4,
                     train__lr_threshold_mode="rel", train__lr_cooldown=0),
+            **_rows((MUN[0], "5d979a7"), "train/dwa.py", model__m_unet__dwa_variant="softmax"),
             **_rows(MUN, "dataset/filter_musdb_split.py", data__silent_energy=0.5, data__mixing="segment",
                     data__gain_range=[1.0, 1.0], data__channel_swap=False)}
 
@@ -142,8 +143,10 @@ DIFFERENCES = {
 # preset -> [(the authors' recipe, ours, reason)]: differences no config key expresses yet
 NOTES = {
     "paper": [("validation on whole tracks, batch 1", "validation on excerpts", "not yet built")],
-    "m_unet_paper": [("DWA code for K = 4 sets the first two weights only (the others stay 1)",
-                      "the paper's K-way softmax", "ours follows the paper; the code's variant is not yet a key")],
+    "m_unet_paper": [("train/dwa.py at the 'EUSIPCO final configuration' commit 9eb7032 weights only the first two "
+                      "of K = 4 targets (fixed in 2e74e61)",
+                      "the K-way softmax of the paper and of train/dwa.py since the fix",
+                      "model.m_unet.dwa_variant=first_two runs the older code's weighting")],
     "c_unet_paper": [("Keras plateau and early stopping with min_delta 1e-5, cooldown 0",
                       "min_delta 1e-4 (Keras' default), cooldown 10 (patience > 10)", "not yet a key"),
                      ("progressive augmentation, zero and all-mix conditions, one condition per example",

@@ -25,12 +25,27 @@ def l1_distance(y_true, y_pred):
     return tf.reduce_mean(tf.abs(tf.cast(y_true, y_pred.dtype) - y_pred), axis=list(range(1, rank)))
 
 
-def dwa_weights(loss_history: Sequence[Sequence[float]], temperature: float = 2.0) -> np.ndarray:
+DWA_VARIANTS = ("softmax", "first_two")
+
+
+def dwa_weights(loss_history: Sequence[Sequence[float]], temperature: float = 2.0,
+                variant: str = "softmax") -> np.ndarray:
     """Dynamic Weight Average (Liu et al. 2019, as in M-U-Net): lambda for the next epoch `(nb_targets,)`.
 
     `loss_history`: the epoch-average loss of each target, one row per finished epoch, oldest first.
-    lambda_k = K exp(w_k / T) / sum_i exp(w_i / T), w_k = L_k(t-1) / L_k(t-2); all ones before two epochs.
+    `softmax` (the paper, and multichannel-unet-bss train/dwa.py since its K = 4 fix): lambda_k =
+    K exp(w_k / T) / sum_i exp(w_i / T), w_k = L_k(t-1) / L_k(t-2); all ones before two epochs.
+    `first_two` (train/dwa.py at the authors' "EUSIPCO final configuration" commit 9eb7032, before the fix
+    2e74e61): the two-target formula on the first two targets, every other lambda 1.
     """
+    if variant not in DWA_VARIANTS:
+        raise ValueError(f"DWA variant {variant!r}: choose one of {', '.join(DWA_VARIANTS)}")
+    if variant == "first_two":
+        history = np.asarray(loss_history, np.float64)
+        weights = np.ones(history.shape[1] if history.ndim == 2 else 0)
+        if history.ndim == 2 and history.shape[1] >= 2:
+            weights[:2] = dwa_weights(history[:, :2], temperature)
+        return weights
     history = np.asarray(loss_history, np.float64)
     if history.ndim != 2:
         raise ValueError(f"loss_history must be (nb_epochs, nb_targets), got shape {history.shape}")
@@ -144,10 +159,11 @@ class DynamicWeightAverage(keras.callbacks.Callback):
     (which saves at epoch end, before later callbacks) keeps it and a resumed run continues the history.
     """
 
-    def __init__(self, weighting: LossWeighting, temperature: float = 2.0):
+    def __init__(self, weighting: LossWeighting, temperature: float = 2.0, variant: str = "softmax"):
         super().__init__()
         self.weighting = weighting
         self.temperature = temperature
+        self.variant = variant
         self.history = []  # (epoch, lambda) pairs set by this callback, for inspection
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -158,7 +174,7 @@ class DynamicWeightAverage(keras.callbacks.Callback):
             layer.epochs_recorded.assign(layer.epochs_recorded.numpy() + 1)
             layer.pending.assign(0.0)
         recorded = min(int(layer.epochs_recorded.numpy()), 2)
-        weights = dwa_weights(layer.epoch_losses.numpy()[2 - recorded:], self.temperature)
+        weights = dwa_weights(layer.epoch_losses.numpy()[2 - recorded:], self.temperature, self.variant)
         layer.loss_weights.assign(weights.astype(np.float32))
         self.history.append((epoch, weights))
 
@@ -193,7 +209,8 @@ class RequireEnergies(keras.callbacks.Callback):
 
 
 def weighted_losses(weighting: str, targets: Sequence[str], stats: Optional[Mapping], *, temperature: float = 2.0,
-                    power: float = 1.0, distance: Optional[Callable] = None, key: str = "model.m_unet"):
+                    power: float = 1.0, distance: Optional[Callable] = None, key: str = "model.m_unet",
+                    dwa_variant: str = "softmax"):
     """(LossWeighting layer, {target: WeightedL1}, callbacks) for `weighting` in equal | dwa | ebw.
 
     EBW takes the training-set energies from `stats` (see `target_energies`); without them the model
@@ -213,7 +230,7 @@ def weighted_losses(weighting: str, targets: Sequence[str], stats: Optional[Mapp
     layer = LossWeighting(targets, initial.tolist(), name="loss_weighting")
     layer.build()  # the losses read its `loss_weights` variable
     if weighting == "dwa":
-        callbacks.append(DynamicWeightAverage(layer, temperature))
+        callbacks.append(DynamicWeightAverage(layer, temperature, dwa_variant))
     losses = {target: WeightedL1(layer.loss_weights, index, distance, name=f"l1_{target}")
               for index, target in enumerate(targets)}
     return layer, losses, callbacks

@@ -40,7 +40,7 @@ from configs.config import bounded, check_fields, choice
 from configs.errors import ConfigError
 from models import unet_core
 from models.layers import MergePatches, SpectrogramPatches, check_stft, torch_batch_norm
-from models.loss_weighting import WEIGHTINGS, weighted_losses
+from models.loss_weighting import DWA_VARIANTS, WEIGHTINGS, weighted_losses
 from models.transforms import ComplexNorm, Float32Layer, complex_norm
 
 LOSS_DOMAINS = ("auto", "magnitudes", "masks")
@@ -63,6 +63,9 @@ class Config:
     align_corners: bool = False  # grid_sample of PyTorch >= 1.3 (False) or < 1.3 (True)
     weighting: str = choice("dwa", WEIGHTINGS)  # equal | dwa | ebw
     dwa_temperature: float = bounded(2.0, 0, low_open=True)
+    # softmax: the paper's K-way formula (and the authors' train/dwa.py today); first_two: their code at the
+    # "EUSIPCO final configuration" commit 9eb7032, which weighted only the first two targets (models/loss_weighting)
+    dwa_variant: str = choice("softmax", DWA_VARIANTS)
     # EBW: lambda_k = (E_max / E_k) ** ebw_power (the paper uses 1 and 2)
     ebw_power: float = bounded(1.0, 0, low_open=True)
     # auto (masks for EBW, magnitudes otherwise, as the code) | magnitudes | masks
@@ -307,6 +310,7 @@ def build(config: Config, *, data, stats=None):
         domain = "masks" if config.weighting == "ebw" else "magnitudes"
     weighting, loss, callbacks = weighted_losses(
         config.weighting, targets, stats, temperature=config.dwa_temperature, power=config.ebw_power,
+        dwa_variant=config.dwa_variant,
         distance=pair_distance(domain, config.mask_clamp))
 
     def input_samples(n: int) -> int:

@@ -80,7 +80,7 @@ def test_describe_model_prints_the_presets_differences():
 
     output = describe_model("dttnet_paper").splitlines()
     assert "differences of 'dttnet_paper' from the authors' recipe (docs/recipes.md):" in output
-    assert output[-4:] == describe("dttnet_paper")
+    assert output[-len(describe("dttnet_paper")):] == describe("dttnet_paper")
 
 
 def test_docs_page_holds_the_generated_reference_table():

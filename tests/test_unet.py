@@ -421,6 +421,11 @@ def test_dwa_weights_match_hand_computed_values():
     np.testing.assert_array_equal(loss_weighting.dwa_weights(np.zeros((0, 4))), np.ones(4))  # first two epochs
     np.testing.assert_array_equal(loss_weighting.dwa_weights([[3.0, 1.0, 2.0, 5.0]]), np.ones(4))
     np.testing.assert_allclose(loss_weighting.dwa_weights([[1.0, 1.0], [0.5, 2.0]], 1e6), [1.0, 1.0], rtol=1e-5)
+    # the authors' code at the EUSIPCO configuration (9eb7032): the two-target formula on the first two, others 1
+    history = [[1.0, 2.0, 4.0, 8.0], [0.5, 2.0, 1.0, 16.0]]
+    np.testing.assert_allclose(loss_weighting.dwa_weights(history, 2.0, "first_two"),
+                               [0.8756469982284039, 1.1243530017715961, 1.0, 1.0], rtol=1e-12)
+    assert not np.allclose(loss_weighting.dwa_weights(history, 2.0), [0.8756, 1.1244, 1.0, 1.0], atol=1e-3)
 
 
 def test_ebw_weights_match_hand_computed_values():
