@@ -276,7 +276,7 @@ def _recipe_callbacks(context, model, tc, monitor: str, mode: str, best_path: Pa
             initial_value_threshold=previous_best))
     if tc.early_stopping:
         callbacks.append(keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=tc.patience,
-                                                       baseline=baseline))
+                                                       baseline=baseline, min_delta=tc.early_stopping_min_delta))
     if tc.lr_schedule == "plateau" and tc.plateau_impl == "torch":
         from components.training.callbacks import TorchPlateauCallback
 
@@ -287,7 +287,7 @@ def _recipe_callbacks(context, model, tc, monitor: str, mode: str, best_path: Pa
     elif tc.lr_schedule == "plateau":
         callbacks.append(keras.callbacks.ReduceLROnPlateau(
             monitor=monitor, mode=mode, patience=tc.lr_decay_patience, factor=tc.lr_decay_gamma, min_lr=tc.lr_min,
-            cooldown=10 if tc.lr_decay_patience > 10 else 0))
+            min_delta=tc.lr_threshold, cooldown=tc.lr_cooldown))
     return callbacks
 
 

@@ -217,14 +217,15 @@ class TrainConfig:
     ema_momentum: Optional[float] = bounded(None, 0, 1, low_open=True, high_open=True)
     lr_schedule: str = choice("plateau", ("plateau", "constant"))  # plateau (ReduceLROnPlateau) | constant
     lr_min: float = bounded(0.0, 0)  # plateau: the rate never decays below this
-    # plateau as torch.optim.lr_scheduler.ReduceLROnPlateau does it (the presets citing torch code): keras keeps
-    # Keras' callback (absolute min_delta 1e-4, cooldown 10 when patience > 10); torch uses the keys below
+    # plateau as torch.optim.lr_scheduler.ReduceLROnPlateau does it (the presets citing torch code) or as Keras'
+    # ReduceLROnPlateau (min_delta = lr_threshold, absolute; lr_threshold_mode and lr_monitor are torch's only)
     plateau_impl: str = choice("keras", ("keras", "torch"))
-    lr_threshold: float = bounded(1e-4, 0)  # torch plateau: the improvement that counts
+    lr_threshold: float = bounded(1e-4, 0)  # plateau: the improvement that counts (Keras' min_delta)
     lr_threshold_mode: str = choice("rel", ("rel", "abs"))  # torch plateau: relative (torch's default) or absolute
-    lr_cooldown: int = bounded(0, 0)  # torch plateau: epochs without reduction after one
+    lr_cooldown: int = bounded(10, 0)  # plateau: epochs without reduction after one (open-unmix: 10)
     lr_monitor: str = choice("auto", ("auto", "loss", "val_loss"))  # torch plateau: auto = the checkpoint metric
     early_stopping: bool = True  # stop after `patience` epochs without improvement
+    early_stopping_min_delta: float = bounded(0.0, 0)  # the improvement that counts (Keras' min_delta)
     # val_loss | val_sdr: the best weights by loss or by whole-track validation SDR; last: the final weights are
     # the model (recipes without model selection: the sdx23 and Spleeter scripts save the last step)
     checkpoint_metric: str = choice("val_loss", ("val_loss", "val_sdr", "last"))

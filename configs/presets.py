@@ -114,6 +114,8 @@ def _c_unet_recipe() -> dict:
             # EarlyStopping(patience=EARLY_STOPPING_PATIENCE 30) and ModelCheckpoint on val_loss
             "lr_schedule": "plateau", "lr_decay_patience": 15, "lr_decay_gamma": 0.5, "lr_min": 1e-5,
             "early_stopping": True, "patience": 30,
+            # EARLY_STOPPING_MIN_DELTA 1e-5 for both callbacks; Keras' default cooldown 0
+            "plateau_impl": "keras", "lr_threshold": 1e-5, "lr_cooldown": 0, "early_stopping_min_delta": 1e-5,
             "seq_seconds": 127 * 256 / 8192,  # INPUT_SHAPE 128 frames, HOP 256 at FR 8,192 Hz (preprocess/config.py)
             "ema_momentum": None, "checkpoint_metric": "val_loss", "clip_norm": None,
         },
