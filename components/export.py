@@ -26,8 +26,9 @@ from configs.config import to_plain
 from configs.errors import StageError
 from components.base import ComponentSpec, StageContext
 from components.data.manifest import Manifest
-from components.inference.exported import (INPUT_NAME, SIDECAR, SIGNATURE, ExportLayout, run_tflite,
-                                           saved_model_stream_step, tflite_ops, tflite_stream_step, xla_functions)
+from components.inference.exported import (INPUT_NAME, SERVING_CACHE, SIDECAR, SIGNATURE, ExportLayout, publish,
+                                           run_tflite, saved_model_stream_step, serving_config, tflite_ops,
+                                           tflite_stream_step, xla_functions)
 
 log = logging.getLogger("pipeline.export")
 
@@ -68,14 +69,6 @@ def write_sidecar(saved_model: Path, sidecar: dict) -> None:
     SavedModel version folder: TF Serving ignores it; it makes the folder self-describing."""
     (saved_model / "assets.extra").mkdir(exist_ok=True)
     (saved_model / "assets.extra" / SIDECAR).write_text(json.dumps(sidecar, indent=1, default=str))
-
-
-def serving_config(model_names) -> str:
-    """TF Serving's `--model_config_file` text proto; base paths relative to the container's /models."""
-    entries = "".join(
-        f'  config {{\n    name: "{name}"\n    base_path: "/models/{name}"\n    model_platform: "tensorflow"\n  }}\n'
-        for name in model_names)
-    return "model_config_list {\n" + entries + "}\n"
 
 
 # --------------------------------------------------------------------------------------------
@@ -284,6 +277,13 @@ def run(context: StageContext) -> dict:
         sidecar["stream"] = stream
     layout.sidecar.write_text(json.dumps(sidecar, indent=1, default=str))
     write_sidecar(saved, sidecar)
+
+    # TF Serving's folder: this export as the next version, the newest export.keep_versions kept
+    serving_root = Path(config.export.serving_dir) if config.export.serving_dir else context.side_cache(SERVING_CACHE)
+    published = publish(saved, serving_root, name, keep=config.export.keep_versions, identity=context.fingerprint,
+                        minimum=config.export.version)
+    figures["published_version"] = int(published.name)
+    context.logger.info("published for TF Serving: %s (models.config in %s)", published, serving_root)
     return {"figures": figures, "result": figures.get("tflite_float32_parity_db")}
 
 
@@ -357,4 +357,4 @@ def _export_stream_if_supported(context: StageContext, model, folder: Path, figu
 
 SPEC = ComponentSpec(name="export", inputs=("train",), optional_inputs=("prepare", "evaluate"),
                      config_sections=("data", "model", "train", "export"), executor=run,
-                     outputs=("model.json", "saved_model/models.config"))
+                     outputs=("model.json", "saved_model/models.config"), side_caches=(SERVING_CACHE,))

@@ -264,6 +264,10 @@ class ExportConfig:
     # true: the serving SavedModel keeps its XLA-compiled functions (STFT, LSTM loops, Wiener filter): faster, but
     # only for servers started with XLA's CPU JIT on (TF Serving: --xla_cpu_compilation_enabled=true)
     xla: bool = False
+    # TF Serving's model folder: each export is published there as the next version `<model>/<n+1>/` (written
+    # beside, renamed into place), keeping the newest `keep_versions`; None: <artifacts_dir>/serving
+    serving_dir: Optional[str] = None
+    keep_versions: int = bounded(2, 1)
 
     def __post_init__(self):
         check_fields(self, "export.")

@@ -81,6 +81,51 @@ def test_serving_graph_needs_no_xla_and_export_xla_keeps_it(exported, tmp_path):
         assert max(np.max(np.abs(out[t] - np.asarray(keras_out[t]))) for t in config.data.targets) <= 1e-5
 
 
+def test_publish_adds_versions_beside_keeps_the_newest_and_rewrites_models_config(exported, tmp_path):
+    """TF Serving's model folder: each new export is the next version, renamed into place complete; the newest
+    `keep` stay; the same export again adds nothing; a publication killed before its rename leaves a hidden
+    folder that the next one removes; models.config lists every model published there."""
+    import tensorflow as tf
+
+    from components.inference.exported import publish, versions
+
+    saved = exported / "export" / "saved_model" / "umx" / "1"
+    root = tmp_path / "serving"
+    assert publish(saved, root, "umx", keep=2, identity="a") == root / "umx" / "1"
+    assert publish(saved, root, "umx", keep=2, identity="a") == root / "umx" / "1"  # unchanged: no new version
+    (root / "umx" / ".publishing-9-123").mkdir()  # killed before its rename: never a numeric folder
+    assert publish(saved, root, "umx", keep=2, identity="b") == root / "umx" / "2"
+    assert [p.name for p in versions(root / "umx")] == ["1", "2"] and not list((root / "umx").glob(".publishing-*"))
+    publish(saved, root, "umx", keep=2, identity="c")
+    publish(saved, root, "other", keep=2, identity="c")
+    assert [p.name for p in versions(root / "umx")] == ["2", "3"]
+    assert sorted(p.name for p in (root / "umx").iterdir()) == ["2", "3"]
+    text = (root / "models.config").read_text()
+    assert text.count("config {") == 2 and 'base_path: "/models/umx"' in text and 'name: "other"' in text
+    version = root / "umx" / "3"
+    assert (version / "variables" / "variables.index").stat().st_ino == \
+        (saved / "variables" / "variables.index").stat().st_ino  # hard links: no second copy of the weights
+    assert "serving_default" in tf.saved_model.load(str(version)).signatures
+
+
+def test_re_export_publishes_the_next_version_beside_the_served_one(exported, tmp_path):
+    from tests.cli import cli
+    from tests.shared_artifacts import copy_stages
+
+    served = exported / "serving" / "umx"
+    assert [p.name for p in served.iterdir() if p.name.isdigit()] == ["1"]  # the shared --stage all published it
+    assert json.loads((exported / "export" / "artifact.json").read_text())["figures"]["published_version"] == 1
+    root = copy_stages(exported, tmp_path / "a", "prepare", "train", "export", "serving")
+    cli("--stage", "export", "--no-file-observer", "-q", "with", "unittest", f"artifacts_dir={root}",
+        "export.tflite_chunk_seconds=2.0")  # another export: the next version; version 1 stays
+    assert sorted(p.name for p in (root / "serving" / "umx").iterdir()) == ["1", "2"]
+    assert (root / "serving" / "umx" / "2" / "assets.extra" / "model.json").is_file()
+    assert 'name: "umx"' in (root / "serving" / "models.config").read_text()
+    from components.inference.separators import load_separator
+
+    assert load_separator(str(root / "serving" / "umx"), str(root)).path.name == "2"
+
+
 # A fresh process that loads the SavedModel as TensorFlow Serving does by default: XLA compilation disabled with
 # the same C++ call (tensorflow::DisableXlaCompilation) the server makes for --xla_cpu_compilation_enabled=false.
 FRESH_LOAD = textwrap.dedent("""

@@ -41,6 +41,77 @@ def xla_functions(saved_model: Path) -> list:
     return found
 
 
+SERVING_CACHE = "serving"  # <artifacts_dir>/serving: the published versions TF Serving reads (export.serving_dir)
+
+
+def versions(model_folder: Path) -> list:
+    """The complete numeric version folders of a TF Serving model folder, oldest first."""
+    if not Path(model_folder).is_dir():
+        return []
+    found = [p for p in Path(model_folder).iterdir() if p.name.isdigit() and (p / "saved_model.pb").is_file()]
+    return sorted(found, key=lambda p: int(p.name))
+
+
+def publish(saved_model: Path, serving_root: Path, name: str, *, keep: int = 2, identity: str = "",
+            minimum: int = 1) -> Path:
+    """`saved_model` published as the next version of `name` under `serving_root` (TF Serving's model base
+    path): copied (hard links where the file system allows) into a hidden folder beside, renamed to
+    `<n+1>` in one step, so a server polling the folder never sees a half-written version; then the oldest
+    versions beyond `keep` are removed and `serving_root/models.config` rewritten (write beside, rename) for
+    every model published there. `identity` (the export's fingerprint) makes a re-publication of the same
+    export return the existing version instead of adding one. Returns the version folder."""
+    import os
+    import shutil
+
+    from components import artifacts
+
+    serving_root = Path(serving_root)
+    folder = serving_root / name
+    with artifacts.exclusive(serving_root):
+        present = versions(folder)
+        if present and identity and _published_identity(present[-1]) == identity:
+            return present[-1]
+        for stale in folder.glob(".publishing-*") if folder.is_dir() else ():
+            shutil.rmtree(stale, ignore_errors=True)  # a publication killed before its rename
+        number = max([int(p.name) for p in present] + [minimum - 1]) + 1
+        staging = folder / f".publishing-{number}-{os.getpid()}"
+        folder.mkdir(parents=True, exist_ok=True)
+
+        def link_or_copy(source, destination):
+            try:
+                os.link(source, destination)
+            except OSError:
+                shutil.copy2(source, destination)
+
+        shutil.copytree(saved_model, staging, copy_function=link_or_copy)
+        (staging / "assets.extra").mkdir(exist_ok=True)
+        (staging / "assets.extra" / "published.json").write_text(json.dumps({"identity": identity}))
+        target = folder / str(number)
+        os.rename(staging, target)
+        for old in versions(folder)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        names = sorted(p.name for p in serving_root.iterdir() if p.is_dir() and versions(p))
+        config = serving_root / f".models.config.{os.getpid()}"
+        config.write_text(serving_config(names))
+        os.replace(config, serving_root / "models.config")
+    return target
+
+
+def _published_identity(version: Path) -> str:
+    try:
+        return json.loads((version / "assets.extra" / "published.json").read_text()).get("identity", "")
+    except (OSError, ValueError):
+        return ""
+
+
+def serving_config(model_names) -> str:
+    """TF Serving's `--model_config_file` text proto; base paths relative to the container's /models."""
+    entries = "".join(
+        f'  config {{\n    name: "{name}"\n    base_path: "/models/{name}"\n    model_platform: "tensorflow"\n  }}\n'
+        for name in model_names)
+    return "model_config_list {\n" + entries + "}\n"
+
+
 @dataclass(frozen=True)
 class ExportLayout:
     """The files of one export folder (`artifacts_dir/export`)."""

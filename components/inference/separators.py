@@ -17,6 +17,7 @@ class SavedModelSeparator:
     def __init__(self, path: Path):
         import tensorflow as tf
 
+        self.path = Path(path)
         self.sidecar = find_sidecar(path)
         loaded = tf.saved_model.load(str(path))
         self._loaded = loaded  # keep the trackable alive
