@@ -23,6 +23,7 @@ setup(
         "matplotlib>=3.7",  # evaluation box plots
         "tensorboard>=2.16",  # training logs (keras.callbacks.TensorBoard)
         "ai-edge-litert>=1.2",  # runs exported .tflite models
+        "tensorflow-serving-api>=2.21,<2.22",  # TF Serving's protos: the export's warm-up requests
     ],
     extras_require={
         "db": ["SQLAlchemy>=2", "psycopg[binary]>=3.1", "pymongo>=4"],

@@ -19,6 +19,7 @@ import json
 import logging
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -26,9 +27,9 @@ from configs.config import to_plain
 from configs.errors import StageError
 from components.base import ComponentSpec, StageContext
 from components.data.manifest import Manifest
-from components.inference.exported import (INPUT_NAME, SERVING_CACHE, SIDECAR, SIGNATURE, ExportLayout, publish,
-                                           run_tflite, saved_model_stream_step, serving_config, tflite_ops,
-                                           tflite_stream_step, xla_functions)
+from components.inference.exported import (INPUT_NAME, SERVING_CACHE, SIDECAR, SIGNATURE, WAV_INPUT, WAV_SIGNATURE,
+                                           ExportLayout, publish, run_tflite, saved_model_stream_step,
+                                           serving_config, tflite_ops, tflite_stream_step, xla_functions)
 
 log = logging.getLogger("pipeline.export")
 
@@ -37,18 +38,21 @@ log = logging.getLogger("pipeline.export")
 # --------------------------------------------------------------------------------------------
 # SavedModel
 # --------------------------------------------------------------------------------------------
-def write_saved_model(separator, path: Path, nb_channels: int, xla: bool = False) -> None:
+def write_saved_model(separator, path: Path, nb_channels: int, xla: bool = False,
+                      sample_rate: Optional[int] = None) -> None:
     """`serving_default`: float32 `(batch, samples, channels)` (any batch, any length) -> {target: same}.
+    With `sample_rate`, also `wav` (WAV_SIGNATURE): one WAV file's bytes in (`audio_bytes`), one 16-bit PCM WAV
+    per target out (`<target>_bytes`): a quarter of the float32 reply's size, base64 over REST.
 
     `xla=False`: traced inside `transforms.without_xla()`, so no function must be XLA-compiled and stock
     TensorFlow Serving (XLA's CPU JIT off by default) runs it; `xla=True` keeps the compiled functions."""
     from models.transforms import without_xla
 
     with (contextlib.nullcontext() if xla else without_xla()):
-        _write_endpoint(separator, path, nb_channels)
+        _write_endpoints(separator, path, nb_channels, sample_rate)
 
 
-def _write_endpoint(separator, path: Path, nb_channels: int) -> None:
+def _write_endpoints(separator, path: Path, nb_channels: int, sample_rate: Optional[int]) -> None:
     import keras
     import tensorflow as tf
 
@@ -61,7 +65,50 @@ def _write_endpoint(separator, path: Path, nb_channels: int) -> None:
         fn=lambda waveform: separator(waveform, training=False),
         input_signature=[tf.TensorSpec([None, None, nb_channels], tf.float32, name=INPUT_NAME)],
     )
-    archive.write_out(str(path), verbose=False)
+    if sample_rate is not None:
+        def separate_wav(audio_bytes):
+            audio, rate = tf.audio.decode_wav(audio_bytes)  # (samples, channels) in [-1, 1)
+            tf.debugging.assert_equal(rate, tf.constant(sample_rate, tf.int32),
+                                      message=f"the WAV must be at {sample_rate} Hz, the model rate; resample it first")
+            if nb_channels == 2:  # mono in: the same signal on both channels (as `separate` does)
+                audio = tf.cond(tf.shape(audio)[1] == 1, lambda: tf.tile(audio, [1, 2]), lambda: audio[:, :2])
+            else:
+                audio = tf.reduce_mean(audio, axis=1, keepdims=True)
+            # batch of one, its size left dynamic as in `serving_default`'s graph
+            stems = separator(tf.reshape(audio, [-1, tf.shape(audio)[0], nb_channels]), training=False)
+            return {f"{target}_bytes": tf.audio.encode_wav(tf.clip_by_value(stem[0], -1.0, 1.0), sample_rate)
+                    for target, stem in stems.items()}
+
+        archive.add_endpoint(name=WAV_SIGNATURE, fn=separate_wav,
+                             input_signature=[tf.TensorSpec([], tf.string, name=WAV_INPUT)])
+    # a server never differentiates: no custom-gradient functions in the file (nor their tracing at save time)
+    archive.write_out(str(path), options=tf.saved_model.SaveOptions(experimental_custom_gradients=False),
+                      verbose=False)
+
+
+WARMUP_FILE = "tf_serving_warmup_requests"
+
+
+def write_warmup(saved_model: Path, name: str, sample_rate: int, nb_channels: int, seconds: float = 1.0) -> None:
+    """`assets.extra/tf_serving_warmup_requests`: a TFRecord of PredictionLog, one representative request per
+    signature (a second of quiet noise as float32 and as WAV bytes), which TF Serving runs once when it loads
+    the version, so that the first user's request does not pay for graph set-up and memory allocation."""
+    import tensorflow as tf
+    from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
+
+    waveform = (0.05 * np.random.default_rng(0).standard_normal((1, int(seconds * sample_rate), nb_channels)))
+    waveform = waveform.astype(np.float32)
+    requests = []
+    for signature, key, value in ((SIGNATURE, INPUT_NAME, waveform),
+                                  (WAV_SIGNATURE, WAV_INPUT, tf.audio.encode_wav(waveform[0], sample_rate).numpy())):
+        request = predict_pb2.PredictRequest(model_spec=model_pb2.ModelSpec(name=name, signature_name=signature))
+        request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
+        requests.append(request)
+    (saved_model / "assets.extra").mkdir(exist_ok=True)
+    with tf.io.TFRecordWriter(str(saved_model / "assets.extra" / WARMUP_FILE)) as writer:
+        for request in requests:
+            log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
+            writer.write(log.SerializeToString())
 
 
 def write_sidecar(saved_model: Path, sidecar: dict) -> None:
@@ -234,7 +281,8 @@ def run(context: StageContext) -> dict:
 
     # SavedModel for TF Serving
     saved = layout.saved_model(name, config.export.version)
-    write_saved_model(model.separator, saved, channels, xla=config.export.xla)
+    write_saved_model(model.separator, saved, channels, xla=config.export.xla, sample_rate=rate)
+    write_warmup(saved, name, rate, channels)
     figures["saved_model_xla_functions"] = len(xla_functions(saved))
     layout.serving_config.write_text(serving_config([name]))
     probe = _probe_chunk(context, int(round(min(5.0, config.data.segment_seconds) * rate)))
@@ -263,6 +311,8 @@ def run(context: StageContext) -> dict:
         "targets": list(model.targets),
         "signature": {"name": SIGNATURE, "input": {INPUT_NAME: ["batch", "samples", channels]},
                       "outputs": {t: ["batch", "samples", channels] for t in model.targets}},
+        "wav_signature": {"name": WAV_SIGNATURE, "input": {WAV_INPUT: f"WAV file bytes at {rate} Hz"},
+                          "outputs": {f"{t}_bytes": "16-bit PCM WAV bytes" for t in model.targets}},
         "family_config": to_plain(model.config),
         "config": {"data": config.section("data"), "model": config.section("model")},
         "train_fingerprint": context.inputs["train"].fingerprint,

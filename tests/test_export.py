@@ -81,6 +81,60 @@ def test_serving_graph_needs_no_xla_and_export_xla_keeps_it(exported, tmp_path):
         assert max(np.max(np.abs(out[t] - np.asarray(keras_out[t]))) for t in config.data.targets) <= 1e-5
 
 
+def test_wav_signature_separates_wav_bytes_like_the_float_signature(exported):
+    """`wav`: WAV bytes in, one 16-bit WAV per target out (REST sends them base64); the stems are the float32
+    signature's to 16-bit rounding; mono input is spread over both channels; another rate is refused."""
+    import io
+
+    import soundfile as sf
+    import tensorflow as tf
+
+    from components.inference.exported import WAV_INPUT, WAV_SIGNATURE
+
+    loaded = tf.saved_model.load(str(exported / "export" / "saved_model" / "umx" / "1"))
+    sidecar = json.loads((exported / "export" / "model.json").read_text())
+    rate, targets = sidecar["sample_rate"], sidecar["targets"]
+    clip = (0.1 * np.random.default_rng(5).standard_normal((2 * rate, 2))).astype(np.float32)
+    buffer = io.BytesIO()
+    sf.write(buffer, clip, rate, format="WAV", subtype="PCM_16")
+    replies = loaded.signatures[WAV_SIGNATURE](**{WAV_INPUT: tf.constant(buffer.getvalue())})
+    assert sorted(replies) == sorted(f"{t}_bytes" for t in targets)
+    pcm = sf.read(io.BytesIO(buffer.getvalue()), dtype="float32")[0]  # the clip as the server decodes it
+    floats = loaded.signatures["serving_default"](waveform=tf.constant(pcm[None]))
+    for target in targets:
+        stem, stem_rate = sf.read(io.BytesIO(replies[f"{target}_bytes"].numpy()), dtype="float32")
+        reference = np.clip(floats[target].numpy()[0], -1, 1)
+        assert stem_rate == rate and stem.shape == clip.shape
+        assert np.max(np.abs(stem - reference)) <= 1.0 / 32768 + 1e-6  # 16-bit rounding only
+        sdr = 10 * np.log10(np.sum(reference ** 2) / np.sum((stem - reference) ** 2))
+        assert sdr > 60, (target, sdr)
+    mono = io.BytesIO()
+    sf.write(mono, clip[:, :1], rate, format="WAV", subtype="PCM_16")
+    stem = sf.read(io.BytesIO(loaded.signatures[WAV_SIGNATURE](**{WAV_INPUT: tf.constant(mono.getvalue())})[
+        f"{targets[0]}_bytes"].numpy()))[0]
+    assert stem.shape == clip.shape
+    other = io.BytesIO()
+    sf.write(other, clip, rate * 2, format="WAV", subtype="PCM_16")
+    with pytest.raises(tf.errors.InvalidArgumentError, match=f"the WAV must be at {rate} Hz, the model rate"):
+        loaded.signatures[WAV_SIGNATURE](**{WAV_INPUT: tf.constant(other.getvalue())})
+
+
+def test_warmup_file_holds_one_request_per_signature_and_each_runs(exported):
+    import tensorflow as tf
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    version = exported / "export" / "saved_model" / "umx" / "1"
+    loaded = tf.saved_model.load(str(version))
+    logs = [prediction_log_pb2.PredictionLog.FromString(record.numpy()) for record in
+            tf.data.TFRecordDataset(str(version / "assets.extra" / "tf_serving_warmup_requests"))]
+    requests = [log.predict_log.request for log in logs]
+    assert sorted(r.model_spec.signature_name for r in requests) == ["serving_default", "wav"]
+    for request in requests:
+        inputs = {key: tf.make_ndarray(proto) for key, proto in request.inputs.items()}
+        outputs = loaded.signatures[request.model_spec.signature_name](**{k: tf.constant(v) for k, v in inputs.items()})
+        assert len(outputs) == 4 and request.model_spec.name == "umx"
+
+
 def test_publish_adds_versions_beside_keeps_the_newest_and_rewrites_models_config(exported, tmp_path):
     """TF Serving's model folder: each new export is the next version, renamed into place complete; the newest
     `keep` stay; the same export again adds nothing; a publication killed before its rename leaves a hidden
