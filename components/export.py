@@ -27,8 +27,9 @@ from configs.config import to_plain
 from configs.errors import StageError
 from components.base import ComponentSpec, StageContext
 from components.data.manifest import Manifest
-from components.inference.exported import (INPUT_NAME, SERVING_CACHE, SIDECAR, SIGNATURE, WAV_INPUT, WAV_SIGNATURE,
-                                           ExportLayout, publish, run_tflite, saved_model_stream_step,
+from components.inference.exported import (INPUT_NAME, METADATA_INPUT, METADATA_SIGNATURE, SERVING_CACHE, SIDECAR,
+                                           SIGNATURE, WAV_INPUT, WAV_SIGNATURE, ExportLayout, publish, run_tflite,
+                                           saved_model_stream_step,
                                            serving_config, tflite_ops, tflite_stream_step, xla_functions)
 
 log = logging.getLogger("pipeline.export")
@@ -38,21 +39,23 @@ log = logging.getLogger("pipeline.export")
 # --------------------------------------------------------------------------------------------
 # SavedModel
 # --------------------------------------------------------------------------------------------
-def write_saved_model(separator, path: Path, nb_channels: int, xla: bool = False,
-                      sample_rate: Optional[int] = None) -> None:
+def write_saved_model(separator, path: Path, nb_channels: int, xla: bool = False, sample_rate: Optional[int] = None,
+                      targets: tuple = (), chunk_samples: Optional[int] = None) -> None:
     """`serving_default`: float32 `(batch, samples, channels)` (any batch, any length) -> {target: same}.
     With `sample_rate`, also `wav` (WAV_SIGNATURE): one WAV file's bytes in (`audio_bytes`), one 16-bit PCM WAV
-    per target out (`<target>_bytes`): a quarter of the float32 reply's size, base64 over REST.
+    per target out (`<target>_bytes`): a quarter of the float32 reply's size, base64 over REST; and `metadata`
+    (METADATA_SIGNATURE): what a remote client needs (rate, channels, targets, the family's chunk) over Predict.
 
     `xla=False`: traced inside `transforms.without_xla()`, so no function must be XLA-compiled and stock
     TensorFlow Serving (XLA's CPU JIT off by default) runs it; `xla=True` keeps the compiled functions."""
     from models.transforms import without_xla
 
     with (contextlib.nullcontext() if xla else without_xla()):
-        _write_endpoints(separator, path, nb_channels, sample_rate)
+        _write_endpoints(separator, path, nb_channels, sample_rate, tuple(targets), chunk_samples)
 
 
-def _write_endpoints(separator, path: Path, nb_channels: int, sample_rate: Optional[int]) -> None:
+def _write_endpoints(separator, path: Path, nb_channels: int, sample_rate: Optional[int], targets: tuple,
+                     chunk_samples: Optional[int]) -> None:
     import keras
     import tensorflow as tf
 
@@ -81,12 +84,22 @@ def _write_endpoints(separator, path: Path, nb_channels: int, sample_rate: Optio
 
         archive.add_endpoint(name=WAV_SIGNATURE, fn=separate_wav,
                              input_signature=[tf.TensorSpec([], tf.string, name=WAV_INPUT)])
+        def metadata(unused):
+            del unused  # Predict needs an input; the answer is the same for any
+            return {"sample_rate": tf.constant(sample_rate, tf.int32),
+                    "nb_channels": tf.constant(nb_channels, tf.int32),
+                    "chunk_samples": tf.constant(chunk_samples or 0, tf.int32),
+                    "targets": tf.constant(list(targets), tf.string)}
+
+        archive.add_endpoint(name=METADATA_SIGNATURE, fn=metadata,
+                             input_signature=[tf.TensorSpec([], tf.float32, name=METADATA_INPUT)])
     # a server never differentiates: no custom-gradient functions in the file (nor their tracing at save time)
     archive.write_out(str(path), options=tf.saved_model.SaveOptions(experimental_custom_gradients=False),
                       verbose=False)
 
 
 WARMUP_FILE = "tf_serving_warmup_requests"
+TFLITE_OVERLAP = 0.25  # the chunk overlap the TFLite sidecar describes for apps (and `separate --overlap`'s default)
 
 
 def write_warmup(saved_model: Path, name: str, sample_rate: int, nb_channels: int, seconds: float = 1.0) -> None:
@@ -100,7 +113,8 @@ def write_warmup(saved_model: Path, name: str, sample_rate: int, nb_channels: in
     waveform = waveform.astype(np.float32)
     requests = []
     for signature, key, value in ((SIGNATURE, INPUT_NAME, waveform),
-                                  (WAV_SIGNATURE, WAV_INPUT, tf.audio.encode_wav(waveform[0], sample_rate).numpy())):
+                                  (WAV_SIGNATURE, WAV_INPUT, tf.audio.encode_wav(waveform[0], sample_rate).numpy()),
+                                  (METADATA_SIGNATURE, METADATA_INPUT, np.float32(0))):
         request = predict_pb2.PredictRequest(model_spec=model_pb2.ModelSpec(name=name, signature_name=signature))
         request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
         requests.append(request)
@@ -281,7 +295,8 @@ def run(context: StageContext) -> dict:
 
     # SavedModel for TF Serving
     saved = layout.saved_model(name, config.export.version)
-    write_saved_model(model.separator, saved, channels, xla=config.export.xla, sample_rate=rate)
+    write_saved_model(model.separator, saved, channels, xla=config.export.xla, sample_rate=rate,
+                      targets=model.targets, chunk_samples=model.inference.separation_chunk_samples)
     write_warmup(saved, name, rate, channels)
     figures["saved_model_xla_functions"] = len(xla_functions(saved))
     layout.serving_config.write_text(serving_config([name]))
@@ -353,10 +368,8 @@ def _export_tflite(context: StageContext, model, folder: Path, figures: dict) ->
     chunk = model.input_samples(chunk)
     mobile = model.inference.mobile(chunk)
     probe = _probe_chunk(context, chunk)
-    # the mobile model reproduces the separator (waveforms) unless the family leaves a post-processing
-    # step to the app, in which case it reproduces the train-domain outputs
-    reference_model = model.separator if model.inference.postprocess is None else model.train_model
-    reference = {k: np.asarray(v) for k, v in reference_model(probe, training=False).items()}
+    # every family's file is the whole separator: waveform chunk in, one waveform per target out
+    reference = {k: np.asarray(v) for k, v in model.separator(probe, training=False).items()}
     folder.mkdir(parents=True)
     variants = {}
     for variant in ("float32", config.export.quantize):
@@ -381,8 +394,17 @@ def _export_tflite(context: StageContext, model, folder: Path, figures: dict) ->
         "latency_seconds": chunk / rate,
         "input": {INPUT_NAME: [1, chunk, config.data.nb_channels]},
         "outputs": {k: list(v.shape) for k, v in reference.items()},
-        "outputs_are": ("waveforms" if model.inference.postprocess is None
-                        else "train-domain outputs; apply the postprocess"),
+        "outputs_are": "waveforms",
+        "sample_rate": rate,
+        "nb_channels": config.data.nb_channels,
+        "targets": list(model.targets),
+        # an app separates a song chunk by chunk: chunks start every `hop_samples` (chunk x (1 - overlap)); each
+        # chunk's output is weighted by sin^2 over its first `overlap_samples` and cos^2 over its last (flat at the
+        # song's ends) and the weighted outputs are summed: the weights of neighbouring chunks add up to one
+        # (components/inference/separation.py chunk_weights). overlap 0: chunks side by side, weights 1
+        "overlap_add": {"overlap": TFLITE_OVERLAP, "hop_samples": chunk - int(round(TFLITE_OVERLAP * chunk)),
+                        "overlap_samples": int(round(TFLITE_OVERLAP * chunk)),
+                        "fade_in": "sin^2", "fade_out": "cos^2"},
         # the fused LSTM ops keep their state in variable tensors across invokes: an app resets them before
         # every chunk (Interpreter.resetVariableTensors() / ResetVariableTensors() / reset_all_variables())
         "reset_variables_before_each_chunk": any("UNIDIRECTIONAL_SEQUENCE_LSTM" in info["ops"]

@@ -65,10 +65,9 @@ class InferencePieces:
     make_separator: keyword options -> another separator keras.Model with these weights: `nb_timesteps`,
                    `batch_size` (static shapes) and the family's own (Open-Unmix: `wiener_iterations`, `residual`)
     mobile:        chunk length in samples -> a static-shape keras.Model with this model's weights, mixture
-                   `(1, chunk, nb_channels)` -> the same outputs as `train_model`, built from TFLite built-in ops
-                   only (e.g. LSTMs unrolled); None when the family cannot
-    postprocess:   (mixture waveform chunk, mobile outputs) -> {target: waveform}; what an app does after the
-                   .tflite model (e.g. Wiener filter + ISTFT). None when the mobile outputs are waveforms
+                   `(1, chunk, nb_channels)` -> {target: waveform}, the whole separator (STFT, network, masks or
+                   Wiener filter, ISTFT) from TFLite built-in ops only (e.g. LSTMs unrolled); None when the family
+                   cannot
     networks:      {target: keras.Model} of families with one network per target (Open-Unmix, Spleeter, DTTNet)
     network:       the one keras.Model every target shares (C-U-Net, M-U-Net, TFC-TDF-UNet v3)
     max_bin:       frequency bins the networks see (bins above it are not modelled)
@@ -82,7 +81,6 @@ class InferencePieces:
 
     make_separator: Optional[Callable[..., Any]] = None
     mobile: Optional[Callable[[int], Any]] = None
-    postprocess: Optional[Callable[[Any, Dict[str, Any]], Dict[str, Any]]] = None
     networks: Mapping[str, Any] = field(default_factory=dict)
     network: Optional[Any] = None
     max_bin: Optional[int] = None

@@ -34,14 +34,13 @@ from pathlib import Path
 from typing import Optional
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from configs.config import bounded, check_fields, choice
 from configs.errors import CheckpointError, ConfigError
 from models.base import InferencePieces, SeparationModel
 from models.layers import CropFrames, PadFrames, check_stft, torch_uniform
-from models.transforms import ISTFT, STFT, istft, stft
+from models.transforms import ISTFT, STFT, stft
 
 LOSSES = ("mse", "quantile_coarse", "quantile_element")
 DEFAULT_QUANTILE = {"quantile_coarse": 0.4, "quantile_element": 0.93}  # label noise (A), bleeding (B)
@@ -358,7 +357,10 @@ def spectral_graphs(config: Config, targets, nb_channels: int, net: keras.Model)
             raise ValueError(f"chunk of {chunk} samples is not a valid TFC-TDF-UNet input; use input_samples() "
                              f"(e.g. {valid_samples(config, chunk)})")
         static = keras.Input((chunk, nb_channels), batch_size=1, name="mixture")
-        outputs = waveform_outputs(static) if config.loss_domain == "waveform" else train_outputs(static)
+        # waveform in, one waveform per target out, in either loss domain: one ISTFT per target on 5-D tensors
+        # (TFLite's Pad takes at most 5 dimensions)
+        outputs = {target: istft_layer(pad_bins(spectrogram), static)
+                   for target, spectrogram in train_outputs(static).items()}
         return keras.Model(static, outputs, name="tfc_tdf_v3_mobile")
 
     return train_model, separator, make_mobile
@@ -378,14 +380,6 @@ def build(config: Config, *, data, stats=None) -> SeparationModel:
         return {target: stft(stems[target], config.n_fft, config.hop_length)[:, :, : config.dim_f]
                 for target in targets}
 
-    def postprocess(mixture, outputs):
-        """Mobile outputs (spectrograms) -> {target: waveform `(1, chunk, nb_channels)`}: pad bins, ISTFT."""
-        length = int(np.shape(mixture)[1])
-        pad = [[0, 0], [0, 0], [0, config.n_fft // 2 + 1 - config.dim_f], [0, 0], [0, 0]]
-        return {target: np.asarray(istft(tf.pad(tf.convert_to_tensor(outputs[target], tf.float32), pad),
-                                         config.n_fft, config.hop_length, length))
-                for target in targets}
-
     return SeparationModel(
         targets=targets,
         sample_rate=data.sample_rate,
@@ -398,7 +392,6 @@ def build(config: Config, *, data, stats=None) -> SeparationModel:
         input_samples=lambda n: valid_samples(config, n),
         inference=InferencePieces(
             mobile=make_mobile,
-            postprocess=postprocess if config.loss_domain == "spectrogram" else None,
             # the reference's inference chunks of inference_dim_t frames overlap so that their hop is
             # chunk / num_overlap (evaluate.overlap = 1 - 1/num_overlap)
             chunk_samples=config.hop_length * (config.inference_dim_t - 1),

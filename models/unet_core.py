@@ -10,8 +10,9 @@ A family provides four pieces and `assemble` wires them into the train, separato
     synthesis  [masks, mixture STFT, waveform] -> waveforms `(B, nb_timesteps, C, nb_targets)` (`ApplyMasks`:
                bins above max_bin, mask x mixture STFT or multichannel Wiener EM, ISTFT)
 
-`SeparationModel.postprocess` runs `to_masks` and `synthesis` on the mobile model's outputs, so the
-TFLite app and the separator share one implementation.
+The TFLite form (`InferencePieces.mobile`) is the separator itself at a static chunk: traced inside
+`transforms.tflite_graph()` its STFT, masks and ISTFT are TFLite built-ins, so an app runs one file, waveform in,
+stems out.
 """
 from __future__ import annotations
 
@@ -210,16 +211,9 @@ def assemble(*, name: str, config, data, analysis: keras.layers.Layer, estimate:
         return keras.Model(waveform, split(waveforms), name=f"{name}_separator")
 
     def mobile(chunk: int) -> keras.Model:
-        """Static `(1, chunk, nb_channels)` -> the train outputs; STFT, convs, BN, pads, reshapes: builtins only."""
-        waveform = keras.Input((chunk, nb_channels), batch_size=1, name="mixture")
-        return keras.Model(waveform, split(estimate(analysis(waveform))), name=f"{name}_mobile")
-
-    def postprocess(mixture_chunk, outputs):
-        waveform = tf.convert_to_tensor(mixture_chunk, tf.float32)
-        stacked = tf.stack([tf.convert_to_tensor(outputs[target], tf.float32) for target in targets], axis=-1)
-        mix_stft = analysis(waveform)
-        waveforms = synthesis(to_masks(stacked, mix_stft), mix_stft, waveform)
-        return {target: waveforms[..., index] for index, target in enumerate(targets)}
+        """The separator at static `(1, chunk, nb_channels)`: waveform in, one waveform per target out (STFT,
+        network, masks, ISTFT inside); traced in `transforms.tflite_graph()` it holds TFLite built-ins only."""
+        return make_separator(nb_timesteps=chunk, batch_size=1)
 
     return SeparationModel(
         targets=targets,
@@ -232,5 +226,5 @@ def assemble(*, name: str, config, data, analysis: keras.layers.Layer, estimate:
         config=config,
         input_samples=input_samples,
         training=TrainingHooks(callbacks=tuple(callbacks), **(training or {})),
-        inference=InferencePieces(mobile=mobile, postprocess=postprocess, make_separator=make_separator, **named),
+        inference=InferencePieces(mobile=mobile, make_separator=make_separator, **named),
     )

@@ -8,6 +8,7 @@ code is non-zero when any file failed.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -34,6 +35,14 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--list-models", action="store_true", help="list the released models and exit")
     parser.add_argument("--model", help="SavedModel directory or .tflite file (default: latest export in "
                                         "--artifacts-dir)")
+    server = parser.add_argument_group("TensorFlow Serving (pip install tensorflow-serving-api; deploy/)")
+    server.add_argument("--server", metavar="HOST:PORT", help="separate on a TF Serving server over gRPC instead of "
+                        "locally, e.g. localhost:8500")
+    server.add_argument("--server-model", metavar="NAME", help="the model's name on the server (default: the name of "
+                        "the export in --artifacts-dir)")
+    server.add_argument("--server-timeout", type=float, default=60.0, help="seconds per request (default: 60)")
+    server.add_argument("--server-max-message-mb", type=float, default=4.0,
+                        help="the gRPC message limit the chunks must fit (default: gRPC's 4 MB)")
     parser.add_argument("--artifacts-dir", default="artifacts", help="where the pipeline exported (default: artifacts)")
     parser.add_argument("-o", "--out", default="separated", help="output directory (default: separated)")
     parser.add_argument("--format", choices=("wav", "flac"), default="wav", help="stem file format")
@@ -113,6 +122,20 @@ def _load(args, load):
         return None, _refuse(str(error))
 
 
+def _connect(args, artifacts_dir):
+    from components.inference import serving_client
+
+    serving_client.check_address(args.server)
+    name = args.server_model
+    if name is None:
+        sidecar = Path(artifacts_dir) / "export" / "model.json"
+        if not sidecar.is_file():
+            raise SeparateError(f"--server {args.server}: which model? give --server-model NAME (its name in the "
+                                "server's models.config)")
+        name = json.loads(sidecar.read_text())["model"]
+    return serving_client.connect(args.server, name, args.server_timeout, args.server_max_message_mb)
+
+
 def _refuse(message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
     return 2
@@ -187,7 +210,10 @@ def _main(args) -> int:
             artifacts_dir = str(converted(args.pretrained, quiet=args.quiet))
         except (CatalogueError, SeparateError) as error:
             return _refuse(str(error))
-    separator, code = _load(args, lambda: load_separator(args.model, artifacts_dir, args.workers))
+    if args.server:
+        separator, code = _load(args, lambda: _connect(args, artifacts_dir))
+    else:
+        separator, code = _load(args, lambda: load_separator(args.model, artifacts_dir, args.workers))
     if separator is None:
         return code
     out = Path(args.out)

@@ -187,8 +187,8 @@ def check_saved_model_parity(model, path, lengths=(1001,), nb_samples: int = 2, 
 
 
 def check_tflite_parity(model, chunk: int, min_parity_db: float = 80.0, forbidden_ops=(), required_ops=()):
-    """`model.inference.mobile(chunk)` converted with TFLite built-in ops only, run by the LiteRT interpreter, then
-    `model.inference.postprocess` (when the family has one), gives the Keras separator's waveforms on the same chunk:
+    """`model.inference.mobile(chunk)` converted with TFLite built-in ops only, run by the LiteRT interpreter, gives
+    the Keras separator's waveforms on the same chunk (every family's file is waveform in, stems out):
     SDR of TFLite against Keras >= `min_parity_db` for every target (export.parity_db, the export stage's
     figure). Returns {"ops", "parity_db", "megabytes"}."""
     from components.export import convert_tflite, parity_db
@@ -206,7 +206,7 @@ def check_tflite_parity(model, chunk: int, min_parity_db: float = 80.0, forbidde
     again = TFLiteChunkRunner(blob, workers=1)(np.concatenate([mixture[:, ::-1], mixture]))
     stale = parity_db(outputs, {k: v[1:] for k, v in again.items()})
     assert stale >= min_parity_db, f"TFLite chunk after chunk: {stale:.1f} dB from a fresh interpreter's output"
-    waveforms = model.inference.postprocess(mixture, outputs) if model.inference.postprocess is not None else outputs
+    waveforms = outputs
     separated = {k: np.asarray(v) for k, v in model.separator(mixture, training=False).items()}
     for target in model.targets:
         assert np.shape(waveforms[target]) == mixture.shape, (target, np.shape(waveforms[target]))

@@ -37,7 +37,7 @@ CASES = {
                    required_ops=("RFFT2D", "CONV_2D", "TRANSPOSE_CONV", "LOGISTIC", "TANH")),
 }
 SAVED_MODEL_MAX_ABS_DIFF = 1e-5  # SavedModel vs Keras, same float32 graph (measured <= 1.2e-7: umx)
-# TFLite float32 (+ postprocess) vs Keras separator: the project's "faithful". Measured: dttnet 118 dB (vocals+bass),
+# TFLite float32 (waveform in, stems out) vs Keras separator: the project's "faithful". Measured: dttnet 118 dB (vocals+bass),
 # tfc_tdf_v3 126, m_unet 121, umx 136, c_unet 140, wave_u_net 141, unet 200 (bit-identical, the cap)
 TFLITE_MIN_PARITY_DB = 80.0
 

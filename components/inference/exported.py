@@ -19,6 +19,8 @@ import numpy as np
 SIGNATURE = "serving_default"
 WAV_SIGNATURE = "wav"  # WAV bytes in (`audio_bytes`), one 16-bit WAV per target out (`<target>_bytes`)
 WAV_INPUT = "audio_bytes"  # TF Serving's REST API base64-encodes tensors whose alias ends in _bytes
+METADATA_SIGNATURE = "metadata"  # any `unused` float in; sample_rate, nb_channels, chunk_samples, targets out
+METADATA_INPUT = "unused"
 SIDECAR = "model.json"  # the export's description, read by `separate`
 INPUT_NAME = "waveform"
 
