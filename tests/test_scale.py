@@ -300,13 +300,14 @@ def _history(root: Path) -> list:
 
 
 def test_two_workers_train_and_a_killed_worker_resumes_from_the_last_epoch(tmp_path, umx_pipeline):
-    """Two worker processes train; worker 1 is killed mid-epoch, the chief fails over its lost peer (as on a
+    """Two worker processes fine-tune the shared run's model; worker 1 is killed mid-epoch, the chief fails over its lost peer (as on a
     cluster, where the scheduler restarts failed tasks), both are restarted, and the job resumes from the
     chief's BackupAndRestore state at the last completed epoch and writes the train artifact."""
     root = copy_stages(umx_pipeline, tmp_path / "artifacts", "prepare", DATA)  # the unittest data, prepared
     ports = _free_ports(2)
     args = [*RUN, "--stage", "train", "--no-file-observer", "-q", "with", "unittest", f"artifacts_dir={root}",
-            "train.strategy=multi_worker", "train.epochs=3", "train.steps_per_epoch=2", "model.umx.nb_layers=1"]
+            "train.strategy=multi_worker", "train.epochs=3", "train.steps_per_epoch=2", "model.umx.nb_layers=1",
+            f"train.init_from={umx_pipeline}"]  # a fine-tune of the shared run's model: the init on every worker
 
     def start_worker(index):
         env = {**os.environ, "TF_CONFIG": _tf_config(ports, index), "TF_CPP_MIN_LOG_LEVEL": "3"}
@@ -337,6 +338,7 @@ def test_two_workers_train_and_a_killed_worker_resumes_from_the_last_epoch(tmp_p
                 os.killpg(process.pid, signal.SIGKILL)
     meta = json.loads((root / "train" / "artifact.json").read_text())
     assert meta["complete"] and meta["figures"]["replicas"] == 2 and meta["figures"]["epochs"] == 3
+    assert meta["init"]["path"] == str((umx_pipeline / "train").resolve()), meta["init"]  # resumed the fine-tune
     history = json.loads((root / "train" / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2, 3]
     # epochs done before the kill were not redone: they keep the first chief's process id
