@@ -30,8 +30,11 @@ setup(
         # prepare.runner=beam (and evaluation on Beam): ~365 MB installed (pyarrow), protobuf 6 beside TF 2.21
         "beam": ["apache-beam>=2.77"],
         "docs": ["mkdocs==1.6.1", "mkdocs-material==9.8.1"],
+        # separate --server: TF Serving's gRPC client (already installed with the core for the warm-up protos;
+        # named so that `pip install music-separation[serving]` says what the client needs)
+        "serving": ["tensorflow-serving-api>=2.21,<2.22", "grpcio>=1.60"],
         "dev": ["pytest>=8", "SQLAlchemy>=2", "psycopg[binary]>=3.1", "apache-beam>=2.77", "mkdocs==1.6.1",
-                "mkdocs-material==9.8.1"],
+                "mkdocs-material==9.8.1", "tensorflow-serving-api>=2.21,<2.22", "grpcio>=1.60"],
     },
     entry_points={
         "console_scripts": [

@@ -172,6 +172,9 @@ def main(argv=None) -> int:
         return 0
     if not args.files:
         parser.error("give the audio files to separate (or --list-models)")
+    if args.server and args.stream:
+        return _refuse(f"--server {args.server} and --stream both given; the server separates whole files, "
+                       "drop one")
     if args.pretrained and args.model:
         return _refuse(f"-n {args.pretrained} and --model {args.model} both given; choose one")
     what = ("finished tracks are kept, a file in progress left no files, and the stems of standard input hold "

@@ -22,7 +22,7 @@ pytest.importorskip("tensorflow_serving.apis")
 class StandInServer:
     """TF Serving's PredictionService.Predict for the SavedModels `models` {name: version folder}."""
 
-    def __init__(self, models, delay: float = 0.0):
+    def __init__(self, models, delay: float = 0.0, message_limit: int = 1 << 30):
         import tensorflow as tf
         from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
@@ -47,8 +47,8 @@ class StandInServer:
 
         self.delay, self.chunks = delay, 0
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4),
-                                  options=[("grpc.max_receive_message_length", 1 << 30),
-                                           ("grpc.max_send_message_length", 1 << 30)])
+                                  options=[("grpc.max_receive_message_length", message_limit),
+                                           ("grpc.max_send_message_length", message_limit)])
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(Servicer(), self.server)
         self.port = self.server.add_insecure_port("127.0.0.1:0")
         self.server.start()
@@ -152,3 +152,27 @@ def test_server_faults_are_one_line_and_write_nothing(served, song, umx_pipeline
     named = separate_here(str(song), "--server", server.address, "--artifacts-dir", str(umx_pipeline),
                           "-o", str(tmp_path / "e"), "-q")
     assert named.returncode == 0, named.stderr
+
+
+def test_a_server_with_a_smaller_message_limit_is_one_line(served, song, tmp_path):
+    """The server's own limit below the client's: it refuses the request (RESOURCE_EXHAUSTED), told in one line."""
+    _, version = served
+    strict = StandInServer({"umx": version}, message_limit=64 * 1024)
+    try:  # a 2 s chunk at 8 kHz stereo float32: a 128 kB request
+        refused = separate_here(str(song), "--server", strict.address, "--server-model", "umx", "--chunk-seconds", "2",
+                                "-o", str(tmp_path / "strict"), "-q")
+    finally:
+        strict.stop()
+    lines = refused.stderr.strip().splitlines()
+    assert refused.returncode == 1 and lines[-1].startswith(f"error: TF Serving at {strict.address}: a message "
+                                                            "passed the size limit (separating a chunk)"), lines
+    assert "--chunk-seconds" in lines[-1]
+    assert not list((tmp_path / "strict").rglob("*.wav"))
+
+
+def test_server_and_stream_together_are_refused(served, song, tmp_path):
+    server, _ = served
+    both = separate_here(str(song), "--server", server.address, "--stream", "-o", str(tmp_path / "both"))
+    assert both.returncode == 2 and both.stderr.strip() == (
+        f"error: --server {server.address} and --stream both given; the server separates whole files, drop one")
+    assert not (tmp_path / "both").exists()
