@@ -180,9 +180,17 @@ def main(argv=None) -> int:
     what = ("finished tracks are kept, a file in progress left no files, and the stems of standard input hold "
             "what was streamed" if args.stream else "finished tracks are kept, the unfinished one left no files")
     signal.signal(signal.SIGTERM, _terminated)
+    signal.signal(signal.SIGINT, _interrupted)
     try:
         return stream_main(args) if args.stream else _main(args)
     except KeyboardInterrupt:
+        print(f"\ninterrupted; {what}", file=sys.stderr)
+        return 130
+    except RuntimeError:
+        # Ctrl-C inside TensorFlow's C++ executor can surface as pybind11's "error_already_set" RuntimeError
+        # instead of KeyboardInterrupt: the same interruption (the file in progress was already cleaned up)
+        if not _INTERRUPTS:
+            raise
         print(f"\ninterrupted; {what}", file=sys.stderr)
         return 130
     except Terminated:
@@ -192,6 +200,16 @@ def main(argv=None) -> int:
 
 def _terminated(signum, frame):
     raise Terminated()
+
+
+_INTERRUPTS = []  # SIGINTs received (Ctrl-C)
+
+
+def _interrupted(signum, frame):
+    import signal
+
+    _INTERRUPTS.append(signum)
+    signal.default_int_handler(signum, frame)  # KeyboardInterrupt, as Python's own handler
 
 
 def _main(args) -> int:
