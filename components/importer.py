@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Dict, Mapping
 
 from components.artifacts import file_digest, load
+from configs.config import dotted_get, same_value
 from configs.errors import CheckpointError, StageError
 from components.base import ComponentSpec, StageContext
 from components.training.trained import WEIGHT_FILES
@@ -70,30 +71,13 @@ def imported_overrides(artifacts_dir) -> Dict[str, Any]:
     return dict(artifact.meta.get("imported", {}).get("config_overrides", {}))
 
 
-def _get(tree: Mapping[str, Any], key: str):
-    node: Any = tree
-    for part in key.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return KeyError
-        node = node[part]
-    return node
-
-
-def _same(a, b) -> bool:
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
-        return float(a) == float(b)
-    return a == b
-
-
 def merge_overrides(updates: dict, overrides: Mapping[str, Any], source: str) -> dict:
     """Command-line `updates` with the release's `overrides` added; a conflicting explicit key is an error."""
     from configs.config import deep_merge, nested
 
     for key, value in overrides.items():
-        given = _get(updates, key)
-        if given is not KeyError and not _same(given, value):
+        given = dotted_get(updates, key)
+        if given is not KeyError and not same_value(given, value):
             raise StageError(f"import: {key}={json.dumps(given)} on the command line but {source} has "
                              f"{json.dumps(value)}; drop {key} from the command line")
     return deep_merge(updates, nested(overrides))
@@ -120,8 +104,8 @@ def run(context: StageContext) -> dict:
     config = context.config
     released = read(config)
     for key, value in released.config_overrides.items():  # run_stages merged them; a direct call may not have
-        if not _same(_get(config.to_dict(), key), value):
-            raise StageError(f"import: {key} is {json.dumps(_get(config.to_dict(), key))} but the released "
+        if not same_value(dotted_get(config.to_dict(), key), value):
+            raise StageError(f"import: {key} is {json.dumps(dotted_get(config.to_dict(), key))} but the released "
                              f"checkpoint has {json.dumps(value)}; run the stage through pipeline/run.py")
     family = _family(config)
     model = build_model(config, stats={})

@@ -340,6 +340,26 @@ def defaults() -> dict:
     return Config().to_dict()
 
 
+def dotted_get(tree: Mapping[str, Any], key: str):
+    """The value at dotted `key` ("model.umx.hidden_size") of a nested mapping, or `KeyError` (the class) when
+    absent."""
+    node: Any = tree
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return KeyError
+        node = node[part]
+    return node
+
+
+def same_value(a, b) -> bool:
+    """Config values equal as a user means them: 512 == 512.0, lists and tuples element by element."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return float(a) == float(b)
+    return a == b
+
+
 def deep_merge(base: Mapping, update: Mapping) -> dict:
     """Recursive merge of config dicts (Sacred's order: defaults <- presets <- updates): `update` wins; nested
     mappings are merged, not replaced. Neither argument is changed."""

@@ -13,9 +13,10 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Optional
 
 from components import artifacts
+from configs.config import dotted_get, same_value
 from configs.errors import StageError
 
 # Named parts of each family for `train.freeze`: a regular expression on a weight's path inside its network
@@ -114,23 +115,6 @@ def overrides_of(artifact) -> Dict[str, Any]:
     return found
 
 
-def _get(tree: Mapping[str, Any], key: str):
-    node: Any = tree
-    for part in key.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return KeyError
-        node = node[part]
-    return node
-
-
-def _same(a, b) -> bool:
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
-        return float(a) == float(b)
-    return a == b
-
-
 def merge_init(updates: dict, init_from: str) -> dict:
     """Command-line `updates` with the init model's settings added (its targets too unless `data.targets` is
     given); a conflicting explicit key is a one-line StageError."""
@@ -138,11 +122,11 @@ def merge_init(updates: dict, init_from: str) -> dict:
 
     artifact = locate(init_from)
     overrides = overrides_of(artifact)
-    if _get(updates, "data.targets") is KeyError:
+    if dotted_get(updates, "data.targets") is KeyError:
         overrides["data.targets"] = list(init_targets(artifact))
     for key, value in overrides.items():
-        given = _get(updates, key)
-        if given is not KeyError and not _same(given, value):
+        given = dotted_get(updates, key)
+        if given is not KeyError and not same_value(given, value):
             raise StageError(f"train.init_from: {key}={json.dumps(given)} on the command line but the init model "
                              f"{artifact.path} has {json.dumps(value)}; drop {key} from the command line")
     return deep_merge(updates, nested(overrides))
