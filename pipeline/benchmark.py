@@ -59,7 +59,11 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="musicsep benchmark", description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("train", "separate", "stream", "memory"), help="what to measure")
+    parser.add_argument("what", choices=("train", "separate", "stream", "memory", "command"),
+                        help="what to measure (command: the whole `separate -n <release>` process against "
+                             "open-unmix's own pipeline)")
+    parser.add_argument("--release", default="umxhq", choices=("umxhq", "umx", "umxl"),
+                        help="command: the open-unmix release whose architecture is measured (default umxhq)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (tracing, caches)")
     parser.add_argument("--seconds", type=float, default=30.0, help="separate: input length (default 30 s)")
@@ -546,6 +550,117 @@ def _export_untrained(updates: dict, named: list, family: str, saved: str) -> No
     write_sidecar(Path(saved), sidecar)
 
 
+def benchmark_command(release: str, seconds: float, repeats: int, work: Path) -> dict:
+    """Whole-process wall time (start-up, decode, separate, write) of `separate <song> -n <release>` with the model
+    already cached, against open-unmix's own pipeline on the same song (soundfile read, its `Separator` with the
+    same weights and its defaults: 1 Wiener iteration, wiener_win_len 300; soundfile write), best of `repeats`,
+    each run a fresh process, alternating. The weights are random (open-unmix's initialisation, seed 0) at the
+    release's sizes, served to the catalogue code from a local HTTP server on 127.0.0.1 under the published file
+    naming (`<target>-<sha256 prefix>.pth`), so the measured path is the real `-n` one: catalogue, cache,
+    conversion (once, untimed), SavedModel."""
+    import functools
+    import hashlib
+    import http.server
+    import subprocess
+    import threading
+
+    import numpy as np
+    import soundfile
+
+    from configs.errors import UserError
+    from models.open_unmix import PUBLISHED
+
+    reference = open_unmix_reference()
+    if reference is None:
+        raise UserError("benchmark command needs open-unmix's PyTorch package: pip install torch; "
+                        "pip install --no-deps openunmix==1.3.0")
+    import torch
+
+    spec = PUBLISHED[release]
+    n_fft, rate, channels = spec["n_fft"], spec["sample_rate"], spec["nb_channels"]
+    max_bin = int(np.ceil(spec["bandwidth"] / (rate / 2) * (n_fft // 2 + 1)))  # open-unmix's bandwidth_to_max_bin
+    files = work / "release"
+    files.mkdir()
+    torch.manual_seed(0)
+    names = {}
+    for target in spec["targets"]:
+        network = reference.OpenUnmix(nb_bins=n_fft // 2 + 1, nb_channels=channels, hidden_size=spec["hidden_size"],
+                                      nb_layers=3, max_bin=max_bin)
+        path = files / f"{target}.pth"
+        torch.save(network.state_dict(), path)
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        names[target] = f"{target}-{digest[:8]}.pth"
+        path.rename(files / names[target])
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(files)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    catalogue_file = work / "catalogue.json"
+    catalogue_file.write_text(json.dumps({"models": [{
+        "name": release, "family": "umx", "import": {"model": release}, "sample_rate": rate,
+        "targets": list(spec["targets"]), "license": "random weights", "source": "pipeline/benchmark.py",
+        "files": [{"url": f"{url}/{name}", "sha256": name[:-4].split("-")[1]} for name in names.values()]}]}))
+    env = dict(os.environ, MUSICSEP_CATALOG=str(catalogue_file), MUSICSEP_CACHE=str(work / "cache"),
+               PYTHONPATH=str(PROJECT_ROOT))
+    song = work / "song.wav"
+    audio = np.random.default_rng(0).normal(0, 0.1, (int(seconds * rate), channels)).astype(np.float32)
+    soundfile.write(str(song), audio, rate, subtype="PCM_16")
+    del audio
+    ours = [sys.executable, str(PROJECT_ROOT / "pipeline" / "separate.py"), str(song), "-n", release, "-q", "--force"]
+    try:
+        first = subprocess.run(ours + ["-o", str(work / "first")], env=env, capture_output=True, text=True)
+        if first.returncode != 0:  # downloads and converts once: not timed
+            raise UserError(f"separate -n {release} failed: {first.stderr.strip()[-500:]}")
+    finally:
+        server.shutdown()
+    script = work / "open_unmix_pipeline.py"
+    script.write_text(f"""import sys, time
+import soundfile, torch
+from pipeline.benchmark import open_unmix_reference
+reference = open_unmix_reference()
+audio, rate = soundfile.read({str(song)!r}, dtype="float32", always_2d=True)
+networks = {{}}
+for target, name in {names!r}.items():
+    network = reference.OpenUnmix(nb_bins={n_fft // 2 + 1}, nb_channels={channels}, hidden_size={spec["hidden_size"]},
+                                  nb_layers=3, max_bin={max_bin})
+    network.load_state_dict(torch.load({str(files)!r} + "/" + name, map_location="cpu"))
+    networks[target] = network
+separator = reference.Separator(networks, niter=1, softmask=False, residual=False, wiener_win_len=300,
+                                sample_rate=float(rate), n_fft={n_fft}, n_hop={spec["hop_length"]},
+                                nb_channels={channels})
+separator.freeze()
+with torch.inference_mode():
+    estimates = separator(torch.from_numpy(audio.T.copy())[None])[0].numpy()
+import os
+os.makedirs(sys.argv[1], exist_ok=True)
+for index, target in enumerate(networks):
+    soundfile.write(f"{{sys.argv[1]}}/{{target}}.wav", estimates[index].T, rate, subtype="FLOAT")
+""")
+    theirs = [sys.executable, str(script), str(work / "reference")]
+
+    def timed(command, out):
+        start = time.perf_counter()
+        result = subprocess.run(command + out, env=env, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise UserError(f"{command[1]} failed: {result.stderr.strip()[-500:]}")
+        return time.perf_counter() - start
+
+    best = {"ours": float("inf"), "open-unmix": float("inf")}
+    for _ in range(repeats):  # alternating, so a busy moment costs both
+        best["ours"] = min(best["ours"], timed(ours, ["-o", str(work / "ours")]))
+        best["open-unmix"] = min(best["open-unmix"], timed(theirs, []))
+    ours_stems, _ = soundfile.read(str(work / "ours" / "song" / "vocals.wav"), dtype="float32")
+    their_stems, _ = soundfile.read(str(work / "reference" / "vocals.wav"), dtype="float32")
+    error = float(np.sum(their_stems ** 2) / max(np.sum((ours_stems - their_stems) ** 2), 1e-20))
+    return {"release": release, "song_seconds": seconds, "repeats": repeats,
+            "separate_seconds": round(best["ours"], 2), "open_unmix_seconds": round(best["open-unmix"], 2),
+            "speedup": round(best["open-unmix"] / best["ours"], 2),
+            "vocals_sdr_between_them_db": round(10 * np.log10(error), 1), **_open_unmix_versions()}
+
+
 def benchmark_memory(updates: dict, named: list, families, minutes: float, work: Path,
                      chunk_seconds: float = None) -> dict:
     """Peak RSS (MB) and wall time of `separate` on a `minutes`-long stereo 44.1 kHz song, per family."""
@@ -614,6 +729,14 @@ def main(argv=None) -> int:
             from components.train import configure_devices
 
             configure_devices(config.train.replicas)
+        if args.what == "command":
+            import tempfile
+
+            if args.work_dir:
+                Path(args.work_dir).mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=args.work_dir) as work:
+                print(json.dumps(benchmark_command(args.release, args.seconds, args.repeats, Path(work)), indent=1))
+            return 0
         if args.what == "memory":
             import tempfile
 

@@ -1,9 +1,9 @@
-"""Split songs into stems: `separate song.mp3 other.flac [--model DIR|FILE.tflite] [-o stems/]`.
+"""Split songs into stems: `separate song.mp3 album/ [-n NAME | --model DIR|FILE.tflite | --artifacts-dir DIR]`.
 
-With no `--model`, the SavedModel of the latest export of the default pipeline run
-(`artifacts/export/`). Writes `<out>/<track>/<target>.wav` (or .flac) with the input's sample rate,
+With none of `-n`, `--model` and `--artifacts-dir`, the catalogue's default released model (downloaded and
+converted once). Writes `<out>/<track>/<stem>.wav` (`--filename`, `--format`) with the input's sample rate,
 length and channel count. A file that cannot be read is reported on one line and skipped; the exit
-code is non-zero when any file failed.
+code is non-zero when any file failed. The Python API is `pipeline.api.Separator`.
 """
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ if __name__ == "__main__" and not __package__:  # `python pipeline/separate.py`
     from _script import put_project_root_first
     put_project_root_first()
 
-from components.inference.files import (Terminated, clashing_inputs, finished, safe_name,  # noqa: E402 - after the
-                                        separate_file, track_folder, write_problem)          # sys.path set-up above
-from components.inference.separators import load_separator  # noqa: E402
+from components.inference.files import (DEFAULT_FILENAME, FORMATS, Terminated, clashing_inputs,  # noqa: E402
+                                        expand_inputs, finished, safe_name, StemOutput, track_destination,
+                                        track_folder, track_name, write_problem)  # after the sys.path set-up above
 from components.inference.streaming import load_streaming, stream_file, stream_pcm  # noqa: E402
 from configs.errors import SeparateError  # noqa: E402
 
@@ -28,13 +28,14 @@ from configs.errors import SeparateError  # noqa: E402
 
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="musicsep separate", description=__doc__.splitlines()[0])
-    parser.add_argument("files", nargs="*", help="audio files: wav, flac, ogg, mp3 (soundfile); mp4, m4a, aac (ffmpeg)")
+    parser.add_argument("files", nargs="*", help="audio files (wav, flac, ogg, mp3, aiff via soundfile; mp4, m4a, aac, "
+                                                 "webm, opus via ffmpeg), folders (their audio files, recursively, "
+                                                 "the tree mirrored under -o) and glob patterns ('**/*.mp3')")
     parser.add_argument("-n", "--pretrained", metavar="NAME",
                         help="a released model by name (--list-models): downloaded, checked, converted and cached "
-                             "on first use")
+                             "on first use (default: the catalogue's default model, umxl)")
     parser.add_argument("--list-models", action="store_true", help="list the released models and exit")
-    parser.add_argument("--model", help="SavedModel directory or .tflite file (default: latest export in "
-                                        "--artifacts-dir)")
+    parser.add_argument("--model", help="SavedModel directory, TF Serving model folder or exported .tflite file")
     server = parser.add_argument_group("TensorFlow Serving (pip install tensorflow-serving-api; deploy/)")
     server.add_argument("--server", metavar="HOST:PORT", help="separate on a TF Serving server over gRPC instead of "
                         "locally, e.g. localhost:8500")
@@ -43,15 +44,29 @@ def get_parser() -> argparse.ArgumentParser:
     server.add_argument("--server-timeout", type=float, default=60.0, help="seconds per request (default: 60)")
     server.add_argument("--server-max-message-mb", type=float, default=4.0,
                         help="the gRPC message limit the chunks must fit (default: gRPC's 4 MB)")
-    parser.add_argument("--artifacts-dir", default="artifacts", help="where the pipeline exported (default: artifacts)")
+    parser.add_argument("--artifacts-dir", help="separate with the latest export of the pipeline run in this folder "
+                                                "(e.g. artifacts after `musicsep run --stage all`)")
     parser.add_argument("-o", "--out", default="separated", help="output directory (default: separated)")
-    parser.add_argument("--format", choices=("wav", "flac"), default="wav", help="stem file format")
+    stems = parser.add_argument_group("which stems, how written")
+    stems.add_argument("--stems", metavar="A,B", help="only these of the model's stems, e.g. --stems vocals,drums")
+    stems.add_argument("--two-stems", metavar="STEM", help="STEM and no_STEM (the sum of the model's other stems), "
+                                                           "e.g. --two-stems vocals")
+    stems.add_argument("--format", choices=FORMATS, default="wav", help="stem file format (default wav; mp3 through "
+                                                                         "ffmpeg)")
+    stems.add_argument("--bit-depth", type=int, choices=(16, 24, 32),
+                       help="wav: 16, 24 or 32 (float, the default); flac: 16 or 24 (the default)")
+    stems.add_argument("--mp3-bitrate", type=int, default=320, metavar="KBPS", help="mp3 bit rate (default 320)")
+    stems.add_argument("--filename", default=DEFAULT_FILENAME, metavar="TEMPLATE",
+                       help=f"stem file path under -o, from {{track}}, {{stem}}, {{ext}} (default {DEFAULT_FILENAME})")
     parser.add_argument("--chunk-seconds", type=float, default=None,
                         help="SavedModel chunk length, bounds memory (default: the chunk the model declares, else 10)")
     parser.add_argument("--overlap", type=float, default=0.25, help="overlap fraction between chunks")
     parser.add_argument("--workers", type=int, default=None,
                         help=".tflite models: chunks separated at the same time, one 1-thread interpreter each "
                              "(default 2: on a quiet 2-core machine 1.8x faster than one 2-thread interpreter)")
+    parser.add_argument("-j", "--jobs", type=int, default=1, metavar="N",
+                        help="files separated at the same time (default 1; each also uses TensorFlow's threads)")
+    parser.add_argument("--cpu", action="store_true", help="run on the CPU even where a GPU is visible")
     parser.add_argument("--force", action="store_true", help="overwrite existing stems")
     parser.add_argument("--skip-existing", action="store_true",
                         help="skip tracks whose stems all exist (exit 0), e.g. to rerun over a folder")
@@ -78,7 +93,15 @@ def stream_main(args) -> int:
         return _refuse(f"--pcm-rate {args.pcm_rate}: must be a positive sample rate, e.g. --pcm-rate 44100")
     if args.pcm_channels is not None and args.pcm_channels not in (1, 2):
         return _refuse(f"--pcm-channels {args.pcm_channels}: 1 or 2 channels only")
-    streamer, code = _load(args, lambda: load_streaming(args.model, args.artifacts_dir))
+    for flag, value, default in (("--stems", args.stems, None), ("--two-stems", args.two_stems, None),
+                                 ("--bit-depth", args.bit_depth, None), ("--filename", args.filename,
+                                                                         DEFAULT_FILENAME), ("--jobs", args.jobs, 1)):
+        if value != default:
+            return _refuse(f"{flag} {value}: --stream writes every stem to <out>/<track>/<stem>.wav|flac as it is "
+                           f"separated; drop {flag} or --stream")
+    if args.format == "mp3":
+        return _refuse("--format mp3: --stream writes wav or flac (an mp3 cannot grow hop by hop); convert after")
+    streamer, code = _load(args, args.files, lambda: load_streaming(args.model, args.artifacts_dir or "artifacts"))
     if streamer is None:
         return code
     out = Path(args.out)
@@ -107,25 +130,29 @@ def stream_main(args) -> int:
     return 1 if failed else 0
 
 
-def _load(args, load):
+def _load(args, inputs, load, output: StemOutput = StemOutput()):
     """(the model `load()` returns, None) after the checks both modes make first (the output folder, inputs that
     clash) and TensorFlow's quiet import; (None, exit code) when one fails."""
     from pipeline.quiet import import_tensorflow
 
-    problem = _output_problem(args.files, Path(args.out))
+    problem = _output_problem(inputs, Path(args.out), output)
     if problem:
         return None, _refuse(problem)
+    if args.cpu:
+        os.environ["CUDA_VISIBLE_DEVICES"] = "-1"  # before TensorFlow initialises its devices
     import_tensorflow()  # without the CPU-machine start-up notices
+    if args.cpu:
+        import tensorflow as tf
+
+        tf.config.set_visible_devices([], "GPU")
     try:
         return load(), None
     except SeparateError as error:
         return None, _refuse(str(error))
 
 
-def _connect(args, artifacts_dir):
-    from components.inference import serving_client
-
-    serving_client.check_address(args.server)
+def _server_model(args, artifacts_dir):
+    """The model's name on the server: --server-model, else the name of the export in --artifacts-dir."""
     name = args.server_model
     if name is None:
         sidecar = Path(artifacts_dir) / "export" / "model.json"
@@ -133,7 +160,7 @@ def _connect(args, artifacts_dir):
             raise SeparateError(f"--server {args.server}: which model? give --server-model NAME (its name in the "
                                 "server's models.config)")
         name = json.loads(sidecar.read_text())["model"]
-    return serving_client.connect(args.server, name, args.server_timeout, args.server_max_message_mb)
+    return name
 
 
 def _refuse(message: str) -> int:
@@ -141,11 +168,11 @@ def _refuse(message: str) -> int:
     return 2
 
 
-def _output_problem(names, out: Path):
+def _output_problem(inputs, out: Path, output: StemOutput = StemOutput()):
     """Why the output cannot be written (a file where the folder goes, two inputs for one folder), or None."""
     if out.exists() and not out.is_dir():
         return f"-o {out}: exists and is not a directory; choose a folder for the stems"
-    clash = clashing_inputs(names, out)
+    clash = clashing_inputs(inputs, out, output)
     if clash:
         first, second, folder = clash
         return (f"{first} and {second} would both write their stems to {folder}; separate them into different "
@@ -213,51 +240,106 @@ def _interrupted(signum, frame):
 
 
 def _main(args) -> int:
-    if not 0 <= args.overlap < 1:
-        print(f"error: --overlap {args.overlap:g}: must be a fraction in [0, 1); e.g. --overlap 0.25", file=sys.stderr)
-        return 2
-    if args.chunk_seconds is not None and not args.chunk_seconds > 0:
-        print(f"error: --chunk-seconds {args.chunk_seconds:g}: must be > 0; e.g. --chunk-seconds 10", file=sys.stderr)
-        return 2
+    from pipeline.api import Separator, check_chunking
+
     if args.workers is not None and args.workers < 1:
-        print(f"error: --workers {args.workers}: must be at least 1; e.g. --workers 2", file=sys.stderr)
-        return 2
-    artifacts_dir = args.artifacts_dir
-    if args.pretrained:
-        from components.inference.catalogue import CatalogueError
-        from pipeline.pretrained import converted
+        return _refuse(f"--workers {args.workers}: must be at least 1; e.g. --workers 2")
+    if args.jobs < 1:
+        return _refuse(f"--jobs {args.jobs}: must be at least 1; e.g. -j 2")
+    try:
+        output = StemOutput(fmt=args.format, bit_depth=args.bit_depth, mp3_bitrate=args.mp3_bitrate,
+                            filename=args.filename)
+        inputs = expand_inputs(args.files)
+        stems = None if args.stems is None else args.stems.split(",")
+        options = dict(stems=stems, two_stems=args.two_stems, chunk_seconds=args.chunk_seconds, overlap=args.overlap)
+        check_chunking(args.chunk_seconds, args.overlap)  # before any download or loading
+    except SeparateError as error:
+        return _refuse(str(error))
+    pretrained = args.pretrained
+    if pretrained is None and args.model is None and args.artifacts_dir is None and not args.server:
+        from components.inference.catalogue import CatalogueError, default_name, entry
 
         try:
-            artifacts_dir = str(converted(args.pretrained, quiet=args.quiet))
+            pretrained = default_name()
+            licence = entry(pretrained).license
+        except CatalogueError as error:
+            return _refuse(str(error))
+        print(f"separating with the released model {pretrained} ({licence}); -n NAME for another (--list-models), "
+              "--artifacts-dir DIR for a pipeline export", file=sys.stderr)
+    artifacts_dir = args.artifacts_dir or "artifacts"
+    if pretrained and not args.server:
+        from components.inference.catalogue import CatalogueError
+        from pipeline.experiment import convert_release
+
+        problem = _output_problem(inputs, Path(args.out), output)  # before a download or conversion
+        if problem:
+            return _refuse(problem)
+        try:
+            artifacts_dir = str(convert_release(pretrained, args.quiet))
         except (CatalogueError, SeparateError) as error:
             return _refuse(str(error))
     if args.server:
-        separator, code = _load(args, lambda: _connect(args, artifacts_dir))
+        def connect():
+            from components.inference.serving_client import check_address
+
+            check_address(args.server)  # the address first, then which model
+            return Separator.from_server(args.server, _server_model(args, artifacts_dir), timeout=args.server_timeout,
+                                         max_message_mb=args.server_max_message_mb, **options)
+
+        separator, code = _load(args, inputs, connect, output)
+    elif args.model:
+        separator, code = _load(args, inputs, lambda: Separator.from_model(args.model, workers=args.workers,
+                                                                           **options), output)
     else:
-        separator, code = _load(args, lambda: load_separator(args.model, artifacts_dir, args.workers))
+        separator, code = _load(args, inputs, lambda: Separator.from_artifacts(artifacts_dir, workers=args.workers,
+                                                                               **options), output)
     if separator is None:
         return code
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        print(f"error: -o {out}: cannot create it ({write_problem(out, error)}); choose another folder",
-              file=sys.stderr)
-        return 2
-    failed = 0
-    for name in args.files:
-        destination = track_folder(Path(name), out)
-        if args.skip_existing and finished(separator, destination, args.format):
-            print(f"{name} -> {destination} (already separated, skipped)")
+        return _refuse(f"-o {out}: cannot create it ({write_problem(out, error)}); choose another folder")
+    todo = []
+    for name, root in inputs:
+        track = track_name(Path(name), root)
+        if args.skip_existing and separator.finished(name, out, output, track):
+            print(f"{name} -> {track_destination(out, track, output)} (already separated, skipped)")
             continue
-        try:
-            destination = separate_file(separator, Path(name), out, fmt=args.format,
-                                        chunk_seconds=args.chunk_seconds or separator.default_chunk_seconds,
-                                        overlap=args.overlap, force=args.force, progress=not args.quiet)
-            print(f"{name} -> {destination}")
-        except SeparateError as error:
-            failed += 1
-            print(f"error: {error}", file=sys.stderr)
+        todo.append((name, track))
+
+    def one(name, track, cancel=None):
+        files = separator.separate_file(name, out, output=output, track=track, force=args.force,
+                                        progress=not args.quiet and args.jobs == 1, cancel=cancel)
+        return track_destination(out, track, output) if len(files) > 1 else next(iter(files.values()))
+
+    failed = 0
+    if args.jobs == 1 or len(todo) < 2:
+        for name, track in todo:
+            try:
+                print(f"{name} -> {one(name, track)}")
+            except SeparateError as error:
+                failed += 1
+                print(f"error: {error}", file=sys.stderr)
+        return 1 if failed else 0
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    cancel = threading.Event()
+    pool = ThreadPoolExecutor(max_workers=args.jobs, thread_name_prefix="separate")
+    try:
+        futures = [(name, pool.submit(one, name, track, cancel)) for name, track in todo]
+        for name, future in futures:  # reported in the order given
+            try:
+                print(f"{name} -> {future.result()}")
+            except SeparateError as error:
+                failed += 1
+                print(f"error: {error}", file=sys.stderr)
+    except BaseException:
+        cancel.set()  # every running file stops at its next chunk and removes its .part files
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
     return 1 if failed else 0
 
 

@@ -92,15 +92,16 @@ def server():
     served.close()
 
 
-def _catalogue(tmp_path, server, **entry):
-    """A test catalogue (MUSICSEP_CATALOG) with entry 'tiny-umx' serving the fixture; the env for it."""
+def _catalogue(tmp_path, server, default=None, **entry):
+    """A test catalogue (MUSICSEP_CATALOG) with entry 'tiny-umx' serving the fixture (and `default` as the model
+    `separate` uses when given none); the env for it."""
     files = [{"url": f"{server.url}/models/{name}",
               "sha256": name[:-4].split("-")[1] if name.endswith(".pth") else None} for name in server.files]
     item = {"name": "tiny-umx", "family": "umx", "files": files, "import": {}, "sample_rate": 8000,
             "targets": ["vocals", "drums", "bass", "other"], "license": "MIT", "source": "tests/fixtures/make_umx.py"}
     item.update(entry)
     path = tmp_path / "catalogue.json"
-    path.write_text(json.dumps({"models": [item]}))
+    path.write_text(json.dumps({"models": [item]} | ({"default": default} if default else {})))
     return {"MUSICSEP_CATALOG": str(path), "MUSICSEP_CACHE": str(tmp_path / "cache")}
 
 
@@ -151,6 +152,16 @@ def test_unknown_names_and_invalid_catalogues_are_one_line_errors(tmp_path):
     bad.write_text("{")
     with pytest.raises(CatalogueError, match=r"is not valid JSON"):
         catalogue.catalogue({"MUSICSEP_CATALOG": str(bad)})
+
+
+def test_the_default_model_is_the_catalogues_and_a_user_catalogue_may_replace_it(tmp_path):
+    assert catalogue.default_name({}) == "umxl"  # the best MUSDB18 score of the releases we run (6.32 dB)
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps({"default": "umxhq", "models": []}))
+    assert catalogue.default_name({"MUSICSEP_CATALOG": str(path)}) == "umxhq"
+    path.write_text(json.dumps({"default": "umxhx", "models": []}))
+    with pytest.raises(CatalogueError, match=r"^no released model named 'umxhx'; did you mean umxhq"):
+        catalogue.default_name({"MUSICSEP_CATALOG": str(path)})
 
 
 def test_cache_location_follows_musicsep_cache_then_xdg():
@@ -296,7 +307,7 @@ def test_separate_by_name_equals_the_import_export_separate_path(tmp_path, serve
 
     from tests.cli import command
 
-    env = environment() | _catalogue(tmp_path, server)
+    env = environment() | _catalogue(tmp_path, server, default="tiny-umx")
     song = tmp_path / "song.wav"
     sf.write(song, np.random.default_rng(0).normal(0, 0.1, (8000 * 2, 2)).astype(np.float32), 8000, subtype="FLOAT")
     by_name = subprocess.run(command("separate", song, "-n", "tiny-umx", "-o", tmp_path / "by-name", "-q"), cwd=ROOT,
@@ -320,10 +331,28 @@ def test_separate_by_name_equals_the_import_export_separate_path(tmp_path, serve
         assert ours.shape == (16000, 2) and np.abs(ours).max() > 1e-4
         np.testing.assert_allclose(ours, theirs, atol=1e-6)
 
-    requests = len(server.requests)  # second use: cached, no download, no conversion
-    again = subprocess.run(command("separate", song, "-n", "tiny-umx", "-o", tmp_path / "again", "-q"), cwd=ROOT,
+    requests = len(server.requests)  # second use: cached, no download, no conversion; no -n: the default model
+    again = subprocess.run(command("separate", song, "-o", tmp_path / "again", "-q"), cwd=ROOT,
                            env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0 and len(server.requests) == requests and "converting" not in again.stderr
+    assert again.stderr.strip() == ("separating with the released model tiny-umx (MIT); -n NAME for another "
+                                    "(--list-models), --artifacts-dir DIR for a pipeline export")
+    assert np.array_equal(sf.read(tmp_path / "again" / "song" / "bass.wav")[0],
+                          sf.read(tmp_path / "by-name" / "song" / "bass.wav")[0])
+    # the Python API by name: the same cached conversion, the same stems
+    script = ("import soundfile as sf, numpy as np\nfrom pipeline import Separator\n"
+              "separator = Separator.from_pretrained('tiny-umx', two_stems='vocals')\n"
+              f"audio, rate = sf.read({str(song)!r}, dtype='float32')\nstems = separator(audio, rate)\n"
+              f"ref = {{t: sf.read({str(tmp_path / 'by-name' / 'song')!r} + f'/{{t}}.wav', dtype='float32')[0] "
+              "for t in ('vocals', 'drums', 'bass', 'other')}\n"
+              "print(sorted(stems), float(np.abs(stems['vocals'] - ref['vocals']).max()), "
+              "float(np.abs(stems['no_vocals'] - ref['drums'] - ref['bass'] - ref['other']).max()))")
+    api = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert api.returncode == 0, api.stderr[-2000:]
+    names, vocals_error, rest_error = api.stdout.split("] ")[0] + "]", *map(float, api.stdout.split("] ")[1].split())
+    assert names == "['no_vocals', 'vocals']" and vocals_error < 1e-6 and rest_error < 1e-5
+    assert len(server.requests) == requests
     listed = subprocess.run(command("separate", "--list-models"), cwd=ROOT, env=env, capture_output=True, text=True)
     assert re.search(r"^tiny-umx\s+umx\s+vocals,drums,bass,other\s+8000\s+MIT\s+yes$", listed.stdout, re.M)
     assert re.search(r"^umxhq\s+umx\s+vocals,drums,bass,other\s+44100\s+5\.41\s+MIT\s+no$", listed.stdout, re.M)

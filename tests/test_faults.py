@@ -212,14 +212,18 @@ def test_rerun_of_finished_tracks_skip_existing_exits_0_and_keeps_them(umx_pipel
     assert [path.stat().st_mtime_ns for path in stems] == stamps
 
 
-def test_a_directory_input_says_it_is_a_directory(umx_pipeline, tmp_path):
+def test_a_folder_without_audio_files_says_so(umx_pipeline, tmp_path):
+    """Folders are inputs (their audio files, recursively: tests/test_separate_options.py); one without any audio
+    file is one line naming it, before any model is loaded."""
     from tests.cli import separate_here
 
     (tmp_path / "album").mkdir()
+    (tmp_path / "album" / "cover.jpg").write_bytes(b"jpeg")
     result = separate_here(str(tmp_path / "album"), "-o", str(tmp_path / "out"), "-q",
                            "--artifacts-dir", str(umx_pipeline))
-    assert result.returncode == 1
-    assert f"error: {tmp_path / 'album'}: is a directory; give the audio files in it" in result.stderr
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"error: {tmp_path / 'album'}: is a directory without audio files (.wav, ")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("source, cut, declared", [

@@ -4,7 +4,8 @@
     entry = catalogue.entry("umxhq")              # CatalogueError (one line) for an unknown name
     folder = catalogue.fetch(entry)               # the released files, downloaded once, checked, cached
 
-The catalogue is `catalogue.json` beside this module: `{"models": [entry, ...]}`; an entry has `name`,
+The catalogue is `catalogue.json` beside this module: `{"default": name, "models": [entry, ...]}` (`default`:
+the model `separate` uses when given none); an entry has `name`,
 `family` (a model.name), `files` (`[{"url", "sha256"}]`: full hex, or the prefix the authors publish, or
 null when they publish none), `import` (import.* options), `sample_rate`, `targets`, `license`, `source`,
 `reported` and, for a release without a stable URL, `manual` (where to get the file by hand).
@@ -174,6 +175,27 @@ def catalogue(environ: Optional[Mapping[str, str]] = None) -> Dict[str, Entry]:
     if extra:
         entries.update(read_catalogue(Path(extra)))
     return entries
+
+
+def default_name(environ: Optional[Mapping[str, str]] = None) -> str:
+    """The model `separate` uses when it is given none: the catalogue's `default` (`MUSICSEP_CATALOG`'s own
+    `default`, when it has one, replaces the shipped one)."""
+    environ = os.environ if environ is None else environ
+    name = None
+    for path in (CATALOGUE_FILE, environ.get("MUSICSEP_CATALOG")):
+        if path:
+            try:
+                data = json.loads(Path(path).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue  # reported by catalogue() below, with the reason
+            if isinstance(data, dict) and data.get("default") is not None:
+                name = data["default"]
+                if not isinstance(name, str):
+                    raise CatalogueError(f"catalogue {path}: field 'default' must be a model name")
+    if name is None:
+        raise CatalogueError("the catalogue names no default model; give one with -n NAME (separate --list-models)")
+    entry(name, environ)  # a default that is not an entry is an invalid catalogue, said now
+    return name
 
 
 def entry(name: str, environ: Optional[Mapping[str, str]] = None) -> Entry:

@@ -3,6 +3,8 @@ family's app-side post-processing; `load_separator` finds one from a path or the
 from __future__ import annotations
 
 import json
+import logging
+import threading
 from pathlib import Path
 
 from components.inference.exported import SIDECAR, ExportLayout
@@ -19,7 +21,14 @@ class SavedModelSeparator:
 
         self.path = Path(path)
         self.sidecar = find_sidecar(path)
-        loaded = tf.saved_model.load(str(path))
+        # the loader warns about every function whose graph had a custom gradient (never used: no training here)
+        absl = logging.getLogger("absl")
+        level = absl.level
+        absl.setLevel(logging.ERROR)
+        try:
+            loaded = tf.saved_model.load(str(path))
+        finally:
+            absl.setLevel(level)
         self._loaded = loaded  # keep the trackable alive
         self.signature = loaded.signatures["serving_default"]
         self.sample_rate = int(self.sidecar["sample_rate"])
@@ -66,9 +75,11 @@ class TFLiteSeparator:
         self.batch_size = workers or self.WORKERS  # chunks per call, one per interpreter
         self.runner = TFLiteChunkRunner(model_path=str(path), workers=self.batch_size,
                                         threads_per_worker=self.THREADS if self.batch_size == 1 else 1)
+        self._lock = threading.Lock()  # an interpreter runs one call at a time: files separated in threads queue
 
     def __call__(self, batch):
-        return self.runner(batch)  # every family's file is the whole separator: waveforms in, stems out
+        with self._lock:
+            return self.runner(batch)  # every family's file is the whole separator: waveforms in, stems out
 
 
 def find_sidecar(saved_model: Path) -> dict:
