@@ -1,4 +1,4 @@
-"""Speed of training and separation: `python pipeline/benchmark.py {train,separate} [options] [with ...]`.
+"""Speed of training and separation: `musicsep benchmark {train,separate,stream,memory,command} [options] [with ...]`.
 
 train:    training examples per second and seconds per step (after warm-up) of the configured model
           on the prepared data (running prepare first when its artifact is missing).
@@ -27,6 +27,10 @@ memory:   peak resident memory of the `separate` CLI on a synthetic song (defaul
           configured size (`with paper`: every family's published size), then `separate` runs on the song
           in a fresh process whose peak RSS the kernel reports (wait4's ru_maxrss), with the chunk the family
           declares (`SeparationModel.separation_chunk_samples`, reported as `chunk_seconds`) unless --chunk-seconds.
+command:  whole-process wall time of `separate <song> -n <release>` (start-up, decode, separate, write; the model
+          cached) against open-unmix's own pipeline on the same song, each a fresh process, best of --repeats,
+          alternating (`musicsep benchmark command --seconds 180 --release umxhq`; random weights at the
+          release's sizes, served to the catalogue code from 127.0.0.1).
 
 Against the reference: when the open-unmix PyTorch package is installed, both commands also run it on
 the same input with random weights of the same size (Open-Unmix only) and print ratios (> 1: we are
@@ -565,8 +569,9 @@ def benchmark_command(release: str, seconds: float, repeats: int, work: Path) ->
     import threading
 
     import numpy as np
-    import soundfile
 
+    from components.data import synth
+    from components.inference.files import read_any
     from configs.errors import UserError
     from models.open_unmix import PUBLISHED
 
@@ -606,9 +611,7 @@ def benchmark_command(release: str, seconds: float, repeats: int, work: Path) ->
     env = dict(os.environ, MUSICSEP_CATALOG=str(catalogue_file), MUSICSEP_CACHE=str(work / "cache"),
                PYTHONPATH=str(PROJECT_ROOT))
     song = work / "song.wav"
-    audio = np.random.default_rng(0).normal(0, 0.1, (int(seconds * rate), channels)).astype(np.float32)
-    soundfile.write(str(song), audio, rate, subtype="PCM_16")
-    del audio
+    synth.write_song(song, seconds, rate, channels)
     ours = [sys.executable, str(PROJECT_ROOT / "pipeline" / "separate.py"), str(song), "-n", release, "-q", "--force"]
     try:
         first = subprocess.run(ours + ["-o", str(work / "first")], env=env, capture_output=True, text=True)
@@ -652,8 +655,8 @@ for index, target in enumerate(networks):
     for _ in range(repeats):  # alternating, so a busy moment costs both
         best["ours"] = min(best["ours"], timed(ours, ["-o", str(work / "ours")]))
         best["open-unmix"] = min(best["open-unmix"], timed(theirs, []))
-    ours_stems, _ = soundfile.read(str(work / "ours" / "song" / "vocals.wav"), dtype="float32")
-    their_stems, _ = soundfile.read(str(work / "reference" / "vocals.wav"), dtype="float32")
+    ours_stems, _ = read_any(work / "ours" / "song" / "vocals.wav")
+    their_stems, _ = read_any(work / "reference" / "vocals.wav")
     error = float(np.sum(their_stems ** 2) / max(np.sum((ours_stems - their_stems) ** 2), 1e-20))
     return {"release": release, "song_seconds": seconds, "repeats": repeats,
             "separate_seconds": round(best["ours"], 2), "open_unmix_seconds": round(best["open-unmix"], 2),

@@ -69,8 +69,8 @@ def test_nan_in_a_float_file_is_refused_before_any_stem_is_written(tmp_path):
     audio[[3, 500], 1] = np.nan
     soundfile.write(str(tmp_path / "bad.wav"), audio, 8000, subtype="FLOAT")
     with pytest.raises(SeparateError, match=r"bad.wav: 2 NaN/Inf samples; re-export the file from its source"):
-        files.separate_file(IdentityStub(), tmp_path / "bad.wav", tmp_path / "out", fmt="wav", chunk_seconds=1.0,
-                               overlap=0.25, force=False, progress=False)
+        files.separate_file(IdentityStub(), tmp_path / "bad.wav", tmp_path / "out", chunk_seconds=1.0,
+                            overlap=0.25, force=False, progress=False)
     assert not (tmp_path / "out" / "bad").exists() or not any((tmp_path / "out" / "bad").iterdir())
 
 
@@ -80,7 +80,8 @@ def test_separating_a_long_song_holds_chunks_not_the_song_and_uses_the_models_ch
     path = _song(tmp_path / "long.wav", 20 * 60, subtype="PCM_16")
     song_bytes = 20 * 60 * 8000 * 2 * 4
     stub = IdentityStub(default_chunk_seconds=2.5)
-    monkeypatch.setattr(separate, "load_separator", lambda model, artifacts_dir, workers=None: stub)
+    monkeypatch.setattr("components.inference.separators.load_separator",
+                        lambda model, artifacts_dir, workers=None: stub)
     monkeypatch.setattr("pipeline.quiet.import_tensorflow", lambda: None)  # (its import would be traced too)
     tracemalloc.start()
     try:
