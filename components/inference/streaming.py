@@ -1,11 +1,12 @@
 """Separation hop by hop with an export's streaming model (models/streaming.py): one hop in, one hop per target
-out, stems written as they are produced."""
+out, stems written as they are produced. Input at another rate or channel count is resampled on the way in and
+the stems on the way out (`components.data.audio.StreamingResampler`), so they come at the input's rate."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from configs.errors import SeparateError, StageError
+from configs.errors import SeparateError
 
 
 class StreamingSeparator:
@@ -56,7 +57,7 @@ def load_streaming(model: str | None, artifacts_dir: str) -> StreamingSeparator:
 
 
 def pcm_hops(handle, fmt: str, nb_channels: int, hop: int):
-    """Hops `(hop, nb_channels)` float32 from a raw PCM byte stream; the last one zero-padded."""
+    """Blocks `(hop, nb_channels)` float32 from a raw PCM byte stream; the last one as long as what came."""
     import numpy as np
 
     dtype, scale = (np.int16, 1 / 32768.0) if fmt == "s16le" else (np.float32, 1.0)
@@ -75,23 +76,17 @@ def pcm_hops(handle, fmt: str, nb_channels: int, hop: int):
             raise SeparateError(f"-: the stream ended inside a sample frame ({len(pending) % frame_bytes} of "
                                 f"{frame_bytes} bytes: {nb_channels} channel(s) of {fmt}); --pcm-format and "
                                 f"--pcm-channels must match what is piped in")
-        block = np.frombuffer(pending, dtype=dtype).reshape(-1, nb_channels).astype(np.float32) * scale
-        yield np.pad(block, ((0, hop - len(block)), (0, 0)))
+        yield np.frombuffer(pending, dtype=dtype).reshape(-1, nb_channels).astype(np.float32) * scale
 
 
-def file_hops(mixture, hop: int):
-    import numpy as np
-
-    for start in range(0, len(mixture), hop):
-        block = mixture[start:start + hop]
-        yield np.pad(block, ((0, hop - len(block)), (0, 0))) if len(block) < hop else block
-
-
-def stream_to_stems(streamer: StreamingSeparator, hops, destination: Path, *, nb_timesteps=None, out_channels: int,
-                    fmt: str, atomic: bool, source: str = "-") -> dict:
-    """Run hops `(hop, channels at the model's layout)` through the streaming model, writing every stem as its
-    hops come out (flushed), aligned with the input: the first `latency` output samples are dropped and the
-    tail is flushed with silence. `nb_timesteps`: trim to the input length when known. Returns {target: file}.
+def stream_to_stems(streamer: StreamingSeparator, blocks, destination: Path, *, rate: int, channels: int,
+                    nb_timesteps=None, fmt: str, atomic: bool, source: str = "-") -> dict:
+    """Run blocks `(n, channels)` at `rate` through the streaming model, writing every stem as its hops come
+    out (flushed), aligned with the input and at the input's rate and channels, as offline `separate` writes
+    them: the input is resampled to the model's rate and channels by a `StreamingResampler`, cut into hops,
+    the first `latency` output samples are dropped, the stems are resampled back to `rate` and `channels`, and
+    the tail is flushed with silence. `nb_timesteps`: trim to the input length when known (else the number of
+    input samples received). Returns {target: file}.
 
     `atomic` (a file input): the stems are `.part` files renamed together at the end; any error or interruption
     removes them. Otherwise (standard input, a live stream) the stems grow in place: an interruption (Ctrl-C,
@@ -102,6 +97,7 @@ def stream_to_stems(streamer: StreamingSeparator, hops, destination: Path, *, nb
 
     from models.streaming import STATE_NAMES
 
+    from components.data.audio import StreamingResampler
     from components.inference.files import Terminated, cleanup_destination, remove_parts, rename_together
 
     created = not destination.exists()
@@ -109,41 +105,62 @@ def stream_to_stems(streamer: StreamingSeparator, hops, destination: Path, *, nb
     files = {t: destination / f"{t}.{fmt}" for t in streamer.targets}
     paths = {t: (f.with_name(f".{f.stem}.part.{fmt}") if atomic else f) for t, f in files.items()}
     subtype = "FLOAT" if fmt == "wav" else "PCM_24"
-    writers = {t: soundfile.SoundFile(str(paths[t]), "w", samplerate=streamer.sample_rate, channels=out_channels,
-                                      subtype=subtype) for t in streamer.targets}
+    writers = {t: soundfile.SoundFile(str(paths[t]), "w", samplerate=rate, channels=channels, subtype=subtype)
+               for t in streamer.targets}
+    to_model = StreamingResampler(rate, streamer.sample_rate, streamer.nb_channels)
+    to_file = {t: StreamingResampler(streamer.sample_rate, rate, channels) for t in streamer.targets}
     state = streamer.initial_state()
-    skip, written, consumed = streamer.latency, 0, 0
-    flush = [np.zeros((streamer.hop, streamer.nb_channels), np.float32)] * (-(-streamer.latency // streamer.hop))
+    hop = streamer.hop
+    counts = {"consumed": 0, "skip": streamer.latency, "model_written": 0, "written": 0}
 
-    def blocks():
-        nonlocal consumed
-        for block in hops:
+    def model_hops():
+        """Hops `(hop, model channels)` at the model rate: the resampled input, the last hop zero-padded, then
+        silence to flush the latency."""
+        pending = np.zeros((0, streamer.nb_channels), np.float32)
+        for block in blocks:
+            block = np.asarray(block, np.float32).reshape(len(block), -1)
             if not np.all(np.isfinite(block)):
-                raise SeparateError(f"{source}: NaN/Inf samples at {consumed / streamer.sample_rate:.2f} s; "
+                raise SeparateError(f"{source}: NaN/Inf samples at {counts['consumed'] / rate:.2f} s; "
                                     f"the stream is refused (check what produces it)")
-            consumed += len(block)
-            yield block
-        if not consumed:
+            counts["consumed"] += len(block)
+            pending = np.concatenate([pending, to_model.process(block)])
+            while len(pending) >= hop:
+                yield pending[:hop]
+                pending = pending[hop:]
+        if not counts["consumed"]:
             raise SeparateError(f"{source}: no audio (the stream was empty)")
-        yield from flush
+        pending = np.concatenate([pending, to_model.flush()])
+        pending = np.pad(pending, ((0, -len(pending) % hop + hop * -(-streamer.latency // hop)), (0, 0)))
+        for first in range(0, len(pending), hop):
+            yield pending[first:first + hop]
+
+    def write(stems: dict, last: bool):
+        limit = (nb_timesteps if nb_timesteps is not None else counts["consumed"]) - counts["written"]
+        if last and limit > 0:  # what a resampler delay held back (zeros only when the stems came up short)
+            stems = {t: np.pad(stem, ((0, max(0, limit - len(stem))), (0, 0))) for t, stem in stems.items()}
+        count = max(0, min(len(next(iter(stems.values()))), limit))
+        if not count:
+            return
+        for target, writer in writers.items():
+            stem = stems[target][:count]
+            writer.write(np.clip(stem, -1, 1) if fmt == "flac" else stem)
+            writer.flush()  # a reader (or a pipe) sees the stem grow hop by hop
+        counts["written"] += count
 
     try:
-        for block in blocks():
+        for block in model_hops():
             outputs = streamer.step(audio=np.asarray(block, np.float32)[None], **state)
             state = {name: outputs[name + "_out"] for name in STATE_NAMES}
-            start = min(skip, streamer.hop)
-            skip -= start
-            limit = (nb_timesteps if nb_timesteps is not None else consumed) - written
-            count = max(0, min(streamer.hop - start, limit))
+            start = min(counts["skip"], hop)
+            counts["skip"] -= start
+            # model-rate stem samples: no more than the resampled input holds (the rest is padding)
+            count = max(0, min(hop - start, to_model.produced - counts["model_written"]))
             if not count:
                 continue
-            for target, writer in writers.items():
-                stem = np.asarray(outputs[target])[0, start:start + count]
-                if out_channels != stem.shape[1]:
-                    stem = stem.mean(axis=1, keepdims=True) if out_channels == 1 else np.repeat(stem, out_channels, 1)
-                writer.write(np.clip(stem, -1, 1) if fmt == "flac" else stem)
-                writer.flush()  # a reader (or a pipe) sees the stem grow hop by hop
-            written += count
+            counts["model_written"] += count
+            write({t: to_file[t].process(np.asarray(outputs[t])[0, start:start + count]) for t in streamer.targets},
+                  last=False)
+        write({t: to_file[t].flush() for t in streamer.targets}, last=True)
     except BaseException as error:
         for writer in writers.values():
             writer.close()
@@ -166,7 +183,6 @@ def stream_file(streamer: StreamingSeparator, path: Path, out: Path, *, fmt: str
     """Separate the audio file `path` hop by hop into `out/<track>/<target>.<fmt>` (all stems or none)."""
     import numpy as np
 
-    from components.data.audio import conform
     from components.inference.files import read_any, track_folder
 
     destination = track_folder(path, out)
@@ -177,40 +193,29 @@ def stream_file(streamer: StreamingSeparator, path: Path, out: Path, *, fmt: str
     if not np.all(np.isfinite(audio)):
         raise SeparateError(f"{path}: {int(np.count_nonzero(~np.isfinite(audio)))} NaN/Inf samples; re-export the "
                             f"file from its source")
-    if rate != streamer.sample_rate:
-        raise SeparateError(f"{path}: {rate} Hz; the streaming model runs at {streamer.sample_rate} Hz; resample it "
-                            f"first (ffmpeg -i {path.name} -ar {streamer.sample_rate} ...)")
-    try:
-        mixture = conform(audio, rate, path, sample_rate=streamer.sample_rate, nb_channels=streamer.nb_channels)
-    except StageError as error:
-        raise SeparateError(str(error)) from None
-    stream_to_stems(streamer, file_hops(mixture, streamer.hop), destination, nb_timesteps=len(mixture),
-                    out_channels=audio.shape[1], fmt=fmt, atomic=True, source=str(path))
+    if audio.shape[1] > 2:
+        raise SeparateError(f"{path}: {audio.shape[1]} channels, expected mono or stereo; downmix it to "
+                            f"{streamer.nb_channels} channel(s) (e.g. ffmpeg -ac {streamer.nb_channels})")
+    # at the file's rate, in blocks of about one model hop: resampled on the way in and out as a live stream is
+    block = max(1, streamer.hop * rate // streamer.sample_rate)
+    blocks = (audio[first:first + block] for first in range(0, len(audio), block))
+    stream_to_stems(streamer, blocks, destination, rate=rate, channels=audio.shape[1], nb_timesteps=len(audio),
+                    fmt=fmt, atomic=True, source=str(path))
     return destination
 
 
 def stream_pcm(streamer: StreamingSeparator, handle, destination: Path, *, pcm_format: str, rate: int, channels: int,
                fmt: str, force: bool) -> Path:
     """Separate raw PCM read from `handle` (standard input) hop by hop into `destination/<target>.<fmt>`, the
-    stems growing as the hops are separated."""
-    import numpy as np
-
+    stems growing as the hops are separated, at the PCM's `rate` and `channels`."""
     if rate <= 0:
         raise SeparateError(f"--pcm-rate {rate}: must be a positive sample rate, e.g. --pcm-rate {streamer.sample_rate}")
-    if rate != streamer.sample_rate:
-        raise SeparateError(f"--pcm-rate {rate}: the streaming model runs at {streamer.sample_rate} Hz; resample "
-                            f"upstream (e.g. ffmpeg ... -ar {streamer.sample_rate} -f {pcm_format} -)")
     if channels not in (1, 2):
         raise SeparateError(f"--pcm-channels {channels}: 1 or 2 channels only")
     existing = [destination / f"{t}.{fmt}" for t in streamer.targets if (destination / f"{t}.{fmt}").exists()]
     if existing and not force:
         raise SeparateError(f"-: {existing[0]} exists; use --force to overwrite or --name to choose another folder")
-
-    def hops():
-        for block in pcm_hops(handle, pcm_format, channels, streamer.hop):
-            if channels != streamer.nb_channels:
-                block = np.repeat(block, streamer.nb_channels, 1) if channels == 1 else block.mean(1, keepdims=True)
-            yield block
-
-    stream_to_stems(streamer, hops(), destination, out_channels=channels, fmt=fmt, atomic=False)
+    block = max(1, streamer.hop * rate // streamer.sample_rate)  # about one model hop of the PCM's rate
+    stream_to_stems(streamer, pcm_hops(handle, pcm_format, channels, block), destination, rate=rate,
+                    channels=channels, fmt=fmt, atomic=False)
     return destination
