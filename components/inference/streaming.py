@@ -105,10 +105,9 @@ def stream_to_stems(streamer: StreamingSeparator, blocks, destination: Path, *, 
     files = {t: destination / f"{t}.{fmt}" for t in streamer.targets}
     paths = {t: (f.with_name(f".{f.stem}.part.{fmt}") if atomic else f) for t, f in files.items()}
     subtype = "FLOAT" if fmt == "wav" else "PCM_24"
-    writers = {t: soundfile.SoundFile(str(paths[t]), "w", samplerate=rate, channels=channels, subtype=subtype)
-               for t in streamer.targets}
     to_model = StreamingResampler(rate, streamer.sample_rate, streamer.nb_channels)
     to_file = {t: StreamingResampler(streamer.sample_rate, rate, channels) for t in streamer.targets}
+    writers = {}  # opened inside the try below: an interruption right after the first file exists removes it
     state = streamer.initial_state()
     hop = streamer.hop
     counts = {"consumed": 0, "skip": streamer.latency, "model_written": 0, "written": 0}
@@ -148,6 +147,9 @@ def stream_to_stems(streamer: StreamingSeparator, blocks, destination: Path, *, 
         counts["written"] += count
 
     try:
+        for target in streamer.targets:
+            writers[target] = soundfile.SoundFile(str(paths[target]), "w", samplerate=rate, channels=channels,
+                                                  subtype=subtype)
         for block in model_hops():
             outputs = streamer.step(audio=np.asarray(block, np.float32)[None], **state)
             state = {name: outputs[name + "_out"] for name in STATE_NAMES}
