@@ -348,13 +348,13 @@ def benchmark_separate(config, seconds: float, repeats: int, threads: int, tflit
                     batch_size=workers)
                 runs[f"tflite_{variant}"]()  # warm-up
                 if variant == "float32" and threads > 1:  # the other driver, same file, same run
-                    other = 1 if workers > 1 else threads
-                    name = "tflite_float32_one_interpreter" if other == 1 else f"tflite_float32_{other}_workers"
-                    alternative = exported.TFLiteChunkRunner(blob, workers=other,
-                                                           threads_per_worker=threads if other == 1 else 1)
-                    runs[name] = lambda alternative=alternative, other=other: separate_array(  # noqa: E731
+                    drivers = 1 if workers > 1 else threads
+                    name = "tflite_float32_one_interpreter" if drivers == 1 else f"tflite_float32_{drivers}_workers"
+                    alternative = exported.TFLiteChunkRunner(blob, workers=drivers,
+                                                           threads_per_worker=threads if drivers == 1 else 1)
+                    runs[name] = lambda alternative=alternative, drivers=drivers: separate_array(  # noqa: E731
                         alternative, mixture, sample_rate=rate, chunk_seconds=chunk / rate, overlap=0.0,
-                        batch_size=other)
+                        batch_size=drivers)
                     runs[name]()
                 report[f"tflite_{variant}_megabytes"] = round(len(blob) / 1e6, 2)
                 if excerpt is not None:  # what quantization costs in separation quality, on real music
@@ -460,11 +460,15 @@ def _separator_parts(model, mixture):
     import keras
     import tensorflow as tf
 
+    import inspect
+
     make = model.inference.make_separator
+    # Open-Unmix's pieces: its separator takes wiener_iterations (the other families' parts are not split)
+    open_unmix = make is not None and "wiener_iterations" in inspect.signature(make).parameters
     batch = tf.constant(mixture[None])
     parts = {"stft+networks": tf.function(lambda x: model.train_model(x, training=False))}
     networks = model.inference.networks or None
-    if networks is not None and hasattr(model.config, "n_fft"):
+    if open_unmix and networks is not None:
         # the networks alone on the mixture magnitude: one graph per target (as training runs them) versus
         # the separator's stacked graph (models/open_unmix.py StackedOpenUnmix), same weights
         from models.open_unmix import StackedOpenUnmix
@@ -475,7 +479,7 @@ def _separator_parts(model, mixture):
         parts["networks, per target"] = tf.function(  # the mixture is ignored: the magnitude is precomputed
             lambda mixture: tf.stack([network(magnitude, training=False) for network in networks.values()], -1))
         parts["networks, stacked"] = tf.function(lambda mixture: stacked(magnitude, training=False))
-    if make is not None:
+    if open_unmix:
         soft = make(wiener_iterations=0)
         parts["separator, soft masks"] = tf.function(lambda x: soft(x, training=False))
         parts["separator, configured Wiener"] = tf.function(lambda x: model.separator(x, training=False))
