@@ -491,17 +491,20 @@ def _families():
     return list(FAMILIES)
 
 
+def _family_dir(family: str, family_runs, request) -> Path:
+    """The artifacts of the family's `--stage all with unittest`. Open-Unmix and Wave-U-Net ran it from the CLI for
+    other tests (the shared pipeline of tests/conftest.py, this file's lock-race run): their artifacts are read,
+    not made again. The others ran in the background since the session started (family_runs, tests/conftest.py)."""
+    if family == "umx":
+        return request.getfixturevalue("umx_pipeline")
+    if family == "wave_u_net":
+        return request.getfixturevalue("exported")[0]
+    return family_runs[family].result()
+
+
 @pytest.mark.parametrize("family", _families())
 def test_every_registered_family_runs_all_stages_from_the_cli(family, family_runs, request):
-    # Open-Unmix and Wave-U-Net ran `--stage all with unittest` from the CLI for other tests (the shared pipeline of
-    # tests/conftest.py, this file's lock-race run): their artifacts are checked, not made again. The others ran in
-    # the background since the session started (family_runs, tests/conftest.py).
-    if family == "umx":
-        family_dir = request.getfixturevalue("umx_pipeline")
-    elif family == "wave_u_net":
-        family_dir = request.getfixturevalue("exported")[0]
-    else:
-        family_dir = family_runs[family].result()
+    family_dir = _family_dir(family, family_runs, request)
     export = artifacts.load(family_dir, "export")
     assert export is not None and export.meta["config"]["model"]["name"] == family
     sidecar = json.loads(export.file("model.json").read_text())
@@ -527,3 +530,61 @@ def test_every_registered_family_runs_all_stages_from_the_cli(family, family_run
         assert np.isfinite(export.figures[f"tflite_{quantize}_parity_db"]), export.figures
     for stage in ("prepare", "train", "evaluate", "export"):
         artifacts.verify(artifacts.load(family_dir, stage))
+
+
+
+@pytest.mark.parametrize("family", _families())
+def test_every_family_tflite_file_separates_real_musdb_like_its_saved_model(family, family_runs, request):
+    """Each family's exported .tflite files against its served SavedModel on the real MUSDB18-HQ excerpt, both
+    chunk by chunk as `separate --model x.tflite` runs (the file's fixed chunk, no overlap): float32 >= 80 dB SDR
+    against the SavedModel; the dynamic-range int8 file within 0.5 dB of float32's SDR against the true stems."""
+    import tensorflow as tf
+
+    from components.evaluation.metrics import global_sdr
+    from components.export import parity_db
+    from components.inference.exported import SIGNATURE, TFLiteChunkRunner
+    from components.inference.separation import separate_array
+    from pipeline.benchmark import musdb_excerpt
+
+    family_dir = _family_dir(family, family_runs, request)
+    export = artifacts.load(family_dir, "export")
+    sidecar = json.loads(export.file("model.json").read_text())
+    description = sidecar["tflite"]
+    assert description, f"{family}: no TFLite export"
+    excerpt = musdb_excerpt(sidecar["sample_rate"], sidecar["nb_channels"], sidecar["targets"])
+    if excerpt is None:
+        pytest.skip("real MUSDB18-HQ excerpt absent (../shared/data/musdb18hq-sample)")
+    mixture, stems = excerpt
+    chunking = dict(sample_rate=sidecar["sample_rate"], chunk_seconds=description["chunk_seconds"], overlap=0.0)
+    serving = tf.saved_model.load(str(export.path / "saved_model" / family / "1")).signatures[SIGNATURE]
+    saved = separate_array(lambda batch: {k: v.numpy() for k, v in serving(waveform=tf.constant(batch)).items()},
+                           mixture, batch_size=2, **chunking)
+    estimates = {}
+    for variant, info in description["variants"].items():
+        runner = TFLiteChunkRunner(model_path=str(export.path / "tflite" / info["file"]), workers=2)
+        estimates[variant] = separate_array(runner, mixture, batch_size=2, **chunking)
+        runner.close()
+    assert set(estimates) == {"float32", "dynamic"}
+    parity = parity_db(saved, estimates["float32"])
+    sdr = {variant: float(np.mean([global_sdr(stems[t], estimate[t]) for t in stems]))
+           for variant, estimate in estimates.items()}
+    print(f"{family}: float32 vs SavedModel {parity:.1f} dB; mean SDR vs stems {sdr}")
+    assert parity >= 80.0, f"{family}: TFLite float32 vs SavedModel {parity:.1f} dB"
+    # dynamic-range quantization stores as int8 only weight tensors of 1024 elements or more (TFLite's threshold)
+    from ai_edge_litert.interpreter import Interpreter
+
+    quantized = Interpreter(model_path=str(export.path / "tflite" / description["variants"]["dynamic"]["file"]))
+    int8 = sum(int(np.prod(t["shape"])) for t in quantized.get_tensor_details() if t["dtype"] == np.int8)
+    if family == "wave_u_net":
+        # the unittest Wave-U-Net's convolutions are all below that size: its "int8" file is float32, and the
+        # honest figure is that: the same SDR to float32 rounding (the default preset's file is int8: benchmarks.md)
+        assert int8 == 0 and abs(sdr["float32"] - sdr["dynamic"]) <= 1e-4, (family, int8, sdr)
+        return
+    assert int8 > 0, f"{family}: the dynamic-range file holds no int8 weights"
+    # Only Open-Unmix is trained here (the unittest epochs; measured 0.87 dB float32, 0.001 dB lost to int8). The
+    # other families' one-step models separate nothing: their SDR against the stems is ~0 dB whatever int8 does
+    # (seed-0 untrained, in process: unet 0.85/0.85, c_unet -0.33/-0.33, m_unet 0.11/0.11, tfc_tdf_v3 -0.46/-0.46,
+    # dttnet -0.0005/-0.0005), so this bound holds but says little for them; what int8 moves, float32 against int8
+    # output, measured there: unet 200 dB (saturated masks), c_unet 164, tfc_tdf_v3 41, dttnet 61, m_unet 3 dB
+    # (near-zero ReLU masks, see the all-stages test). The trained model's loss: benchmarks.md.
+    assert abs(sdr["float32"] - sdr["dynamic"]) <= 0.5, (family, sdr)
