@@ -95,6 +95,78 @@ def resample(audio: np.ndarray, rate: int, sample_rate: int, block_samples: int 
     return out
 
 
+class StreamingResampler:
+    """`resample` one block at a time, for a stream whose end is not known: every block in gives the output
+    samples that the blocks so far determine, `flush()` the rest at the end, and the concatenation equals
+    `resample` of the whole signal (the same taps, the same per-sample sums).
+
+    An output sample needs the input up to `half_len / up` samples after its own time (the Kaiser filter is
+    symmetric, half_len = 10 max(up, down)), so the outputs trail the input by `delay_in_samples` input samples:
+    10 when upsampling, 10 output samples' worth when downsampling (44.1 kHz -> 8 kHz: 56 samples, 1.3 ms).
+    Only the input a future output still needs is kept."""
+
+    def __init__(self, rate: int, sample_rate: int, nb_channels: int):
+        from scipy.signal import firwin
+
+        ratio = Fraction(int(sample_rate), int(rate))
+        self.up, self.down = ratio.numerator, ratio.denominator
+        self.nb_channels = nb_channels
+        half_len = 10 * max(self.up, self.down)
+        taps = firwin(2 * half_len + 1, 1.0 / max(self.up, self.down), window=("kaiser", 5.0)).astype(np.float32)
+        pre_pad = self.down - half_len % self.down
+        self.pre_remove = (half_len + pre_pad) // self.down
+        self.taps = np.concatenate([np.zeros(pre_pad, np.float32), taps * self.up])  # as `resample`, float32 input
+        self.delay_in_samples = -(-half_len // self.up)
+        self._buffer = np.zeros((0, nb_channels), np.float32)  # input samples [_base, received)
+        self._base = self.received = self.emitted = 0
+
+    @property
+    def identity(self) -> bool:
+        return self.up == self.down == 1
+
+    def __call__(self, block: np.ndarray) -> np.ndarray:
+        """The output samples `block` completes, float32 `(n, nb_channels)` (n may be 0)."""
+        block = np.asarray(block, np.float32).reshape(-1, self.nb_channels)
+        if self.identity:
+            self.received += len(block)
+            self.emitted += len(block)
+            return block
+        self._buffer = np.concatenate([self._buffer, block])
+        self.received += len(block)
+        # output j needs the input up to (j + pre_remove) * down // up
+        ready = max(self.emitted, (self.received * self.up - 1) // self.down - self.pre_remove + 1)
+        return self._outputs(ready)
+
+    def flush(self) -> np.ndarray:
+        """The last output samples, the input being zero after its end: `resample`'s length in total."""
+        total = -(-self.received * self.up // self.down)
+        if self.identity or total <= self.emitted:
+            return np.zeros((0, self.nb_channels), np.float32)
+        tail = len(self.taps) // self.up + 2  # zeros after the end, as many as the last output's filter reaches
+        self._buffer = np.concatenate([self._buffer, np.zeros((tail, self.nb_channels), np.float32)])
+        return self._outputs(total)
+
+    def _outputs(self, last: int) -> np.ndarray:
+        from scipy.signal import upfirdn
+
+        first = self.emitted
+        if last <= first:
+            return np.zeros((0, self.nb_channels), np.float32)
+        k0, k1 = first + self.pre_remove, last + self.pre_remove
+        start = max(self._base, max(0, -(-(k0 * self.down - len(self.taps) + 1) // self.up)) // self.down * self.down)
+        stop = (k1 - 1) * self.down // self.up + 1
+        filtered = upfirdn(self.taps, self._buffer[start - self._base:stop - self._base], self.up, self.down, axis=0)
+        offset = start * self.up // self.down
+        out = filtered[k0 - offset:k1 - offset].astype(np.float32)
+        self.emitted = last
+        # keep the input from where the next output's filter starts (a multiple of `down`, as `resample` starts)
+        keep = max(0, -(-((last + self.pre_remove) * self.down - len(self.taps) + 1) // self.up)) // self.down * self.down
+        if keep > self._base:
+            self._buffer = self._buffer[keep - self._base:]
+            self._base = keep
+        return out
+
+
 def check_track(name: str, stems: Mapping[str, np.ndarray], paths: Mapping[str, str]) -> Tuple[Dict, List[str]]:
     """Equal stem lengths within a track; returns (stems, names of silent stems)."""
     lengths = {target: int(audio.shape[0]) for target, audio in stems.items()}
