@@ -180,11 +180,74 @@ def test_separate_stream_file_and_stdin_match_the_stream(model, exported, tmp_pa
         stem, _ = soundfile.read(str(tmp_path / "out" / "live" / f"{target}.wav"), dtype="float32", always_2d=True)
         assert stem.shape == x.shape
         assert global_sdr(expected[target][stream.latency_samples:][:len(x)], stem) >= 80.0
-    # a rate the model does not run at is a one-line error
-    result = _separate("--stream", "-", "--model", str(folder / "saved_model"), "--pcm-rate", "44100",
-                       "-o", str(tmp_path / "out"), input=b"", text=False)
-    err = result.stderr.decode().strip().splitlines()[-1]
-    assert result.returncode == 1 and err.startswith("error: --pcm-rate 44100: the streaming model runs at 8000 Hz")
+    # the model's channels on standard input at another rate: resampled in and back, hop by hop (below)
+
+
+def _offline_at(stream, rate, x, out_channels):
+    """What the stream should give at `rate`: x resampled to the model's rate offline, streamed, aligned, each stem
+    resampled back offline, trimmed (or padded) to the input's length, in `out_channels`."""
+    from components.data.audio import resample
+
+    model_rate = resample(x, rate, 8000)
+    streamed = stream_array(stream.compiled(), stream.initial_state(),
+                            np.concatenate([model_rate, np.zeros((stream.latency_samples + stream.hop_length, 2))]),
+                            stream.hop_length)
+    expected = {}
+    for target, stem in streamed.items():
+        stem = resample(np.asarray(stem)[stream.latency_samples:][:len(model_rate)], 8000, rate)[:len(x)]
+        stem = np.pad(stem, ((0, len(x) - len(stem)), (0, 0)))
+        expected[target] = stem.mean(axis=1, keepdims=True) if out_channels == 1 else stem
+    return expected
+
+
+def test_separate_stream_at_another_rate_equals_offline_resampling(model, exported, tmp_path):
+    """`separate --stream` of 44.1 kHz input (a wav, and mono PCM on standard input) through the 8 kHz streaming
+    model: the stems, written at 44.1 kHz in the input's channels and length, equal resampling the whole input
+    offline, streaming it, and resampling each stem back offline (>= 60 dB; the resamplers are bit-exact, the
+    rest is the model's float arithmetic); and a real 44.1 kHz mp3 streams the same way."""
+    import soundfile
+
+    from components.data.audio import resample
+    from components.inference.streaming import StreamingSeparator, resampling_delay
+
+    folder, _ = exported
+    stream = StreamingOpenUnmix(model)
+    x = resample(excerpt(model.sample_rate, 1.0), 8000, 44100)[:44100 - 37]  # not a whole number of hops
+    soundfile.write(str(tmp_path / "song.wav"), x, 44100, subtype="FLOAT")
+    result = _separate("--stream", str(tmp_path / "song.wav"), "--model", str(folder / "saved_model"),
+                       "-o", str(tmp_path / "out"), text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    expected = _offline_at(stream, 44100, x, 2)
+    for target in model.targets:
+        stem, rate = soundfile.read(str(tmp_path / "out" / "song" / f"{target}.wav"), dtype="float32", always_2d=True)
+        assert rate == 44100 and stem.shape == x.shape
+        assert global_sdr(expected[target], stem) >= 60.0, target
+    mono = x.mean(axis=1, keepdims=True)
+    result = _separate("--stream", "-", "--model", str(folder / "stream.float32.tflite"), "--pcm-format", "f32le",
+                       "--pcm-rate", "44100", "--pcm-channels", "1", "--name", "live", "-o", str(tmp_path / "out"),
+                       input=mono.astype("<f4").tobytes())
+    assert result.returncode == 0, result.stderr[-2000:]
+    expected = _offline_at(stream, 44100, np.repeat(mono, 2, axis=1), 1)
+    for target in model.targets:
+        stem, rate = soundfile.read(str(tmp_path / "out" / "live" / f"{target}.wav"), dtype="float32", always_2d=True)
+        assert rate == 44100 and stem.shape == mono.shape
+        assert global_sdr(expected[target], stem) >= 60.0, target
+    # the resamplers' delay, in input samples, on top of the model's latency (docs/deployment.md)
+    delay = resampling_delay(StreamingSeparator(folder / "saved_model"), 44100)
+    # 44.1 -> 8 kHz: half_len 4410 taps at up=80, 56 input samples; back: 10 samples at 8 kHz = 56 at 44.1 kHz
+    assert delay == 56 + 56, delay
+    mp3 = PROJECT_ROOT.parent / "shared" / "data" / "waveunet-examples" / "Cristina Vane - So Easy" / "mix.mp3"
+    if mp3.is_file():
+        import subprocess
+
+        clip = tmp_path / "clip.mp3"
+        subprocess.run(["ffmpeg", "-v", "error", "-i", str(mp3), "-t", "2", "-c", "copy", str(clip)], check=True)
+        result = _separate("--stream", str(clip), "--model", str(folder / "saved_model"), "-o", str(tmp_path / "out"),
+                           text=True)
+        assert result.returncode == 0, result.stderr[-2000:]
+        decoded, rate = soundfile.read(str(clip), dtype="float32", always_2d=True)
+        stems = [soundfile.read(str(tmp_path / "out" / "clip" / f"{t}.wav"), always_2d=True) for t in model.targets]
+        assert all(r == 44100 == rate and s.shape == decoded.shape and np.abs(s).max() > 1e-4 for s, r in stems)
 
 
 def test_pipeline_export_writes_the_stream_and_separate_uses_it(tmp_path, stream_pipeline):

@@ -111,14 +111,17 @@ class StreamingResampler:
         ratio = Fraction(int(sample_rate), int(rate))
         self.up, self.down = ratio.numerator, ratio.denominator
         self.nb_channels = nb_channels
+        self._buffer = np.zeros((0, nb_channels), np.float32)  # input samples [_base, received)
+        self._base = self.received = self.emitted = 0
+        if self.identity:  # the same rate: blocks pass through
+            self.delay_in_samples = 0
+            return
         half_len = 10 * max(self.up, self.down)
         taps = firwin(2 * half_len + 1, 1.0 / max(self.up, self.down), window=("kaiser", 5.0)).astype(np.float32)
         pre_pad = self.down - half_len % self.down
         self.pre_remove = (half_len + pre_pad) // self.down
         self.taps = np.concatenate([np.zeros(pre_pad, np.float32), taps * self.up])  # as `resample`, float32 input
         self.delay_in_samples = -(-half_len // self.up)
-        self._buffer = np.zeros((0, nb_channels), np.float32)  # input samples [_base, received)
-        self._base = self.received = self.emitted = 0
 
     @property
     def identity(self) -> bool:

@@ -56,7 +56,7 @@ def load_streaming(model: str | None, artifacts_dir: str) -> StreamingSeparator:
 
 
 def pcm_hops(handle, fmt: str, nb_channels: int, hop: int):
-    """Hops `(hop, nb_channels)` float32 from a raw PCM byte stream; the last one zero-padded."""
+    """Blocks `(hop, nb_channels)` float32 from a raw PCM byte stream; the last one may be shorter."""
     import numpy as np
 
     dtype, scale = (np.int16, 1 / 32768.0) if fmt == "s16le" else (np.float32, 1.0)
@@ -75,23 +75,23 @@ def pcm_hops(handle, fmt: str, nb_channels: int, hop: int):
             raise SeparateError(f"-: the stream ended inside a sample frame ({len(pending) % frame_bytes} of "
                                 f"{frame_bytes} bytes: {nb_channels} channel(s) of {fmt}); --pcm-format and "
                                 f"--pcm-channels must match what is piped in")
-        block = np.frombuffer(pending, dtype=dtype).reshape(-1, nb_channels).astype(np.float32) * scale
-        yield np.pad(block, ((0, hop - len(block)), (0, 0)))
+        yield np.frombuffer(pending, dtype=dtype).reshape(-1, nb_channels).astype(np.float32) * scale
 
 
 def file_hops(mixture, hop: int):
-    import numpy as np
-
+    """Blocks of `hop` samples of an array; the last one may be shorter."""
     for start in range(0, len(mixture), hop):
-        block = mixture[start:start + hop]
-        yield np.pad(block, ((0, hop - len(block)), (0, 0))) if len(block) < hop else block
+        yield mixture[start:start + hop]
 
 
-def stream_to_stems(streamer: StreamingSeparator, hops, destination: Path, *, nb_timesteps=None, out_channels: int,
-                    fmt: str, atomic: bool, source: str = "-") -> dict:
-    """Run hops `(hop, channels at the model's layout)` through the streaming model, writing every stem as its
-    hops come out (flushed), aligned with the input: the first `latency` output samples are dropped and the
-    tail is flushed with silence. `nb_timesteps`: trim to the input length when known. Returns {target: file}.
+def stream_to_stems(streamer: StreamingSeparator, blocks, destination: Path, *, nb_timesteps=None, out_channels: int,
+                    fmt: str, atomic: bool, source: str = "-", rate: int = None) -> dict:
+    """Run blocks `(n, channels at the model's layout)` at `rate` (default the model's) through the streaming model
+    hop by hop, writing every stem as its hops come out (flushed), at `rate` and `out_channels`, aligned with the
+    input: the first `latency` output samples are dropped and the tail is flushed with silence. At another rate
+    the input is resampled to the model's and each stem back, block by block (`StreamingResampler`: the same
+    numbers as resampling the whole signal), which adds the two filters' delays to the latency. `nb_timesteps`:
+    the input length when known (a file), else the samples received. Returns {target: file}.
 
     `atomic` (a file input): the stems are `.part` files renamed together at the end; any error or interruption
     removes them. Otherwise (standard input, a live stream) the stems grow in place: an interruption (Ctrl-C,
@@ -100,50 +100,83 @@ def stream_to_stems(streamer: StreamingSeparator, hops, destination: Path, *, nb
     import numpy as np
     import soundfile
 
+    from components.data.audio import StreamingResampler
     from models.streaming import STATE_NAMES
 
     from components.inference.files import Terminated, cleanup_destination, remove_parts, rename_together
 
+    rate = rate or streamer.sample_rate
+    hop, channels = streamer.hop, streamer.nb_channels
+    into = StreamingResampler(rate, streamer.sample_rate, channels)  # identity at the model's rate
+    back = {t: StreamingResampler(streamer.sample_rate, rate, channels) for t in streamer.targets}
     created = not destination.exists()
     destination.mkdir(parents=True, exist_ok=True)
     files = {t: destination / f"{t}.{fmt}" for t in streamer.targets}
     paths = {t: (f.with_name(f".{f.stem}.part.{fmt}") if atomic else f) for t, f in files.items()}
     subtype = "FLOAT" if fmt == "wav" else "PCM_24"
-    writers = {t: soundfile.SoundFile(str(paths[t]), "w", samplerate=streamer.sample_rate, channels=out_channels,
+    writers = {t: soundfile.SoundFile(str(paths[t]), "w", samplerate=rate, channels=out_channels,
                                       subtype=subtype) for t in streamer.targets}
     state = streamer.initial_state()
-    skip, written, consumed = streamer.latency, 0, 0
-    flush = [np.zeros((streamer.hop, streamer.nb_channels), np.float32)] * (-(-streamer.latency // streamer.hop))
+    counts = {"in": 0, "model": 0}  # input samples received; model-rate samples they became
+    written = {t: 0 for t in streamer.targets}  # samples of each stem written, at `rate`
+    flush = [np.zeros((hop, channels), np.float32)] * (-(-streamer.latency // hop))
 
-    def blocks():
-        nonlocal consumed
-        for block in hops:
+    def hops():
+        pending = np.zeros((0, channels), np.float32)
+
+        def ready(samples):
+            nonlocal pending
+            counts["model"] += len(samples)
+            pending = np.concatenate([pending, samples]) if len(pending) else np.asarray(samples, np.float32)
+            while len(pending) >= hop:
+                yield pending[:hop]
+                pending = pending[hop:]
+
+        for block in blocks:
             if not np.all(np.isfinite(block)):
-                raise SeparateError(f"{source}: NaN/Inf samples at {consumed / streamer.sample_rate:.2f} s; "
+                raise SeparateError(f"{source}: NaN/Inf samples at {counts['in'] / rate:.2f} s; "
                                     f"the stream is refused (check what produces it)")
-            consumed += len(block)
-            yield block
-        if not consumed:
+            counts["in"] += len(block)
+            yield from ready(into(block))
+        if not counts["in"]:
             raise SeparateError(f"{source}: no audio (the stream was empty)")
+        yield from ready(into.flush())
+        if len(pending):
+            yield np.pad(pending, ((0, hop - len(pending)), (0, 0)))
         yield from flush
 
+    def write(target, stem, resampled=False):
+        """Write samples of `target` at the model rate (or already at `rate`), capped at the input's length."""
+        stem = stem if resampled else back[target](stem)
+        cap = (nb_timesteps if nb_timesteps is not None else counts["in"]) - written[target]
+        stem = stem[:max(0, cap)]
+        if not len(stem):
+            return
+        if out_channels != stem.shape[1]:
+            stem = stem.mean(axis=1, keepdims=True) if out_channels == 1 else np.repeat(stem, out_channels, 1)
+        writers[target].write(np.clip(stem, -1, 1) if fmt == "flac" else stem)
+        writers[target].flush()  # a reader (or a pipe) sees the stem grow hop by hop
+        written[target] += len(stem)
+
+    skip, produced = streamer.latency, 0
     try:
-        for block in blocks():
+        for block in hops():
             outputs = streamer.step(audio=np.asarray(block, np.float32)[None], **state)
             state = {name: outputs[name + "_out"] for name in STATE_NAMES}
-            start = min(skip, streamer.hop)
+            start = min(skip, hop)
             skip -= start
-            limit = (nb_timesteps if nb_timesteps is not None else consumed) - written
-            count = max(0, min(streamer.hop - start, limit))
+            count = max(0, min(hop - start, counts["model"] - produced))
             if not count:
                 continue
-            for target, writer in writers.items():
-                stem = np.asarray(outputs[target])[0, start:start + count]
-                if out_channels != stem.shape[1]:
-                    stem = stem.mean(axis=1, keepdims=True) if out_channels == 1 else np.repeat(stem, out_channels, 1)
-                writer.write(np.clip(stem, -1, 1) if fmt == "flac" else stem)
-                writer.flush()  # a reader (or a pipe) sees the stem grow hop by hop
-            written += count
+            for target in streamer.targets:
+                write(target, np.asarray(outputs[target])[0, start:start + count])
+            produced += count
+        for target in streamer.targets:  # the back-resampler's last samples, then silence up to the input's length
+            write(target, back[target].flush(), resampled=True)
+            missing = (nb_timesteps if nb_timesteps is not None else counts["in"]) - written[target]
+            if missing > 0:
+                writers[target].write(np.zeros((missing, out_channels), np.float32))
+                written[target] += missing
     except BaseException as error:
         for writer in writers.values():
             writer.close()
@@ -162,6 +195,17 @@ def stream_to_stems(streamer: StreamingSeparator, hops, destination: Path, *, nb
     return files
 
 
+def resampling_delay(streamer: StreamingSeparator, rate: int) -> int:
+    """Input samples (at `rate`) the two resamplers add to the streaming model's latency: 0 at the model's rate."""
+    from components.data.audio import StreamingResampler
+
+    if rate == streamer.sample_rate:
+        return 0
+    into = StreamingResampler(rate, streamer.sample_rate, 1)
+    back = StreamingResampler(streamer.sample_rate, rate, 1)
+    return into.delay_in_samples + -(-back.delay_in_samples * rate // streamer.sample_rate)
+
+
 def stream_file(streamer: StreamingSeparator, path: Path, out: Path, *, fmt: str, force: bool) -> Path:
     """Separate the audio file `path` hop by hop into `out/<track>/<target>.<fmt>` (all stems or none)."""
     import numpy as np
@@ -177,15 +221,12 @@ def stream_file(streamer: StreamingSeparator, path: Path, out: Path, *, fmt: str
     if not np.all(np.isfinite(audio)):
         raise SeparateError(f"{path}: {int(np.count_nonzero(~np.isfinite(audio)))} NaN/Inf samples; re-export the "
                             f"file from its source")
-    if rate != streamer.sample_rate:
-        raise SeparateError(f"{path}: {rate} Hz; the streaming model runs at {streamer.sample_rate} Hz; resample it "
-                            f"first (ffmpeg -i {path.name} -ar {streamer.sample_rate} ...)")
-    try:
-        mixture = conform(audio, rate, path, sample_rate=streamer.sample_rate, nb_channels=streamer.nb_channels)
+    try:  # the model's channels (mono duplicated, stereo averaged), at the file's own rate
+        mixture = conform(audio, rate, path, sample_rate=rate, nb_channels=streamer.nb_channels)
     except StageError as error:
         raise SeparateError(str(error)) from None
     stream_to_stems(streamer, file_hops(mixture, streamer.hop), destination, nb_timesteps=len(mixture),
-                    out_channels=audio.shape[1], fmt=fmt, atomic=True, source=str(path))
+                    out_channels=audio.shape[1], fmt=fmt, atomic=True, source=str(path), rate=rate)
     return destination
 
 
@@ -197,9 +238,6 @@ def stream_pcm(streamer: StreamingSeparator, handle, destination: Path, *, pcm_f
 
     if rate <= 0:
         raise SeparateError(f"--pcm-rate {rate}: must be a positive sample rate, e.g. --pcm-rate {streamer.sample_rate}")
-    if rate != streamer.sample_rate:
-        raise SeparateError(f"--pcm-rate {rate}: the streaming model runs at {streamer.sample_rate} Hz; resample "
-                            f"upstream (e.g. ffmpeg ... -ar {streamer.sample_rate} -f {pcm_format} -)")
     if channels not in (1, 2):
         raise SeparateError(f"--pcm-channels {channels}: 1 or 2 channels only")
     existing = [destination / f"{t}.{fmt}" for t in streamer.targets if (destination / f"{t}.{fmt}").exists()]
@@ -212,5 +250,5 @@ def stream_pcm(streamer: StreamingSeparator, handle, destination: Path, *, pcm_f
                 block = np.repeat(block, streamer.nb_channels, 1) if channels == 1 else block.mean(1, keepdims=True)
             yield block
 
-    stream_to_stems(streamer, hops(), destination, out_channels=channels, fmt=fmt, atomic=False)
+    stream_to_stems(streamer, hops(), destination, out_channels=channels, fmt=fmt, atomic=False, rate=rate)
     return destination
