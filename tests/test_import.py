@@ -241,6 +241,51 @@ def test_tfc_tdf_v3_wrong_family_and_missing_config_are_one_line_errors(tmp_path
                  **{"import.config": str(FIXTURES / "tfc_tdf_v3" / "multi" / "config.yaml")})
 
 
+LAYOUTS = FIXTURES / "checkpoint_layouts"
+
+
+@pytest.mark.parametrize("name, layout", [
+    ("zfturbo_full.ckpt", "weights under 'model_state_dict'"),
+    ("htdemucs_state.th", "weights under 'state'"),
+    ("dataparallel.pth", "'module.' prefix removed"),
+    ("sdx23_ema.ckpt", "EMA weights (a plain parameter dict: sdx23's EMAHelper shadow)"),
+    ("ddim_list.pth", "EMA weights preferred over the training weights (the last entry of a [model, optimizer"),
+    ("averaged.ckpt", "EMA weights preferred over the training weights ('ema_state_dict')"),
+])
+def test_released_checkpoint_layouts_import_with_parity(name, layout):
+    """ZFTurbo's full checkpoints, HTDemucs' `state`, DataParallel prefixes and the EMA layouts (sdx23's EMAHelper
+    shadow, ddim's list, AveragedModel beside the training weights): the same network, the EMA copy where the
+    training weights differ (they are noisy in ddim_list / averaged: only the EMA reproduces the reference)."""
+    reference = np.load(FIXTURES / "tfc_tdf_v3" / "reference.npz")
+    options = {"import.config": str(FIXTURES / "tfc_tdf_v3" / "multi" / "config.yaml")}
+    config, model, mapping = imported(LAYOUTS / name, "tfc_tdf_v3", **options)
+    assert mapping["tensors_mapped"] == 80 and not mapping["tensors_ignored"]
+    assert layout in importer.read(config).description
+    folded = np.transpose(reference["multi/net_input"], (0, 3, 2, 1))
+    ours = np.asarray(model.inference.network(folded, training=False))
+    theirs = np.transpose(reference["multi/net_output"], (0, 3, 2, 1))
+    assert sdr(theirs, ours) >= 80
+
+
+def test_training_weights_of_an_ema_checkpoint_differ_and_unknown_layouts_are_one_line_errors():
+    from models.checkpoints import state_dict_of
+
+    loaded = load_torch(LAYOUTS / "averaged.ckpt")
+    training, ema = state_dict_of(loaded["model_state_dict"], "x"), state_dict_of(loaded, "x")
+    assert sdr(ema["first_conv.weight"], training["first_conv.weight"]) < 40  # the preference matters
+    with pytest.raises(CheckpointError, match=r"^\S*unrecognised.pth: holds no state dict \(name -> tensor\) but a dict "
+                                              r"with the top-level keys 'weights', 'epoch'; pass the released weights "
+                                              r"file \(a state dict, or a checkpoint with model_state_dict, state or "
+                                              r"state_dict\)$"):
+        state_dict_of(load_torch(LAYOUTS / "unrecognised.pth"), LAYOUTS / "unrecognised.pth")
+    with pytest.raises(CheckpointError, match=r"holds no state dict \(name -> tensor\) but a list of 2 items "
+                                              r"\(int, str\);"):
+        state_dict_of([1, "a"], "list.pth")
+    with pytest.raises(StageError, match=r"unrecognised.pth: holds no state dict .* top-level keys 'weights', 'epoch'"):
+        imported(LAYOUTS / "unrecognised.pth", "tfc_tdf_v3",
+                 **{"import.config": str(FIXTURES / "tfc_tdf_v3" / "multi" / "config.yaml")})
+
+
 # ------------------------------------------------------------------------------------ DTTNet
 DTTNET = FIXTURES / "dttnet"
 
