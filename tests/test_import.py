@@ -308,6 +308,27 @@ def test_dttnet_networks_and_chunk_separator_match_the_reference():
         assert sdr(reference[f"{target}/separated"][0], np.asarray(estimates[target])[0].T) >= 80, target
 
 
+def test_dttnet_at_the_papers_block_structure_matches_the_reference():
+    """tests/fixtures/make_dttnet_paper.py: 2 scales, l = 3, bn = 8, 4 dual-path layers with 3 GroupNorm groups,
+    default (fan-in) initialisation so the output has an ordinary magnitude."""
+    folder = FIXTURES / "dttnet_paper"
+    reference = np.load(folder / "reference.npz")
+    config, model, mapping = imported(folder / "vocals.ckpt", "dttnet", **{"import.config": str(folder / "vocals.yaml")})
+    assert mapping["tensors_mapped"] == mapping["weights_assigned"] == 388
+    settings = config.model.params("dttnet")
+    assert (settings["num_scales"], settings["tfc_layers"], settings["bottleneck_factor"],
+            settings["num_dual_path_layers"]) == (2, 3, 8, 4)
+    features = settings["growth"] * (settings["num_scales"] + 1) // settings["num_heads"]
+    assert features // settings["group_size"] == 3  # GroupNorm groups, as the paper's 96 channels over 2 heads
+    theirs = np.transpose(reference["net_output"], (0, 3, 2, 1))
+    assert 0.05 < float(np.sqrt(np.mean(theirs ** 2))) < 5  # not the exploding magnitudes of N(0, 0.3) weights
+    ours = np.asarray(model.inference.networks["vocals"](np.transpose(reference["net_input"], (0, 3, 2, 1)),
+                                                         training=False))
+    assert sdr(theirs, ours) >= 80
+    estimates = model.separator(np.transpose(reference["mixture"], (0, 2, 1)), training=False)
+    assert sdr(reference["separated"][0], np.asarray(estimates["vocals"])[0].T) >= 80
+
+
 def test_dttnet_single_checkpoint_without_config_assumes_the_published_rate():
     overrides = importer.release_overrides(resolve({"import": {"path": str(DTTNET / "bass.ckpt")},
                                                     "model": {"name": "dttnet"}}, ["unittest"]))
