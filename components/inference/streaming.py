@@ -114,8 +114,7 @@ def stream_to_stems(streamer: StreamingSeparator, blocks, destination: Path, *, 
     files = {t: destination / f"{t}.{fmt}" for t in streamer.targets}
     paths = {t: (f.with_name(f".{f.stem}.part.{fmt}") if atomic else f) for t, f in files.items()}
     subtype = "FLOAT" if fmt == "wav" else "PCM_24"
-    writers = {t: soundfile.SoundFile(str(paths[t]), "w", samplerate=rate, channels=out_channels,
-                                      subtype=subtype) for t in streamer.targets}
+    writers = {}  # opened inside the cleanup's try: an interruption after the first file exists removes it
     state = streamer.initial_state()
     counts = {"in": 0, "model": 0}  # input samples received; model-rate samples they became
     written = {t: 0 for t in streamer.targets}  # samples of each stem written, at `rate`
@@ -160,6 +159,9 @@ def stream_to_stems(streamer: StreamingSeparator, blocks, destination: Path, *, 
 
     skip, produced = streamer.latency, 0
     try:
+        for target in streamer.targets:
+            writers[target] = soundfile.SoundFile(str(paths[target]), "w", samplerate=rate, channels=out_channels,
+                                                  subtype=subtype)
         for block in hops():
             outputs = streamer.step(audio=np.asarray(block, np.float32)[None], **state)
             state = {name: outputs[name + "_out"] for name in STATE_NAMES}
