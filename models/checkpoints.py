@@ -320,6 +320,8 @@ def _materialize(value):
             dict.__setitem__(value, key, _materialize(dict.__getitem__(value, key)))
         value.items_list = _materialize(value.items_list)
         return value
+    if isinstance(value, _OrderedDict):  # kept apart from a plain dict: `state_dict_of` tells the two apart
+        return _OrderedDict((key, _materialize(item)) for key, item in value.items())
     if isinstance(value, dict):
         return {key: _materialize(item) for key, item in value.items()}
     if isinstance(value, list):
@@ -425,13 +427,91 @@ class _View(_Storage):
         return self.root.array()[self.view_offset:self.view_offset + self.view_size]
 
 
-def state_dict_of(loaded: Any, path: Path) -> Dict[str, np.ndarray]:
-    """The tensor dict of a loaded file: a bare state dict, or the `state_dict` entry of a checkpoint."""
-    if isinstance(loaded, dict) and "state_dict" in loaded and isinstance(loaded["state_dict"], dict):
-        loaded = loaded["state_dict"]
-    if not isinstance(loaded, dict) or not all(isinstance(v, np.ndarray) for v in loaded.values()):
-        raise CheckpointError(f"{path}: holds no state dict (name -> tensor); pass the released weights file")
-    return dict(loaded)
+class StateDict(dict):
+    """A released network's tensors (name -> numpy array) and `layout`: how the file held them, for the log line
+    (e.g. "EMA weights preferred over the training weights (model_state_dict / ema_state_dict)")."""
+
+    layout = "state dict"
+
+
+# Where released checkpoints keep the network, outermost first, as ZFTurbo's Music-Source-Separation-Training loader
+# unwraps them (`utils/model_utils.py`, `load_start_checkpoint`): `state` (HTDemucs), `state_dict` (Lightning, Apollo),
+# `model_state_dict` (its own `save_weights` checkpoints, beside optimizer/scheduler state, epoch and metrics).
+_CONTAINER_KEYS = ("state", "state_dict", "model_state_dict")
+# An EMA copy saved beside the training weights in one checkpoint dict (torch.optim.swa_utils.AveragedModel's
+# state dict under `ema_state_dict`, next to `model_state_dict`): preferred.
+_EMA_KEYS = ("ema_state_dict",)
+
+
+def _is_tensor_dict(value: Any) -> bool:
+    return isinstance(value, dict) and bool(value) and all(isinstance(v, np.ndarray) for v in value.values())
+
+
+def _describe_keys(value: Any) -> str:
+    if isinstance(value, dict):
+        keys = [repr(k) for k in list(value)[:8]]
+        more = f" and {len(value) - 8} more" if len(value) > 8 else ""
+        return f"a dict with the top-level keys {', '.join(keys) or 'none'}{more}"
+    if isinstance(value, (list, tuple)):
+        return f"a {type(value).__name__} of {len(value)} items ({', '.join(type(v).__name__ for v in value[:6])})"
+    return f"a {getattr(value, 'qualified_name', type(value).__name__)}"
+
+
+def state_dict_of(loaded: Any, path: Path) -> StateDict:
+    """The network's tensors in a loaded `torch.save` file, whichever layout released checkpoints use.
+
+    - a bare state dict (`model.state_dict()`);
+    - a checkpoint dict holding it under `state`, `state_dict` or `model_state_dict` (ZFTurbo's full checkpoints,
+      Lightning, HTDemucs), unwrapped in that order as ZFTurbo's loader does;
+    - `torch.nn.DataParallel` / `DistributedDataParallel` weights (`module.` before every name): the prefix goes;
+    - EMA weights, preferred over the training weights when a file has both:
+      * kuielab sdx23 (`my_submission/src/train.py`, `torch.save(ema_helper.state_dict(), .../step{N}_seed{S}.ckpt)`):
+        the whole file is `EMAHelper.shadow`, a plain dict `{parameter name: tensor}` of `named_parameters()` of the
+        unwrapped network (no `module.`, no buffers) - told from `model.state_dict()` (an OrderedDict) by its type;
+      * ermongroup/ddim, where sdx23's EMAHelper comes from: a list `[model state, optimizer state, epoch, step,
+        ema shadow]`; the last entry, a parameter dict with the model's names, is taken;
+      * `torch.optim.swa_utils.AveragedModel` (ZFTurbo's `training.ema_momentum`): `module.<name>` plus an
+        `n_averaged` counter, alone or as `ema_state_dict` beside `model_state_dict`.
+    Anything else: a one-line CheckpointError naming the top-level keys found.
+    """
+    notes = []
+    value = loaded
+    if isinstance(value, (list, tuple)) and len(value) >= 2 and _is_tensor_dict(value[0]) \
+            and _is_tensor_dict(value[-1]) and type(value[-1]) is dict:
+        model_names = {name[len("module."):] if name.startswith("module.") else name for name in value[0]}
+        if set(value[-1]) <= model_names:
+            notes.append("EMA weights preferred over the training weights (the last entry of a "
+                         "[model, optimizer, epoch, step, ema] list, as ddim/sdx23's EMAHelper saves)")
+            value = value[-1]
+    if isinstance(value, dict) and not _is_tensor_dict(value):
+        ema = [key for key in _EMA_KEYS if _is_tensor_dict(value.get(key))]
+        if ema:
+            notes.append(f"EMA weights preferred over the training weights ('{ema[0]}')")
+            value = value[ema[0]]
+        else:
+            for key in _CONTAINER_KEYS:
+                if isinstance(value, dict) and isinstance(value.get(key), dict):
+                    notes.append(f"weights under '{key}'")
+                    value = value[key]
+    if not _is_tensor_dict(value):
+        where = f" (in {' / '.join(notes)})" if notes else ""
+        raise CheckpointError(f"{path}: holds no state dict (name -> tensor) but {_describe_keys(value)}{where}; "
+                              "pass the released weights file (a state dict, or a checkpoint with model_state_dict, "
+                              "state or state_dict)")
+    tensors = dict(value)
+    if "n_averaged" in tensors and all(name.startswith("module.") for name in tensors if name != "n_averaged"):
+        tensors.pop("n_averaged")
+        if not any("EMA" in note for note in notes):
+            notes.append("EMA weights (torch AveragedModel)")
+    elif type(value) is dict and not notes and loaded is value:
+        notes.append("EMA weights (a plain parameter dict: sdx23's EMAHelper shadow)")
+    if len(tensors) > 0 and all(name.startswith("module.") for name in tensors):
+        tensors = {name[len("module."):]: array for name, array in tensors.items()}
+        notes.append("'module.' prefix removed (DataParallel, DDP or AveragedModel)")
+    result = StateDict(tensors)
+    if notes:
+        result.layout = "; ".join(notes)
+    return result
 
 
 def plain(value: Any) -> Any:

@@ -442,10 +442,11 @@ def read_released(path, config: Optional[str] = None, targets=(), **options):
         files = {target: path}
     if not files:
         raise CheckpointError(f"{where}: no .ckpt files; pass DTTNet's released <target>.ckpt files")
-    tensors, per_target = {}, {}
+    tensors, per_target, layouts = {}, {}, set()
     for target, file in files.items():
         loaded = load_torch(file)
         state = state_dict_of(loaded, file)
+        layouts.add(state.layout)
         per_target[target] = _network_settings(state, f"{where}: {file.name}")
         tensors.update({f"{target}/{name}": value for name, value in state.items()})
     shared = {k: v for k, v in next(iter(per_target.values())).items() if k not in ("dim_f", "bottleneck_factor")}
@@ -480,7 +481,7 @@ def read_released(path, config: Optional[str] = None, targets=(), **options):
                 ignorable[name] = "PyTorch's BatchNorm step counter (unused with momentum 0.1)"
     read = list(files.values()) + ([Path(config)] if config else [])
     return ReleasedCheckpoint(family="dttnet", config_overrides=overrides, tensors=tensors, files=read,
-                              description=f"DTTNet Lightning checkpoints ({', '.join(files)})", ignorable=ignorable)
+                              description=f"DTTNet Lightning checkpoints ({', '.join(files)}; {', '.join(sorted(layouts))})", ignorable=ignorable)
 
 
 

@@ -542,9 +542,10 @@ def read_released(path, model: Optional[str] = None, targets=(), **options):
             model = names.pop()
         published = PUBLISHED[model]
         settings = {k: v for k, v in published.items() if k != "targets"} | settings
-    tensors, sample_rates = {}, []
+    tensors, sample_rates, layouts = {}, [], set()
     for target, file in files.items():
         state = state_dict_of(load_torch(file), file)
+        layouts.add(state.layout)
         if "sample_rate" in state:
             sample_rates.append(float(np.asarray(state["sample_rate"])))
         tensors.update({f"{target}/{name}": value for name, value in state.items()})
@@ -570,7 +571,8 @@ def read_released(path, model: Optional[str] = None, targets=(), **options):
     kind = model or "model folder"
     return ReleasedCheckpoint(family="umx", config_overrides=overrides, tensors=tensors, files=read_files,
                               description=f"open-unmix {kind} ({', '.join(files)}), hidden {settings['hidden_size']}"
-                                          f"{', unidirectional' if settings['unidirectional'] else ''}",
+                                          f"{', unidirectional' if settings['unidirectional'] else ''}"
+                                          f"; {', '.join(sorted(layouts))}",
                               ignorable=ignorable)
 
 

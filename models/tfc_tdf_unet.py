@@ -472,6 +472,7 @@ def read_released(path, config: Optional[str] = None, targets=(), **options):
         raise CheckpointError(f"{where}: the model has the outputs {released_targets} in this order; "
                               f"import.targets={list(targets)} cannot select among them, drop it")
     state = state_dict_of(load_torch(weights), weights)
+    layout = state.layout
     prefixes = {name.split(".", 1)[0] for name in state}
     if prefixes == {"model"}:  # a Lightning module holding the network as `model`
         state = {name.split(".", 1)[1]: value for name, value in state.items()}
@@ -480,7 +481,7 @@ def read_released(path, config: Optional[str] = None, targets=(), **options):
                               "checkpoint (model.name names the family of the file)")
     return ReleasedCheckpoint(family="tfc_tdf_v3", config_overrides=overrides, tensors=state,
                               files=[weights, yaml_file],
-                              description=f"TFC-TDF-UNet v3 {weights.name} ({', '.join(released_targets)})")
+                              description=f"TFC-TDF-UNet v3 {weights.name} ({', '.join(released_targets)}; {layout})")
 
 
 def tfc_tdf_rows(net, config: Config, prefix: str = "") -> list:

@@ -82,8 +82,7 @@ def add_stream_arguments(parser: argparse.ArgumentParser) -> None:
                              "named - is raw PCM on standard input, and stems are written as they are produced")
     stream.add_argument("--pcm-format", choices=("s16le", "f32le"), default="s16le",
                         help="raw PCM sample format on standard input (default s16le)")
-    stream.add_argument("--pcm-rate", type=int, help="sample rate of the PCM on standard input, resampled to the "
-                        "model's and back for the stems (default: the model's)")
+    stream.add_argument("--pcm-rate", type=int, help="sample rate of the PCM on standard input (default: the model's)")
     stream.add_argument("--pcm-channels", type=int, help="channels of the PCM on standard input (default: the model's)")
     stream.add_argument("--name", default="stdin", help="track folder name for standard input (default: stdin)")
 

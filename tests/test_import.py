@@ -241,6 +241,51 @@ def test_tfc_tdf_v3_wrong_family_and_missing_config_are_one_line_errors(tmp_path
                  **{"import.config": str(FIXTURES / "tfc_tdf_v3" / "multi" / "config.yaml")})
 
 
+LAYOUTS = FIXTURES / "checkpoint_layouts"
+
+
+@pytest.mark.parametrize("name, layout", [
+    ("zfturbo_full.ckpt", "weights under 'model_state_dict'"),
+    ("htdemucs_state.th", "weights under 'state'"),
+    ("dataparallel.pth", "'module.' prefix removed"),
+    ("sdx23_ema.ckpt", "EMA weights (a plain parameter dict: sdx23's EMAHelper shadow)"),
+    ("ddim_list.pth", "EMA weights preferred over the training weights (the last entry of a [model, optimizer"),
+    ("averaged.ckpt", "EMA weights preferred over the training weights ('ema_state_dict')"),
+])
+def test_released_checkpoint_layouts_import_with_parity(name, layout):
+    """ZFTurbo's full checkpoints, HTDemucs' `state`, DataParallel prefixes and the EMA layouts (sdx23's EMAHelper
+    shadow, ddim's list, AveragedModel beside the training weights): the same network, the EMA copy where the
+    training weights differ (they are noisy in ddim_list / averaged: only the EMA reproduces the reference)."""
+    reference = np.load(FIXTURES / "tfc_tdf_v3" / "reference.npz")
+    options = {"import.config": str(FIXTURES / "tfc_tdf_v3" / "multi" / "config.yaml")}
+    config, model, mapping = imported(LAYOUTS / name, "tfc_tdf_v3", **options)
+    assert mapping["tensors_mapped"] == 80 and not mapping["tensors_ignored"]
+    assert layout in importer.read(config).description
+    folded = np.transpose(reference["multi/net_input"], (0, 3, 2, 1))
+    ours = np.asarray(model.inference.network(folded, training=False))
+    theirs = np.transpose(reference["multi/net_output"], (0, 3, 2, 1))
+    assert sdr(theirs, ours) >= 80
+
+
+def test_training_weights_of_an_ema_checkpoint_differ_and_unknown_layouts_are_one_line_errors():
+    from models.checkpoints import state_dict_of
+
+    loaded = load_torch(LAYOUTS / "averaged.ckpt")
+    training, ema = state_dict_of(loaded["model_state_dict"], "x"), state_dict_of(loaded, "x")
+    assert sdr(ema["first_conv.weight"], training["first_conv.weight"]) < 40  # the preference matters
+    with pytest.raises(CheckpointError, match=r"^\S*unrecognised.pth: holds no state dict \(name -> tensor\) but a dict "
+                                              r"with the top-level keys 'weights', 'epoch'; pass the released weights "
+                                              r"file \(a state dict, or a checkpoint with model_state_dict, state or "
+                                              r"state_dict\)$"):
+        state_dict_of(load_torch(LAYOUTS / "unrecognised.pth"), LAYOUTS / "unrecognised.pth")
+    with pytest.raises(CheckpointError, match=r"holds no state dict \(name -> tensor\) but a list of 2 items "
+                                              r"\(int, str\);"):
+        state_dict_of([1, "a"], "list.pth")
+    with pytest.raises(StageError, match=r"unrecognised.pth: holds no state dict .* top-level keys 'weights', 'epoch'"):
+        imported(LAYOUTS / "unrecognised.pth", "tfc_tdf_v3",
+                 **{"import.config": str(FIXTURES / "tfc_tdf_v3" / "multi" / "config.yaml")})
+
+
 # ------------------------------------------------------------------------------------ DTTNet
 DTTNET = FIXTURES / "dttnet"
 
@@ -261,6 +306,27 @@ def test_dttnet_networks_and_chunk_separator_match_the_reference():
         assert np.max(np.abs(ours - theirs)) <= 1e-4 * np.max(np.abs(theirs)), target
         estimates = model.separator(np.transpose(reference[f"{target}/mixture"], (0, 2, 1)), training=False)
         assert sdr(reference[f"{target}/separated"][0], np.asarray(estimates[target])[0].T) >= 80, target
+
+
+def test_dttnet_at_the_papers_block_structure_matches_the_reference():
+    """tests/fixtures/make_dttnet_paper.py: 2 scales, l = 3, bn = 8, 4 dual-path layers with 3 GroupNorm groups,
+    default (fan-in) initialisation so the output has an ordinary magnitude."""
+    folder = FIXTURES / "dttnet_paper"
+    reference = np.load(folder / "reference.npz")
+    config, model, mapping = imported(folder / "vocals.ckpt", "dttnet", **{"import.config": str(folder / "vocals.yaml")})
+    assert mapping["tensors_mapped"] == mapping["weights_assigned"] == 388
+    settings = config.model.params("dttnet")
+    assert (settings["num_scales"], settings["tfc_layers"], settings["bottleneck_factor"],
+            settings["num_dual_path_layers"]) == (2, 3, 8, 4)
+    features = settings["growth"] * (settings["num_scales"] + 1) // settings["num_heads"]
+    assert features // settings["group_size"] == 3  # GroupNorm groups, as the paper's 96 channels over 2 heads
+    theirs = np.transpose(reference["net_output"], (0, 3, 2, 1))
+    assert 0.05 < float(np.sqrt(np.mean(theirs ** 2))) < 5  # not the exploding magnitudes of N(0, 0.3) weights
+    ours = np.asarray(model.inference.networks["vocals"](np.transpose(reference["net_input"], (0, 3, 2, 1)),
+                                                         training=False))
+    assert sdr(theirs, ours) >= 80
+    estimates = model.separator(np.transpose(reference["mixture"], (0, 2, 1)), training=False)
+    assert sdr(reference["separated"][0], np.asarray(estimates["vocals"])[0].T) >= 80
 
 
 def test_dttnet_single_checkpoint_without_config_assumes_the_published_rate():

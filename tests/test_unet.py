@@ -532,7 +532,7 @@ def _write_tf1_checkpoint(prefix: pathlib.Path, values: dict):
                       tensors=[tf.constant(values[name]) for name in names])
 
 
-@pytest.mark.parametrize("case", ["2stems", "5stems"])
+@pytest.mark.parametrize("case", ["2stems", "4stems", "5stems"])
 def test_spleeter_checkpoint_import_matches_spleeter_output(case, tmp_path):
     """Spleeter's own TF1 separator (make_reference.py) vs ours with the imported weights: >= 80 dB SDR."""
     script = _reference_script()
@@ -554,6 +554,10 @@ def test_spleeter_checkpoint_import_matches_spleeter_output(case, tmp_path):
     config = harness.tiny_config("unet", preset=overrides)
     model = registry.build(config.model, data=config.data, stats={})
     nb_stems = len(model.targets)
+    settings = config.model.params("unet")  # the release is recognised by its number of stems (resources/*.json)
+    assert (settings["conv_activation"], settings["deconv_activation"], settings["mask_activation"]) == {
+        "2stems": ("leaky_relu", "relu", "sigmoid"), "4stems": ("elu", "elu", "sigmoid"),
+        "5stems": ("elu", "elu", "softmax")}[case]
     mapping = unet.assign_released(model, released)
     assert (mapping["tensors_mapped"], len(mapping["tensors_ignored"])) == (70 * nb_stems, 4 * nb_stems)
 

@@ -48,112 +48,13 @@ def conform(audio: np.ndarray, rate: int, path, *, sample_rate: int, nb_channels
     if channels > 2:
         raise StageError(f"{path}: {channels} channels, expected mono or stereo; downmix it to "
                          f"{nb_channels} channel(s) (e.g. ffmpeg -ac {nb_channels})")
-    audio = convert_channels(audio, nb_channels).astype(np.float32, copy=False)
+    if channels != nb_channels:
+        # mono -> stereo duplicates; stereo -> mono averages (keeps the level of a centred source)
+        audio = np.repeat(audio, nb_channels, axis=1) if channels == 1 else audio.mean(axis=1, keepdims=True)
+    audio = audio.astype(np.float32, copy=False)
     if rate != sample_rate:
         audio = resample(audio, rate, sample_rate)
     return np.ascontiguousarray(audio)
-
-
-def convert_channels(audio: np.ndarray, nb_channels: int) -> np.ndarray:
-    """`(nb_timesteps, 1 or 2)` as `nb_channels` channels: mono -> stereo duplicates; stereo -> mono averages
-    (keeps the level of a centred source)."""
-    if audio.shape[1] == nb_channels:
-        return audio
-    return np.repeat(audio, nb_channels, axis=1) if audio.shape[1] == 1 else audio.mean(axis=1, keepdims=True)
-
-
-def resample_filter(rate: int, sample_rate: int, dtype=np.float32) -> Tuple[int, int, int, np.ndarray]:
-    """(up, down, half_len, taps) of `resample`: scipy resample_poly's Kaiser FIR, `2 * half_len + 1` taps
-    (`half_len = 10 * max(up, down)`) in `dtype`, times `up`."""
-    from scipy.signal import firwin
-
-    ratio = Fraction(int(sample_rate), int(rate))
-    up, down = ratio.numerator, ratio.denominator
-    half_len = 10 * max(up, down)
-    taps = firwin(2 * half_len + 1, 1.0 / max(up, down), window=("kaiser", 5.0)).astype(dtype) * up
-    return up, down, half_len, taps
-
-
-class StreamingResampler:
-    """`resample` (and `convert_channels`) block by block: the input history the filter still needs is carried
-    between calls, so the concatenated outputs of `process(...)` and `flush()` are `resample` of the
-    concatenated inputs, whatever the block sizes.
-
-    Output sample `m` is `sum_i x[i] * taps[m * down + half_len - i * up]`: it is produced once input sample
-    `(m * down + half_len) // up` has arrived, so the output lags by `latency` input samples (`ceil(half_len /
-    up)`, 10 samples at the lower of the two rates) on top of the rate change. Blocks are float32
-    `(nb_timesteps, nb_channels_in)`; outputs float32 `(n, nb_channels)`."""
-
-    def __init__(self, rate: int, sample_rate: int, nb_channels: int):
-        self.rate, self.sample_rate, self.nb_channels = int(rate), int(sample_rate), int(nb_channels)
-        ratio = Fraction(self.sample_rate, self.rate)
-        if ratio == 1:  # the same rate: blocks pass through (channels converted), no delay
-            self.up = self.down = 1
-            self.half_len, taps = 0, np.ones(1, np.float32)
-        else:
-            self.up, self.down, self.half_len, taps = resample_filter(rate, sample_rate)
-        # zeros in front make the first output an upfirdn phase of an input start that is a multiple of `down`
-        # (as `resample` does); zeros behind keep upfirdn's output long enough for the last wanted sample
-        self.pre_pad = self.down - self.half_len % self.down
-        self.pre_remove = (self.half_len + self.pre_pad) // self.down
-        self.taps = np.concatenate([np.zeros(self.pre_pad, np.float32), taps, np.zeros(self.up + self.down, np.float32)])
-        self.core = self.pre_pad + len(taps)  # padded taps up to the last nonzero one
-        self.latency = -(-self.half_len // self.up) if (self.up, self.down) != (1, 1) else 0
-        self.buffer = np.zeros((0, nb_channels), np.float32)
-        self.buffer_start = 0  # input index of buffer[0]
-        self.received = 0  # input samples so far
-        self.produced = 0  # output samples so far
-        self.finished = False
-
-    def process(self, block: np.ndarray) -> np.ndarray:
-        """The output samples that the input so far determines."""
-        if self.finished:
-            raise RuntimeError("StreamingResampler: process() after flush()")
-        block = convert_channels(np.asarray(block, np.float32).reshape(len(block), -1), self.nb_channels)
-        self.received += len(block)
-        if (self.up, self.down) == (1, 1):
-            self.produced += len(block)
-            return block
-        self.buffer = np.concatenate([self.buffer, block]) if len(self.buffer) else block
-        # output m is ready when m * down + half_len <= received * up - 1
-        ready = max(0, (self.received * self.up - 1 - self.half_len) // self.down + 1)
-        return self._emit(ready)
-
-    def flush(self) -> np.ndarray:
-        """The remaining output samples, the input ending here (zeros beyond it): `resample`'s length,
-        `ceil(received * up / down)` samples in all."""
-        self.finished = True
-        total = -(-self.received * self.up // self.down)
-        if (self.up, self.down) == (1, 1):
-            return np.zeros((0, self.nb_channels), np.float32)
-        needed = ((total - 1) * self.down + self.half_len) // self.up + 1 - self.buffer_start
-        if needed > len(self.buffer):
-            self.buffer = np.concatenate([self.buffer, np.zeros((needed - len(self.buffer), self.nb_channels),
-                                                                np.float32)])
-        return self._emit(total)
-
-    def _emit(self, ready: int) -> np.ndarray:
-        from scipy.signal import upfirdn
-
-        first, last = self.produced, ready
-        if last <= first:
-            return np.zeros((0, self.nb_channels), np.float32)
-        k0, k1 = first + self.pre_remove, last + self.pre_remove  # upfirdn phases of outputs [first, last)
-        start = max(0, -(-(k0 * self.down - self.core + 1) // self.up)) // self.down * self.down
-        stop = ((last - 1) * self.down + self.half_len) // self.up + 1
-        assert start >= self.buffer_start and stop - self.buffer_start <= len(self.buffer)
-        segment = self.buffer[start - self.buffer_start:stop - self.buffer_start]
-        filtered = upfirdn(self.taps, segment, self.up, self.down, axis=0)
-        offset = start * self.up // self.down
-        out = filtered[k0 - offset:k1 - offset]
-        assert len(out) == last - first
-        self.produced = last
-        # keep the input from where the next output's filter starts
-        keep = max(0, -(-((last + self.pre_remove) * self.down - self.core + 1) // self.up)) // self.down * self.down
-        if keep > self.buffer_start:
-            self.buffer = self.buffer[keep - self.buffer_start:]
-            self.buffer_start = keep
-        return out.astype(np.float32, copy=False)
 
 
 def resample(audio: np.ndarray, rate: int, sample_rate: int, block_samples: int = 1 << 20) -> np.ndarray:
@@ -163,16 +64,19 @@ def resample(audio: np.ndarray, rate: int, sample_rate: int, block_samples: int 
 
     Each block filters the input samples it depends on, starting at a multiple of `down` (the filter's
     phase) and zero beyond the ends, which is what the whole-signal filter sees: the same numbers."""
-    from scipy.signal import upfirdn
+    from scipy.signal import firwin, upfirdn
 
+    ratio = Fraction(int(sample_rate), int(rate))
+    up, down = ratio.numerator, ratio.denominator
     audio = np.asarray(audio)
-    if Fraction(int(sample_rate), int(rate)) == 1:
+    if up == down == 1:
         return audio.astype(np.float32)
     dtype = audio.dtype if np.issubdtype(audio.dtype, np.floating) else np.float64
     n_in = audio.shape[0]
-    # resample_poly's filter: firwin of 2 * half_len + 1 taps in the input's dtype, times up, zero-padded
-    up, down, half_len, taps = resample_filter(rate, sample_rate, dtype)
     n_out = -(-n_in * up // down)
+    # resample_poly's filter: firwin of 2 * half_len + 1 taps in the input's dtype, times up, zero-padded
+    half_len = 10 * max(up, down)
+    taps = firwin(2 * half_len + 1, 1.0 / max(up, down), window=("kaiser", 5.0)).astype(dtype) * up
     pre_pad = down - half_len % down
     pre_remove = (half_len + pre_pad) // down
     post_pad = 0
@@ -189,6 +93,81 @@ def resample(audio: np.ndarray, rate: int, sample_rate: int, block_samples: int 
         offset = start * up // down
         out[first:last] = filtered[k0 - offset:k1 - offset]
     return out
+
+
+class StreamingResampler:
+    """`resample` one block at a time, for a stream whose end is not known: every block in gives the output
+    samples that the blocks so far determine, `flush()` the rest at the end, and the concatenation equals
+    `resample` of the whole signal (the same taps, the same per-sample sums).
+
+    An output sample needs the input up to `half_len / up` samples after its own time (the Kaiser filter is
+    symmetric, half_len = 10 max(up, down)), so the outputs trail the input by `delay_in_samples` input samples:
+    10 when upsampling, 10 output samples' worth when downsampling (44.1 kHz -> 8 kHz: 56 samples, 1.3 ms).
+    Only the input a future output still needs is kept."""
+
+    def __init__(self, rate: int, sample_rate: int, nb_channels: int):
+        from scipy.signal import firwin
+
+        ratio = Fraction(int(sample_rate), int(rate))
+        self.up, self.down = ratio.numerator, ratio.denominator
+        self.nb_channels = nb_channels
+        self._buffer = np.zeros((0, nb_channels), np.float32)  # input samples [_base, received)
+        self._base = self.received = self.emitted = 0
+        if self.identity:  # the same rate: blocks pass through
+            self.delay_in_samples = 0
+            return
+        half_len = 10 * max(self.up, self.down)
+        taps = firwin(2 * half_len + 1, 1.0 / max(self.up, self.down), window=("kaiser", 5.0)).astype(np.float32)
+        pre_pad = self.down - half_len % self.down
+        self.pre_remove = (half_len + pre_pad) // self.down
+        self.taps = np.concatenate([np.zeros(pre_pad, np.float32), taps * self.up])  # as `resample`, float32 input
+        self.delay_in_samples = -(-half_len // self.up)
+
+    @property
+    def identity(self) -> bool:
+        return self.up == self.down == 1
+
+    def __call__(self, block: np.ndarray) -> np.ndarray:
+        """The output samples `block` completes, float32 `(n, nb_channels)` (n may be 0)."""
+        block = np.asarray(block, np.float32).reshape(-1, self.nb_channels)
+        if self.identity:
+            self.received += len(block)
+            self.emitted += len(block)
+            return block
+        self._buffer = np.concatenate([self._buffer, block])
+        self.received += len(block)
+        # output j needs the input up to (j + pre_remove) * down // up
+        ready = max(self.emitted, (self.received * self.up - 1) // self.down - self.pre_remove + 1)
+        return self._outputs(ready)
+
+    def flush(self) -> np.ndarray:
+        """The last output samples, the input being zero after its end: `resample`'s length in total."""
+        total = -(-self.received * self.up // self.down)
+        if self.identity or total <= self.emitted:
+            return np.zeros((0, self.nb_channels), np.float32)
+        tail = len(self.taps) // self.up + 2  # zeros after the end, as many as the last output's filter reaches
+        self._buffer = np.concatenate([self._buffer, np.zeros((tail, self.nb_channels), np.float32)])
+        return self._outputs(total)
+
+    def _outputs(self, last: int) -> np.ndarray:
+        from scipy.signal import upfirdn
+
+        first = self.emitted
+        if last <= first:
+            return np.zeros((0, self.nb_channels), np.float32)
+        k0, k1 = first + self.pre_remove, last + self.pre_remove
+        start = max(self._base, max(0, -(-(k0 * self.down - len(self.taps) + 1) // self.up)) // self.down * self.down)
+        stop = (k1 - 1) * self.down // self.up + 1
+        filtered = upfirdn(self.taps, self._buffer[start - self._base:stop - self._base], self.up, self.down, axis=0)
+        offset = start * self.up // self.down
+        out = filtered[k0 - offset:k1 - offset].astype(np.float32)
+        self.emitted = last
+        # keep the input from where the next output's filter starts (a multiple of `down`, as `resample` starts)
+        keep = max(0, -(-((last + self.pre_remove) * self.down - len(self.taps) + 1) // self.up)) // self.down * self.down
+        if keep > self._base:
+            self._buffer = self._buffer[keep - self._base:]
+            self._base = keep
+        return out
 
 
 def check_track(name: str, stems: Mapping[str, np.ndarray], paths: Mapping[str, str]) -> Tuple[Dict, List[str]]:

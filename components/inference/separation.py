@@ -8,6 +8,7 @@ sum to exactly one at every sample: an identity separator gives back its input.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Dict, Iterator, Mapping, Optional, Tuple
 
@@ -48,8 +49,17 @@ def chunk_weights(index: int, nb_chunks: int, chunk_samples: int, overlap_sample
     """Overlap-add weights of chunk `index`, `(chunk_samples,)`, normalised by every chunk covering a sample.
 
     With overlap <= 0.5 the crossfades already sum to one; the normalisation makes it exact for any
-    overlap (several chunks per sample) without a track-length weight buffer.
-    """
+    overlap (several chunks per sample) without a track-length weight buffer. Read-only (cached: every chunk
+    away from the track's ends has the same weights)."""
+    reach = math.ceil(chunk_samples / max(1, chunk_samples - overlap_samples))
+    # a chunk whose neighbours within reach are all inner chunks has the inner chunks' weights
+    inner = reach < index < nb_chunks - 1 - reach
+    return _chunk_weights(reach + 1 if inner else index, nb_chunks if not inner else 2 * reach + 3, chunk_samples,
+                          overlap_samples)
+
+
+@functools.lru_cache(maxsize=32)
+def _chunk_weights(index: int, nb_chunks: int, chunk_samples: int, overlap_samples: int) -> np.ndarray:
     hop = chunk_samples - overlap_samples
     start = index * hop
     own = _raw_window(index, nb_chunks, chunk_samples, overlap_samples)
@@ -62,7 +72,9 @@ def chunk_weights(index: int, nb_chunks: int, chunk_samples: int, overlap_sample
         lo, hi = max(0, shift), min(chunk_samples, shift + chunk_samples)
         if lo < hi:
             total[lo:hi] += _raw_window(other, nb_chunks, chunk_samples, overlap_samples)[lo - shift:hi - shift]
-    return own / total
+    weights = own / total
+    weights.flags.writeable = False  # shared by every caller (cached)
+    return weights
 
 
 def separate_array(separate_fn: Callable[[np.ndarray], Mapping[str, object]], mixture: np.ndarray,

@@ -1,12 +1,11 @@
 """Separation hop by hop with an export's streaming model (models/streaming.py): one hop in, one hop per target
-out, stems written as they are produced. Input at another rate or channel count is resampled on the way in and
-the stems on the way out (`components.data.audio.StreamingResampler`), so they come at the input's rate."""
+out, stems written as they are produced."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from configs.errors import SeparateError
+from configs.errors import SeparateError, StageError
 
 
 class StreamingSeparator:
@@ -57,7 +56,7 @@ def load_streaming(model: str | None, artifacts_dir: str) -> StreamingSeparator:
 
 
 def pcm_hops(handle, fmt: str, nb_channels: int, hop: int):
-    """Blocks `(hop, nb_channels)` float32 from a raw PCM byte stream; the last one as long as what came."""
+    """Blocks `(hop, nb_channels)` float32 from a raw PCM byte stream; the last one may be shorter."""
     import numpy as np
 
     dtype, scale = (np.int16, 1 / 32768.0) if fmt == "s16le" else (np.float32, 1.0)
@@ -79,14 +78,20 @@ def pcm_hops(handle, fmt: str, nb_channels: int, hop: int):
         yield np.frombuffer(pending, dtype=dtype).reshape(-1, nb_channels).astype(np.float32) * scale
 
 
-def stream_to_stems(streamer: StreamingSeparator, blocks, destination: Path, *, rate: int, channels: int,
-                    nb_timesteps=None, fmt: str, atomic: bool, source: str = "-") -> dict:
-    """Run blocks `(n, channels)` at `rate` through the streaming model, writing every stem as its hops come
-    out (flushed), aligned with the input and at the input's rate and channels, as offline `separate` writes
-    them: the input is resampled to the model's rate and channels by a `StreamingResampler`, cut into hops,
-    the first `latency` output samples are dropped, the stems are resampled back to `rate` and `channels`, and
-    the tail is flushed with silence. `nb_timesteps`: trim to the input length when known (else the number of
-    input samples received). Returns {target: file}.
+def file_hops(mixture, hop: int):
+    """Blocks of `hop` samples of an array; the last one may be shorter."""
+    for start in range(0, len(mixture), hop):
+        yield mixture[start:start + hop]
+
+
+def stream_to_stems(streamer: StreamingSeparator, blocks, destination: Path, *, nb_timesteps=None, out_channels: int,
+                    fmt: str, atomic: bool, source: str = "-", rate: int = None) -> dict:
+    """Run blocks `(n, channels at the model's layout)` at `rate` (default the model's) through the streaming model
+    hop by hop, writing every stem as its hops come out (flushed), at `rate` and `out_channels`, aligned with the
+    input: the first `latency` output samples are dropped and the tail is flushed with silence. At another rate
+    the input is resampled to the model's and each stem back, block by block (`StreamingResampler`: the same
+    numbers as resampling the whole signal), which adds the two filters' delays to the latency. `nb_timesteps`:
+    the input length when known (a file), else the samples received. Returns {target: file}.
 
     `atomic` (a file input): the stems are `.part` files renamed together at the end; any error or interruption
     removes them. Otherwise (standard input, a live stream) the stems grow in place: an interruption (Ctrl-C,
@@ -95,74 +100,85 @@ def stream_to_stems(streamer: StreamingSeparator, blocks, destination: Path, *, 
     import numpy as np
     import soundfile
 
+    from components.data.audio import StreamingResampler
     from models.streaming import STATE_NAMES
 
-    from components.data.audio import StreamingResampler
     from components.inference.files import Terminated, cleanup_destination, remove_parts, rename_together
 
+    rate = rate or streamer.sample_rate
+    hop, channels = streamer.hop, streamer.nb_channels
+    into = StreamingResampler(rate, streamer.sample_rate, channels)  # identity at the model's rate
+    back = {t: StreamingResampler(streamer.sample_rate, rate, channels) for t in streamer.targets}
     created = not destination.exists()
     destination.mkdir(parents=True, exist_ok=True)
     files = {t: destination / f"{t}.{fmt}" for t in streamer.targets}
     paths = {t: (f.with_name(f".{f.stem}.part.{fmt}") if atomic else f) for t, f in files.items()}
     subtype = "FLOAT" if fmt == "wav" else "PCM_24"
-    to_model = StreamingResampler(rate, streamer.sample_rate, streamer.nb_channels)
-    to_file = {t: StreamingResampler(streamer.sample_rate, rate, channels) for t in streamer.targets}
-    writers = {}  # opened inside the try below: an interruption right after the first file exists removes it
+    writers = {}  # opened inside the cleanup's try: an interruption after the first file exists removes it
     state = streamer.initial_state()
-    hop = streamer.hop
-    counts = {"consumed": 0, "skip": streamer.latency, "model_written": 0, "written": 0}
+    counts = {"in": 0, "model": 0}  # input samples received; model-rate samples they became
+    written = {t: 0 for t in streamer.targets}  # samples of each stem written, at `rate`
+    flush = [np.zeros((hop, channels), np.float32)] * (-(-streamer.latency // hop))
 
-    def model_hops():
-        """Hops `(hop, model channels)` at the model rate: the resampled input, the last hop zero-padded, then
-        silence to flush the latency."""
-        pending = np.zeros((0, streamer.nb_channels), np.float32)
-        for block in blocks:
-            block = np.asarray(block, np.float32).reshape(len(block), -1)
-            if not np.all(np.isfinite(block)):
-                raise SeparateError(f"{source}: NaN/Inf samples at {counts['consumed'] / rate:.2f} s; "
-                                    f"the stream is refused (check what produces it)")
-            counts["consumed"] += len(block)
-            pending = np.concatenate([pending, to_model.process(block)])
+    def hops():
+        pending = np.zeros((0, channels), np.float32)
+
+        def ready(samples):
+            nonlocal pending
+            counts["model"] += len(samples)
+            pending = np.concatenate([pending, samples]) if len(pending) else np.asarray(samples, np.float32)
             while len(pending) >= hop:
                 yield pending[:hop]
                 pending = pending[hop:]
-        if not counts["consumed"]:
+
+        for block in blocks:
+            if not np.all(np.isfinite(block)):
+                raise SeparateError(f"{source}: NaN/Inf samples at {counts['in'] / rate:.2f} s; "
+                                    f"the stream is refused (check what produces it)")
+            counts["in"] += len(block)
+            yield from ready(into(block))
+        if not counts["in"]:
             raise SeparateError(f"{source}: no audio (the stream was empty)")
-        pending = np.concatenate([pending, to_model.flush()])
-        pending = np.pad(pending, ((0, -len(pending) % hop + hop * -(-streamer.latency // hop)), (0, 0)))
-        for first in range(0, len(pending), hop):
-            yield pending[first:first + hop]
+        yield from ready(into.flush())
+        if len(pending):
+            yield np.pad(pending, ((0, hop - len(pending)), (0, 0)))
+        yield from flush
 
-    def write(stems: dict, last: bool):
-        limit = (nb_timesteps if nb_timesteps is not None else counts["consumed"]) - counts["written"]
-        if last and limit > 0:  # what a resampler delay held back (zeros only when the stems came up short)
-            stems = {t: np.pad(stem, ((0, max(0, limit - len(stem))), (0, 0))) for t, stem in stems.items()}
-        count = max(0, min(len(next(iter(stems.values()))), limit))
-        if not count:
+    def write(target, stem, resampled=False):
+        """Write samples of `target` at the model rate (or already at `rate`), capped at the input's length."""
+        stem = stem if resampled else back[target](stem)
+        cap = (nb_timesteps if nb_timesteps is not None else counts["in"]) - written[target]
+        stem = stem[:max(0, cap)]
+        if not len(stem):
             return
-        for target, writer in writers.items():
-            stem = stems[target][:count]
-            writer.write(np.clip(stem, -1, 1) if fmt == "flac" else stem)
-            writer.flush()  # a reader (or a pipe) sees the stem grow hop by hop
-        counts["written"] += count
+        if out_channels != stem.shape[1]:
+            stem = stem.mean(axis=1, keepdims=True) if out_channels == 1 else np.repeat(stem, out_channels, 1)
+        writers[target].write(np.clip(stem, -1, 1) if fmt == "flac" else stem)
+        writers[target].flush()  # a reader (or a pipe) sees the stem grow hop by hop
+        written[target] += len(stem)
 
+    skip, produced = streamer.latency, 0
     try:
         for target in streamer.targets:
-            writers[target] = soundfile.SoundFile(str(paths[target]), "w", samplerate=rate, channels=channels,
+            writers[target] = soundfile.SoundFile(str(paths[target]), "w", samplerate=rate, channels=out_channels,
                                                   subtype=subtype)
-        for block in model_hops():
+        for block in hops():
             outputs = streamer.step(audio=np.asarray(block, np.float32)[None], **state)
             state = {name: outputs[name + "_out"] for name in STATE_NAMES}
-            start = min(counts["skip"], hop)
-            counts["skip"] -= start
-            # model-rate stem samples: no more than the resampled input holds (the rest is padding)
-            count = max(0, min(hop - start, to_model.produced - counts["model_written"]))
+            start = min(skip, hop)
+            skip -= start
+            count = max(0, min(hop - start, counts["model"] - produced))
             if not count:
                 continue
-            counts["model_written"] += count
-            write({t: to_file[t].process(np.asarray(outputs[t])[0, start:start + count]) for t in streamer.targets},
-                  last=False)
-        write({t: to_file[t].flush() for t in streamer.targets}, last=True)
+            for target in streamer.targets:
+                write(target, np.asarray(outputs[target])[0, start:start + count])
+            produced += count
+        for target in streamer.targets:  # the back-resampler's last samples, then silence up to the input's length
+            write(target, back[target].flush(), resampled=True)
+            missing = (nb_timesteps if nb_timesteps is not None else counts["in"]) - written[target]
+            if missing > 0:
+                writers[target].write(np.zeros((missing, out_channels), np.float32))
+                written[target] += missing
     except BaseException as error:
         for writer in writers.values():
             writer.close()
@@ -181,10 +197,22 @@ def stream_to_stems(streamer: StreamingSeparator, blocks, destination: Path, *, 
     return files
 
 
+def resampling_delay(streamer: StreamingSeparator, rate: int) -> int:
+    """Input samples (at `rate`) the two resamplers add to the streaming model's latency: 0 at the model's rate."""
+    from components.data.audio import StreamingResampler
+
+    if rate == streamer.sample_rate:
+        return 0
+    into = StreamingResampler(rate, streamer.sample_rate, 1)
+    back = StreamingResampler(streamer.sample_rate, rate, 1)
+    return into.delay_in_samples + -(-back.delay_in_samples * rate // streamer.sample_rate)
+
+
 def stream_file(streamer: StreamingSeparator, path: Path, out: Path, *, fmt: str, force: bool) -> Path:
     """Separate the audio file `path` hop by hop into `out/<track>/<target>.<fmt>` (all stems or none)."""
     import numpy as np
 
+    from components.data.audio import conform
     from components.inference.files import read_any, track_folder
 
     destination = track_folder(path, out)
@@ -195,21 +223,21 @@ def stream_file(streamer: StreamingSeparator, path: Path, out: Path, *, fmt: str
     if not np.all(np.isfinite(audio)):
         raise SeparateError(f"{path}: {int(np.count_nonzero(~np.isfinite(audio)))} NaN/Inf samples; re-export the "
                             f"file from its source")
-    if audio.shape[1] > 2:
-        raise SeparateError(f"{path}: {audio.shape[1]} channels, expected mono or stereo; downmix it to "
-                            f"{streamer.nb_channels} channel(s) (e.g. ffmpeg -ac {streamer.nb_channels})")
-    # at the file's rate, in blocks of about one model hop: resampled on the way in and out as a live stream is
-    block = max(1, streamer.hop * rate // streamer.sample_rate)
-    blocks = (audio[first:first + block] for first in range(0, len(audio), block))
-    stream_to_stems(streamer, blocks, destination, rate=rate, channels=audio.shape[1], nb_timesteps=len(audio),
-                    fmt=fmt, atomic=True, source=str(path))
+    try:  # the model's channels (mono duplicated, stereo averaged), at the file's own rate
+        mixture = conform(audio, rate, path, sample_rate=rate, nb_channels=streamer.nb_channels)
+    except StageError as error:
+        raise SeparateError(str(error)) from None
+    stream_to_stems(streamer, file_hops(mixture, streamer.hop), destination, nb_timesteps=len(mixture),
+                    out_channels=audio.shape[1], fmt=fmt, atomic=True, source=str(path), rate=rate)
     return destination
 
 
 def stream_pcm(streamer: StreamingSeparator, handle, destination: Path, *, pcm_format: str, rate: int, channels: int,
                fmt: str, force: bool) -> Path:
     """Separate raw PCM read from `handle` (standard input) hop by hop into `destination/<target>.<fmt>`, the
-    stems growing as the hops are separated, at the PCM's `rate` and `channels`."""
+    stems growing as the hops are separated."""
+    import numpy as np
+
     if rate <= 0:
         raise SeparateError(f"--pcm-rate {rate}: must be a positive sample rate, e.g. --pcm-rate {streamer.sample_rate}")
     if channels not in (1, 2):
@@ -217,7 +245,12 @@ def stream_pcm(streamer: StreamingSeparator, handle, destination: Path, *, pcm_f
     existing = [destination / f"{t}.{fmt}" for t in streamer.targets if (destination / f"{t}.{fmt}").exists()]
     if existing and not force:
         raise SeparateError(f"-: {existing[0]} exists; use --force to overwrite or --name to choose another folder")
-    block = max(1, streamer.hop * rate // streamer.sample_rate)  # about one model hop of the PCM's rate
-    stream_to_stems(streamer, pcm_hops(handle, pcm_format, channels, block), destination, rate=rate,
-                    channels=channels, fmt=fmt, atomic=False)
+
+    def hops():
+        for block in pcm_hops(handle, pcm_format, channels, streamer.hop):
+            if channels != streamer.nb_channels:
+                block = np.repeat(block, streamer.nb_channels, 1) if channels == 1 else block.mean(1, keepdims=True)
+            yield block
+
+    stream_to_stems(streamer, hops(), destination, out_channels=channels, fmt=fmt, atomic=False, rate=rate)
     return destination
