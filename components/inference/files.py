@@ -411,8 +411,8 @@ def separate_file(separator, path: Path, out: Path, *, chunk_seconds: float, ove
         raise SeparateError(f"{path}: {folders[0]} has {free / 1e6:.1f} MB free, the stems need about "
                             f"{needed / 1e6:.1f} MB; free some space or choose another -o")
     if 0 < len(existing) < len(files):
-        print(f"{path}: {len(existing)} of its {len(files)} stem files exist ({existing[0].parent}); finishing the "
-              "track", file=sys.stderr)
+        folder = Path(os.path.commonpath([str(f.parent) for f in files.values()]))
+        print(f"{path}: {folder} has {len(existing)} of {len(files)} stems; finishing the track", file=sys.stderr)
 
     def channels(stem):
         if nb_channels == stem.shape[1]:
