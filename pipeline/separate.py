@@ -206,6 +206,7 @@ def main(argv=None) -> int:
         return _refuse(f"-n {args.pretrained} and --model {args.model} both given; choose one")
     what = ("finished tracks are kept, a file in progress left no files, and the stems of standard input hold "
             "what was streamed" if args.stream else "finished tracks are kept, the unfinished one left no files")
+    _INTERRUPTS.clear(), _TERMINATIONS.clear()  # this run's signals only (main can run twice in one process)
     signal.signal(signal.SIGTERM, _terminated)
     signal.signal(signal.SIGINT, _interrupted)
     try:
@@ -213,19 +214,28 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"\ninterrupted; {what}", file=sys.stderr)
         return 130
-    except RuntimeError:
-        # Ctrl-C inside TensorFlow's C++ executor can surface as pybind11's "error_already_set" RuntimeError
-        # instead of KeyboardInterrupt: the same interruption (the file in progress was already cleaned up)
+    except Terminated:
+        print(f"terminated; {what}", file=sys.stderr)
+        return 143
+    except Exception:
+        # a signal inside TensorFlow can surface as another exception: pybind11's "error_already_set"
+        # RuntimeError from the C++ executor, or the ValueError a SavedModel function raises when binding its
+        # arguments was interrupted. After a signal it is that interruption (the file in progress was already
+        # cleaned up); without one, a real error.
+        if _TERMINATIONS:
+            print(f"terminated; {what}", file=sys.stderr)
+            return 143
         if not _INTERRUPTS:
             raise
         print(f"\ninterrupted; {what}", file=sys.stderr)
         return 130
-    except Terminated:
-        print(f"terminated; {what}", file=sys.stderr)
-        return 143
+
+
+_TERMINATIONS = []  # SIGTERMs received
 
 
 def _terminated(signum, frame):
+    _TERMINATIONS.append(signum)
     raise Terminated()
 
 
