@@ -52,6 +52,10 @@ def stft(waveform, n_fft: int, hop_length: int, center: bool = True) -> tf.Tenso
     if center:
         pad = n_fft // 2
         signal = tf.pad(signal, [[0, 0], [0, 0], [pad, pad]], mode="REFLECT")
+    if _TFLITE_GRAPH.get() and not _is_power_of_two(n_fft):  # TFLite's RFFT2D: powers of two only
+        frames = tf.signal.frame(signal, n_fft, hop_length) * hann_window(n_fft)
+        real, imag = _tflite_rfft(frames, n_fft)
+        return tf.transpose(tf.stack([real, imag], axis=-1), [0, 2, 3, 1, 4])
     spectrum = tf.signal.stft(signal, frame_length=n_fft, frame_step=hop_length, fft_length=n_fft,
                               window_fn=lambda n, dtype: hann_window(n, dtype), pad_end=False)
     stacked = tf.stack([tf.math.real(spectrum), tf.math.imag(spectrum)], axis=-1)
@@ -75,8 +79,8 @@ def _stft_tflite(waveform, n_fft: int, hop_length: int, center: bool = True) -> 
                         tf.concat([tf.shape(signal)[:2], [nb_blocks, hop_length]], 0))  # (samples, channels, blocks, hop)
     frames = tf.concat([blocks[..., index:index + nb_frames, :] for index in range(n_fft // hop_length)], axis=-1)
     window = 0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(n_fft) / n_fft)  # periodic Hann, as `hann_window`
-    spectrum = tf.signal.rfft(frames * window.astype(np.float32))  # (nb_samples, nb_channels, nb_frames, nb_bins)
-    stacked = tf.stack([tf.math.real(spectrum), tf.math.imag(spectrum)], axis=0)
+    real, imag = _tflite_rfft(frames * window.astype(np.float32), n_fft)  # (samples, channels, frames, bins) each
+    stacked = tf.stack([real, imag], axis=0)
     return tf.transpose(stacked, [1, 3, 4, 2, 0])  # (samples, frames, bins, channels, 2)
 
 
@@ -182,6 +186,27 @@ def in_tflite_lstm_loop() -> bool:
     return _TFLITE_GRAPH.get() and _TFLITE_LSTM_LOOP.get()
 
 
+def _is_power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def _tflite_rfft(signal, n_fft: int):
+    """Real and imaginary parts `(..., n_fft // 2 + 1)` of the real FFT of `signal` `(..., n_fft)`, with ops
+    TFLite has: its RFFT2D for a power of two, else the DFT as two matrix products with constant cosine and
+    sine tables (TFLite's RFFT2D refuses other lengths when the file is loaded: `IsPowerOfTwo(fft_length)`; e.g.
+    M-U-Net's n_fft 1022). The tables are built in float64 and rounded once, so the products are as accurate
+    as an FFT in float32 (tests/test_transforms.py)."""
+    if _is_power_of_two(n_fft):
+        spectrum = tf.signal.rfft(signal)
+        return tf.math.real(spectrum), tf.math.imag(spectrum)
+    # the index product modulo n_fft keeps the angles small, so the float64 tables are exact to rounding
+    angles = 2.0 * np.pi * (np.outer(np.arange(n_fft), np.arange(n_fft // 2 + 1)) % n_fft) / n_fft
+    flat = tf.reshape(signal, [-1, n_fft])
+    shape = tf.concat([tf.shape(signal)[:-1], [n_fft // 2 + 1]], 0)
+    return tuple(tf.reshape(tf.matmul(flat, table.astype(np.float32)), shape)
+                 for table in (np.cos(angles), -np.sin(angles)))
+
+
 def irfft(real, imag, n_fft: int) -> tf.Tensor:
     """Inverse real FFT of a one-sided spectrum `(..., n_fft // 2 + 1)` -> `(..., n_fft)` with one forward rfft.
 
@@ -197,8 +222,7 @@ def irfft(real, imag, n_fft: int) -> tf.Tensor:
     zero = tf.zeros_like(real[..., :1])
     even = tf.concat([real, tf.reverse(inner_re, axis=[-1])], axis=-1)
     odd = tf.concat([zero, inner_im, zero, -tf.reverse(inner_im, axis=[-1])], axis=-1)
-    spectrum = tf.signal.rfft(even + odd)
-    cos_sum, sin_sum = tf.math.real(spectrum), tf.math.imag(spectrum)
+    cos_sum, sin_sum = _tflite_rfft(even + odd, n_fft)
     head = cos_sum + sin_sum  # n = 0 .. N/2
     tail = tf.reverse((cos_sum - sin_sum)[..., 1:-1], axis=[-1])  # n = N/2 + 1 .. N - 1
     return tf.concat([head, tail], axis=-1) / float(n_fft)
@@ -297,8 +321,7 @@ def _istft_tflite(spectrogram, n_fft: int, hop_length: int, length: Union[int, t
     imag = imag * np.pad(np.ones(nb_bins - 2, np.float32), 1)  # DC and Nyquist: real parts only
     even_plus_odd = real + imag  # samples 0 .. N/2 of the RFFT input
     mirrored = tf.reverse((real - imag)[..., 1:-1], axis=[-1])  # samples N/2 + 1 .. N - 1
-    spectrum = tf.signal.rfft(tf.concat([even_plus_odd, mirrored], axis=-1))
-    cos_sum, sin_sum = tf.math.real(spectrum), tf.math.imag(spectrum)
+    cos_sum, sin_sum = _tflite_rfft(tf.concat([even_plus_odd, mirrored], axis=-1), n_fft)
     frames = tf.concat([cos_sum + sin_sum, tf.reverse((cos_sum - sin_sum)[..., 1:-1], axis=[-1])], axis=-1)
     window = 0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(n_fft) / n_fft)  # periodic Hann, as `hann_window`
     frames = frames * (window / n_fft).astype(np.float32)
