@@ -126,6 +126,31 @@ def interrupt_when(argv, ready, signum=None, *, timeout: float = 300) -> subproc
     return subprocess.CompletedProcess(process.args, process.returncode, out, err)
 
 
+def kill_training_after(args, root: Path, epochs: int = 2, *, timeout: float = 300) -> list:
+    """Start `run.py *args` (a train stage into artifacts directory `root`) in its own session, SIGKILL the whole
+    group once `epochs` epochs are in the work folder's history.json, and return that history (what the killed
+    run finished; a resume must keep it). Fails when training ended before it could be killed."""
+    import json
+    import signal
+    import time
+
+    import pytest
+
+    process = start([*RUN, *args], stdout=subprocess.DEVNULL, start_new_session=True)
+    deadline, history_files = time.time() + timeout, []
+    while time.time() < deadline:
+        history_files = list((root / ".train-work").glob("*/history.json")) if (root / ".train-work").exists() else []
+        if history_files and len(json.loads(history_files[0].read_text() or "[]")) >= epochs:
+            break
+        if process.poll() is not None:
+            pytest.fail(f"training ended before it could be killed: {process.stderr.read()[-2000:]}")
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert history_files, f"no epoch finished within {timeout:.0f} s"
+    return json.loads(history_files[0].read_text())
+
+
 def python_argv(code: str, *args) -> list:
     """argv of `python -c code *args` for `start` (pass `env=environment()` so the project imports)."""
     return [sys.executable, "-c", code, *map(str, args)]

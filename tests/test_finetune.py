@@ -3,17 +3,13 @@ fixture in tests/fixtures/umx/bidirectional) fine-tuned on the real MUSDB18 samp
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.cli import RUN, cli, cli_here, separate, start
+from tests.cli import cli, cli_here, kill_training_after, separate
 from tests.conftest import MUSDB_SAMPLE
 from tests.shared_artifacts import seed_data
 
@@ -118,19 +114,8 @@ def test_resume_after_kill_resumes_the_finetune(released, umx_pipeline, tmp_path
     root = seed_data(umx_pipeline, tmp_path / "k")
     args = ["--stage", "train", "--no-file-observer", "-q", "with", "unittest", f"artifacts_dir={root}",
             f"train.init_from={released}", 'train.freeze=["lstm"]', "train.epochs=12", "train.steps_per_epoch=3"]
-    process = start([*RUN, *args], stdout=subprocess.DEVNULL, start_new_session=True)
-    deadline, history_files = time.time() + 300, []
-    while time.time() < deadline:
-        history_files = list((root / ".train-work").glob("*/history.json")) if (root / ".train-work").exists() else []
-        if history_files and len(json.loads(history_files[0].read_text() or "[]")) >= 2:
-            break
-        if process.poll() is not None:
-            pytest.fail(f"training ended before it could be killed: {process.stderr.read()[-2000:]}")
-        time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    done_before = kill_training_after(args, root)
     assert not (root / "train" / "artifact.json").exists()
-    done_before = json.loads(history_files[0].read_text())
     killed_at = len(done_before)
     assert 2 <= killed_at < 12
 

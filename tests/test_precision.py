@@ -5,16 +5,12 @@ run resumes; evaluation and export build the model in float32 from the same weig
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import time
 
 import numpy as np
 import pytest
 
 from tests import model_harness
-from tests.cli import RUN, cli, start
+from tests.cli import cli, kill_training_after
 from tests.shared_artifacts import seed_data
 
 POLICIES = {"mixed_float16": "float16", "mixed_bfloat16": "bfloat16"}
@@ -105,18 +101,8 @@ def test_a_killed_mixed_precision_run_resumes_and_evaluates_in_float32(umx_pipel
     root = seed_data(umx_pipeline, tmp_path / "k")
     args = ["--stage", "train", "--no-file-observer", "-q", "with", "unittest", f"artifacts_dir={root}",
             "train.precision=mixed_float16", "train.epochs=8", "train.steps_per_epoch=2"]
-    process = start([*RUN, *args], stdout=subprocess.DEVNULL, start_new_session=True)
-    deadline, history_files = time.time() + 300, []
-    while time.time() < deadline:
-        history_files = list((root / ".train-work").glob("*/history.json")) if (root / ".train-work").exists() else []
-        if history_files and len(json.loads(history_files[0].read_text() or "[]")) >= 2:
-            break
-        if process.poll() is not None:
-            pytest.fail(f"training ended before it could be killed: {process.stderr.read()[-2000:]}")
-        time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    killed_at = len(json.loads(history_files[0].read_text()))
+    done_before = kill_training_after(args, root)
+    killed_at = len(done_before)
     assert 2 <= killed_at < 8 and not (root / "train" / "artifact.json").exists()
 
     cli(*args)

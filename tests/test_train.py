@@ -3,17 +3,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import signal
 import subprocess
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.cli import RUN, cli, cli_here, python, start
+from tests.cli import RUN, cli, cli_here, kill_training_after, python, start
 
 
 @pytest.fixture(scope="module")
@@ -82,20 +79,8 @@ def test_resume_after_kill_continues_from_last_completed_epoch(prepared, tmp_pat
     # 12 epochs: the kill comes within 0.05 s of the second one (an epoch takes longer), the resume runs the rest
     args = ["--stage", "train", "--no-file-observer", "-q", "with", "unittest", f"artifacts_dir={root}",
             "train.epochs=12", "train.steps_per_epoch=3"]
-    process = start([*RUN, *args], stdout=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    history_files = []
-    while time.time() < deadline:
-        history_files = list((root / ".train-work").glob("*/history.json")) if (root / ".train-work").exists() else []
-        if history_files and len(json.loads(history_files[0].read_text() or "[]")) >= 2:
-            break
-        if process.poll() is not None:
-            pytest.fail(f"training ended before it could be killed: {process.stderr.read()[-2000:]}")
-        time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    done_before = kill_training_after(args, root)
     assert not (root / "train" / "artifact.json").exists(), "a killed train stage left a complete-looking artifact"
-    done_before = json.loads(history_files[0].read_text())
     killed_at = len(done_before)
     assert killed_at < 12
 
