@@ -2,7 +2,7 @@ from setuptools import find_packages, setup
 
 setup(
     name="music-separation",
-    version="0.4.0",
+    version="0.4.1",
     description="Music source separation pipeline in TensorFlow/Keras: prepare, train, evaluate, export.",
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
