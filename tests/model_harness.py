@@ -25,6 +25,17 @@ def family_module(name: str):
     return registry.module(name)
 
 
+def fixture_script(path):
+    """The module of a fixture-making script (tests/fixtures/make_*.py) whose numpy-only parts (seeded weights,
+    inputs) a test regenerates; its `main` needs the authors' code and is never run by the tests."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"fixture_{path.parent.name}_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def tiny_config(name: str, preset: str = "unittest", overrides: Optional[Mapping[str, Any]] = None) -> Config:
     """The validated Config of `preset` (a name in PRESETS or a dict) with `model.name=name` and `overrides`."""
     raw = PRESETS[preset] if isinstance(preset, str) else preset

@@ -1,7 +1,6 @@
 """Spectrogram U-Nets (models/unet.py, m_unet.py, c_unet.py, unet_core.py, loss_weighting.py): published parameter
 counts, Spleeter parity through its checkpoint import, framing, masks, training, loss weighting (DWA, EBW),
 SavedModel and TFLite export."""
-import importlib.util
 import json
 import pathlib
 
@@ -284,9 +283,7 @@ def snr(expected, got):
 def test_m_unet_matches_the_authors_network_with_the_same_weights():
     """flerken's UNet + the authors' Wrapper warping (tests/fixtures/m_unet/make_reference.py) vs ours."""
     folder = pathlib.Path(__file__).parent / "fixtures" / "m_unet"
-    spec = importlib.util.spec_from_file_location("m_unet_reference", folder / "make_reference.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = harness.fixture_script(folder / "make_reference.py")
     meta = json.loads((folder / "state_dict.json").read_text())
     reference = np.load(folder / "reference.npz")
     config = m_unet.Config(n_fft=2 * (meta["nb_bins"] - 1), hop_length=32, patch_frames=meta["frames"],
@@ -320,9 +317,7 @@ def test_m_unet_matches_the_authors_network_with_the_same_weights():
 def test_c_unet_matches_the_authors_keras_model_with_the_same_weights(film):
     """gabolsgabs/cunet `cunet_model()` masks (tests/fixtures/c_unet/make_reference.py) vs our network."""
     folder = pathlib.Path(__file__).parent / "fixtures" / "c_unet"
-    spec = importlib.util.spec_from_file_location("c_unet_reference", folder / "make_reference.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = harness.fixture_script(folder / "make_reference.py")
     meta = json.loads((folder / "weights.json").read_text())
     case = meta["cases"][film]
     frequencies, frames, nb_channels = meta["shape"]
@@ -518,13 +513,6 @@ def test_ebw_weights_apply_to_the_mask_l1_and_missing_energies_stop_training():
 # ------------------------------------------------------------------------------ Spleeter checkpoint import
 
 
-def _reference_script():
-    spec = importlib.util.spec_from_file_location("spleeter_reference", FIXTURES / "make_reference.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _write_tf1_checkpoint(prefix: pathlib.Path, values: dict):
     """A TF1 name-based checkpoint (what tf.compat.v1.train.Saver writes) with `values` under their names."""
     names = sorted(values)
@@ -535,7 +523,7 @@ def _write_tf1_checkpoint(prefix: pathlib.Path, values: dict):
 @pytest.mark.parametrize("case", ["2stems", "4stems", "5stems"])
 def test_spleeter_checkpoint_import_matches_spleeter_output(case, tmp_path):
     """Spleeter's own TF1 separator (make_reference.py) vs ours with the imported weights: >= 80 dB SDR."""
-    script = _reference_script()
+    script = harness.fixture_script(FIXTURES / "make_reference.py")
     spec = json.loads((FIXTURES / "variables.json").read_text())
     base, details = spec["base"], spec["cases"][case]
     values = script.seeded_weights(details["variables"], details["seed"])
