@@ -211,7 +211,7 @@ def irfft(real, imag, n_fft: int) -> tf.Tensor:
     """Inverse real FFT of a one-sided spectrum `(..., n_fft // 2 + 1)` -> `(..., n_fft)` with one forward rfft.
 
     Equals `tf.signal.irfft(tf.complex(real, imag))` (imaginary parts of the DC and Nyquist bins are
-    ignored) but uses only RFFT, which TFLite has. With `a` the even and `b` the odd extension of
+    ignored) but uses only a forward real FFT as TFLite has it (`_tflite_rfft`). With `a` the even and `b` the odd extension of
     the real and imaginary parts, `rfft(a + b) = c + i d` is the cosine and sine sums:
     `x[n] = (c[n] + d[n]) / N` and `x[N - n] = (c[n] - d[n]) / N`.
     """
